@@ -1,0 +1,96 @@
+"""Annotated dependencies so routes read like sentences."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
+
+from app.api.problems import Problem
+from app.config import Settings
+from app.db.models import Team
+from app.db.repositories import TeamAdminRepository
+from app.db.session import get_sessionmaker
+from app.security import KEY_PREFIX, hash_api_key
+from app.storage import BlobStore, get_blob_store
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+
+
+def _session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_sessionmaker(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+@lru_cache(maxsize=4)
+def _store_for(settings_id: int, settings: Settings) -> BlobStore:
+    return get_blob_store(settings)
+
+
+def _storage(settings: SettingsDep) -> BlobStore:
+    return _store_for(id(settings), settings)
+
+
+StorageDep = Annotated[BlobStore, Depends(_storage)]
+
+_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="compaas"'}
+
+
+def _current_team(request: Request, session: SessionDep, settings: SettingsDep) -> Team:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Problem(
+            401,
+            "unauthorized",
+            "Send your API key as `Authorization: Bearer <key>`. "
+            "Create one with `compaas admin create-team NAME`.",
+            headers=_UNAUTHORIZED,
+        )
+    key = key.strip()
+    team = None
+    if key.startswith(KEY_PREFIX):
+        team = TeamAdminRepository(session).team_for_key_hash(
+            hash_api_key(key, settings.api_key_pepper)
+        )
+    if team is None:
+        raise Problem(
+            401,
+            "invalid_api_key",
+            "The API key is not valid or was revoked.",
+            headers=_UNAUTHORIZED,
+        )
+    return team
+
+
+CurrentTeam = Annotated[Team, Depends(_current_team)]
+
+
+class PageParams:
+    """?limit=&cursor= for cursor pagination."""
+
+    def __init__(
+        self,
+        limit: Annotated[int, Query(ge=1, le=100, description="Items per page")] = 20,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> None:
+        self.limit = limit
+        self.cursor = cursor
+
+
+PageDep = Annotated[PageParams, Depends()]

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
+from app.api.routes.models import UPLOAD_BODY
+from app.schemas.common import Page
+from app.schemas.datasets import DatasetRead
+from app.services import datasets as dataset_service
+from app.services.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetRead, openapi_extra=UPLOAD_BODY)
+async def upload_dataset(
+    request: Request,
+    response: Response,
+    team: CurrentTeam,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> DatasetRead:
+    """Upload a .npz or .safetensors dataset: one array per model input plus optional labels."""
+    upload = await receive_upload(request, settings.tmp_dir, settings.max_upload_bytes)
+    dataset = dataset_service.create(session, storage, team.id, upload, upload.fields.get("name"))
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return DatasetRead.model_validate(dataset)
+
+
+@router.get("", response_model=Page[DatasetRead])
+def list_datasets(team: CurrentTeam, session: SessionDep, page: PageDep) -> Page[DatasetRead]:
+    result = dataset_service.get_page(session, team.id, page.limit, page.cursor)
+    return Page(
+        items=[DatasetRead.model_validate(d) for d in result.items],
+        next_cursor=result.next_cursor,
+    )
+
+
+@router.get("/{dataset_id}", response_model=DatasetRead)
+def get_dataset(dataset_id: str, team: CurrentTeam, session: SessionDep) -> DatasetRead:
+    return DatasetRead.model_validate(dataset_service.get_or_raise(session, team.id, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(
+    dataset_id: str, team: CurrentTeam, session: SessionDep, storage: StorageDep
+) -> Response:
+    dataset_service.delete(session, storage, team.id, dataset_id)
+    return Response(status_code=204)

@@ -1,0 +1,77 @@
+"""Settings: one pydantic-settings class, environment prefix COMPAAS_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the API, the worker and the CLI read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="COMPAAS_", env_file=".env", extra="ignore")
+
+    mode: Literal["embedded", "production"] = "embedded"
+    data_dir: Path = Path("./var")
+    database_url: str = ""
+    broker_url: str = ""
+
+    blob_backend: Literal["local", "s3"] = "local"
+    blob_dir: Path | None = None
+    s3_bucket: str = "compaas"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    api_key_pepper: str = ""
+    max_upload_bytes: int = 512 * 1024 * 1024
+    job_time_limit_s: int = 1800
+    job_memory_limit_mb: int = 8192
+    inspect_time_limit_s: int = 300
+    latency_threads: int = 1
+    worker_queues: str = "default"
+
+    @model_validator(mode="after")
+    def _defaults_and_secrets(self) -> Settings:
+        data_dir = self.data_dir.resolve()
+        if not self.database_url:
+            if self.mode == "production":
+                raise ValueError("COMPAAS_DATABASE_URL is required when COMPAAS_MODE=production")
+            self.database_url = f"sqlite:///{data_dir / 'compaas.db'}"
+        if not self.broker_url:
+            if self.mode == "production":
+                raise ValueError("COMPAAS_BROKER_URL is required when COMPAAS_MODE=production")
+            self.broker_url = "filesystem://"
+        if self.blob_dir is None:
+            self.blob_dir = data_dir / "blobs"
+        if self.mode == "production":
+            if len(self.api_key_pepper) < 32 or self.api_key_pepper.startswith("change"):
+                raise ValueError(
+                    "COMPAAS_API_KEY_PEPPER must be a random secret of at least 32 characters "
+                    "in production (e.g. `openssl rand -hex 32`)"
+                )
+            if self.blob_backend == "s3" and not (
+                self.s3_access_key_id and self.s3_secret_access_key
+            ):
+                raise ValueError(
+                    "COMPAAS_S3_ACCESS_KEY_ID/COMPAAS_S3_SECRET_ACCESS_KEY are required"
+                )
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir.resolve() / "broker"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir.resolve() / "tmp"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,20 @@
+"""ORM models: one module per domain, all imported here for Alembic and the mappers."""
+
+from app.db.models.artifact import Artifact
+from app.db.models.dataset import Dataset
+from app.db.models.job import Job, JobStatus, JobStep, StepStatus
+from app.db.models.model import Model, ModelStatus
+from app.db.models.team import ApiKey, Team
+
+__all__ = [
+    "ApiKey",
+    "Artifact",
+    "Dataset",
+    "Job",
+    "JobStatus",
+    "JobStep",
+    "Model",
+    "ModelStatus",
+    "StepStatus",
+    "Team",
+]

@@ -1,0 +1,27 @@
+"""create_app(): routers, problem handlers, settings on app.state."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app.api import problems
+from app.api.routes import artifacts, catalog, datasets, health, jobs, models
+from app.config import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(
+        title="compaas",
+        version="0.1.0",
+        description="Compression-as-a-service for edge AI: upload a model, run a compression "
+        "job, download an edge-ready artifact with measured size, speed and accuracy.",
+    )
+    app.state.settings = settings
+    problems.install(app)
+    for module in (health, models, datasets, jobs, artifacts, catalog):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import ErrorInfo, ReadModel
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["classification", "embedding", "generic"] = "classification"
+
+
+class JobCreate(BaseModel):
+    """A compression request: a preset or an explicit pipeline of ops."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    dataset_id: str | None = None
+    preset: str | None = None
+    pipeline: list[dict[str, Any]] | None = Field(
+        default=None,
+        description='Ordered ops, e.g. [{"op": "quantize", "mode": "static", "dtype": '
+        '"int8"}]. GET /v1/methods lists every op with its JSON schema.',
+    )
+    evaluation: Evaluation = Evaluation()
+    export: list[Literal["onnx"]] = ["onnx"]
+
+
+class ArtifactRead(ReadModel):
+    id: str
+    job_id: str
+    step_index: int | None
+    role: Literal["checkpoint", "final"]
+    format: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class JobStepRead(ReadModel):
+    index: int
+    op: str
+    config: dict[str, Any]
+    status: str
+    metrics: dict[str, Any] | None
+    warnings: list[str] | None
+    artifact_id: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobRead(BaseModel):
+    id: str
+    model_id: str | None
+    dataset_id: str | None
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: float
+    current_step: int | None
+    preset: str | None
+    evaluation: dict[str, Any]
+    export: list[str]
+    steps: list[JobStepRead]
+    metrics: dict[str, Any] | None
+    artifacts: list[ArtifactRead]
+    warnings: list[str]
+    error: ErrorInfo | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from app.api.problems import Problem
+from app.db.repositories.base import InvalidCursor, Page
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def page_or_422(fetch: Callable[[], Page[T]]) -> Page[T]:
+    try:
+        return fetch()
+    except InvalidCursor as exc:
+        raise Problem(
+            422,
+            "invalid_cursor",
+            "The cursor is not one this API returned; pass next_cursor from the previous page.",
+            field="cursor",
+        ) from exc

@@ -1,0 +1,235 @@
+"""Jobs: validate the request against the model and dataset, record it, commit, then enqueue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.api.problems import Problem, not_found
+from app.config import Settings
+from app.db.base import utcnow
+from app.db.models import Artifact, Dataset, Job, JobStatus, JobStep, Model, ModelStatus
+from app.db.repositories import Page, TeamRepository
+from app.queue import TASK_RUN_JOB, publish
+from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
+from app.services import datasets as dataset_service
+from app.services import models as model_service
+from app.services.common import page_or_422
+from worker.engine.config import OPS, PRESETS, OpConfig, parse_op
+
+SINGLE_INPUT_ALIASES = ("inputs", "x")
+
+
+def _repo(session: Session, team_id: str) -> TeamRepository[Job]:
+    return TeamRepository(session, Job, team_id)
+
+
+def _resolve_pipeline(body: JobCreate) -> list[OpConfig]:
+    if (body.preset is None) == (body.pipeline is None):
+        raise Problem(
+            422,
+            "validation_error",
+            "Give either 'preset' (see GET /v1/presets) or 'pipeline' (a list of ops), not both "
+            "and not neither.",
+            field="pipeline",
+        )
+    if body.preset is not None:
+        if body.preset not in PRESETS:
+            raise Problem(
+                422,
+                "unknown_preset",
+                f"Unknown preset {body.preset!r}; valid presets: {', '.join(sorted(PRESETS))}.",
+                field="preset",
+            )
+        steps: list[dict[str, Any]] = PRESETS[body.preset]["pipeline"]
+    else:
+        steps = body.pipeline or []
+    if not steps:
+        raise Problem(422, "invalid_pipeline", "The pipeline has no ops.", field="pipeline")
+    configs = []
+    for i, step in enumerate(steps):
+        where = f"pipeline[{i}]"
+        op = step.get("op") if isinstance(step, dict) else None
+        if op not in OPS:
+            raise Problem(
+                422,
+                "invalid_pipeline",
+                f"{where}: unknown op {op!r}. Valid ops: {', '.join(sorted(OPS))} "
+                "(GET /v1/methods lists each with its JSON schema).",
+                field=f"{where}.op",
+                valid_ops=sorted(OPS),
+            )
+        try:
+            configs.append(parse_op(step))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise Problem(
+                422,
+                "invalid_pipeline",
+                f"{where} ({op}): "
+                + "; ".join(
+                    f"{'.'.join(str(p) for p in e.get('loc', ())) or 'config'}: {e['msg']}"
+                    for e in exc.errors()
+                ),
+                field=f"{where}.{loc}" if loc else where,
+            ) from exc
+    return configs
+
+
+def check_dataset_fits(model: Model, dataset: Dataset) -> None:
+    """Every model input needs an array of matching rank and fixed dims; say which does not."""
+    arrays = {k: v for k, v in dataset.arrays.items() if k != "labels"}
+    inputs = model.inputs or []
+    alias_hint = " (or x/inputs for a single-input model)" if len(inputs) == 1 else ""
+    for spec in inputs:
+        name = spec["name"]
+        array_name = name if name in arrays else None
+        if array_name is None and len(inputs) == 1:
+            array_name = next((a for a in SINGLE_INPUT_ALIASES if a in arrays), None)
+            if array_name is None and len(arrays) == 1:
+                array_name = next(iter(arrays))
+        if array_name is None:
+            raise Problem(
+                422,
+                "dataset_mismatch",
+                f"Model input {name!r} has no array in the dataset (arrays: "
+                f"{', '.join(sorted(arrays)) or 'none'}). Save one array per model input, named "
+                f"like the input{alias_hint}.",
+                field="dataset_id",
+                input=name,
+            )
+        got = arrays[array_name]["shape"]
+        want = spec["shape"]
+        fits = len(got) == len(want) and all(
+            not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:], strict=True)
+        )
+        if not fits:
+            expected = ["N", *("?" if not isinstance(w, int) else w for w in want[1:])]
+            raise Problem(
+                422,
+                "dataset_mismatch",
+                f"Array {array_name!r} has shape {got} but model input {name!r} expects "
+                f"{expected} (N samples first).",
+                field="dataset_id",
+                input=name,
+            )
+
+
+def create(session: Session, settings: Settings, team_id: str, body: JobCreate) -> Job:
+    model = model_service.get_or_raise(session, team_id, body.model_id)
+    if model.status == ModelStatus.pending:
+        raise Problem(
+            409,
+            "model_not_ready",
+            "The model is still being inspected; poll GET /v1/models/{id} until status is "
+            "'ready', then create the job.",
+            field="model_id",
+            headers={"Retry-After": "2"},
+        )
+    if model.status == ModelStatus.invalid:
+        err = (model.error or {}).get("detail", "")
+        raise Problem(422, "model_invalid", f"The model failed inspection: {err}", field="model_id")
+    dataset = None
+    if body.dataset_id is not None:
+        dataset = dataset_service.get_or_raise(session, team_id, body.dataset_id)
+        check_dataset_fits(model, dataset)
+    configs = _resolve_pipeline(body)
+    job = _repo(session, team_id).create(
+        model_id=model.id,
+        dataset_id=dataset.id if dataset else None,
+        status=JobStatus.queued,
+        preset=body.preset,
+        evaluation=body.evaluation.model_dump(),
+        export=list(body.export),
+    )
+    for index, config in enumerate(configs):
+        session.add(JobStep(job_id=job.id, index=index, op=config.op, config=config.to_dict()))
+    session.commit()
+    if publish(settings, TASK_RUN_JOB, job.id):
+        job.enqueued_at = utcnow()
+        session.commit()
+    return job
+
+
+def get_or_raise(session: Session, team_id: str, job_id: str) -> Job:
+    job = session.scalars(
+        select(Job).where(Job.team_id == team_id, Job.id == job_id).options(selectinload(Job.steps))
+    ).first()
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def get_page(
+    session: Session, team_id: str, limit: int, cursor: str | None, status: str | None
+) -> Page[Job]:
+    return page_or_422(lambda: _repo(session, team_id).get_page(limit, cursor, status=status))
+
+
+def artifacts_for(session: Session, team_id: str, job_ids: list[str]) -> dict[str, list[Artifact]]:
+    rows = session.scalars(
+        select(Artifact)
+        .where(Artifact.team_id == team_id, Artifact.job_id.in_(job_ids))
+        .order_by(Artifact.id)
+    ).all()
+    out: dict[str, list[Artifact]] = {job_id: [] for job_id in job_ids}
+    for row in rows:
+        out[row.job_id].append(row)
+    return out
+
+
+def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
+    return JobRead(
+        id=job.id,
+        model_id=job.model_id,
+        dataset_id=job.dataset_id,
+        status=job.status,  # type: ignore[arg-type]
+        progress=job.progress,
+        current_step=job.current_step,
+        preset=job.preset,
+        evaluation=job.evaluation,
+        export=job.export,
+        steps=[JobStepRead.model_validate(step) for step in job.steps],
+        metrics=job.metrics,
+        artifacts=[ArtifactRead.model_validate(a) for a in artifacts],
+        warnings=job.warnings or [],
+        error=job.error,  # type: ignore[arg-type]
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def read(session: Session, team_id: str, job_id: str) -> JobRead:
+    job = get_or_raise(session, team_id, job_id)
+    return to_read(job, artifacts_for(session, team_id, [job.id])[job.id])
+
+
+def read_page(
+    session: Session, team_id: str, limit: int, cursor: str | None, status: str | None
+) -> tuple[list[JobRead], str | None]:
+    page = get_page(session, team_id, limit, cursor, status)
+    ids = [job.id for job in page.items]
+    arts = artifacts_for(session, team_id, ids)
+    steps = session.scalars(
+        select(JobStep).where(JobStep.job_id.in_(ids)).order_by(JobStep.index)
+    ).all()
+    by_job: dict[str, list[JobStep]] = {i: [] for i in ids}
+    for step in steps:
+        by_job[step.job_id].append(step)
+    for job in page.items:
+        set_committed_value(job, "steps", by_job[job.id])
+    return [to_read(job, arts[job.id]) for job in page.items], page.next_cursor
+
+
+def get_artifact_or_raise(session: Session, team_id: str, artifact_id: str) -> Artifact:
+    artifact = TeamRepository(session, Artifact, team_id).get(artifact_id)
+    if artifact is None:
+        raise not_found("artifact", artifact_id)
+    return artifact

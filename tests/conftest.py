@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The `compaas example digits` files: a CNN trained on sklearn's digits, exported twice."""
+    from worker.engine.examples import write_digits_example
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits_example(out)
+    return {
+        "pt2": out / "digits_cnn.pt2",
+        "onnx": out / "digits_cnn.onnx",
+        "npz": out / "digits.npz",
+    }

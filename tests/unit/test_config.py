@@ -1,0 +1,79 @@
+"""Op configs are typed, versioned and round-trip through JSON; settings refuse unsafe defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+from worker.engine.config import OPS, PRESETS, QuantizeConfig, op_schemas, parse_op, parse_pipeline
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"op": "quantize", "mode": "static", "dtype": "int8"},
+        {"op": "quantize", "mode": "dynamic", "dtype": "uint8", "per_channel": False},
+        {"op": "quantize", "dtype": "fp16"},
+        {
+            "op": "quantize",
+            "mode": "static",
+            "calibration": {"method": "percentile", "percentile": 99.9},
+        },
+    ],
+)
+def test_configs_round_trip_through_json(data: dict[str, object]) -> None:
+    config = parse_op(data)
+    again = parse_op(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert config.to_dict()["version"] == 1
+    assert config.to_dict()["op"] == "quantize"
+
+
+def test_int8_defaults_to_static_and_fp16_takes_no_mode() -> None:
+    assert QuantizeConfig(dtype="int8").mode == "static"
+    with pytest.raises(ValidationError, match="fp16"):
+        QuantizeConfig(dtype="fp16", mode="static")
+    with pytest.raises(ValidationError):
+        parse_op({"op": "quantize", "dtype": "int8", "bogus": 1})
+
+
+def test_unknown_op_names_valid_ops() -> None:
+    with pytest.raises(ValueError, match="valid ops: quantize"):
+        parse_op({"op": "shrink"})
+
+
+def test_every_op_publishes_a_schema_and_every_preset_parses() -> None:
+    schemas = op_schemas()
+    assert set(schemas) == set(OPS)
+    assert schemas["quantize"]["properties"]["dtype"]["enum"] == ["int8", "uint8", "fp16"]
+    for preset in PRESETS.values():
+        assert parse_pipeline(preset["pipeline"])
+
+
+def test_production_settings_refuse_missing_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPAAS_MODE", "production")
+    monkeypatch.setenv("COMPAAS_DATABASE_URL", "postgresql+psycopg://db/compaas")
+    monkeypatch.setenv("COMPAAS_BROKER_URL", "redis://redis:6379/0")
+    with pytest.raises(ValidationError, match="API_KEY_PEPPER"):
+        Settings()
+    monkeypatch.setenv("COMPAAS_API_KEY_PEPPER", "change-me-please-change-me-please-123")
+    with pytest.raises(ValidationError, match="API_KEY_PEPPER"):
+        Settings()
+    monkeypatch.setenv("COMPAAS_API_KEY_PEPPER", "x" * 40)
+    assert Settings().mode == "production"
+    monkeypatch.delenv("COMPAAS_DATABASE_URL")
+    with pytest.raises(ValidationError, match="DATABASE_URL"):
+        Settings()
+
+
+def test_embedded_defaults_need_no_servers(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for name in ("COMPAAS_MODE", "COMPAAS_DATABASE_URL", "COMPAAS_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COMPAAS_DATA_DIR", str(tmp_path))
+    settings = Settings()
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'compaas.db'}"
+    assert settings.broker_url == "filesystem://"
+    assert settings.blob_dir == tmp_path.resolve() / "blobs"

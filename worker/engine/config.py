@@ -1,0 +1,83 @@
+"""Versioned, serializable configs for every compression op (no torch import: the API validates with them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+
+class OpConfig(BaseModel):
+    """Base for op configs: strict keys, a type tag (`op`) and a schema version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str
+    version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class Calibration(BaseModel):
+    """How static quantization picks activation ranges."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=90, le=100)
+    samples: int = Field(256, ge=1, le=100_000)
+
+
+class QuantizeConfig(OpConfig):
+    """Post-training quantization with onnxruntime's tools (int8/uint8 static or dynamic, fp16)."""
+
+    op: Literal["quantize"] = "quantize"
+    mode: Literal["static", "dynamic"] | None = None
+    dtype: Literal["int8", "uint8", "fp16"] = "int8"
+    per_channel: bool = True
+    calibration: Calibration = Calibration()
+
+    @model_validator(mode="after")
+    def _mode_matches_dtype(self) -> QuantizeConfig:
+        if self.dtype == "fp16" and self.mode is not None:
+            raise ValueError("dtype 'fp16' takes no 'mode'; leave 'mode' out")
+        if self.dtype in ("int8", "uint8") and self.mode is None:
+            object.__setattr__(self, "mode", "static")
+        return self
+
+
+OpConfigUnion = Annotated[QuantizeConfig, Field(discriminator="op")]
+
+OPS: dict[str, type[OpConfig]] = {"quantize": QuantizeConfig}
+
+_adapter: TypeAdapter[Any] = TypeAdapter(OpConfigUnion)
+
+
+def parse_op(data: dict[str, Any]) -> OpConfig:
+    """Parse one pipeline step; raises ValueError naming the valid ops for an unknown one."""
+    op = data.get("op") if isinstance(data, dict) else None
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
+    return OPS[op].model_validate(data)
+
+
+def parse_pipeline(steps: list[dict[str, Any]]) -> list[OpConfig]:
+    return [parse_op(step) for step in steps]
+
+
+def op_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of every op config, keyed by op name."""
+    return {name: cls.model_json_schema() for name, cls in OPS.items()}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "edge-int8": {
+        "description": "Static INT8 QDQ, per-channel weights, calibrated on your dataset.",
+        "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8", "per_channel": True}],
+    },
+    "fp16": {
+        "description": "Float16 weights and activations; inputs/outputs stay float32.",
+        "pipeline": [{"op": "quantize", "dtype": "fp16"}],
+    },
+}

@@ -1,0 +1,286 @@
+"""Run engine work in a child process with memory, CPU-time, wall-time and no-network limits.
+
+The parent (a Celery task) never loads a user's model itself. The child receives a JSON spec,
+writes JSON-line events to a pipe, and exits; the parent relays events and enforces the limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+
+
+class SandboxError(Exception):
+    """The child reported an error or was stopped by a limit; code/detail are user-facing."""
+
+    def __init__(self, code: str, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.field = field
+
+
+class SandboxAborted(Exception):
+    """The parent asked the child to stop (job canceled or lease lost)."""
+
+
+@dataclass
+class Limits:
+    wall_time_s: float
+    memory_mb: int
+
+
+def _limit_child(memory_mb: int, cpu_s: int) -> Callable[[], None]:
+    def apply() -> None:
+        mem = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def run(
+    spec: dict[str, Any],
+    limits: Limits,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    should_continue: Callable[[], bool] | None = None,
+    tick_s: float = 1.0,
+) -> dict[str, Any]:
+    """Run one action in a limited child; return its result or raise SandboxError/SandboxAborted."""
+    read_fd, write_fd = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(spec.get("threads", 1)),
+            "NO_PROXY": "*",
+        }
+    )
+    cpu_s = int(limits.wall_time_s * max(os.cpu_count() or 1, 1)) + 30
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.sandbox", str(write_fd)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=(write_fd,),
+        env=env,
+        start_new_session=True,
+        preexec_fn=_limit_child(limits.memory_mb, cpu_s),  # noqa: PLW1509
+    )
+    os.close(write_fd)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    os.set_blocking(proc.stderr.fileno(), False)
+    deadline = time.monotonic() + limits.wall_time_s
+    buffer = b""
+    stderr_tail = b""
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    reader = os.fdopen(read_fd, "rb", buffering=0)
+    try:
+        while True:
+            ready, _, _ = select.select([reader, proc.stderr], [], [], tick_s)
+            if proc.stderr in ready:
+                chunk = proc.stderr.read() or b""
+                stderr_tail = (stderr_tail + chunk)[-8000:]
+            if reader in ready:
+                chunk = reader.read(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    event = json.loads(line)
+                    if event["type"] == "result":
+                        result = event["result"]
+                    elif event["type"] == "error":
+                        error = event
+                    elif on_event is not None:
+                        on_event(event)
+            if time.monotonic() > deadline:
+                _kill(proc)
+                raise SandboxError(
+                    "time_limit_exceeded",
+                    f"The work exceeded its time limit of {limits.wall_time_s:.0f} s and was "
+                    "stopped. Use a smaller dataset (fewer calibration samples) or ask your "
+                    "operator to raise COMPAAS_JOB_TIME_LIMIT_S.",
+                )
+            if should_continue is not None and not should_continue():
+                _kill(proc)
+                raise SandboxAborted()
+        proc.wait(timeout=30)
+    finally:
+        reader.close()
+        if proc.poll() is None:
+            _kill(proc)
+    with contextlib.suppress(OSError, ValueError):
+        stderr_tail = (stderr_tail + (proc.stderr.read() or b""))[-8000:]
+    if error is not None:
+        raise SandboxError(error["code"], error["detail"], error.get("field"))
+    if result is not None and proc.returncode == 0:
+        return result
+    return _crash(proc.returncode, stderr_tail.decode("utf-8", "replace"), limits)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _crash(returncode: int | None, stderr: str, limits: Limits) -> dict[str, Any]:
+    if "MemoryError" in stderr or "std::bad_alloc" in stderr or "out of memory" in stderr.lower():
+        raise SandboxError(
+            "memory_limit_exceeded",
+            f"The work needed more than its memory limit of {limits.memory_mb} MiB. Use a "
+            "smaller model or batch, or ask your operator to raise COMPAAS_JOB_MEMORY_LIMIT_MB.",
+        )
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        if name == "SIGXCPU":
+            raise SandboxError(
+                "time_limit_exceeded", "The work used more CPU time than its limit allows."
+            )
+        raise SandboxError(
+            "worker_crashed",
+            f"The model process was killed by {name} (often a memory limit or a crash inside a "
+            "native operator). The last lines it wrote: " + stderr.strip()[-600:],
+        )
+    raise SandboxError(
+        "worker_crashed",
+        f"The model process exited with status {returncode} without a result. "
+        "The last lines it wrote: " + stderr.strip()[-600:],
+    )
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def _deny_network() -> None:
+    """Cut the child off the network: a fresh network namespace where allowed, and an audit hook."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    except OSError:
+        pass
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event in ("socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"):
+            raise PermissionError("network access is disabled while loading user models")
+
+    sys.addaudithook(hook)
+
+
+def _child_main(event_fd: int) -> int:
+    out = os.fdopen(event_fd, "w", buffering=1)
+
+    def emit(event: dict[str, Any]) -> None:
+        out.write(json.dumps(event, default=str) + "\n")
+
+    spec = json.loads(sys.stdin.read())
+    _deny_network()
+    try:
+        from worker.engine.errors import EngineError
+
+        try:
+            result = _dispatch(spec, emit)
+        except EngineError as exc:
+            emit({"type": "error", "code": exc.code, "detail": exc.detail, "field": exc.field})
+            return 1
+        except MemoryError:
+            emit(
+                {
+                    "type": "error",
+                    "code": "memory_limit_exceeded",
+                    "detail": "The work needed more memory than its limit "
+                    f"({spec.get('memory_limit_mb', '?')} MiB). Use a smaller model or batch, or "
+                    "ask your operator to raise COMPAAS_JOB_MEMORY_LIMIT_MB.",
+                }
+            )
+            return 1
+        emit({"type": "result", "result": result})
+        return 0
+    except Exception as exc:
+        traceback.print_exc()
+        emit(
+            {
+                "type": "error",
+                "code": "internal_error",
+                "detail": f"Unexpected error while processing the model: {type(exc).__name__}: "
+                f"{exc}",
+            }
+        )
+        return 1
+    finally:
+        out.flush()
+
+
+def _dispatch(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    action = spec["action"]
+    if action == "inspect_model":
+        from worker.engine.formats import inspect_model
+
+        return inspect_model(Path(spec["model_path"]))
+    if action == "compress":
+        from worker.engine.pipeline import compress
+
+        return compress(
+            spec["model_path"],
+            spec["pipeline"],
+            dataset_path=spec.get("dataset_path"),
+            evaluation_task=spec.get("evaluation_task", "classification"),
+            export=spec.get("export", ["onnx"]),
+            workdir=spec["workdir"],
+            progress=emit,
+            seed=spec.get("seed", 0),
+            latency_threads=spec.get("threads", 1),
+        )
+    if action == "selftest":
+        return _selftest(spec)
+    raise ValueError(f"unknown action {action!r}")
+
+
+def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
+    """Probes the limits themselves (used by tests): allocate, spin, or open a socket."""
+    what = spec.get("what")
+    if what == "allocate":
+        block = bytearray(spec["mb"] * 1024 * 1024)
+        return {"allocated": len(block)}
+    if what == "sleep":
+        time.sleep(spec["seconds"])
+        return {"slept": spec["seconds"]}
+    if what == "connect":
+        import socket
+
+        try:
+            socket.create_connection((spec["host"], spec["port"]), timeout=2).close()
+        except (PermissionError, OSError) as exc:
+            return {"connected": False, "error": type(exc).__name__}
+        return {"connected": True}
+    if what == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return {"ok": True}
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(int(sys.argv[1])))
