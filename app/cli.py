@@ -1,4 +1,4 @@
-"""The `compaas` command: up, api, worker, migrate, admin, example."""
+"""The `compaas` command: up, api, worker, reconciler, migrate, admin, example."""
 
 from __future__ import annotations
 
@@ -89,6 +89,24 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconciler(args: argparse.Namespace) -> int:
+    import logging
+    import time
+
+    from app.services.reconciler import reconcile_once
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings()
+    while True:
+        try:
+            reconcile_once(settings)
+        except Exception:
+            logging.exception("reconcile pass failed; will try again")
+        if args.once:
+            return 0
+        time.sleep(settings.reconcile_interval_s)
+
+
 def cmd_create_team(args: argparse.Namespace) -> int:
     from app.db.repositories import TeamAdminRepository
     from app.db.session import session_scope
@@ -165,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest")
     migrate.set_defaults(func=cmd_migrate)
+
+    reconciler = sub.add_parser(
+        "reconciler", help="re-publish lost jobs, re-queue or fail expired leases (a loop)"
+    )
+    reconciler.add_argument("--once", action="store_true", help="one pass, then exit")
+    reconciler.set_defaults(func=cmd_reconciler)
 
     admin = sub.add_parser("admin", help="teams and API keys")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)

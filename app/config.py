@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     job_memory_limit_mb: int = 8192
     inspect_time_limit_s: int = 300
     latency_threads: int = 1
+    max_attempts: int = 3
+    lease_s: int = 30
+    heartbeat_s: float = 2.0
+    requeue_after_s: int = 60
+    reconcile_interval_s: float = 5.0
+    run_reconciler: bool | None = None
     worker_queues: str = "default"
 
     @model_validator(mode="after")
@@ -47,6 +53,8 @@ class Settings(BaseSettings):
             if self.mode == "production":
                 raise ValueError("COMPAAS_BROKER_URL is required when COMPAAS_MODE=production")
             self.broker_url = "filesystem://"
+        if self.run_reconciler is None:
+            self.run_reconciler = self.mode == "embedded"
         if self.blob_dir is None:
             self.blob_dir = data_dir / "blobs"
         if self.mode == "production":

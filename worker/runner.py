@@ -19,14 +19,13 @@ from app.db.base import utcnow
 from app.db.models import Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository
 from app.db.session import session_scope
+from app.services import events
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from worker import sandbox
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 60
-HEARTBEAT_S = 10
 PROGRESS_WRITE_S = 0.5
 
 
@@ -81,20 +80,28 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
 
 
 class _JobProgress:
-    """Relays engine events to the job row and its steps, fenced by the lease token."""
+    """Relays engine events to the job row, its steps and its event history, fenced by the token."""
 
-    def __init__(self, settings: Settings, job_id: str, token: int, n_steps: int) -> None:
+    def __init__(
+        self, settings: Settings, storage: BlobStore, job_id: str, team_id: str, token: int
+    ) -> None:
         self.settings = settings
+        self.storage = storage
         self.job_id = job_id
+        self.team_id = team_id
         self.token = token
-        self.n_steps = n_steps
         self.last_write = 0.0
         self.last_heartbeat = time.monotonic()
         self.lost = False
+        self.uploaded: list[str] = []
+        self.checkpoints: dict[int, str] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         now = utcnow()
+        if kind == "step_finished" and event.get("artifact"):
+            self._store_checkpoint(event)
+            return
         with session_scope(self.settings.database_url) as session:
             repo = JobRepository(session)
             if kind == "step_started":
@@ -102,26 +109,87 @@ class _JobProgress:
                     self.job_id, event["index"], status=StepStatus.running, started_at=now
                 )
                 self._fenced(repo, current_step=event["index"])
+                events.record(session, self.job_id, "step", index=event["index"], status="running")
             elif kind == "step_finished":
-                repo.update_step(
-                    self.job_id,
-                    event["index"],
-                    status=StepStatus.succeeded,
-                    finished_at=now,
-                    metrics=event.get("metrics"),
-                    warnings=event.get("warnings") or None,
-                )
+                self._finish_step(repo, event, artifact_id=None)
             elif kind == "progress" and time.monotonic() - self.last_write >= PROGRESS_WRITE_S:
                 self.last_write = time.monotonic()
-                self._fenced(repo, progress=min(float(event.get("progress", 0.0)), 0.99))
+                progress = round(min(float(event.get("progress", 0.0)), 0.99), 4)
+                self._fenced(repo, progress=progress)
+                events.record(
+                    session,
+                    self.job_id,
+                    "progress",
+                    progress=progress,
+                    message=event.get("message"),
+                )
+            elif kind == "original_measured":
+                self._fenced(repo, metrics={"original": event["metrics"]})
+            elif kind == "log":
+                events.record(
+                    session,
+                    self.job_id,
+                    "log",
+                    level=event.get("level", "info"),
+                    message=event.get("message"),
+                )
+
+    def _finish_step(
+        self, repo: JobRepository, event: dict[str, Any], artifact_id: str | None
+    ) -> None:
+        repo.update_step(
+            self.job_id,
+            event["index"],
+            status=StepStatus.succeeded,
+            finished_at=utcnow(),
+            metrics=event.get("metrics"),
+            warnings=event.get("warnings") or None,
+            artifact_id=artifact_id,
+        )
+        events.record(
+            repo.session,
+            self.job_id,
+            "step",
+            index=event["index"],
+            status="succeeded",
+            metrics=event.get("metrics"),
+        )
+
+    def _store_checkpoint(self, event: dict[str, Any]) -> None:
+        """Upload the step's output right away, so a retried job resumes after this step."""
+        art = event["artifact"]
+        key = (
+            f"teams/{self.team_id}/jobs/{self.job_id}/attempt-{self.token}/"
+            f"step{event['index']}.{art['format']}"
+        )
+        self.storage.put_file(key, Path(art["path"]))
+        self.uploaded.append(key)
+        with session_scope(self.settings.database_url) as session:
+            repo = JobRepository(session)
+            self._fenced(repo)
+            if self.lost:
+                return
+            row = repo.add_artifact(
+                team_id=self.team_id,
+                job_id=self.job_id,
+                step_index=event["index"],
+                role="checkpoint",
+                format=art["format"],
+                blob_key=key,
+                size_bytes=art["size_bytes"],
+                sha256=art["sha256"],
+            )
+            self.checkpoints[event["index"]] = row.id
+            self._finish_step(repo, event, artifact_id=row.id)
 
     def _fenced(self, repo: JobRepository, **values: Any) -> None:
-        values["lease_expires_at"] = utcnow() + timedelta(seconds=LEASE_S)
+        values["lease_expires_at"] = utcnow() + timedelta(seconds=self.settings.lease_s)
         if not repo.update_fenced(self.job_id, self.token, **values):
             self.lost = True
 
     def keep_going(self) -> bool:
-        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
+        """Heartbeat: renew the lease; False once the job was canceled or another owner took it."""
+        if time.monotonic() - self.last_heartbeat >= self.settings.heartbeat_s:
             self.last_heartbeat = time.monotonic()
             with session_scope(self.settings.database_url) as session:
                 self._fenced(JobRepository(session))
@@ -132,15 +200,17 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     """Claim the job, run its pipeline in the sandbox, persist the results; finalize once."""
     with session_scope(settings.database_url) as session:
         repo = JobRepository(session)
-        token = repo.claim(job_id, _owner(), utcnow() + timedelta(seconds=LEASE_S))
+        token = repo.claim(job_id, _owner(), utcnow() + timedelta(seconds=settings.lease_s))
         if token is None:
             return "skipped"
         job = repo.get(job_id)
         assert job is not None
+        events.record(session, job_id, "status", status="running", attempt=job.attempts)
         model = session.get(Model, job.model_id) if job.model_id else None
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         team_id = job.team_id
         pipeline = [step.config for step in job.steps]
+        resume = _resume_point(session, job)
         evaluation_task = job.evaluation.get("task", "classification")
         export = list(job.export)
         model_ref = (model.blob_key, EXTENSIONS[model.format]) if model else None
@@ -150,7 +220,7 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
         _fail(settings, job_id, token, "model_deleted", "The job's model was deleted.")
         return "failed"
     workdir = _workdir(settings, "jobs")
-    uploaded: list[str] = []
+    progress = _JobProgress(settings, storage, job_id, team_id, token)
     try:
         model_path = workdir / f"model.{model_ref[1]}"
         storage.get_to_path(model_ref[0], model_path)
@@ -158,7 +228,7 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
         if dataset_ref is not None:
             dataset_path = workdir / f"dataset.{dataset_ref[1]}"
             storage.get_to_path(dataset_ref[0], dataset_path)
-        spec = {
+        spec: dict[str, Any] = {
             "action": "compress",
             "model_path": str(model_path),
             "dataset_path": str(dataset_path) if dataset_path else None,
@@ -169,22 +239,66 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
             "threads": settings.latency_threads,
             "memory_limit_mb": settings.job_memory_limit_mb,
         }
+        if resume is not None:
+            start_index, blob_key, fmt, original = resume
+            checkpoint = workdir / f"checkpoint.{fmt}"
+            storage.get_to_path(blob_key, checkpoint)
+            spec["resume"] = {
+                "start_index": start_index,
+                "model_path": str(checkpoint),
+                "original_metrics": original,
+            }
         (workdir / "out").mkdir()
-        progress = _JobProgress(settings, job_id, token, len(pipeline))
         limits = sandbox.Limits(settings.job_time_limit_s, settings.job_memory_limit_mb)
         try:
             result = sandbox.run(
-                spec, limits, on_event=progress, should_continue=progress.keep_going
+                spec,
+                limits,
+                on_event=progress,
+                should_continue=progress.keep_going,
+                tick_s=min(1.0, settings.heartbeat_s),
             )
         except sandbox.SandboxAborted:
-            log.warning("job %s: lease lost or job stopped; abandoning attempt %s", job_id, token)
+            log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)
+            _discard(settings, storage, job_id, progress.uploaded)
             return "abandoned"
         except sandbox.SandboxError as exc:
             _fail(settings, job_id, token, exc.code, exc.detail, exc.field)
             return "failed"
-        return _finalize(settings, storage, job_id, team_id, token, result, uploaded)
+        return _finalize(settings, storage, job_id, team_id, token, result, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _resume_point(session: Any, job: Job) -> tuple[int, str, str, dict[str, Any]] | None:
+    """After a crash, continue after the last step whose checkpoint was stored."""
+    from app.db.models import Artifact
+
+    done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
+    if not done or not (job.metrics or {}).get("original"):
+        return None
+    last = done[-1]
+    if [s.index for s in done] != list(range(last.index + 1)) or last.index + 1 >= len(job.steps):
+        return None
+    artifact = session.get(Artifact, last.artifact_id)
+    if artifact is None:
+        return None
+    return last.index + 1, artifact.blob_key, artifact.format, job.metrics["original"]
+
+
+def _discard(settings: Settings, storage: BlobStore, job_id: str, keys: list[str]) -> None:
+    """Remove this attempt's blobs and their artifact rows (cancel or lost lease)."""
+    from sqlalchemy import delete
+
+    from app.db.models import Artifact
+
+    with session_scope(settings.database_url) as session:
+        if keys:
+            session.execute(
+                delete(Artifact).where(Artifact.job_id == job_id, Artifact.blob_key.in_(keys))
+            )
+    for key in keys:
+        storage.delete(key)
 
 
 def _finalize(
@@ -194,31 +308,19 @@ def _finalize(
     team_id: str,
     token: int,
     result: dict[str, Any],
-    uploaded: list[str],
+    progress: _JobProgress,
 ) -> str:
     prefix = f"teams/{team_id}/jobs/{job_id}/attempt-{token}"
-    by_sha: dict[str, dict[str, Any]] = {}
-    planned: list[dict[str, Any]] = []
+    uploaded = progress.uploaded
+    finals = []
     for art in result["artifacts"]:
-        planned.append({**art, "role": "final", "step_index": None})
-        by_sha[art["sha256"]] = planned[-1]
-    for step in result["steps"]:
-        art = step.get("artifact")
-        if art and art["sha256"] not in by_sha:
-            planned.append({**art, "role": "checkpoint", "step_index": step["index"]})
-            by_sha[art["sha256"]] = planned[-1]
-    for i, art in enumerate(planned):
-        name = f"final.{art['format']}" if art["role"] == "final" else f"step{art['step_index']}"
-        key = f"{prefix}/{i}-{name}" if art["role"] != "final" else f"{prefix}/{name}"
-        if art["role"] != "final":
-            key += f".{art['format']}"
+        key = f"{prefix}/final.{art['format']}"
         storage.put_file(key, Path(art["path"]))
         uploaded.append(key)
-        art["blob_key"] = key
+        finals.append({**art, "blob_key": key})
     try:
         with session_scope(settings.database_url) as session:
             repo = JobRepository(session)
-            warnings = list(result.get("warnings") or [])
             ok = repo.update_fenced(
                 job_id,
                 token,
@@ -234,38 +336,41 @@ def _finalize(
                     "accuracy_measured": result.get("accuracy_measured", False),
                     "calibration_source": result.get("calibration_source"),
                 },
-                warnings=warnings,
+                warnings=list(result.get("warnings") or []),
                 error=None,
             )
             if not ok:
                 raise _LostLease()
-            ids: dict[str, str] = {}
-            for art in planned:
+            final_ids = []
+            for art in finals:
                 row = repo.add_artifact(
                     team_id=team_id,
                     job_id=job_id,
-                    step_index=art["step_index"],
-                    role=art["role"],
+                    step_index=None,
+                    role="final",
                     format=art["format"],
                     blob_key=art["blob_key"],
                     size_bytes=art["size_bytes"],
                     sha256=art["sha256"],
                 )
-                ids[art["sha256"]] = row.id
+                final_ids.append(row.id)
+            last_index = max((s["index"] for s in result["steps"]), default=None)
             for step in result["steps"]:
-                art = step.get("artifact")
+                if step["index"] in progress.checkpoints:
+                    continue
                 repo.update_step(
                     job_id,
                     step["index"],
                     status=StepStatus.succeeded,
                     metrics=step.get("metrics"),
                     warnings=step.get("warnings") or None,
-                    artifact_id=ids.get(art["sha256"]) if art else None,
+                    artifact_id=final_ids[0] if step["index"] == last_index and final_ids else None,
                 )
+            events.record(session, job_id, "status", status="succeeded", ratios=result["ratios"])
+            events.record(session, job_id, events.TERMINAL_EVENT, status="succeeded")
     except _LostLease:
         log.warning("job %s: token %s is stale; discarding this attempt's artifacts", job_id, token)
-        for key in uploaded:
-            storage.delete(key)
+        _discard(settings, storage, job_id, uploaded)
         return "abandoned"
     return "succeeded"
 
@@ -286,13 +391,18 @@ def _fail(
         repo = JobRepository(session)
         job = session.get(Job, job_id)
         step_index = job.current_step if job else None
-        repo.update_fenced(
+        error = {"code": code, "detail": detail, "field": field, "step": step_index}
+        ok = repo.update_fenced(
             job_id,
             token,
             status=JobStatus.failed,
             finished_at=utcnow(),
             lease_expires_at=None,
-            error={"code": code, "detail": detail, "field": field, "step": step_index},
+            error=error,
         )
+        if not ok:
+            return
         if step_index is not None:
             repo.update_step(job_id, step_index, status=StepStatus.failed, finished_at=utcnow())
+        events.record(session, job_id, "status", status="failed", error=error)
+        events.record(session, job_id, events.TERMINAL_EVENT, status="failed")

@@ -254,6 +254,7 @@ def _dispatch(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> d
             progress=emit,
             seed=spec.get("seed", 0),
             latency_threads=spec.get("threads", 1),
+            resume=spec.get("resume"),
         )
     if action == "selftest":
         return _selftest(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.problems import Problem, not_found
@@ -12,7 +13,9 @@ from app.db.base import new_id
 from app.db.models import Dataset, Job
 from app.db.models.job import TERMINAL_STATUSES
 from app.db.repositories import Page, TeamRepository
+from app.services import idempotency
 from app.services.common import page_or_422
+from app.services.idempotency import IdempotentRequest
 from app.services.sniff import sniff_dataset
 from app.services.uploads import Upload
 from app.storage import BlobStore
@@ -23,7 +26,12 @@ def _repo(session: Session, team_id: str) -> TeamRepository[Dataset]:
 
 
 def create(
-    session: Session, storage: BlobStore, team_id: str, upload: Upload, name: str | None
+    session: Session,
+    storage: BlobStore,
+    team_id: str,
+    upload: Upload,
+    name: str | None,
+    idem: IdempotentRequest | None = None,
 ) -> Dataset:
     try:
         info = sniff_dataset(upload.path)
@@ -43,7 +51,14 @@ def create(
             blob_key=key,
             **info,
         )
+        if idem is not None:
+            location = f"/v1/datasets/{dataset.id}"
+            idempotency.remember(session, team_id, idem, 201, dataset.id, location)
         session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        storage.delete(key)
+        raise idempotency.in_use() from exc
     except Exception:
         storage.delete(key)
         raise

@@ -5,20 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.api.problems import Problem, not_found
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import Artifact, Dataset, Job, JobStatus, JobStep, Model, ModelStatus
+from app.db.models import (
+    Artifact,
+    Dataset,
+    Job,
+    JobStatus,
+    JobStep,
+    Model,
+    ModelStatus,
+    StepStatus,
+)
 from app.db.repositories import Page, TeamRepository
 from app.queue import TASK_RUN_JOB, publish
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
 from app.services import datasets as dataset_service
+from app.services import events, idempotency
 from app.services import models as model_service
 from app.services.common import page_or_422
+from app.services.idempotency import IdempotentRequest
+from app.storage import BlobStore
 from worker.engine.config import OPS, PRESETS, OpConfig, parse_op
 
 SINGLE_INPUT_ALIASES = ("inputs", "x")
@@ -120,7 +133,13 @@ def check_dataset_fits(model: Model, dataset: Dataset) -> None:
             )
 
 
-def create(session: Session, settings: Settings, team_id: str, body: JobCreate) -> Job:
+def create(
+    session: Session,
+    settings: Settings,
+    team_id: str,
+    body: JobCreate,
+    idem: IdempotentRequest | None = None,
+) -> Job:
     model = model_service.get_or_raise(session, team_id, body.model_id)
     if model.status == ModelStatus.pending:
         raise Problem(
@@ -149,10 +168,104 @@ def create(session: Session, settings: Settings, team_id: str, body: JobCreate) 
     )
     for index, config in enumerate(configs):
         session.add(JobStep(job_id=job.id, index=index, op=config.op, config=config.to_dict()))
-    session.commit()
-    if publish(settings, TASK_RUN_JOB, job.id):
-        job.enqueued_at = utcnow()
+    events.record(session, job.id, "status", status="queued")
+    if idem is not None:
+        idempotency.remember(session, team_id, idem, 202, job.id, f"/v1/jobs/{job.id}")
+    try:
         session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise idempotency.in_use() from exc
+    _publish(session, settings, job)
+    return job
+
+
+def _publish(session: Session, settings: Settings, job: Job) -> None:
+    """After commit: a failed publish leaves the job queued for the reconciler to publish."""
+    if publish(settings, TASK_RUN_JOB, job.id):
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.queued)
+            .values(enqueued_at=utcnow())
+        )
+        session.commit()
+
+
+def cancel(session: Session, storage: BlobStore, team_id: str, job_id: str) -> None:
+    """Stop a queued or running job; the worker notices within a heartbeat and stops its child."""
+    job = get_or_raise(session, team_id, job_id)
+    if job.status == JobStatus.canceled:
+        return
+    now = utcnow()
+    error = {"code": "canceled", "detail": "The job was canceled by request.", "step": None}
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+        .values(status=JobStatus.canceled, finished_at=now, lease_expires_at=None, error=error)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        session.rollback()
+        raise Problem(
+            409,
+            "job_not_cancelable",
+            f"The job already {job.status}; only queued or running jobs can be canceled.",
+        )
+    checkpoints = session.scalars(
+        select(Artifact).where(Artifact.job_id == job.id, Artifact.role == "checkpoint")
+    ).all()
+    keys = [a.blob_key for a in checkpoints]
+    for artifact in checkpoints:
+        session.delete(artifact)
+    session.execute(
+        update(JobStep)
+        .where(JobStep.job_id == job.id, JobStep.status != StepStatus.succeeded)
+        .values(status=StepStatus.pending, started_at=None, finished_at=None)
+    )
+    session.execute(update(JobStep).where(JobStep.job_id == job.id).values(artifact_id=None))
+    events.record(session, job.id, "status", status="canceled")
+    events.record(session, job.id, events.TERMINAL_EVENT, status="canceled")
+    session.commit()
+    for key in keys:
+        storage.delete(key)
+
+
+def retry(session: Session, settings: Settings, team_id: str, job_id: str) -> Job:
+    """Queue a failed or canceled job again; steps with a stored checkpoint are not redone."""
+    job = get_or_raise(session, team_id, job_id)
+    if job.status not in (JobStatus.failed, JobStatus.canceled):
+        raise Problem(
+            409,
+            "job_not_retryable",
+            f"The job is {job.status}; only failed or canceled jobs can be retried.",
+        )
+    done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
+    session.execute(
+        update(JobStep)
+        .where(JobStep.job_id == job.id, JobStep.index >= len(done))
+        .values(status=StepStatus.pending, started_at=None, finished_at=None, artifact_id=None)
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([JobStatus.failed, JobStatus.canceled]))
+        .values(
+            status=JobStatus.queued,
+            error=None,
+            finished_at=None,
+            current_step=None,
+            attempts=0,
+            enqueued_at=None,
+            progress=len(done) / max(len(job.steps), 1),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        session.rollback()
+        raise Problem(409, "job_not_retryable", "The job changed state; read it and try again.")
+    events.record(session, job.id, "status", status="queued", reason="retry", resume_from=len(done))
+    session.commit()
+    session.refresh(job)
+    _publish(session, settings, job)
     return job
 
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.problems import Problem, not_found
@@ -15,7 +16,9 @@ from app.db.models import Job, Model, ModelStatus
 from app.db.models.job import TERMINAL_STATUSES
 from app.db.repositories import Page, TeamRepository
 from app.queue import TASK_INSPECT_MODEL, publish
+from app.services import idempotency
 from app.services.common import page_or_422
+from app.services.idempotency import IdempotentRequest
 from app.services.sniff import sniff_model
 from app.services.uploads import Upload
 from app.storage import BlobStore
@@ -36,6 +39,7 @@ def create(
     team_id: str,
     upload: Upload,
     name: str | None,
+    idem: IdempotentRequest | None = None,
 ) -> Model:
     try:
         fmt = sniff_model(upload.path)
@@ -56,7 +60,13 @@ def create(
             sha256=upload.sha256,
             blob_key=key,
         )
+        if idem is not None:
+            idempotency.remember(session, team_id, idem, 201, model.id, f"/v1/models/{model.id}")
         session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        storage.delete(key)
+        raise idempotency.in_use() from exc
     except Exception:
         storage.delete(key)
         raise

@@ -1,4 +1,4 @@
-"""Versioned, serializable configs for every compression op (no torch import: the API validates with them)."""
+"""Versioned, serializable op configs; torch-free, so the API validates with the same classes."""
 
 from __future__ import annotations
 

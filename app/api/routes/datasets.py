@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
+from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
 from app.api.routes.models import UPLOAD_BODY
 from app.schemas.common import Page
 from app.schemas.datasets import DatasetRead
 from app.services import datasets as dataset_service
+from app.services.idempotency import save_response
 from app.services.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -20,12 +24,27 @@ async def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-) -> DatasetRead:
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Upload a .npz or .safetensors dataset: one array per model input plus optional labels."""
     upload = await receive_upload(request, settings.tmp_dir, settings.max_upload_bytes)
-    dataset = dataset_service.create(session, storage, team.id, upload, upload.fields.get("name"))
+    name = upload.fields.get("name")
+    idem = request_for(idempotency_key, "POST /v1/datasets", upload.sha256, name)
+    replayed = replay(session, team.id, idem, lambda i: _read(session, team.id, i))
+    if replayed is not None:
+        upload.discard()
+        return replayed
+    dataset = dataset_service.create(session, storage, team.id, upload, name, idem)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
-    return DatasetRead.model_validate(dataset)
+    body = DatasetRead.model_validate(dataset)
+    if idem is not None:
+        save_response(session, team.id, idem, body.model_dump(mode="json"))
+    return body
+
+
+def _read(session: SessionDep, team_id: str, dataset_id: str) -> dict[str, Any]:
+    dataset = dataset_service.get_or_raise(session, team_id, dataset_id)
+    return DatasetRead.model_validate(dataset).model_dump(mode="json")
 
 
 @router.get("", response_model=Page[DatasetRead])

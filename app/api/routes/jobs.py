@@ -1,17 +1,29 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep
+from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
+from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
+from app.db.session import get_sessionmaker
 from app.schemas.common import Page
 from app.schemas.jobs import JobCreate, JobRead
+from app.services import events
 from app.services import jobs as job_service
+from app.services.idempotency import save_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobStatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
+SSE_POLL_S = 0.25
+SSE_KEEPALIVE_S = 15.0
 
 
 @router.post("", status_code=202, response_model=JobRead)
@@ -21,11 +33,24 @@ def create_job(
     team: CurrentTeam,
     session: SessionDep,
     settings: SettingsDep,
-) -> JobRead:
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Queue a compression job; poll GET /v1/jobs/{id} (the Location header) for its progress."""
-    job = job_service.create(session, settings, team.id, body)
+    idem = request_for(idempotency_key, "POST /v1/jobs", body.model_dump(mode="json"))
+    replayed = replay(
+        session,
+        team.id,
+        idem,
+        lambda i: job_service.read(session, team.id, i).model_dump(mode="json"),
+    )
+    if replayed is not None:
+        return replayed
+    job = job_service.create(session, settings, team.id, body, idem)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_service.read(session, team.id, job.id)
+    read = job_service.read(session, team.id, job.id)
+    if idem is not None:
+        save_response(session, team.id, idem, read.model_dump(mode="json"))
+    return read
 
 
 @router.get("", response_model=Page[JobRead])
@@ -42,3 +67,70 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobRead:
     return job_service.read(session, team.id, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead)
+def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep, storage: StorageDep) -> JobRead:
+    """Cancel a queued or running job; a running one stops within a heartbeat (about 2 s)."""
+    job_service.cancel(session, storage, team.id, job_id)
+    return job_service.read(session, team.id, job_id)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobRead)
+def retry_job(
+    job_id: str, team: CurrentTeam, session: SessionDep, settings: SettingsDep
+) -> JobRead:
+    """Queue a failed or canceled job again, resuming after its last stored step checkpoint."""
+    job_service.retry(session, settings, team.id, job_id)
+    return job_service.read(session, team.id, job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    team: CurrentTeam,
+    session: SessionDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: the job's whole history, then live events until `done`."""
+    await run_in_threadpool(job_service.get_or_raise, session, team.id, job_id)
+    start = (
+        after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+    )
+    maker = get_sessionmaker(settings.database_url)
+
+    def fetch(last: int) -> list[tuple[int, str, dict[str, Any]]]:
+        with maker() as s:
+            return [(e.id, e.type, e.data) for e in events.after(s, job_id, last)]
+
+    async def stream() -> AsyncIterator[str]:
+        last, quiet_since = start, time.monotonic()
+        yield "retry: 2000\n\n"
+        while True:
+            rows = await run_in_threadpool(fetch, last)
+            for event_id, kind, data in rows:
+                last = event_id
+                yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind == events.TERMINAL_EVENT:
+                    return
+            if rows:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(SSE_POLL_S)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

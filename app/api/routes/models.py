@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
 from app.api.downloads import blob_response
+from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
 from app.schemas.common import Page
 from app.schemas.models import ModelRead
 from app.services import models as model_service
+from app.services.idempotency import save_response
 from app.services.models import EXTENSIONS
 from app.services.uploads import receive_upload
 
@@ -39,14 +43,27 @@ async def upload_model(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-) -> ModelRead:
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Upload an ONNX, torch.export (.pt2) or TorchScript model; the worker inspects it next."""
     upload = await receive_upload(request, settings.tmp_dir, settings.max_upload_bytes)
-    model = model_service.create(
-        session, storage, settings, team.id, upload, upload.fields.get("name")
-    )
+    name = upload.fields.get("name")
+    idem = request_for(idempotency_key, "POST /v1/models", upload.sha256, name)
+    replayed = replay(session, team.id, idem, lambda i: _read(session, team.id, i))
+    if replayed is not None:
+        upload.discard()
+        return replayed
+    model = model_service.create(session, storage, settings, team.id, upload, name, idem)
     response.headers["Location"] = f"/v1/models/{model.id}"
-    return ModelRead.model_validate(model)
+    body = ModelRead.model_validate(model)
+    if idem is not None:
+        save_response(session, team.id, idem, body.model_dump(mode="json"))
+    return body
+
+
+def _read(session: SessionDep, team_id: str, model_id: str) -> dict[str, Any]:
+    model = model_service.get_or_raise(session, team_id, model_id)
+    return ModelRead.model_validate(model).model_dump(mode="json")
 
 
 @router.get("", response_model=Page[ModelRead])

@@ -2,6 +2,8 @@
 
 from app.db.models.artifact import Artifact
 from app.db.models.dataset import Dataset
+from app.db.models.event import JobEvent
+from app.db.models.idempotency import IdempotencyKey
 from app.db.models.job import Job, JobStatus, JobStep, StepStatus
 from app.db.models.model import Model, ModelStatus
 from app.db.models.team import ApiKey, Team
@@ -10,7 +12,9 @@ __all__ = [
     "ApiKey",
     "Artifact",
     "Dataset",
+    "IdempotencyKey",
     "Job",
+    "JobEvent",
     "JobStatus",
     "JobStep",
     "Model",

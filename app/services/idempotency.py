@@ -1,0 +1,97 @@
+"""Idempotency-Key on creates: the same key and body replay the first response for 24 h."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.api.problems import Problem
+from app.db.base import utcnow
+from app.db.models import IdempotencyKey
+
+TTL = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    key: str
+    route: str
+    fingerprint: str
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find(session: Session, team_id: str, request: IdempotentRequest) -> IdempotencyKey | None:
+    """The stored first response for this key, or None; a different body with it is a 422."""
+    row = session.scalars(
+        select(IdempotencyKey).where(
+            IdempotencyKey.team_id == team_id, IdempotencyKey.key == request.key
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.created_at.replace(tzinfo=row.created_at.tzinfo or utcnow().tzinfo) < utcnow() - TTL:
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
+        session.commit()
+        return None
+    if row.route != request.route or row.fingerprint != request.fingerprint:
+        raise Problem(
+            422,
+            "idempotency_key_reused",
+            f"Idempotency-Key {request.key!r} was already used with a different request "
+            f"({row.route}). Use a new key for a new request.",
+            field="Idempotency-Key",
+        )
+    return row
+
+
+def remember(
+    session: Session,
+    team_id: str,
+    request: IdempotentRequest,
+    status_code: int,
+    object_id: str,
+    location: str,
+) -> None:
+    """Record the key in the same transaction as the object it created."""
+    session.add(
+        IdempotencyKey(
+            team_id=team_id,
+            key=request.key,
+            route=request.route,
+            fingerprint=request.fingerprint,
+            status_code=status_code,
+            response={"id": object_id},
+            location=location,
+        )
+    )
+
+
+def save_response(
+    session: Session, team_id: str, request: IdempotentRequest, body: dict[str, Any]
+) -> None:
+    """Store the exact first response body, so replays return it byte for byte."""
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.team_id == team_id, IdempotencyKey.key == request.key)
+        .values(response=body)
+    )
+    session.commit()
+
+
+def in_use() -> Problem:
+    return Problem(
+        409,
+        "idempotency_key_in_use",
+        "A request with this Idempotency-Key is being processed; retry in a moment.",
+        field="Idempotency-Key",
+        headers={"Retry-After": "1"},
+    )
