@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from app.api import problems
 from app.api.routes import artifacts, catalog, datasets, health, jobs, models
 from app.config import Settings, get_settings
+from app.storage import get_blob_store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.storage = get_blob_store(settings)
     problems.install(app)
     for module in (health, models, datasets, jobs, artifacts, catalog):
         app.include_router(module.router)

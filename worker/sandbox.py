@@ -72,6 +72,7 @@ def run(
             "NO_PROXY": "*",
         }
     )
+    spec = {**spec, "memory_limit_mb": limits.memory_mb}
     cpu_s = int(limits.wall_time_s * max(os.cpu_count() or 1, 1)) + 30
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.sandbox", str(write_fd)],

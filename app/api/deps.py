@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -15,7 +14,7 @@ from app.db.models import Team
 from app.db.repositories import TeamAdminRepository
 from app.db.session import get_sessionmaker
 from app.security import KEY_PREFIX, hash_api_key
-from app.storage import BlobStore, get_blob_store
+from app.storage import BlobStore
 
 
 def _settings(request: Request) -> Settings:
@@ -37,13 +36,9 @@ def _session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-@lru_cache(maxsize=4)
-def _store_for(settings_id: int, settings: Settings) -> BlobStore:
-    return get_blob_store(settings)
-
-
-def _storage(settings: SettingsDep) -> BlobStore:
-    return _store_for(id(settings), settings)
+def _storage(request: Request) -> BlobStore:
+    storage: BlobStore = request.app.state.storage
+    return storage
 
 
 StorageDep = Annotated[BlobStore, Depends(_storage)]

@@ -171,4 +171,5 @@ def sqlite_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def stack(request: pytest.FixtureRequest) -> Stack:
-    return request.getfixturevalue(f"{request.param}_stack")
+    name = {"postgres": "pg_stack", "sqlite": "sqlite_stack"}[request.param]
+    return request.getfixturevalue(name)

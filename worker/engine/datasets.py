@@ -81,7 +81,7 @@ class Samples:
 
 
 def match_inputs(arrays: dict[str, np.ndarray], specs: list[dict[str, Any]]) -> Samples:
-    """Pick the array for each model input (by name, or x/inputs for a single input) and check it."""
+    """The array for each model input (by name, or x/inputs for a single input), checked."""
     candidates = {k: v for k, v in arrays.items() if k != LABELS}
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -115,7 +115,10 @@ def match_inputs(arrays: dict[str, np.ndarray], specs: list[dict[str, Any]]) -> 
             )
         dtype = np.dtype(spec.get("dtype", "float32"))
         if array.dtype != dtype:
-            if dtype.kind == "f" and array.dtype.kind in "fiub" or dtype.kind in "iu" and array.dtype.kind in "iu":
+            castable = (dtype.kind == "f" and array.dtype.kind in "fiub") or (
+                dtype.kind in "iu" and array.dtype.kind in "iu"
+            )
+            if castable:
                 array = array.astype(dtype)
             else:
                 raise EngineError(

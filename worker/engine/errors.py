@@ -13,7 +13,7 @@ ACCEPTED_FORMATS = (
 
 
 class EngineError(Exception):
-    """A user-facing failure: a stable `code`, a `detail` that says what to do, the field at fault."""
+    """A user-facing failure: a stable code, a detail that says what to do, the field at fault."""
 
     def __init__(self, code: str, detail: str, *, field: str | None = None) -> None:
         super().__init__(detail)

@@ -89,8 +89,11 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 def export_model(model: Any, example: np.ndarray, stem: Path) -> dict[str, Path]:
     """Write stem.pt2 (torch.export, dynamic batch) and stem.onnx (dynamo export, one file)."""
+    import logging
+
     import torch
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = model.eval()
     args = (torch.from_numpy(example[:4]),)
     batch = torch.export.Dim("batch", min=1, max=65536)
