@@ -7,6 +7,7 @@ from app.storage.base import BlobNotFound, BlobStore
 
 
 def get_blob_store(settings: Settings) -> BlobStore:
+    """The store COMPAAS_BLOB_BACKEND names: a local directory or an S3 bucket."""
     if settings.blob_backend == "s3":
         from app.storage.s3 import S3BlobStore
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -20,35 +22,43 @@ class LocalBlobStore:
 
     def _path(self, key: str) -> Path:
         pure = PurePosixPath(key)
-        if not key or pure.is_absolute() or ".." in pure.parts:
-            raise ValueError(f"invalid blob key {key!r}")
+        if not pure.parts or pure.is_absolute() or ".." in pure.parts:
+            raise ValueError(f"invalid blob key {key!r}: use a relative path without '..'")
         return self.root.joinpath(*pure.parts)
+
+    def _file(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise BlobNotFound(key)
+        return path
 
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(path, target)
-        except OSError:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-            os.close(fd)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        # Another filesystem: copy next to the target, then rename, so readers never see half.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        os.close(fd)
+        try:
             shutil.copyfile(path, tmp)
             os.replace(tmp, target)
-            Path(path).unlink(missing_ok=True)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        Path(path).unlink(missing_ok=True)
 
     def get_to_path(self, key: str, path: Path) -> None:
-        source = self._path(key)
-        if not source.is_file():
-            raise BlobNotFound(key)
-        shutil.copyfile(source, path)
+        shutil.copyfile(self._file(key), path)
 
     def iter_range(
         self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
     ) -> Iterator[bytes]:
-        source = self._path(key)
-        if not source.is_file():
-            raise BlobNotFound(key)
-        return self._read(source, start, end, chunk_size)
+        return self._read(self._file(key), start, end, chunk_size)
 
     @staticmethod
     def _read(source: Path, start: int, end: int | None, chunk_size: int) -> Iterator[bytes]:
@@ -64,10 +74,7 @@ class LocalBlobStore:
                 yield chunk
 
     def size(self, key: str) -> int:
-        source = self._path(key)
-        if not source.is_file():
-            raise BlobNotFound(key)
-        return source.stat().st_size
+        return self._file(key).stat().st_size
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -76,12 +83,24 @@ class LocalBlobStore:
         self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
-        base = self._path(prefix.rstrip("/"))
-        if base.is_file():
-            base.unlink()
-            return 1
+        """Delete every key that starts with prefix, as S3 does ("a/b" also matches "a/bc")."""
+        self._path(prefix)
+        head = prefix.rpartition("/")[0]
+        base = self._path(head) if head else self.root
         if not base.is_dir():
             return 0
-        count = sum(1 for p in base.rglob("*") if p.is_file())
-        shutil.rmtree(base, ignore_errors=True)
+        count = 0
+        dirs: list[Path] = [base] if base != self.root else []
+        for path in base.rglob("*"):
+            key = path.relative_to(self.root).as_posix()
+            if path.is_dir() and not path.is_symlink():
+                dirs.append(path)
+            elif key.startswith(prefix):
+                path.unlink(missing_ok=True)
+                count += 1
+        for directory in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+            key = directory.relative_to(self.root).as_posix() + "/"
+            if key.startswith(prefix):
+                with contextlib.suppress(OSError):  # not empty: holds keys outside the prefix
+                    directory.rmdir()
         return count

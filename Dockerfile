@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# Two images from one file: `api` (no torch) and `worker` (CPU torch). Build with --target.
+
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    COMPAAS_DATA_DIR=/var/lib/compaas
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/compaas compaas \
+ && mkdir -p /var/lib/compaas \
+ && chown compaas:compaas /var/lib/compaas
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+# Core dependencies only: no torch here, so the api image stays small.
+RUN pip install .
+
+FROM base AS worker
+# CPU torch first, from the CPU index: with the pin already satisfied, `.[worker]` never pulls
+# a CUDA build from PyPI.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+RUN pip install ".[worker]"
+USER compaas
+CMD ["compaas", "worker"]
+
+FROM base AS api
+USER compaas
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+CMD ["compaas", "api", "--host", "0.0.0.0", "--port", "8000"]
