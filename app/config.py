@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     requeue_after_s: int = 60
     reconcile_interval_s: float = 5.0
     run_reconciler: bool | None = None
+    broker_visibility_timeout_s: int | None = None
     worker_queues: str = "default"
 
     @model_validator(mode="after")

@@ -53,7 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     elif settings.broker_url.startswith("redis"):
         # Longer than any job's hard time limit, so Redis does not redeliver a running job.
         config["broker_transport_options"] = {
-            "visibility_timeout": settings.job_time_limit_s + 600,
+            "visibility_timeout": settings.broker_visibility_timeout_s
+            or settings.job_time_limit_s + 600,
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
         }

@@ -45,8 +45,17 @@ class Limits:
     memory_mb: int
 
 
+PR_SET_PDEATHSIG = 1
+
+
 def _limit_child(memory_mb: int, cpu_s: int) -> Callable[[], None]:
     def apply() -> None:
+        try:  # die with the worker process that started us (Linux)
+            import ctypes
+
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
         mem = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))

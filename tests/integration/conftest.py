@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,43 @@ class Stack:
     client: TestClient
     worker_log: Path
 
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """A real Celery worker process (its own process group, so tests can SIGKILL it all)."""
+        log_path = self.worker_log.with_name(f"worker-{len(self.workers)}.log")
+        log = log_path.open("w")
+        worker = subprocess.Popen(
+            worker_command(self.settings.worker_queues, 1),
+            env={**self.env, **env},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.workers.append(worker)
+        wait_for(lambda: "ready." in log_path.read_text() or worker.poll() is not None, 60)
+        assert worker.poll() is None, log_path.read_text()
+        return worker
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        self.workers.clear()
+
+    def worker_logs(self) -> str:
+        return "\n".join(
+            p.read_text()[-3000:] for p in sorted(self.worker_log.parent.glob("worker-*.log"))
+        )
+
     def new_team(self, name: str = "team") -> tuple[str, dict[str, str]]:
         out = subprocess.run(
             [sys.executable, "-m", "app.cli", "admin", "create-team", name, "--json"],
@@ -85,45 +123,42 @@ class Stack:
         try:
             return wait_for(done, timeout=timeout, interval=0.5)
         except AssertionError:
-            print(self.worker_log.read_text()[-5000:])
+            print(self.worker_logs())
             raise
 
 
-def _start_stack(name: str, env: dict[str, str], tmp: Path) -> Iterator[Stack]:
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+def settings_from(env: dict[str, str]) -> Settings:
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        settings = Settings()
+        return Settings()
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _start_stack(name: str, env: dict[str, str], tmp: Path, workers: int = 1) -> Iterator[Stack]:
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    settings = settings_from(env)
     upgrade(settings.database_url)
-    log_path = tmp / "worker.log"
-    log = log_path.open("w")
-    worker = subprocess.Popen(
-        worker_command(settings.worker_queues, 1),
-        env=full_env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    stack: Stack | None = None
     try:
-        wait_for(lambda: "ready." in log_path.read_text() or worker.poll() is not None, 60)
-        assert worker.poll() is None, log_path.read_text()
         with TestClient(create_app(settings)) as client:
-            yield Stack(name, settings, full_env, client, log_path)
+            stack = Stack(name, settings, full_env, client, tmp / "worker-0.log")
+            for _ in range(workers):
+                stack.start_worker()
+            yield stack
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        log.close()
+        if stack is not None:
+            stack.stop_workers()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return REDIS_URL
 
 
 @pytest.fixture(scope="session")

@@ -118,8 +118,11 @@ async def job_events(
             for event_id, kind, data in rows:
                 last = event_id
                 yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
-                if kind == events.TERMINAL_EVENT:
+            # A retried job has events after an earlier `done`: end only at the latest one.
+            if rows and rows[-1][1] == events.TERMINAL_EVENT:
+                if not await run_in_threadpool(fetch, last):
                     return
+                continue
             if rows:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:

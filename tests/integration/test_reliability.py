@@ -1,0 +1,449 @@
+"""Jobs are never lost, never finalized twice, never stuck: real Redis, Postgres and workers
+that the tests start, kill and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+
+from app.services.reconciler import reconcile_once
+from tests.integration.conftest import PG_ADMIN_URL, Stack, _start_stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+SLOW_STEP = [
+    {"op": "quantize", "mode": "static", "dtype": "int8", "calibration": {"samples": 2000}}
+]
+
+
+@pytest.fixture(scope="module")
+def rel_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    """Tight leases and a fast reconciler, so recovery shows within seconds; no worker yet."""
+    name = f"compaas_rel_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    tmp = tmp_path_factory.mktemp("rel-stack")
+    env = {
+        "COMPAAS_MODE": "embedded",
+        "COMPAAS_DATA_DIR": str(tmp),
+        "COMPAAS_DATABASE_URL": f"{base}/{name}",
+        "COMPAAS_BROKER_URL": redis_url,
+        "COMPAAS_WORKER_QUEUES": f"rel-{uuid.uuid4().hex[:8]}",
+        "COMPAAS_LEASE_S": "6",
+        "COMPAAS_HEARTBEAT_S": "1",
+        "COMPAAS_REQUEUE_AFTER_S": "4",
+        "COMPAAS_RECONCILE_INTERVAL_S": "1",
+        "COMPAAS_RUN_RECONCILER": "true",
+        "COMPAAS_MAX_ATTEMPTS": "3",
+        "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
+    }
+    yield from _start_stack("reliability", env, tmp, workers=0)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def slow_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An MLP 64-2048-2048-2048-10 (35 MB): its static int8 job takes several seconds."""
+    import torch
+
+    from worker.engine.examples import export_model
+
+    torch.manual_seed(0)
+    width = 2048
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
+    )
+    out = tmp_path_factory.mktemp("slow")
+    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    files = export_model(model, x, out / "slow")
+    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
+    return {"onnx": files["onnx"], "npz": out / "slow.npz"}
+
+
+@pytest.fixture(scope="module")
+def team(rel_stack: Stack) -> dict[str, str]:
+    return rel_stack.new_team("reliability")[1]
+
+
+@pytest.fixture(scope="module")
+def slow(rel_stack: Stack, team: dict[str, str], slow_files: dict[str, Path]) -> dict[str, str]:
+    worker = rel_stack.start_worker()
+    model = rel_stack.upload("models", slow_files["onnx"], team).json()
+    assert rel_stack.wait_model(model["id"], team)["status"] == "ready"
+    dataset = rel_stack.upload("datasets", slow_files["npz"], team).json()
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.wait(timeout=30)
+    rel_stack.workers.remove(worker)
+    return {"model_id": model["id"], "dataset_id": dataset["id"]}
+
+
+@pytest.fixture(autouse=True)
+def _no_workers_left(rel_stack: Stack) -> Iterator[None]:
+    yield
+    rel_stack.stop_workers()
+
+
+def submit(stack: Stack, team: dict[str, str], slow: dict[str, str], **extra: Any) -> str:
+    body = {**slow, "pipeline": SLOW_STEP, "evaluation": {"task": "generic"}, **extra}
+    resp = stack.client.post("/v1/jobs", json=body, headers=team)
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def job(stack: Stack, team: dict[str, str], job_id: str) -> dict[str, Any]:
+    return dict(stack.client.get(f"/v1/jobs/{job_id}", headers=team).json())
+
+
+def events(
+    stack: Stack, team: dict[str, str], job_id: str, last: int | None = None
+) -> list[dict[str, Any]]:
+    headers = {**team, **({"Last-Event-ID": str(last)} if last is not None else {})}
+    out: list[dict[str, Any]] = []
+    with stack.client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        for line in resp.iter_lines():
+            if line.startswith("id: "):
+                current["id"] = int(line[4:])
+            elif line.startswith("event: "):
+                current["event"] = line[7:]
+            elif line.startswith("data: "):
+                current["data"] = json.loads(line[6:])
+            elif line == "" and current:
+                out.append(current)
+                current = {}
+    return out
+
+
+def wait_running(
+    stack: Stack, team: dict[str, str], job_id: str, step_started: bool = True
+) -> None:
+    def running() -> bool:
+        body = job(stack, team, job_id)
+        return body["status"] == "running" and (
+            not step_started or body["steps"][0]["status"] == "running"
+        )
+
+    wait_for(running, timeout=60, interval=0.1)
+
+
+def sandbox_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"worker.sandbox" in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def done_events(stack: Stack, team: dict[str, str], job_id: str) -> list[dict[str, Any]]:
+    return [e for e in events(stack, team, job_id) if e["event"] == "done"]
+
+
+def blob_files(stack: Stack, job_id: str) -> list[Path]:
+    assert stack.settings.blob_dir is not None
+    return [p for p in stack.settings.blob_dir.rglob("*") if p.is_file() and job_id in str(p)]
+
+
+def test_sse_streams_every_transition_in_order_and_resumes(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    rel_stack.start_worker()
+    job_id = submit(rel_stack, team, slow)
+    stream = events(rel_stack, team, job_id)  # blocks until the terminal event
+    kinds = [(e["event"], e["data"].get("status")) for e in stream]
+    assert kinds[0] == ("status", "queued")
+    assert kinds[1] == ("status", "running")
+    assert ("step", "running") in kinds and ("step", "succeeded") in kinds
+    assert kinds.index(("step", "running")) < kinds.index(("step", "succeeded"))
+    assert kinds[-2:] == [("status", "succeeded"), ("done", "succeeded")]
+    ids = [e["id"] for e in stream]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    progress = [e["data"]["progress"] for e in stream if e["event"] == "progress"]
+    assert progress == sorted(progress)
+    # A client that reconnects with Last-Event-ID gets exactly what it missed.
+    resumed = events(rel_stack, team, job_id, last=ids[2])
+    assert [e["id"] for e in resumed] == ids[3:]
+    assert job(rel_stack, team, job_id)["status"] == "succeeded"
+
+
+def test_cancel_stops_a_running_job_within_seconds_and_retry_succeeds(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    rel_stack.start_worker()
+    job_id = submit(rel_stack, team, slow)
+    wait_running(rel_stack, team, job_id)
+    assert sandbox_pids()
+    asked = time.monotonic()
+    resp = rel_stack.client.post(f"/v1/jobs/{job_id}/cancel", headers=team)
+    assert resp.status_code == 200
+    assert resp.json()["status"] == "canceled"
+    wait_for(lambda: not sandbox_pids(), timeout=5, interval=0.05)
+    stopped_after = time.monotonic() - asked
+    assert stopped_after < 5
+    wait_for(lambda: not blob_files(rel_stack, job_id), timeout=5)
+    again = rel_stack.client.post(f"/v1/jobs/{job_id}/cancel", headers=team)
+    assert again.status_code == 200  # canceling twice is harmless
+
+    resp = rel_stack.client.post(f"/v1/jobs/{job_id}/retry", headers=team)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["status"] == "queued"
+    done = rel_stack.wait_job(job_id, team)
+    assert done["status"] == "succeeded", done["error"]
+    assert len(done_events(rel_stack, team, job_id)) == 2  # canceled, then succeeded
+    not_again = rel_stack.client.post(f"/v1/jobs/{job_id}/cancel", headers=team)
+    assert not_again.status_code == 409
+    assert not_again.json()["code"] == "job_not_cancelable"
+    retry = rel_stack.client.post(f"/v1/jobs/{job_id}/retry", headers=team)
+    assert retry.status_code == 409 and retry.json()["code"] == "job_not_retryable"
+
+
+def test_canceling_a_queued_job(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    job_id = submit(rel_stack, team, slow)  # no worker: stays queued
+    resp = rel_stack.client.post(f"/v1/jobs/{job_id}/cancel", headers=team)
+    assert resp.json()["status"] == "canceled"
+    rel_stack.start_worker()
+    time.sleep(3)  # its message is delivered and claims nothing
+    assert job(rel_stack, team, job_id)["status"] == "canceled"
+
+
+@pytest.mark.parametrize("target", ["whole_worker", "pool_child"])
+def test_sigkill_mid_job_then_the_job_succeeds_exactly_once(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str], target: str
+) -> None:
+    worker = rel_stack.start_worker()
+    job_id = submit(rel_stack, team, slow)
+    wait_running(rel_stack, team, job_id)
+    time.sleep(1.5)
+    if target == "whole_worker":
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    else:
+        children = subprocess.run(
+            ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert children
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: not sandbox_pids(), timeout=10)  # the sandbox dies with its parent
+    if target == "whole_worker":
+        rel_stack.start_worker()
+    done = rel_stack.wait_job(job_id, team, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    assert len(done_events(rel_stack, team, job_id)) == 1
+    finals = [a for a in done["artifacts"] if a["role"] == "final"]
+    assert len(finals) == 1
+    assert len(blob_files(rel_stack, job_id)) == 1  # the dead attempt left nothing behind
+    kinds = [(e["event"], e["data"].get("reason")) for e in events(rel_stack, team, job_id)]
+    assert ("status", "lease_expired") in kinds
+
+
+def test_duplicate_delivery_finalizes_once(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    """Visibility timeout (2 s) far shorter than the job: Redis hands the message to a second
+    worker while the first still runs; the second claims nothing."""
+    short = {"COMPAAS_BROKER_VISIBILITY_TIMEOUT_S": "2"}
+    rel_stack.start_worker(**short)
+    rel_stack.start_worker(**short)
+    job_id = submit(rel_stack, team, slow)
+    done = rel_stack.wait_job(job_id, team, timeout=120)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    assert len(done_events(rel_stack, team, job_id)) == 1
+    assert len([a for a in done["artifacts"] if a["role"] == "final"]) == 1
+
+
+def test_stale_token_cannot_finalize(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import JobStatus
+    from app.db.repositories import JobRepository
+    from app.db.session import session_scope
+
+    job_id = submit(rel_stack, team, slow)
+    url = rel_stack.settings.database_url
+    with session_scope(url) as session:
+        first = JobRepository(session).claim(job_id, "a", utcnow() - timedelta(seconds=1))
+    with session_scope(url) as session:
+        second = JobRepository(session).claim(job_id, "b", utcnow() + timedelta(seconds=60))
+    assert first is not None and second == first + 1
+    with session_scope(url) as session:
+        assert not JobRepository(session).update_fenced(job_id, first, status=JobStatus.succeeded)
+        assert JobRepository(session).update_fenced(job_id, second, progress=0.5)
+    rel_stack.client.post(f"/v1/jobs/{job_id}/cancel", headers=team)
+
+
+def test_flushall_loses_no_job(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str], redis_url: str
+) -> None:
+    rel_stack.start_worker()
+    ids = [submit(rel_stack, team, slow) for _ in range(3)]
+    wait_running(rel_stack, team, ids[0])
+    redis.Redis.from_url(redis_url).flushall()
+    for job_id in ids:
+        done = rel_stack.wait_job(job_id, team, timeout=180)
+        assert done["status"] == "succeeded", done["error"]
+        assert len(done_events(rel_stack, team, job_id)) == 1
+
+
+def test_redis_down_jobs_still_accepted_and_run_after_recovery(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    rel_stack.start_worker()
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], capture_output=True)
+    try:
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True
+                ).returncode
+                != 0
+            ),
+            timeout=10,
+        )
+        ready = rel_stack.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "ok"
+        assert ready.json()["checks"]["broker"].startswith("unavailable")
+        job_id = submit(rel_stack, team, slow)  # accepted: the database is the truth
+        assert job(rel_stack, team, job_id)["status"] == "queued"
+    finally:
+        subprocess.run(
+            [
+                "redis-server",
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True
+                ).returncode
+                == 0
+            ),
+            timeout=20,
+        )
+    assert rel_stack.client.get("/readyz").status_code == 200
+    done = rel_stack.wait_job(job_id, team, timeout=180)
+    assert done["status"] == "succeeded", done["error"]
+
+
+def _pg_ctl(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(
+        [
+            "pg_ctlcluster",
+            "--skip-systemctl-redirect",
+            version,
+            "main",
+            action,
+            *(["-m", "fast"] if action == "stop" else []),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_postgres_restart_is_a_503_not_a_500_and_work_continues(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    rel_stack.start_worker()
+    job_id = submit(rel_stack, team, slow)
+    wait_running(rel_stack, team, job_id)
+    _pg_ctl("stop")
+    try:
+        for path in ("/v1/jobs", f"/v1/jobs/{job_id}"):
+            resp = rel_stack.client.get(path, headers=team)
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["retry-after"] == "5"
+            assert resp.json()["code"] == "database_unavailable"
+        ready = rel_stack.client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
+    finally:
+        _pg_ctl("start")
+        wait_for(
+            lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1"]).returncode == 0, timeout=30
+        )
+    done = rel_stack.wait_job(job_id, team, timeout=180)
+    assert done["status"] == "succeeded", done["error"]
+    assert len(done_events(rel_stack, team, job_id)) == 1
+
+
+def test_poison_job_fails_after_max_attempts_and_the_next_job_succeeds(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    """A job whose worker dies every time (as with the kernel's OOM killer) is given up."""
+    job_id = submit(rel_stack, team, slow)
+    for attempt in range(1, 4):
+        worker = rel_stack.start_worker()
+        wait_for(
+            lambda a=attempt: job(rel_stack, team, job_id)["attempts"] == a,
+            timeout=60,
+            interval=0.1,
+        )
+        wait_running(rel_stack, team, job_id, step_started=False)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        rel_stack.workers.remove(worker)
+    done = rel_stack.wait_job(job_id, team, timeout=60)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "max_attempts_exceeded"
+    assert "3 attempts" in done["error"]["detail"]
+    rel_stack.start_worker()
+    small = submit(rel_stack, team, slow, pipeline=[{"op": "quantize", "dtype": "fp16"}])
+    assert rel_stack.wait_job(small, team)["status"] == "succeeded"
+
+
+def test_time_limit_poison_fails_with_the_reason(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    rel_stack.start_worker(COMPAAS_JOB_TIME_LIMIT_S="2")
+    job_id = submit(rel_stack, team, slow)
+    done = rel_stack.wait_job(job_id, team, timeout=60)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "time_limit_exceeded"
+    assert "COMPAAS_JOB_TIME_LIMIT_S" in done["error"]["detail"]
+    assert reconcile_once(rel_stack.settings)["failed"] == 0
