@@ -447,3 +447,50 @@ def test_time_limit_poison_fails_with_the_reason(
     assert done["error"]["code"] == "time_limit_exceeded"
     assert "COMPAAS_JOB_TIME_LIMIT_S" in done["error"]["detail"]
     assert reconcile_once(rel_stack.settings)["failed"] == 0
+
+
+TWO_STEPS = [
+    {"op": "prune", "granularity": "unstructured", "sparsity": 0.5},
+    {"op": "quantize", "mode": "static", "dtype": "int8", "calibration": {"samples": 2000}},
+]
+
+
+def test_killed_multi_step_job_resumes_after_its_last_finished_step(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+) -> None:
+    """Kill the worker during step 2: the retry starts at step 2 from step 1's checkpoint, and
+    the artifact is byte-identical to an uninterrupted run's."""
+    worker = rel_stack.start_worker()
+    clean_id = submit(rel_stack, team, slow, pipeline=TWO_STEPS)
+    clean = rel_stack.wait_job(clean_id, team, timeout=120)
+    assert clean["status"] == "succeeded", clean["error"]
+
+    job_id = submit(rel_stack, team, slow, pipeline=TWO_STEPS)
+    wait_for(
+        lambda: job(rel_stack, team, job_id)["steps"][1]["status"] == "running",
+        timeout=90,
+        interval=0.1,
+    )
+    first_attempt = job(rel_stack, team, job_id)
+    step0 = first_attempt["steps"][0]
+    assert step0["status"] == "succeeded" and step0["artifact_id"]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    rel_stack.workers.remove(worker)
+    rel_stack.start_worker()
+    done = rel_stack.wait_job(job_id, team, timeout=180)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    assert done["steps"][0]["started_at"] == step0["started_at"]  # step 1 was not run again
+    assert done["steps"][0]["artifact_id"] == step0["artifact_id"]
+    step_runs = [
+        e["data"]["index"]
+        for e in events(rel_stack, team, job_id)
+        if e["event"] == "step" and e["data"]["status"] == "running"
+    ]
+    assert step_runs == [0, 1, 1]
+    assert len(done_events(rel_stack, team, job_id)) == 1
+    final = next(a for a in done["artifacts"] if a["role"] == "final")
+    clean_final = next(a for a in clean["artifacts"] if a["role"] == "final")
+    assert final["sha256"] == clean_final["sha256"]
+    assert done["metrics"]["final"]["sparsity"] >= 0.45

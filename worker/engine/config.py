@@ -47,9 +47,30 @@ class QuantizeConfig(OpConfig):
         return self
 
 
-OpConfigUnion = Annotated[QuantizeConfig, Field(discriminator="op")]
+class PruneConfig(OpConfig):
+    """Zero the least important weights: unstructured or N:M (2:4), layer-wise or global."""
 
-OPS: dict[str, type[OpConfig]] = {"quantize": QuantizeConfig}
+    op: Literal["prune"] = "prune"
+    criterion: Literal["magnitude", "random"] = "magnitude"
+    norm: Literal["l1", "l2"] = "l1"
+    granularity: Literal["unstructured", "n:m"] = "unstructured"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    scope: Literal["layer", "global"] = "layer"
+    n: int = Field(2, ge=1, description="zeros per group of m (n:m granularity)")
+    m: int = Field(4, ge=2, le=16)
+    ignore: list[str] = Field(default_factory=list, description="layer/weight name patterns")
+    include_last_layer: bool = False
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> PruneConfig:
+        if self.n >= self.m:
+            raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
+        return self
+
+
+OpConfigUnion = Annotated[QuantizeConfig | PruneConfig, Field(discriminator="op")]
+
+OPS: dict[str, type[OpConfig]] = {"quantize": QuantizeConfig, "prune": PruneConfig}
 
 _adapter: TypeAdapter[Any] = TypeAdapter(OpConfigUnion)
 

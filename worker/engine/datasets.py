@@ -1,57 +1,100 @@
-"""Datasets: .npz (no pickles) or .safetensors arrays, matched to a model's inputs."""
+"""Datasets: .npz (no pickles) or .safetensors arrays, checked and matched to a model's inputs."""
 
 from __future__ import annotations
 
-import zipfile
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from worker.engine.errors import EngineError
+from worker.engine.formats import TensorSpec
 
-SINGLE_INPUT_ALIASES = ("inputs", "x")
 LABELS = "labels"
+SINGLE_INPUT_ALIASES = ("inputs", "x")
+SYNTHETIC_SAMPLES = 32
+DatasetFormat = Literal["npz", "safetensors"]
+
+
+def _invalid(detail: str) -> EngineError:
+    return EngineError("dataset_invalid", detail, field="dataset_id")
+
+
+def detect_dataset_format(path: str | Path) -> DatasetFormat:
+    """npz (a zip of .npy files) or safetensors (u64 header length, then a JSON header)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "npz"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    raise _invalid(
+        "The dataset is neither a NumPy .npz archive nor a .safetensors file. Save it with "
+        "`np.savez('data.npz', x=inputs, labels=labels)` or `safetensors.numpy.save_file(...)`."
+    )
 
 
 def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
-    """All arrays of the file; object arrays (pickles) are refused."""
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-        except ValueError as exc:
-            raise EngineError(
-                "dataset_invalid",
-                f"The .npz holds an array that needs pickle ({exc}); save numeric arrays only.",
-                field="dataset_id",
-            ) from exc
-    else:
-        try:
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(path))
-        except Exception as exc:
-            raise EngineError(
-                "dataset_invalid",
-                f"The dataset is neither .npz nor .safetensors ({exc}).",
-                field="dataset_id",
-            ) from exc
-    if not arrays:
-        raise EngineError("dataset_invalid", "The dataset has no arrays.", field="dataset_id")
-    counts = {name: a.shape[0] if a.ndim else None for name, a in arrays.items()}
-    if None in counts.values() or len(set(counts.values())) != 1:
-        raise EngineError(
-            "dataset_invalid",
-            f"All arrays must share the sample count as first dimension; got {counts}.",
-            field="dataset_id",
-        )
+    """All arrays of the file (no pickles), checked to share their first dim (the samples)."""
+    fmt = detect_dataset_format(path)
+    arrays = _load_npz(Path(path)) if fmt == "npz" else _load_safetensors(Path(path))
+    _check_arrays(arrays)
     return arrays
 
 
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except ValueError as exc:
+        raise _invalid(
+            f"The .npz holds an array that needs pickle to load ({exc}). Save numeric arrays "
+            "only (no object arrays)."
+        ) from exc
+    except Exception as exc:
+        raise _invalid(f"The .npz archive could not be read ({type(exc).__name__}: {exc}).") from (
+            exc
+        )
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except Exception as exc:
+        raise _invalid(
+            f"The .safetensors file could not be read ({type(exc).__name__}: {exc}). numpy "
+            "cannot hold bfloat16; store float32/float16/integer arrays."
+        ) from exc
+
+
+def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
+    if not arrays:
+        raise _invalid("The dataset holds no arrays.")
+    for name, array in arrays.items():
+        if array.ndim == 0:
+            raise _invalid(f"Array {name!r} is a scalar; every array needs a sample dimension.")
+        if array.dtype.kind not in "biuf":
+            raise _invalid(f"Array {name!r} has dtype {array.dtype}; use numeric arrays only.")
+    counts = {name: int(a.shape[0]) for name, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise _invalid(
+            "All arrays must share their first dimension (the number of samples); got "
+            + ", ".join(f"{k}: {v}" for k, v in counts.items())
+            + "."
+        )
+    if next(iter(counts.values())) == 0:
+        raise _invalid("The dataset has no samples.")
+
+
 def inspect_dataset(path: str | Path) -> dict[str, Any]:
+    """Sample count, each array's shape and dtype, and whether a `labels` array is present."""
     arrays = load_dataset(path)
     return {
         "num_samples": int(next(iter(arrays.values())).shape[0]),
@@ -60,88 +103,131 @@ def inspect_dataset(path: str | Path) -> dict[str, Any]:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Samples:
-    """Model inputs by input name, optional labels, and where they came from."""
+    """Model inputs by input name (sample-major), optional integer labels, and their origin."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
-    source: str  # "dataset" | "synthetic"
+    source: Literal["dataset", "synthetic"]
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def take(self, n: int) -> Samples:
+        """The first n samples."""
         labels = self.labels[:n] if self.labels is not None else None
         return Samples({k: v[:n] for k, v in self.inputs.items()}, labels, self.source)
 
-    def batches(self, size: int) -> Any:
-        for start in range(0, len(self), size):
-            yield {k: v[start : start + size] for k, v in self.inputs.items()}
+    def subset(self, n: int, seed: int) -> Samples:
+        """n samples drawn without replacement by a seeded shuffle (all of them if fewer)."""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        labels = self.labels[idx] if self.labels is not None else None
+        return Samples({k: v[idx] for k, v in self.inputs.items()}, labels, self.source)
 
 
-def match_inputs(arrays: dict[str, np.ndarray], specs: list[dict[str, Any]]) -> Samples:
-    """The array for each model input (by name, or x/inputs for a single input), checked."""
+def _expected(spec: TensorSpec) -> str:
+    dims = ["N", *[d if d is not None else "?" for d in spec.shape[1:]]]
+    return f"[{', '.join(str(d) for d in dims)}] {spec.dtype}"
+
+
+def _castable(src: np.dtype[Any], dst: np.dtype[Any]) -> bool:
+    if src == dst:
+        return True
+    if dst.kind == "f":
+        return src.kind in "biuf"
+    if dst.kind in "iu":
+        return src.kind in "biu" and np.can_cast(src, dst, "safe")
+    return dst.kind == "b" and src.kind == "b"
+
+
+def match_inputs(
+    arrays: dict[str, np.ndarray],
+    inputs: Sequence[TensorSpec],
+    *,
+    use_labels: bool = True,
+) -> Samples:
+    """One array per model input (by name, or `inputs`/`x` for a single input), checked and cast."""
     candidates = {k: v for k, v in arrays.items() if k != LABELS}
-    inputs: dict[str, np.ndarray] = {}
-    for spec in specs:
-        name = spec["name"]
-        array = candidates.get(name)
-        if array is None and len(specs) == 1:
+    matched: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        array = candidates.get(spec.name)
+        if array is None and len(inputs) == 1:
             alias = next((a for a in SINGLE_INPUT_ALIASES if a in candidates), None)
-            if alias is None and len(candidates) == 1:
-                alias = next(iter(candidates))
             array = candidates.get(alias) if alias else None
         if array is None:
+            hint = (
+                f"an array named {spec.name!r} (or 'inputs' / 'x', since the model has one input)"
+                if len(inputs) == 1
+                else f"one array per model input, named {', '.join(repr(s.name) for s in inputs)}"
+            )
             raise EngineError(
                 "dataset_mismatch",
-                f"Model input {name!r} has no array in the dataset (arrays: "
-                f"{', '.join(sorted(candidates)) or 'none'}). Name one array per model input.",
+                f"Model input {spec.name!r} has no array in the dataset (it has: "
+                f"{', '.join(sorted(arrays)) or 'nothing'}). Add {hint}, shaped "
+                f"{_expected(spec)}.",
                 field="dataset_id",
             )
-        want = spec["shape"]
-        if want and (
-            array.ndim != len(want)
-            or any(
-                isinstance(w, int) and w != g
-                for w, g in zip(want[1:], array.shape[1:], strict=False)
+        # An input with no recorded shape (shape ()) takes any array.
+        shape_ok = (
+            not spec.shape
+            or array.ndim == len(spec.shape)
+            and all(
+                not isinstance(want, int) or want == got
+                for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
             )
-        ):
+        )
+        if not shape_ok:
             raise EngineError(
                 "dataset_mismatch",
-                f"Array for input {name!r} has shape {list(array.shape)} but the model expects "
-                f"{['N', *want[1:]]}.",
+                f"The dataset array for model input {spec.name!r} has shape "
+                f"{list(array.shape)}, but the model expects {_expected(spec)} (N samples).",
                 field="dataset_id",
             )
-        dtype = np.dtype(spec.get("dtype", "float32"))
-        if array.dtype != dtype:
-            castable = (dtype.kind == "f" and array.dtype.kind in "fiub") or (
-                dtype.kind in "iu" and array.dtype.kind in "iu"
+        want = np.dtype(spec.dtype)
+        if not _castable(array.dtype, want):
+            raise EngineError(
+                "dataset_mismatch",
+                f"The dataset array for model input {spec.name!r} has dtype {array.dtype}, "
+                f"which does not convert safely to the model's {want}. Save it as {want}.",
+                field="dataset_id",
             )
-            if castable:
-                array = array.astype(dtype)
-            else:
-                raise EngineError(
-                    "dataset_mismatch",
-                    f"Array for input {name!r} has dtype {array.dtype}; the model expects {dtype}.",
-                    field="dataset_id",
-                )
-        inputs[name] = np.ascontiguousarray(array)
-    labels = arrays.get(LABELS)
-    if labels is not None:
-        labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    return Samples(inputs, labels, "dataset")
+        matched[spec.name] = np.ascontiguousarray(array, dtype=want)
+    labels = _labels(arrays.get(LABELS)) if use_labels else None
+    return Samples(matched, labels, "dataset")
 
 
-def synthetic(specs: list[dict[str, Any]], n: int = 32, seed: int = 0) -> Samples:
-    """Random-normal inputs from the input spec (dynamic dims → 1) when there is no dataset."""
+def _labels(labels: np.ndarray | None) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    integral = labels.dtype.kind in "biu" or (
+        labels.dtype.kind == "f" and bool(np.all(np.mod(labels, 1) == 0))
+    )
+    if labels.ndim != 1 or not integral:
+        raise EngineError(
+            "dataset_mismatch",
+            f"`labels` must be integer class indices shaped [N]; got shape {list(labels.shape)} "
+            f"and dtype {labels.dtype}. For one-hot labels save `labels.argmax(1)`.",
+            field="dataset_id",
+        )
+    return labels.astype(np.int64)
+
+
+def synthetic(inputs: Sequence[TensorSpec], n: int = SYNTHETIC_SAMPLES, seed: int = 0) -> Samples:
+    """Random-normal inputs from the input spec (dynamic dims become 1), for lack of a dataset."""
     rng = np.random.default_rng(seed)
-    inputs = {}
-    for spec in specs:
-        dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec["shape"][1:]]
-        dtype = np.dtype(spec.get("dtype", "float32"))
+    arrays: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+        dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
-            inputs[spec["name"]] = rng.standard_normal((n, *dims)).astype(dtype)
+            arrays[spec.name] = rng.standard_normal((n, *dims)).astype(dtype)
+        elif dtype.kind == "b":
+            arrays[spec.name] = rng.integers(0, 2, (n, *dims)).astype(bool)
         else:
-            inputs[spec["name"]] = rng.integers(0, 2, (n, *dims)).astype(dtype)
-    return Samples(inputs, None, "synthetic")
+            arrays[spec.name] = rng.integers(0, 2, (n, *dims)).astype(dtype)
+    return Samples(arrays, None, "synthetic")

@@ -1,284 +1,465 @@
-"""Model formats: detect from content, load safely (never unpickle), inspect, convert to ONNX."""
+"""Detect a model's format from its bytes, load it without unpickling, and describe its I/O."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import warnings
+import json
+import mmap
+import pickletools
+import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-import numpy as np
+from worker.engine.errors import ACCEPTED_FORMATS, EXPORT_HOWTO, EngineError
 
-from worker.engine.errors import EngineError
-
-Format = Literal["onnx", "pt2", "torchscript"]
-
-EXPORT_HOWTO = (
-    "Export the model instead: "
-    "`torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2')` "
-    "or `torch.onnx.export(model.eval(), (example_input,), 'model.onnx', dynamo=True)`."
-)
-ACCEPTED = "Accepted formats: ONNX (.onnx), torch.export ExportedProgram (.pt2), TorchScript (.pt)."
-
-
-def detect_format(path: str | Path) -> Format:
-    """The model's format from its bytes; pickles and unknown content raise EngineError."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        head = fh.read(4)
-    if not head:
-        raise EngineError("unrecognized_format", f"The file is empty. {ACCEPTED}", field="file")
-    if head[0] == 0x80 and 2 <= head[1] <= 5:
-        raise EngineError(
-            "pickle_refused",
-            "The file is a raw Python pickle. Pickles are refused because loading one runs "
-            f"arbitrary code. {EXPORT_HOWTO}",
-            field="file",
-        )
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            tails = {n.split("/", 1)[1] for n in zf.namelist() if "/" in n}
-        if "archive_format" in tails or any(t.startswith("models/") for t in tails):
-            return "pt2"
-        if any(t.startswith("code/") for t in tails) and "constants.pkl" in tails:
-            return "torchscript"
-        if "data.pkl" in tails:
-            raise EngineError(
-                "pickle_refused",
-                "The file is a torch.save() checkpoint (a pickled module or state_dict). Pickles "
-                f"are refused because loading one runs arbitrary code. {EXPORT_HOWTO}",
-                field="file",
-            )
-        raise EngineError("unrecognized_format", f"The zip archive is not a model. {ACCEPTED}")
-    load_onnx(path)
-    return "onnx"
-
-
-def load_onnx(path: str | Path) -> Any:
-    """Parse and check an ONNX file; a truncated or corrupt one raises EngineError."""
+if TYPE_CHECKING:
     import onnx
+    import torch
 
+ModelFormat = Literal["onnx", "pt2", "torchscript"]
+Dim = int | str | None
+
+# ModelProto field number -> protobuf wire type (0 varint, 2 length-delimited).
+_MODEL_PROTO_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+_PICKLE_SCAN_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: name, shape (dynamic dims as names, None if unknown), dtype."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def _pickle_refused(what: str) -> EngineError:
+    return EngineError(
+        "pickle_refused",
+        f"The file is {what}. Pickle files are refused because unpickling a file runs "
+        f"arbitrary code from it. {EXPORT_HOWTO}",
+        field="file",
+    )
+
+
+def _unrecognized(what: str) -> EngineError:
+    return EngineError(
+        "unrecognized_format",
+        f"The file is not a model we can read ({what}). {ACCEPTED_FORMATS} {EXPORT_HOWTO}",
+        field="file",
+    )
+
+
+def detect_format(path: str | Path) -> ModelFormat:
+    """The model format of a file, judged from its content; raises EngineError otherwise."""
+    path = Path(path)
     try:
-        model = onnx.load(str(path), load_external_data=True)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ...
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise EngineError("unrecognized_format", f"The model file cannot be read: {exc}") from exc
+    if size == 0:
+        raise _unrecognized("the file is empty")
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _zip_format(path)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        raise _pickle_refused(f"a Python pickle (protocol {head[1]}), e.g. from torch.save()")
+    if _onnx_wire_check(path):
+        return "onnx"
+    if _is_old_pickle(path):
+        raise _pickle_refused("a Python pickle (protocol 0/1)")
+    raise _unrecognized(f"unknown content starting with {head[:16]!r}")
+
+
+def _zip_format(path: Path) -> ModelFormat:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            rel = {name.split("/", 1)[1] if "/" in name else name for name in names}
+            if "archive_format" in rel:
+                fmt_name = next(n for n in names if n.endswith("archive_format"))
+                if archive.read(fmt_name).strip() == b"pt2":
+                    return "pt2"
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise EngineError(
             "invalid_model",
-            f"The file could not be parsed as ONNX ({type(exc).__name__}: {exc}). If it is an "
-            f"ONNX model it is truncated or corrupt; upload the complete file. {ACCEPTED}",
+            f"The file is a damaged or truncated zip archive ({exc}). Upload the complete file.",
             field="file",
         ) from exc
-    if not model.graph.node:
+    if any(r.startswith("models/") and r.endswith(".json") for r in rel) or (
+        "serialized_exported_program.json" in rel
+    ):
+        return "pt2"
+    if any(r.startswith("code/") for r in rel) and ("constants.pkl" in rel or "data.pkl" in rel):
+        return "torchscript"
+    if "data.pkl" in rel:
+        raise _pickle_refused("a torch.save() archive (a zip around a pickle)")
+    if names and all(n.endswith(".npy") for n in names):
+        raise _unrecognized("a NumPy .npz archive; upload it as a dataset, not as a model")
+    raise _unrecognized("a zip archive that is neither a .pt2 nor a TorchScript file")
+
+
+def _read_varint(data: Any, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("varint runs past the end")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _onnx_wire_check(path: Path) -> bool:
+    """True if the file starts like an ONNX ModelProto; raises invalid_model if it is damaged."""
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos, fields, seen = 0, 0, set()
+        while pos < len(data):
+            start = pos
+            try:
+                key, pos = _read_varint(data, pos)
+                field, wire = key >> 3, key & 7
+                if _MODEL_PROTO_FIELDS.get(field) != wire:
+                    raise ValueError(f"unexpected field {field} (wire type {wire})")
+                if wire == 0:
+                    _, pos = _read_varint(data, pos)
+                else:
+                    length, pos = _read_varint(data, pos)
+                    if pos + length > len(data):
+                        if fields == 0 and field != 1:
+                            return False
+                        raise EngineError(
+                            "invalid_model",
+                            f"The ONNX file is truncated: field {field} at byte {start} declares "
+                            f"{length} bytes but only {len(data) - pos} remain. Upload the "
+                            "complete file (check that the export finished and the transfer "
+                            "was not cut off).",
+                            field="file",
+                        )
+                    pos += length
+            except ValueError as exc:
+                if fields < 2:
+                    return False
+                raise EngineError(
+                    "invalid_model",
+                    f"The ONNX file is damaged at byte {start}: {exc}. Re-export the model.",
+                    field="file",
+                ) from exc
+            fields += 1
+            seen.add(field)
+        if 7 not in seen:
+            if fields < 2:
+                return False
+            raise EngineError(
+                "invalid_model",
+                "The ONNX file has no graph (it may be truncated). Upload the complete file.",
+                field="file",
+            )
+        return True
+
+
+def _is_old_pickle(path: Path) -> bool:
+    """Disassemble (never execute) the start of the file: a protocol 0/1 pickle parses to STOP."""
+    with path.open("rb") as fh:
+        data = fh.read(_PICKLE_SCAN_BYTES + 1)
+    if len(data) > _PICKLE_SCAN_BYTES:
+        return False
+    try:
+        ops = [op.name for op, _, _ in pickletools.genops(io.BytesIO(data))]
+    except Exception:
+        return False
+    return len(ops) >= 2 and ops[-1] == "STOP"
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Parse and check an ONNX file (no external data); raises invalid_model naming the failure."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         raise EngineError(
-            "unrecognized_format", f"The file has no ONNX graph. {ACCEPTED}", field="file"
+            "invalid_model",
+            f"The ONNX file could not be parsed ({type(exc).__name__}: {exc}). "
+            "It may be truncated or not an ONNX model; re-export and upload the complete file.",
+            field="file",
+        ) from exc
+    external = [
+        t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise EngineError(
+            "invalid_model",
+            f"The ONNX file keeps {len(external)} tensors (e.g. {external[0]!r}) in external data "
+            "files, which a single upload cannot carry. Save it as one file: "
+            "`onnx.save(onnx.load('model.onnx'), 'single.onnx', save_as_external_data=False)` "
+            "or export with `torch.onnx.export(..., external_data=False)` (models under 2 GB).",
+            field="file",
         )
     try:
         onnx.checker.check_model(model)
-    except Exception as exc:
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(
             "invalid_model",
-            f"The ONNX model is invalid: {exc}. Re-export it with a recent exporter.",
+            f"The ONNX model failed onnx.checker: {first}. Re-export it with a current exporter.",
             field="file",
         ) from exc
     return model
 
 
-def _dtype_name(elem_type: int) -> str:
+def onnx_dtype(elem_type: int) -> str:
+    """numpy-style dtype name of an ONNX element type."""
     import onnx
 
-    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
-
-
-def _onnx_specs(values: Any) -> list[dict[str, Any]]:
-    specs = []
-    for value in values:
-        shape: list[int | str] = []
-        for i, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
-                shape.append(int(dim.dim_value))
-            else:
-                shape.append(dim.dim_param or ("batch" if i == 0 else f"d{i}"))
-        specs.append(
-            {
-                "name": value.name,
-                "shape": shape,
-                "dtype": _dtype_name(value.type.tensor_type.elem_type),
-            }
-        )
-    return specs
-
-
-def onnx_session(model: str | Path | bytes, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def inspect_onnx(path: str | Path) -> dict[str, Any]:
-
-    model = load_onnx(path)
     try:
-        onnx_session(path)
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    shape: tuple[Dim, ...] = ()
+    if tensor.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        )
+    return TensorSpec(value.name, shape, onnx_dtype(tensor.elem_type))
+
+
+def onnx_io(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's real inputs (initializers excluded) and outputs."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [_value_spec(v) for v in model.graph.input if v.name not in inits]
+    return inputs, [_value_spec(v) for v in model.graph.output]
+
+
+def onnx_opset(model: onnx.ModelProto) -> int | None:
+    """The default-domain opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def onnx_float_params(model: onnx.ModelProto) -> int:
+    """Total elements of floating-point initializers."""
+    import numpy as np
+    import onnx
+
+    total = 0
+    for t in model.graph.initializer:
+        if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating):
+            total += int(np.prod(t.dims, dtype=np.int64))
+    return total
+
+
+def check_onnx_runs(path: str | Path) -> None:
+    """Create a CPU onnxruntime session; raises invalid_model when onnxruntime cannot load it."""
+    from worker.engine.runtime import make_session
+
+    try:
+        make_session(path)
     except Exception as exc:
         raise EngineError(
             "invalid_model",
-            f"onnxruntime cannot load the model: {exc}. Use standard ONNX operators (custom "
-            "domains need their runtime library) and a single-file model (external data "
-            "embedded).",
+            f"onnxruntime could not load the model: {_short(exc)}. Check that it uses only "
+            "standard ONNX operators (no custom domains) and a supported opset.",
             field="file",
         ) from exc
-    init_names = {init.name for init in model.graph.initializer}
-    params = sum(
-        int(np.prod(init.dims)) if init.dims else 1
-        for init in model.graph.initializer
-        if init.data_type in (1, 10, 11, 16)  # float, float16, double, bfloat16
-    )
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {
-        "format": "onnx",
-        "inputs": _onnx_specs([i for i in model.graph.input if i.name not in init_names]),
-        "outputs": _onnx_specs(model.graph.output),
-        "params": params,
-        "opset": opset,
-    }
 
 
-def load_pt2(path: str | Path) -> Any:
+def _short(exc: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(exc).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+# ----------------------------------------------------------------------------- torch.export
+
+
+def _sanitized_pt2(path: Path, scratch: Path) -> Path:
+    """Copy a .pt2 without the parts torch.export.load would unpickle; refuse pickled payloads."""
+    out = scratch / "sanitized.pt2"
+    with zipfile.ZipFile(path) as src:
+        names = src.namelist()
+        for name in names:
+            rel = name.split("/", 1)[1] if "/" in name else name
+            if rel.startswith("data/aotinductor/") or rel.startswith("data/executorch"):
+                raise EngineError(
+                    "unsupported_model",
+                    "The .pt2 package contains compiled AOTInductor/ExecuTorch code, which we "
+                    "do not load. " + EXPORT_HOWTO,
+                    field="file",
+                )
+            payload_dir = rel.startswith(("data/weights/", "data/constants/"))
+            if payload_dir and rel.endswith("_config.json"):
+                config = json.loads(src.read(name)).get("config", {})
+                for key, meta in config.items():
+                    path_name = str(meta.get("path_name", ""))
+                    if meta.get("use_pickle") or not path_name.startswith(("weight_", "tensor_")):
+                        raise _pickle_refused(
+                            f"a .pt2 package whose entry {key!r} is stored as a pickle"
+                        )
+            elif payload_dir and rel.endswith(".pt"):
+                raise _pickle_refused("a .pt2 package in the legacy format with pickled weights")
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                rel = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+                # Sample inputs are a torch.save() pickle that the loader may unpickle in full.
+                data = b"" if rel.startswith("data/sample_inputs/") else src.read(info.filename)
+                dst.writestr(info.filename, data)
+    return out
+
+
+def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
+    """torch.export.load on a sanitized copy: weights as raw tensors, no pickles."""
     import torch
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(str(path))
-    except Exception as exc:
+    with tempfile.TemporaryDirectory(prefix="compaas-pt2-") as scratch:
+        clean = _sanitized_pt2(Path(path), Path(scratch))
+        try:
+            return torch.export.load(str(clean))
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(
+                "invalid_model",
+                f"torch.export.load could not read the .pt2 file: {_short(exc)}. Save it with "
+                "`torch.export.save(...)` from a recent PyTorch.",
+                field="file",
+            ) from exc
+
+
+def _sym_name(expr: Any, names: dict[str, str]) -> str:
+    text = str(expr)
+    return names.get(text, text)
+
+
+def pt2_dim_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
+    """Readable names for symbolic dims: a symbol that is a leading dim is called `batch`."""
+    import torch
+
+    names: dict[str, str] = {}
+    for spec in _user_input_nodes(ep):
+        val = spec.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 0:
+            first = val.shape[0]
+            if not isinstance(first, int) and "batch" not in names.values():
+                names[str(first)] = "batch"
+    return names
+
+
+def _user_input_nodes(ep: torch.export.ExportedProgram) -> list[Any]:
+    user = set(ep.graph_signature.user_inputs)
+    return [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+
+
+def _torch_dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor_spec(name: str, val: Any, names: dict[str, str]) -> TensorSpec:
+    import torch
+
+    if not isinstance(val, torch.Tensor):
         raise EngineError(
-            "invalid_model",
-            f"torch.export.load could not read the .pt2 file: {type(exc).__name__}: {exc}. "
-            "Save it with torch.export.save from the same or an older torch version.",
+            "unsupported_model",
+            f"The model's input or output {name!r} is not a tensor ({type(val).__name__}); "
+            "only tensor inputs and outputs are supported. Export a wrapper that takes tensors.",
             field="file",
-        ) from exc
+        )
+    shape = tuple(d if isinstance(d, int) else _sym_name(d, names) for d in val.shape)
+    return TensorSpec(name, shape, _torch_dtype_name(val.dtype))
 
 
-def _pt2_specs(program: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    user_inputs = list(program.graph_signature.user_inputs)
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    inputs = []
-    for name in user_inputs:
-        val = placeholders[name].meta.get("val")
-        shape: list[int | str] = []
-        for i, dim in enumerate(getattr(val, "shape", [])):
-            shape.append(int(dim) if isinstance(dim, int) else ("batch" if i == 0 else str(dim)))
-        dtype = str(val.dtype).replace("torch.", "") if val is not None else "float32"
-        inputs.append({"name": name, "shape": shape, "dtype": dtype})
+def pt2_io(ep: torch.export.ExportedProgram) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs named as the program's user inputs; outputs from the output node's values."""
+    names = pt2_dim_names(ep)
+    inputs = [_tensor_spec(n.name, n.meta.get("val"), names) for n in _user_input_nodes(ep)]
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    user_outputs = list(ep.graph_signature.user_outputs)
+    values = output_node.args[0]
+    by_name = {getattr(v, "name", None): v for v in values}
     outputs = []
-    output_node = next(n for n in program.graph.nodes if n.op == "output")
-    for i, node in enumerate(output_node.args[0]):
-        val = getattr(node, "meta", {}).get("val")
-        shape = []
-        for j, dim in enumerate(getattr(val, "shape", [])):
-            shape.append(int(dim) if isinstance(dim, int) else ("batch" if j == 0 else str(dim)))
-        dtype = str(val.dtype).replace("torch.", "") if val is not None else "float32"
-        outputs.append({"name": f"output_{i}", "shape": shape, "dtype": dtype})
+    for out_name in user_outputs:
+        node = by_name.get(out_name)
+        val = node.meta.get("val") if node is not None else None
+        outputs.append(_tensor_spec(out_name or "output", val, names))
     return inputs, outputs
 
 
-def inspect_model(path: str | Path) -> dict[str, Any]:
-    """Format, inputs/outputs (names, shapes with dynamic dims as strings, dtypes), params."""
-    fmt = detect_format(path)
-    if fmt == "onnx":
-        return inspect_onnx(path)
-    if fmt == "pt2":
-        program = load_pt2(path)
-        inputs, outputs = _pt2_specs(program)
-        params = sum(int(t.numel()) for t in program.state_dict.values())
-        params += sum(int(getattr(t, "numel", lambda: 0)()) for t in program.constants.values())
-        return {
-            "format": "pt2",
-            "inputs": inputs,
-            "outputs": outputs,
-            "params": params,
-            "opset": None,
-        }
-    module = load_torchscript(path)
-    params = sum(int(p.numel()) for p in module.parameters())
-    names = [i.debugName().split(".")[0] for i in list(module.graph.inputs())[1:]]
-    return {
-        "format": "torchscript",
-        "inputs": [{"name": n, "shape": [], "dtype": "float32"} for n in names],
-        "outputs": [{"name": "output_0", "shape": [], "dtype": "float32"}],
-        "params": params,
-        "opset": None,
-    }
+def pt2_params(ep: torch.export.ExportedProgram) -> int:
+    """Elements of the program's parameters, buffers and tensor constants."""
+    import torch
+
+    tensors = list(ep.state_dict.values()) + [
+        c for c in ep.constants.values() if isinstance(c, torch.Tensor)
+    ]
+    return int(sum(t.numel() for t in tensors))
 
 
-def load_torchscript(path: str | Path) -> Any:
+# ----------------------------------------------------------------------------- TorchScript
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """torch.jit.load (TorchScript's own restricted loader) on CPU."""
     import torch
 
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise EngineError(
             "invalid_model",
-            f"torch.jit.load could not read the TorchScript file: {exc}",
+            f"torch.jit.load could not read the TorchScript file: {_short(exc)}.",
             field="file",
         ) from exc
+    return module.eval()
 
 
-def to_onnx(path: str | Path, out: Path, example: dict[str, np.ndarray] | None = None) -> Path:
-    """The model as a single-file fp32 ONNX (pt2 via torch.onnx dynamo export, dynamic dims kept)."""
+def torchscript_input_names(module: torch.jit.ScriptModule) -> list[str]:
+    """forward()'s argument names, without self."""
+    args = cast(Any, module.forward).schema.arguments
+    return [a.name for a in args if a.name != "self"]
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def inspect_model(path: str | Path) -> dict[str, Any]:
+    """Format, inputs, outputs, parameter count and opset; proves the model loads (and runs)."""
     fmt = detect_format(path)
     if fmt == "onnx":
         model = load_onnx(path)
-        import onnx
-
-        onnx.save(model, str(out))
-        return out
-    import logging
-
-    import torch
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    if fmt == "pt2":
-        program = load_pt2(path)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(program, f=str(out), dynamo=True, external_data=False)
-        except Exception as exc:
-            raise EngineError(
-                "unsupported_model",
-                f"The .pt2 program could not be exported to ONNX: {type(exc).__name__}: "
-                f"{str(exc)[:500]}",
-            ) from exc
-        return out
-    module = load_torchscript(path)
-    if example is None:
-        raise EngineError(
-            "unsupported_model",
-            "A TorchScript model carries no input shapes; attach a dataset to the job so it can "
-            "be exported, or upload a torch.export .pt2 instead.",
-        )
-    args = tuple(torch.from_numpy(v[:1]) for v in example.values())
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                str(out),
-                dynamo=False,
-                input_names=list(example),
-                dynamic_axes={name: {0: "batch"} for name in example},
-            )
-    except Exception as exc:
-        raise EngineError(
-            "unsupported_model", f"The TorchScript model could not be exported to ONNX: {exc}"
-        ) from exc
-    return out
+        check_onnx_runs(path)
+        inputs, outputs = onnx_io(model)
+        params, opset = onnx_float_params(model), onnx_opset(model)
+    elif fmt == "pt2":
+        ep = load_exported_program(path)
+        inputs, outputs = pt2_io(ep)
+        params, opset = pt2_params(ep), None
+    else:
+        module = load_torchscript(path)
+        # TorchScript records no shapes or dtypes; they are known once a dataset is attached.
+        inputs = [TensorSpec(n, (), "unknown") for n in torchscript_input_names(module)]
+        outputs = []
+        params = int(sum(t.numel() for t in module.state_dict().values()))
+        opset = None
+    return {
+        "format": fmt,
+        "inputs": [s.to_dict() for s in inputs],
+        "outputs": [s.to_dict() for s in outputs],
+        "params": params,
+        "opset": opset,
+    }

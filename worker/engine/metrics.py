@@ -4,19 +4,53 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.datasets import Samples
-from worker.engine.formats import onnx_session
+if TYPE_CHECKING:
+    import onnx
 
-WEIGHT_CONSUMERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "MatMulNBits": 1}
-QUANT_PARAM_OPS = {"QuantizeLinear", "DequantizeLinear"}
+    from worker.engine.runtime import Feed
+
+# Inputs of quantization ops that are scales or zero points, not weights.
+QUANT_PARAM_INPUTS: dict[str, tuple[int, ...]] = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "MatMulInteger": (2, 3),
+    "ConvInteger": (2, 3),
+}
+# op -> (quantized weight input, its zero-point input, the zero point's axis when per-channel)
+QUANT_WEIGHT_INPUTS: dict[str, tuple[int, int, int]] = {
+    "DequantizeLinear": (0, 2, 1),
+    "MatMulInteger": (1, 3, -1),
+    "ConvInteger": (1, 3, 0),
+    "QLinearConv": (3, 5, 0),
+    "QLinearMatMul": (3, 5, -1),
+}
+MAC_OPS = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "MatMulInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+}
+LATENCY_WARMUP = 10
+LATENCY_MIN_RUNS = 50
+LATENCY_MIN_SECONDS = 0.5
+LATENCY_MAX_RUNS = 5000
+LATENCY_MAX_SECONDS = 10.0
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -25,145 +59,287 @@ def sha256_file(path: str | Path) -> str:
 
 
 def zstd_size(path: str | Path, level: int = 19) -> int:
+    """Bytes of the file compressed with zstandard at `level` (what a download could weigh)."""
     import zstandard
 
-    return len(zstandard.ZstdCompressor(level=level).compress(Path(path).read_bytes()))
+    compressor = zstandard.ZstdCompressor(level=level, threads=-1)
+    return len(compressor.compress(Path(path).read_bytes()))
 
 
-def file_metrics(path: str | Path) -> dict[str, Any]:
-    """Size, zstd size, parameter count and sparsity from the file's weight tensors."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    scale_like: set[str] = set()
-    for node in model.graph.node:
-        if node.op_type in QUANT_PARAM_OPS:
-            scale_like.update(node.input[1:])
-    params = nonzero = 0
-    for init in model.graph.initializer:
-        if init.name in scale_like:
-            continue
-        array = numpy_helper.to_array(init)
-        if array.size <= 1 or array.dtype.kind not in "fiu":
-            continue
-        params += int(array.size)
-        nonzero += int(np.count_nonzero(array))
+def artifact_info(path: Path, fmt: str = "onnx") -> dict[str, Any]:
+    """path, format, size_bytes and sha256 of a produced file."""
     return {
-        "size_bytes": Path(path).stat().st_size,
-        "size_zstd_bytes": zstd_size(path),
-        "params": params,
-        "nonzero_params": nonzero,
-        "sparsity": round(1 - nonzero / params, 6) if params else 0.0,
-        "macs": count_macs(model),
+        "path": str(path),
+        "format": fmt,
+        "size_bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
     }
 
 
-def count_macs(model: Any) -> int:
-    """Multiply-accumulates for one sample (batch 1) of Conv, ConvTranspose, Gemm and MatMul."""
+# ----------------------------------------------------------------------------- weights
+
+
+def _zero_points(model: onnx.ModelProto, inits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Quantized weight name -> (zero point array, axis) so sparsity counts real zeros."""
+    out: dict[str, Any] = {}
+    for node in model.graph.node:
+        spec = QUANT_WEIGHT_INPUTS.get(node.op_type)
+        if spec is None or len(node.input) <= spec[0]:
+            continue
+        weight, zp_index, axis = spec
+        if node.op_type == "DequantizeLinear":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        zp = inits.get(node.input[zp_index]) if len(node.input) > zp_index else None
+        out[node.input[weight]] = (zp, axis)
+    return out
+
+
+def weight_metrics(model: onnx.ModelProto) -> dict[str, Any]:
+    """params, nonzero_params and sparsity over weight tensors (scales/zero points excluded)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quant_params: set[str] = set()
+    for node in model.graph.node:
+        for i in QUANT_PARAM_INPUTS.get(node.op_type, ()):
+            if i < len(node.input):
+                quant_params.add(node.input[i])
+    # Dynamic quantization applies weight scales with a plain Mul; onnxruntime names them so.
+    quant_params.update(
+        n for n in inits if n.endswith("_scale") and n[: -len("_scale")] + "_quantized" in inits
+    )
+    zero_points = _zero_points(model, inits)
+    params = nonzero = 0
+    for name, array in inits.items():
+        if name in quant_params or array.size <= 1 or array.dtype.kind not in "fiu":
+            continue
+        if array.dtype == np.int64:
+            continue  # shapes, axes and indices
+        if array.dtype.kind in "iu" and name not in zero_points:
+            continue
+        params += int(array.size)
+        zp, axis = zero_points.get(name, (None, 0))
+        nonzero += _count_nonzero(array, zp, axis)
+    return {
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": round(1 - nonzero / params, 6) if params else 0.0,
+    }
+
+
+def _count_nonzero(array: np.ndarray, zp: np.ndarray | None, axis: int) -> int:
+    if zp is None or not np.any(zp):
+        return int(np.count_nonzero(array))
+    if zp.size == 1:
+        return int(np.count_nonzero(array != zp.reshape(())))
+    shape = [1] * array.ndim
+    shape[axis] = zp.size
+    return int(np.count_nonzero(array != zp.reshape(shape)))
+
+
+# ----------------------------------------------------------------------------- MACs
+
+
+def count_macs(model: onnx.ModelProto, batch: int | None = None) -> int | None:
+    """Multiply-accumulates for one sample (batch 1): Conv/Gemm/MatMul and their integer forms."""
     import onnx
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    from worker.engine.export import sort_nodes
+
+    model = sort_nodes(onnx.ModelProto.FromString(model.SerializeToString()))
+    del model.graph.value_info[:]
     for value in model.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
             if not dim.HasField("dim_value"):
                 dim.Clear()
                 dim.dim_value = 1
+            elif i == 0 and batch:
+                dim.dim_value = batch
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
-        return 0
+        return None
     shapes: dict[str, list[int]] = {}
     for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        dims = [
-            d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim
-        ]
-        shapes[value.name] = dims
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
-    producers = {out: node for node in model.graph.node for out in node.output}
-
-    def weight_shape(name: str) -> list[int]:
-        node = producers.get(name)
-        if node is not None and node.op_type == "DequantizeLinear":
-            return shapes.get(node.input[0], [])
-        return shapes.get(name, [])
 
     total = 0
     for node in model.graph.node:
-        out = shapes.get(node.output[0], []) if node.output else []
-        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
-            w = weight_shape(node.input[1])
-            if len(w) >= 3 and out and all(out):
-                per_out = int(np.prod(w[1:]))
-                if node.op_type == "Conv":
-                    total += int(np.prod(out)) * per_out
-                else:
-                    total += (
-                        int(np.prod(shapes.get(node.input[0], [0]))) * w[1] * int(np.prod(w[2:]))
-                    )
-        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
-            a = shapes.get(node.input[0], [])
-            if a and out and all(out) and all(a):
-                total += int(np.prod(out)) * a[-1]
-    return total
+        if node.op_type not in MAC_OPS:
+            continue
+        macs = _node_macs(node, shapes)
+        if macs is None:
+            return None
+        total += macs
+    return total // batch if batch else total
 
 
-def latency(path: str | Path, sample: dict[str, np.ndarray], threads: int = 1) -> dict[str, float]:
-    """p50/p95 of batch-1 inference after warm-up (onnxruntime CPU, fixed threads)."""
-    session = onnx_session(path, threads)
-    feed = {k: v[:1] for k, v in sample.items()}
-    for _ in range(10):
-        session.run(None, feed)
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+    op = node.op_type
+    out = shapes.get(node.output[0]) if node.output else None
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = shapes.get(node.input[3 if op == "QLinearConv" else 1])
+        if out is None or w is None or len(w) < 3:
+            return None
+        return int(np.prod(out, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose":
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if x is None or w is None or len(w) < 3:
+            return None
+        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op == "Gemm":
+        a = shapes.get(node.input[0])
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        if out is None or a is None or len(a) != 2:
+            return None
+        return int(np.prod(out, dtype=np.int64)) * (a[0] if trans_a else a[1])
+    a = shapes.get(node.input[0])  # MatMul, MatMulInteger, QLinearMatMul
+    if out is None or not a:
+        return None
+    return int(np.prod(out, dtype=np.int64)) * a[-1]
+
+
+def static_metrics(path: Path, batch: int | None = None) -> dict[str, Any]:
+    """Everything measured from the file alone: sizes, weights, MACs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return {
+        "size_bytes": path.stat().st_size,
+        "size_zstd_bytes": zstd_size(path),
+        **weight_metrics(model),
+        "macs": count_macs(model, batch),
+    }
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+_PEAK_MEMORY_PROBE = """
+import sys
+import numpy as np
+import onnxruntime as ort
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+feed = dict(np.load(sys.argv[2], allow_pickle=False))
+before = status("VmRSS")
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(sys.argv[3])
+options.inter_op_num_threads = 1
+options.log_severity_level = 3
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+session.run(None, feed)
+print(status("VmHWM") - before)
+"""
+
+
+def peak_memory(path: Path, feed: Feed, threads: int) -> int | None:
+    """Peak resident memory a fresh process adds to load the model in onnxruntime and run it once.
+
+    Measured in a new interpreter (after importing onnxruntime, before creating the session) so
+    that memory this process already holds does not hide it; None where it cannot be measured.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    if not Path("/proc/self/status").exists():
+        return None
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        feed_path = Path(scratch) / "feed.npz"
+        np.savez(feed_path, **feed)  # type: ignore[arg-type]
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", _PEAK_MEMORY_PROBE, str(path), str(feed_path), str(threads)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            return (
+                max(0, int(done.stdout.strip().splitlines()[-1])) if done.returncode == 0 else None
+            )
+        except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+            return None
+
+
+def latency(path: Path, samples: Sequence[Feed], threads: int) -> dict[str, Any]:
+    """p50/p95 of one inference (onnxruntime CPU, fixed threads, after warm-up) in ms."""
+    from worker.engine.runtime import make_session
+
+    session = make_session(path, threads)
+    for i in range(LATENCY_WARMUP):
+        session.run(None, samples[i % len(samples)])
     times: list[float] = []
     started = time.perf_counter()
-    while len(times) < 2000 and (len(times) < 50 or time.perf_counter() - started < 0.5):
+    while len(times) < LATENCY_MAX_RUNS:
+        elapsed = time.perf_counter() - started
+        if elapsed > LATENCY_MAX_SECONDS or (
+            len(times) >= LATENCY_MIN_RUNS and elapsed >= LATENCY_MIN_SECONDS
+        ):
+            break
+        feed = samples[len(times) % len(samples)]
         t0 = time.perf_counter()
         session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1000)
+        times.append((time.perf_counter() - t0) * 1000.0)
     return {
         "latency_ms_p50": round(float(np.percentile(times, 50)), 5),
         "latency_ms_p95": round(float(np.percentile(times, 95)), 5),
     }
 
 
-def run_model(path: str | Path, samples: Samples, batch: int | None = None) -> np.ndarray:
-    """The first output over all samples, batched (a static batch dim is respected)."""
-    session = onnx_session(path, threads=2)
-    first = session.get_inputs()[0].shape[0]
-    size = first if isinstance(first, int) and first > 0 else (batch or 256)
-    outputs = []
-    for feed in samples.batches(size):
-        n = len(next(iter(feed.values())))
-        if n < size and isinstance(first, int):
-            feed = {k: np.concatenate([v, np.repeat(v[-1:], size - n, 0)]) for k, v in feed.items()}
-        outputs.append(np.asarray(session.run(None, feed)[0], dtype=np.float64)[:n])
-    return np.concatenate(outputs)
+# ----------------------------------------------------------------------------- quality
+
+
+def _rows(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    n = len(outputs[0])
+    return np.concatenate([np.asarray(o, dtype=np.float64).reshape(n, -1) for o in outputs], 1)
+
+
+def is_classifier_output(outputs: Sequence[np.ndarray]) -> bool:
+    """The first output looks like class scores: [N, classes] with at least two classes."""
+    return bool(outputs) and outputs[0].ndim == 2 and outputs[0].shape[1] >= 2
 
 
 def quality(
-    outputs: np.ndarray, reference: np.ndarray | None, labels: np.ndarray | None, task: str
+    outputs: Sequence[np.ndarray],
+    reference: Sequence[np.ndarray] | None,
+    labels: np.ndarray | None,
+    task: str,
 ) -> dict[str, Any]:
-    """Accuracy (with labels, classification) and fidelity to the reference outputs."""
+    """Accuracy (labels, classification) and fidelity to the reference outputs on the same inputs.
+
+    `sqnr_db` is None when the outputs equal the reference exactly (infinite SQNR).
+    """
     out: dict[str, Any] = {}
-    classification = task == "classification" and outputs.ndim == 2
-    if classification and labels is not None:
-        out["accuracy_top1"] = round(float((outputs.argmax(1) == labels).mean()), 6)
-        if outputs.shape[1] >= 5:
-            top5 = np.argsort(-outputs, axis=1)[:, :5]
+    classify = task == "classification" and is_classifier_output(outputs)
+    scores = np.asarray(outputs[0]) if classify else None
+    if scores is not None and labels is not None and len(labels) == len(scores):
+        out["accuracy_top1"] = round(float((scores.argmax(1) == labels).mean()), 6)
+        if scores.shape[1] >= 5:
+            top5 = np.argpartition(-scores, 4, axis=1)[:, :5]
             out["accuracy_top5"] = round(float((top5 == labels[:, None]).any(1).mean()), 6)
-    if reference is not None:
-        if classification:
-            out["agreement_top1"] = round(
-                float((outputs.argmax(1) == reference.argmax(1)).mean()), 6
-            )
-        a = reference.reshape(len(reference), -1)
-        b = outputs.reshape(len(outputs), -1)
-        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
-        out["cosine_similarity"] = round(float(cos.mean()), 6)
-        noise = float(((a - b) ** 2).sum())
-        signal = float((a**2).sum())
-        out["sqnr_db"] = round(10 * np.log10(signal / noise), 3) if noise > 0 else 200.0
-        out["max_abs_error"] = float(np.abs(a - b).max())
+    if reference is None:
+        return out
+    if scores is not None:
+        agree = scores.argmax(1) == np.asarray(reference[0]).argmax(1)
+        out["agreement_top1"] = round(float(agree.mean()), 6)
+    a, b = _rows(reference), _rows(outputs)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    cos = np.where(norms > 0, (a * b).sum(1) / np.where(norms > 0, norms, 1.0), both_zero * 1.0)
+    out["cosine_similarity"] = round(float(cos.mean()), 6)
+    noise = float(((a - b) ** 2).sum())
+    signal = float((a**2).sum())
+    out["sqnr_db"] = (
+        round(float(10 * np.log10(signal / noise)), 3) if noise > 0 and signal > 0 else None
+    )
+    out["max_abs_error"] = float(np.abs(a - b).max())
     return out

@@ -1,0 +1,312 @@
+"""compress() end to end on the digits models: real training, real quantization, real numbers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from worker.engine.errors import EngineError
+from worker.engine.metrics import sha256_file
+from worker.engine.pipeline import compress
+
+STATIC_INT8 = [{"op": "quantize", "mode": "static", "dtype": "int8"}]
+METRICS = {
+    "size_bytes",
+    "size_zstd_bytes",
+    "params",
+    "nonzero_params",
+    "sparsity",
+    "macs",
+    "latency_ms_p50",
+    "latency_ms_p95",
+}
+FIDELITY = {"agreement_top1", "cosine_similarity", "sqnr_db", "max_abs_error"}
+
+
+def _run(model: Path, pipeline: list[dict[str, Any]], workdir: Path, **kw: Any) -> dict[str, Any]:
+    events: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    result = compress(model, pipeline, workdir=workdir, progress=events.append, **kw)
+    result["_seconds"] = time.perf_counter() - started
+    result["_events"] = events
+    return result
+
+
+@pytest.fixture(scope="module", params=["pt2", "onnx"])
+def static_int8(
+    request: pytest.FixtureRequest,
+    digits_files: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    workdir = tmp_path_factory.mktemp(f"static-{request.param}")
+    return _run(
+        digits_files[request.param], STATIC_INT8, workdir, dataset_path=digits_files["npz"]
+    ) | {"_workdir": workdir}
+
+
+def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) -> None:
+    original, final, ratios = static_int8["original"], static_int8["final"], static_int8["ratios"]
+    assert original["accuracy_top1"] >= 0.95
+    assert ratios["compression_ratio"] >= 3.5
+    assert ratios["accuracy_drop"] <= 0.01
+    assert ratios["accuracy_drop"] == pytest.approx(
+        original["accuracy_top1"] - final["accuracy_top1"], abs=1e-6
+    )
+    assert final["agreement_top1"] >= 0.99 and final["cosine_similarity"] >= 0.99
+    assert ratios["speedup"] == pytest.approx(
+        original["latency_ms_p50"] / final["latency_ms_p50"], rel=1e-3
+    )
+    assert static_int8["accuracy_measured"] is True
+    assert static_int8["calibration_source"] == "dataset"
+    assert static_int8["_seconds"] < 30
+
+
+def test_metrics_are_complete_and_consistent(static_int8: dict[str, Any]) -> None:
+    original, final = static_int8["original"], static_int8["final"]
+    assert original.keys() >= METRICS and final.keys() >= METRICS | FIDELITY
+    assert "accuracy_top5" in final
+    assert original["params"] == final["params"]
+    assert original["macs"] == final["macs"] > 0
+    assert 0.0 <= final["sparsity"] < 0.05
+    assert final["latency_ms_p95"] >= final["latency_ms_p50"] > 0
+    assert static_int8["steps"][0]["metrics"] == final
+    json.dumps({k: v for k, v in static_int8.items() if not k.startswith("_")}, allow_nan=False)
+
+
+def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) -> None:
+    workdir = static_int8["_workdir"]
+    (final,) = static_int8["artifacts"]
+    step = static_int8["steps"][0]
+    assert step["op"] == "quantize" and step["index"] == 0
+    assert step["config"] == {
+        "op": "quantize",
+        "version": 1,
+        "mode": "static",
+        "dtype": "int8",
+        "per_channel": True,
+        "calibration": {"method": "minmax", "percentile": 99.999, "samples": 256},
+    }
+    for artifact in (final, step["artifact"]):
+        path = Path(artifact["path"])
+        assert path.is_relative_to(workdir) and path.exists()
+        assert artifact["format"] == "onnx"
+        assert artifact["size_bytes"] == path.stat().st_size == static_int8["final"]["size_bytes"]
+        assert artifact["sha256"] == sha256_file(path)
+    assert final["role"] == "final"
+
+
+def test_the_artifact_is_a_qdq_model_that_onnxruntime_runs(
+    static_int8: dict[str, Any], digits_files: dict[str, Path]
+) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    path = static_int8["artifacts"][0]["path"]
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    x = np.load(digits_files["npz"])["x"][:5]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": x})[0].shape == (5, 10)
+
+
+def test_progress_events(static_int8: dict[str, Any]) -> None:
+    events = static_int8["_events"]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("original_measured") < kinds.index("step_started")
+    assert kinds.index("step_started") < kinds.index("step_finished")
+    started = next(e for e in events if e["type"] == "step_started")
+    assert started == {"type": "step_started", "index": 0, "op": "quantize"}
+    finished = next(e for e in events if e["type"] == "step_finished")
+    assert finished["metrics"] == static_int8["final"]
+    values = [e["progress"] for e in events if e["type"] == "progress"]
+    assert values == sorted(values) and values[0] >= 0 and values[-1] == 1.0
+    assert all(isinstance(e["message"], str) for e in events if e["type"] == "progress")
+
+
+def test_dynamic_int8(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    pipeline = [{"op": "quantize", "mode": "dynamic", "dtype": "int8"}]
+    result = _run(digits_files["onnx"], pipeline, tmp_path, dataset_path=digits_files["npz"])
+    assert result["ratios"]["compression_ratio"] >= 3.5
+    assert result["final"]["agreement_top1"] >= 0.99
+    assert result["ratios"]["accuracy_drop"] <= 0.01
+
+
+def test_fp16_halves_the_size(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+
+    pipeline = [{"op": "quantize", "dtype": "fp16"}]
+    result = _run(digits_files["onnx"], pipeline, tmp_path, dataset_path=digits_files["npz"])
+    assert 1.8 <= result["ratios"]["compression_ratio"] <= 2.1
+    assert result["final"]["agreement_top1"] >= 0.99
+    assert result["final"]["cosine_similarity"] >= 0.9999
+    model = onnx.load(result["artifacts"][0]["path"])
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_without_a_dataset_calibration_is_synthetic(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _run(digits_files["pt2"], STATIC_INT8, tmp_path)
+    assert result["accuracy_measured"] is False
+    assert result["calibration_source"] == "synthetic"
+    assert result["ratios"]["accuracy_drop"] is None
+    assert "accuracy_top1" not in result["final"] and "accuracy_top1" not in result["original"]
+    assert result["final"].keys() >= FIDELITY
+    assert any("accuracy was not measured" in w and "synthetic" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_mlp_static_with_other_calibrations(
+    mlp_files: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    pipeline = [{"op": "quantize", "dtype": "uint8", "calibration": {"method": method}}]
+    result = _run(mlp_files["pt2"], pipeline, tmp_path, dataset_path=mlp_files["npz"])
+    assert result["original"]["accuracy_top1"] >= 0.95
+    assert result["ratios"]["compression_ratio"] >= 3
+    assert result["ratios"]["accuracy_drop"] <= 0.02
+    assert result["final"]["macs"] == 64 * 300 + 300 * 100 + 100 * 10
+
+
+def test_embedding_task_reports_fidelity_only(mlp_files: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(
+        mlp_files["onnx"],
+        STATIC_INT8,
+        tmp_path,
+        dataset_path=mlp_files["npz"],
+        evaluation_task="embedding",
+    )
+    assert result["accuracy_measured"] is False
+    assert not {"accuracy_top1", "agreement_top1"} & result["final"].keys()
+    assert result["final"]["cosine_similarity"] >= 0.99
+
+
+def test_dataset_mismatch_names_the_input(
+    digits_files: dict[str, Path], mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((4, 1, 8, 8), np.float32))
+    for model, data in ((digits_files["onnx"], wrong), (digits_files["pt2"], mlp_files["npz"])):
+        with pytest.raises(EngineError) as err:
+            compress(model, STATIC_INT8, dataset_path=data, workdir=tmp_path / "w")
+        assert err.value.code == "dataset_mismatch"
+        assert "'input'" in err.value.detail and "[N, 1, 8, 8]" in err.value.detail
+
+
+def test_requests_that_cannot_succeed_fail_before_any_work(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    cases = [
+        (STATIC_INT8, {"export": ["onnx", "pt2"]}, "export_unsupported"),
+        (STATIC_INT8, {"export": ["tflite"]}, "export_unsupported"),
+        ([{"op": "shrink"}], {}, "invalid_pipeline"),
+        ([{"op": "quantize", "dtype": "int3"}], {}, "invalid_pipeline"),
+        (STATIC_INT8, {"evaluation_task": "detection"}, "invalid_evaluation_task"),
+    ]
+    for pipeline, kwargs, code in cases:
+        workdir = tmp_path / code
+        with pytest.raises(EngineError) as err:
+            compress(digits_files["pt2"], pipeline, workdir=workdir, **kwargs)
+        assert err.value.code == code
+        assert not list(workdir.iterdir())
+    with pytest.raises(EngineError) as err:
+        compress(digits_files["pt2"], STATIC_INT8, workdir=tmp_path / "x", export=["pt2"])
+    assert "ONNX" in err.value.detail
+
+
+def test_an_empty_pipeline_from_pt2_can_export_pt2(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _run(digits_files["pt2"], [], tmp_path, export=["onnx", "pt2"])
+    assert [a["format"] for a in result["artifacts"]] == ["onnx", "pt2"]
+    assert result["ratios"]["compression_ratio"] == 1.0
+
+
+def test_pickles_are_refused_by_compress(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(EngineError) as err:
+        compress(path, STATIC_INT8, workdir=tmp_path / "w")
+    assert err.value.code == "pickle_refused"
+
+
+def test_resume_continues_after_a_checkpoint(mlp_files: dict[str, Path], tmp_path: Path) -> None:
+    pipeline = [*STATIC_INT8, {"op": "quantize", "dtype": "fp16"}]
+    full = _run(mlp_files["onnx"], pipeline, tmp_path / "full", dataset_path=mlp_files["npz"])
+    checkpoint = next(e for e in full["_events"] if e["type"] == "step_finished")["artifact"]
+    assert checkpoint["path"] == full["steps"][0]["artifact"]["path"]
+    resumed = _run(
+        mlp_files["onnx"],
+        pipeline,
+        tmp_path / "resumed",
+        dataset_path=mlp_files["npz"],
+        resume={
+            "start_index": 1,
+            "model_path": checkpoint["path"],
+            "original_metrics": full["original"],
+        },
+    )
+    assert [s["index"] for s in resumed["steps"]] == [1]
+    assert resumed["original"] == full["original"]
+    assert resumed["artifacts"][0]["sha256"] == full["artifacts"][0]["sha256"]
+    assert "original_measured" not in [e["type"] for e in resumed["_events"]]
+
+
+def test_old_opset_is_upgraded_for_per_channel(mlp_files: dict[str, Path], tmp_path: Path) -> None:
+    import warnings
+
+    from worker.engine.examples import _digits, digits_mlp, train
+
+    x_tr, _, y_tr, _ = _digits(flat=True)
+    model = train(digits_mlp(), x_tr, y_tr, epochs=10)
+    old = tmp_path / "opset11.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 64),),
+            str(old),
+            dynamo=False,
+            opset_version=11,
+            input_names=["features"],
+            dynamic_axes={"features": {0: "n"}},
+        )
+    result = _run(old, STATIC_INT8, tmp_path / "w", dataset_path=mlp_files["npz"])
+    assert any("opset 11" in w for w in result["steps"][0]["warnings"])
+    assert result["ratios"]["accuracy_drop"] <= 0.02
+
+
+def test_torchscript_is_converted_with_dataset_inputs(tmp_path: Path) -> None:
+    from worker.engine.examples import _digits, digits_mlp, train
+
+    x_tr, x_te, y_tr, y_te = _digits(flat=True)
+    model = train(digits_mlp(), x_tr, y_tr, epochs=10)
+    path = tmp_path / "mlp.pt"
+    torch.jit.save(torch.jit.trace(model, torch.from_numpy(x_te[:2])), path)
+    data = tmp_path / "flat.npz"
+    np.savez(data, x=x_te, labels=y_te)
+    result = _run(path, STATIC_INT8, tmp_path / "w", dataset_path=data)
+    assert result["original"]["accuracy_top1"] >= 0.9
+    assert result["ratios"]["accuracy_drop"] <= 0.02
+    with pytest.raises(EngineError) as err:
+        compress(path, STATIC_INT8, workdir=tmp_path / "nodata")
+    assert err.value.code == "unsupported_model" and "dataset" in err.value.detail
+
+
+def test_a_fixed_batch_program_is_evaluated_in_its_batches(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from worker.engine.examples import _digits, digits_mlp, train
+
+    x_tr, _, y_tr, _ = _digits(flat=True)
+    model = train(digits_mlp(), x_tr, y_tr, epochs=10)
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(8, 64),)), path)
+    result = _run(path, STATIC_INT8, tmp_path / "w", dataset_path=mlp_files["npz"])
+    assert result["original"]["accuracy_top1"] >= 0.9
+    assert any("fixed batch size of 8" in w for w in result["warnings"])

@@ -1,0 +1,174 @@
+"""Conversion to a single-file fp32 ONNX: the reference that results are measured against."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from worker.engine.errors import EXPORT_HOWTO, EngineError
+from worker.engine.formats import (
+    ModelFormat,
+    load_exported_program,
+    load_onnx,
+    load_torchscript,
+    pt2_dim_names,
+    torchscript_input_names,
+)
+
+if TYPE_CHECKING:
+    import onnx
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx prints progress to stdout and warns freely; keep the worker's output clean."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def strip_debug_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop per-node debug metadata (exporter stack traces with the exporting machine's paths)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return model
+
+
+def sort_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Order the graph's nodes topologically (some converters append nodes out of order)."""
+    graph = model.graph
+    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            return model  # a cycle or an outer-scope name: leave the order as it was
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    nodes = [type(n).FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+
+
+def pt2_to_onnx(path: str | Path, out: Path) -> Path:
+    """torch.onnx.export(dynamo=True) of the ExportedProgram; dynamic dims stay dynamic."""
+    import onnx
+    import torch
+
+    program = load_exported_program(path)
+    try:
+        with _quiet():
+            torch.onnx.export(program, (), str(out), dynamo=True, external_data=False)
+    except Exception as exc:
+        raise EngineError(
+            "unsupported_model",
+            f"The .pt2 program could not be converted to ONNX ({type(exc).__name__}: "
+            f"{_first_line(exc)}). Operators without an ONNX translation cannot be compressed "
+            "yet; export the model to ONNX yourself and upload that.",
+            field="file",
+        ) from exc
+    model = onnx.load(str(out))
+    _rename_dims(model, pt2_dim_names(program))
+    onnx.save(strip_debug_metadata(model), str(out))
+    return out
+
+
+def torchscript_to_onnx(path: str | Path, out: Path, example: dict[str, np.ndarray]) -> Path:
+    """The TorchScript exporter with example inputs taken from the dataset; batch dim dynamic."""
+    import onnx
+    import torch
+
+    module = load_torchscript(path)
+    names = torchscript_input_names(module)
+    if len(names) == 1 and names[0] not in example:
+        alias = next((a for a in ("inputs", "x") if a in example), None)
+        example = {names[0]: example[alias]} if alias else example
+    missing = [n for n in names if n not in example]
+    if missing:
+        raise EngineError(
+            "unsupported_model",
+            f"A TorchScript file records no input shapes, so it is converted with example "
+            f"inputs from the dataset, which has no array for {', '.join(map(repr, missing))}. "
+            + EXPORT_HOWTO,
+            field="file",
+        )
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n][:2])) for n in names)
+    try:
+        with _quiet():
+            torch.onnx.export(
+                module,
+                args,
+                str(out),
+                dynamo=False,
+                input_names=names,
+                dynamic_axes={n: {0: "batch"} for n in names},
+            )
+    except Exception as exc:
+        raise EngineError(
+            "unsupported_model",
+            f"The TorchScript model could not be converted to ONNX ({type(exc).__name__}: "
+            f"{_first_line(exc)}). " + EXPORT_HOWTO,
+            field="file",
+        ) from exc
+    model = onnx.load(str(out))
+    onnx.save(strip_debug_metadata(model), str(out))
+    return out
+
+
+def to_onnx(
+    path: str | Path,
+    fmt: ModelFormat,
+    out: Path,
+    example: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """The model as a checked single-file ONNX at `out` (an ONNX upload is copied byte for byte)."""
+    if fmt == "onnx":
+        load_onnx(path)
+        shutil.copyfile(path, out)
+    elif fmt == "pt2":
+        pt2_to_onnx(path, out)
+    else:
+        if example is None:
+            raise EngineError(
+                "unsupported_model",
+                "A TorchScript file records no input shapes, so it can only be converted to ONNX "
+                "with example inputs: attach a dataset to the job. " + EXPORT_HOWTO,
+                field="dataset_id",
+            )
+        torchscript_to_onnx(path, out, example)
+    load_onnx(out)
+    return out
+
+
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text[:limit]
