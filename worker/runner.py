@@ -162,7 +162,11 @@ class _JobProgress:
             f"teams/{self.team_id}/jobs/{self.job_id}/attempt-{self.token}/"
             f"step{event['index']}.{art['format']}"
         )
-        self.storage.put_file(key, Path(art["path"]))
+        # Upload a copy: the engine reads this file as the next step's input while we store it.
+        source = Path(art["path"])
+        copy = source.with_name(f".upload-{source.name}")
+        shutil.copyfile(source, copy)
+        self.storage.put_file(key, copy)
         self.uploaded.append(key)
         with session_scope(self.settings.database_url) as session:
             repo = JobRepository(session)

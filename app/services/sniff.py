@@ -7,6 +7,7 @@ or dataset, so that the uploader gets an immediate, actionable 422.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import zipfile
 from pathlib import Path
@@ -50,8 +51,16 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
 
 def _onnx_wire_check(path: Path) -> None:
     """Walk the top-level protobuf fields of an ONNX ModelProto without decoding them."""
-    with path.open("rb") as fh:
-        data = memoryview(fh.read())  # noqa: SIM115  (uploads are bounded by max_upload_bytes)
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            _walk_fields(view)
+        finally:
+            view.release()
+
+
+def _walk_fields(data: memoryview) -> None:
+    """Skip over each field by its declared length (the file is mapped, not read into memory)."""
     pos, seen = 0, set()
     ir_version = None
     while pos < len(data):

@@ -322,6 +322,8 @@ def test_redis_down_jobs_still_accepted_and_run_after_recovery(
     rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
 ) -> None:
     rel_stack.start_worker()
+    running = submit(rel_stack, team, slow)
+    wait_running(rel_stack, team, running)
     subprocess.run(["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], capture_output=True)
     try:
         wait_for(
@@ -367,8 +369,10 @@ def test_redis_down_jobs_still_accepted_and_run_after_recovery(
             timeout=20,
         )
     assert rel_stack.client.get("/readyz").status_code == 200
-    done = rel_stack.wait_job(job_id, team, timeout=180)
-    assert done["status"] == "succeeded", done["error"]
+    for each in (running, job_id):
+        done = rel_stack.wait_job(each, team, timeout=180)
+        assert done["status"] == "succeeded", done["error"]
+        assert len(done_events(rel_stack, team, each)) == 1
 
 
 def _pg_ctl(action: str) -> None:
