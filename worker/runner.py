@@ -12,11 +12,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
+from app.db.models import Artifact, Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository
 from app.db.session import session_scope
 from app.services import events
@@ -274,10 +275,8 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _resume_point(session: Any, job: Job) -> tuple[int, str, str, dict[str, Any]] | None:
+def _resume_point(session: Session, job: Job) -> tuple[int, str, str, dict[str, Any]] | None:
     """After a crash, continue after the last step whose checkpoint was stored."""
-    from app.db.models import Artifact
-
     done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
     if not done or not (job.metrics or {}).get("original"):
         return None
@@ -292,10 +291,6 @@ def _resume_point(session: Any, job: Job) -> tuple[int, str, str, dict[str, Any]
 
 def _discard(settings: Settings, storage: BlobStore, job_id: str, keys: list[str]) -> None:
     """Remove this attempt's blobs and their artifact rows (cancel or lost lease)."""
-    from sqlalchemy import delete
-
-    from app.db.models import Artifact
-
     with session_scope(settings.database_url) as session:
         if keys:
             session.execute(

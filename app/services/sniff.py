@@ -7,7 +7,6 @@ or dataset, so that the uploader gets an immediate, actionable 422.
 from __future__ import annotations
 
 import json
-import mmap
 import struct
 import zipfile
 from pathlib import Path
@@ -17,124 +16,20 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from app.api.problems import Problem
-
-EXPORT_HOWTO = (
-    "Export the model instead: "
-    "`torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2')` "
-    "or `torch.onnx.export(model.eval(), (example_input,), 'model.onnx', dynamo=True)`."
-)
-ACCEPTED = "Accepted formats: ONNX (.onnx), torch.export ExportedProgram (.pt2), TorchScript (.pt)."
-
-
-def pickle_refused(what: str) -> Problem:
-    return Problem(
-        422,
-        "pickle_refused",
-        f"The file is {what}. Pickle files are refused because loading one runs arbitrary "
-        f"code. {EXPORT_HOWTO}",
-        field="file",
-    )
-
-
-def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("varint runs past the end")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _onnx_wire_check(path: Path) -> None:
-    """Walk the top-level protobuf fields of an ONNX ModelProto without decoding them."""
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            _walk_fields(view)
-        finally:
-            view.release()
-
-
-def _walk_fields(data: memoryview) -> None:
-    """Skip over each field by its declared length (the file is mapped, not read into memory)."""
-    pos, seen = 0, set()
-    ir_version = None
-    while pos < len(data):
-        try:
-            key, pos = _read_varint(data, pos)
-            field, wire = key >> 3, key & 7
-            if field == 0 or field > 64 or wire not in (0, 1, 2, 5):
-                raise ValueError("not a protobuf field")
-            if wire == 0:
-                value, pos = _read_varint(data, pos)
-                if field == 1:
-                    ir_version = value
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                length, pos = _read_varint(data, pos)
-                if pos + length > len(data):
-                    if ir_version is not None:
-                        raise Problem(
-                            422,
-                            "invalid_model",
-                            f"The ONNX file is truncated: field {field} declares {length} bytes "
-                            f"but only {len(data) - pos} remain. Upload the complete file "
-                            "(check the export finished and the transfer was not cut off).",
-                            field="file",
-                        )
-                    raise ValueError("length past the end")
-                pos += length
-            seen.add(field)
-        except ValueError as exc:
-            raise Problem(
-                422,
-                "unrecognized_format",
-                f"The file is not a model we can read. {ACCEPTED}",
-                field="file",
-            ) from exc
-    if pos != len(data) or 1 not in seen or 7 not in seen or not ir_version:
-        raise Problem(
-            422,
-            "unrecognized_format",
-            f"The file is not a model we can read. {ACCEPTED}",
-            field="file",
-        )
+from worker.engine.errors import EngineError
+from worker.engine.formats import detect_format
 
 
 def sniff_model(path: Path) -> str:
-    """Return 'onnx' | 'pt2' | 'torchscript' from the content, or raise a 422 Problem."""
-    with path.open("rb") as fh:
-        head = fh.read(8)
-    if not head:
-        raise Problem(422, "unrecognized_format", f"The file is empty. {ACCEPTED}", field="file")
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        raise pickle_refused("a raw Python pickle (torch.save or pickle.dump)")
-    if zipfile.is_zipfile(path):
-        try:
-            names = zipfile.ZipFile(path).namelist()
-        except zipfile.BadZipFile as exc:
-            raise Problem(
-                422, "invalid_model", "The zip archive is corrupt; upload it again.", field="file"
-            ) from exc
-        tails = {n.split("/", 1)[1] for n in names if "/" in n}
-        if "archive_format" in tails or any(t.startswith("models/") for t in tails):
-            return "pt2"
-        if any(t.startswith("code/") for t in tails) and "constants.pkl" in tails:
-            return "torchscript"
-        if "data.pkl" in tails:
-            raise pickle_refused("a torch.save() checkpoint (a pickled module or state_dict)")
-        raise Problem(
-            422, "unrecognized_format", f"The zip archive is not a model. {ACCEPTED}", field="file"
-        )
-    _onnx_wire_check(path)
-    return "onnx"
+    """'onnx' | 'pt2' | 'torchscript' from the content, or a 422 saying what to upload instead.
+
+    The engine's detection reads only zip listings, protobuf field headers and pickle opcodes
+    (standard library, nothing executed), so the API can run it without torch.
+    """
+    try:
+        return detect_format(path)
+    except EngineError as exc:
+        raise Problem(422, exc.code, exc.detail, field=exc.field or "file") from exc
 
 
 def _dataset_problem(detail: str) -> Problem:

@@ -242,16 +242,7 @@ def test_sigkill_mid_job_then_the_job_succeeds_exactly_once(
     job_id = submit(rel_stack, team, slow)
     wait_running(rel_stack, team, job_id)
     time.sleep(1.5)
-    if target == "whole_worker":
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-    else:
-        children = subprocess.run(
-            ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True
-        ).stdout.split()
-        assert children
-        for pid in children:
-            os.kill(int(pid), signal.SIGKILL)
+    _kill(worker, target)
     wait_for(lambda: not sandbox_pids(), timeout=10)  # the sandbox dies with its parent
     if target == "whole_worker":
         rel_stack.start_worker()
@@ -459,8 +450,23 @@ TWO_STEPS = [
 ]
 
 
+def _kill(worker: subprocess.Popen[bytes], target: str) -> None:
+    """SIGKILL the whole worker (main process and pool) or only its pool child."""
+    if target == "whole_worker":
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        return
+    children = subprocess.run(
+        ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert children
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("target", ["whole_worker", "pool_child"])
 def test_killed_multi_step_job_resumes_after_its_last_finished_step(
-    rel_stack: Stack, team: dict[str, str], slow: dict[str, str]
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str], target: str
 ) -> None:
     """Kill the worker during step 2: the retry starts at step 2 from step 1's checkpoint, and
     the artifact is byte-identical to an uninterrupted run's."""
@@ -478,10 +484,10 @@ def test_killed_multi_step_job_resumes_after_its_last_finished_step(
     first_attempt = job(rel_stack, team, job_id)
     step0 = first_attempt["steps"][0]
     assert step0["status"] == "succeeded" and step0["artifact_id"]
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
-    rel_stack.workers.remove(worker)
-    rel_stack.start_worker()
+    _kill(worker, target)
+    if target == "whole_worker":
+        rel_stack.workers.remove(worker)
+        rel_stack.start_worker()
     done = rel_stack.wait_job(job_id, team, timeout=180)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
