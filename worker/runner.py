@@ -278,7 +278,8 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
 def _resume_point(session: Session, job: Job) -> tuple[int, str, str, dict[str, Any]] | None:
     """After a crash, continue after the last step whose checkpoint was stored."""
     done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
-    if not done or not (job.metrics or {}).get("original"):
+    original = (job.metrics or {}).get("original")
+    if not done or not original:
         return None
     last = done[-1]
     if [s.index for s in done] != list(range(last.index + 1)) or last.index + 1 >= len(job.steps):
@@ -286,7 +287,7 @@ def _resume_point(session: Session, job: Job) -> tuple[int, str, str, dict[str, 
     artifact = session.get(Artifact, last.artifact_id)
     if artifact is None:
         return None
-    return last.index + 1, artifact.blob_key, artifact.format, job.metrics["original"]
+    return last.index + 1, artifact.blob_key, artifact.format, original
 
 
 def _discard(settings: Settings, storage: BlobStore, job_id: str, keys: list[str]) -> None:

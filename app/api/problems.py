@@ -105,7 +105,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        problem = Problem(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        problem = Problem(exc.status_code, code, str(exc.detail), headers=headers)
         return problem_response(problem, request)
 
     @app.exception_handler(OperationalError)

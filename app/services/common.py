@@ -4,10 +4,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from app.api.problems import Problem
+from app.db.base import Base
 from app.db.repositories.base import InvalidCursor, Page
 
-T = TypeVar("T")
-R = TypeVar("R")
+T = TypeVar("T", bound=Base)
 
 
 def page_or_422(fetch: Callable[[], Page[T]]) -> Page[T]:

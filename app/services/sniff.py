@@ -143,6 +143,6 @@ def sniff_dataset(path: Path) -> dict[str, Any]:
     return {
         "format": fmt,
         "arrays": arrays,
-        "num_samples": int(num_samples),
+        "num_samples": int(num_samples or 0),
         "has_labels": "labels" in arrays,
     }

@@ -30,6 +30,15 @@ class Upload:
         self.path.unlink(missing_ok=True)
 
 
+@dataclass
+class _PartState:
+    """The multipart part being parsed: its headers so far and which field it is."""
+
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    header_field: bytes = b""
+    part: str | None = None
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(
         413,
@@ -60,7 +69,7 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
     fd, tmp_name = tempfile.mkstemp(dir=spool_dir, prefix="upload-", suffix=".part")
     out = os.fdopen(fd, "wb")
     digest = hashlib.sha256()
-    state: dict[str, object] = {"headers": {}, "header_field": b"", "part": None}
+    state = _PartState()
     fields: dict[str, str] = {}
     text_parts: dict[str, bytearray] = {}
     size = 0
@@ -69,40 +78,36 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
     problem: Problem | None = None
 
     def on_part_begin() -> None:
-        state["headers"] = {}
-        state["part"] = None
+        state.headers = {}
+        state.part = None
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["header_field"] = bytes(state["header_field"]) + data[start:end]  # type: ignore[arg-type]
+        state.header_field += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
-        headers = state["headers"]
-        assert isinstance(headers, dict)
-        key = bytes(state["header_field"]).lower()  # type: ignore[arg-type]
-        headers[key] = headers.get(key, b"") + data[start:end]
+        key = state.header_field.lower()
+        state.headers[key] = state.headers.get(key, b"") + data[start:end]
 
     def on_header_end() -> None:
-        state["header_field"] = b""
+        state.header_field = b""
 
     def on_headers_finished() -> None:
         nonlocal file_parts, filename
-        headers = state["headers"]
-        assert isinstance(headers, dict)
-        _, disp = parse_options_header(headers.get(b"content-disposition", b""))
+        _, disp = parse_options_header(state.headers.get(b"content-disposition", b""))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
         if name == "file":
             file_parts += 1
             raw = disp.get(b"filename")
             filename = raw.decode("utf-8", "replace") if raw else None
-            state["part"] = "file"
+            state.part = "file"
         else:
-            state["part"] = name
+            state.part = name
             text_parts[name] = bytearray()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         nonlocal size, problem
         chunk = data[start:end]
-        part = state["part"]
+        part = state.part
         if part == "file":
             if file_parts > 1:
                 return

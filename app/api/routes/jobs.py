@@ -101,9 +101,9 @@ async def job_events(
 ) -> StreamingResponse:
     """Server-Sent Events: the job's whole history, then live events until `done`."""
     await run_in_threadpool(job_service.get_or_raise, session, team.id, job_id)
-    start = (
-        after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
-    )
+    start = after if after is not None else 0
+    if after is None and last_event_id is not None and last_event_id.isdigit():
+        start = int(last_event_id)
     maker = get_sessionmaker(settings.database_url)
 
     def fetch(last: int) -> list[tuple[int, str, dict[str, Any]]]:

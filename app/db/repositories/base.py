@@ -4,7 +4,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
@@ -46,12 +46,12 @@ class TeamRepository(Generic[T]):
         self.model = model
         self.team_id = team_id
 
-    def _scoped(self) -> Select[tuple[T]]:
+    def _scoped(self) -> Select[Any]:
         return select(self.model).where(self.model.team_id == self.team_id)  # type: ignore[attr-defined]
 
     def get(self, object_id: str) -> T | None:
         stmt = self._scoped().where(self.model.id == object_id)  # type: ignore[attr-defined]
-        return self.session.scalars(stmt).first()
+        return cast(T | None, self.session.scalars(stmt).first())
 
     def create(self, **values: Any) -> T:
         obj = self.model(team_id=self.team_id, **values)
@@ -71,7 +71,9 @@ class TeamRepository(Generic[T]):
         id_col = self.model.id  # type: ignore[attr-defined]
         if cursor:
             stmt = stmt.where(id_col < decode_cursor(cursor))
-        rows = self.session.scalars(stmt.order_by(id_col.desc()).limit(limit + 1)).all()
+        rows = cast(
+            Sequence[T], self.session.scalars(stmt.order_by(id_col.desc()).limit(limit + 1)).all()
+        )
         more = len(rows) > limit
         items = rows[:limit]
         return Page(items, encode_cursor(items[-1].id) if more else None)  # type: ignore[attr-defined]
