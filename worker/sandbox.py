@@ -201,6 +201,39 @@ def _deny_network() -> None:
     sys.addaudithook(hook)
 
 
+MEMORY_MARKERS = (
+    "not enough memory",
+    "bad_alloc",
+    "failed to allocate",
+    "unable to allocate",
+    "out of memory",
+    "cannot allocate memory",
+)
+
+
+def _is_memory_error(exc: BaseException | None) -> bool:
+    """MemoryError, or a native library's allocation failure, anywhere in the exception chain."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, MemoryError):
+            return True
+        if any(marker in str(exc).lower() for marker in MEMORY_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _memory_event(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "code": "memory_limit_exceeded",
+        "detail": "The work needed more memory than its limit "
+        f"({spec.get('memory_limit_mb', '?')} MiB). Use a smaller model, dataset or calibration "
+        "sample count, or ask your operator to raise COMPAAS_JOB_MEMORY_LIMIT_MB.",
+    }
+
+
 def _child_main(event_fd: int) -> int:
     out = os.fdopen(event_fd, "w", buffering=1)
 
@@ -215,23 +248,18 @@ def _child_main(event_fd: int) -> int:
         try:
             result = _dispatch(spec, emit)
         except EngineError as exc:
-            emit({"type": "error", "code": exc.code, "detail": exc.detail, "field": exc.field})
-            return 1
-        except MemoryError:
-            emit(
-                {
-                    "type": "error",
-                    "code": "memory_limit_exceeded",
-                    "detail": "The work needed more memory than its limit "
-                    f"({spec.get('memory_limit_mb', '?')} MiB). Use a smaller model or batch, or "
-                    "ask your operator to raise COMPAAS_JOB_MEMORY_LIMIT_MB.",
-                }
-            )
+            if _is_memory_error(exc):
+                emit(_memory_event(spec))
+            else:
+                emit({"type": "error", "code": exc.code, "detail": exc.detail, "field": exc.field})
             return 1
         emit({"type": "result", "result": result})
         return 0
     except Exception as exc:
         traceback.print_exc()
+        if _is_memory_error(exc):
+            emit(_memory_event(spec))
+            return 1
         emit(
             {
                 "type": "error",

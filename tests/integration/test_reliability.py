@@ -504,3 +504,23 @@ def test_killed_multi_step_job_resumes_after_its_last_finished_step(
     clean_final = next(a for a in clean["artifacts"] if a["role"] == "final")
     assert final["sha256"] == clean_final["sha256"]
     assert done["metrics"]["final"]["sparsity"] >= 0.45
+
+
+def test_memory_poison_fails_with_the_reason_and_the_job_behind_it_succeeds(
+    rel_stack: Stack, team: dict[str, str], slow: dict[str, str], digits_files: dict[str, Path]
+) -> None:
+    rel_stack.start_worker(COMPAAS_JOB_MEMORY_LIMIT_MB="700")
+    small = rel_stack.upload("models", digits_files["onnx"], team).json()
+    assert rel_stack.wait_model(small["id"], team)["status"] == "ready"
+    poison = submit(rel_stack, team, slow)
+    behind = rel_stack.client.post(
+        "/v1/jobs",
+        json={"model_id": small["id"], "pipeline": [{"op": "quantize", "dtype": "fp16"}]},
+        headers=team,
+    ).json()["id"]
+    failed = rel_stack.wait_job(poison, team, timeout=120)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "memory_limit_exceeded"
+    assert "700 MiB" in failed["error"]["detail"]
+    assert "COMPAAS_JOB_MEMORY_LIMIT_MB" in failed["error"]["detail"]
+    assert rel_stack.wait_job(behind, team)["status"] == "succeeded"
