@@ -3,10 +3,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import func, select, text
 
 from app.api.deps import SettingsDep
+from app.db.models import Job, JobStatus, Model, ModelStatus
 from app.db.session import get_sessionmaker
 from app.queue import get_publisher
 
@@ -17,6 +18,21 @@ router = APIRouter(tags=["health"])
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(settings: SettingsDep) -> str:
+    """Prometheus text format: jobs and models by status (for operators, across teams)."""
+    lines = ["# TYPE compaas_jobs gauge"]
+    with get_sessionmaker(settings.database_url)() as session:
+        jobs = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        models = session.execute(select(Model.status, func.count()).group_by(Model.status)).all()
+    counts = dict(jobs)
+    lines += [f'compaas_jobs{{status="{s}"}} {counts.get(s, 0)}' for s in JobStatus]
+    lines.append("# TYPE compaas_models gauge")
+    counts = dict(models)
+    lines += [f'compaas_models{{status="{s}"}} {counts.get(s, 0)}' for s in ModelStatus]
+    return "\n".join(lines) + "\n"
 
 
 @router.get("/readyz")

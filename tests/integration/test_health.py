@@ -1,0 +1,20 @@
+"""Operator endpoints: liveness, readiness naming each dependency, Prometheus metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def test_health_ready_and_metrics(stack: Stack) -> None:
+    assert stack.client.get("/healthz").json() == {"status": "ok"}
+    ready = stack.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    text = stack.client.get("/metrics").text
+    for status in ("queued", "running", "succeeded", "failed", "canceled"):
+        assert f'compaas_jobs{{status="{status}"}}' in text
+    assert 'compaas_models{status="ready"}' in text
