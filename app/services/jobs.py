@@ -32,7 +32,15 @@ from app.services import models as model_service
 from app.services.common import page_or_422
 from app.services.idempotency import IdempotentRequest
 from app.storage import BlobStore
-from worker.engine.config import OPS, PRESETS, OpConfig, parse_op
+from worker.engine.config import (
+    CHANNELS_FIRST,
+    CHANNELS_NEED_PT2,
+    OPS,
+    PRESETS,
+    OpConfig,
+    PruneConfig,
+    parse_op,
+)
 
 SINGLE_INPUT_ALIASES = ("inputs", "x")
 
@@ -158,6 +166,7 @@ def create(
         dataset = dataset_service.get_or_raise(session, team_id, body.dataset_id)
         check_dataset_fits(model, dataset)
     configs = _resolve_pipeline(body)
+    _check_channel_pruning(model.format, configs)
     job = _repo(session, team_id).create(
         model_id=model.id,
         dataset_id=dataset.id if dataset else None,
@@ -178,6 +187,15 @@ def create(
         raise idempotency.in_use() from exc
     _publish(session, settings, job)
     return job
+
+
+def _check_channel_pruning(model_format: str, configs: list[OpConfig]) -> None:
+    """Channel pruning runs on the uploaded .pt2 itself: only there, and only as the first step."""
+    for index, config in enumerate(configs):
+        channels = isinstance(config, PruneConfig) and config.granularity == "channels"
+        if channels and (model_format != "pt2" or index != 0):
+            detail = CHANNELS_NEED_PT2 if model_format != "pt2" else CHANNELS_FIRST
+            raise Problem(422, "invalid_pipeline", detail, field=f"pipeline[{index}].granularity")
 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:

@@ -199,6 +199,22 @@ def test_unknown_op_lists_valid_ops(
     assert "quantize" in body["valid_ops"]
 
 
+def test_channel_pruning_of_an_onnx_model_is_refused_at_creation(
+    pg_stack: Stack, team: dict[str, str], ready_model: dict[str, Any]
+) -> None:
+    resp = pg_stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": ready_model["id"],
+            "pipeline": [{"op": "prune", "granularity": "channels", "sparsity": 0.5}],
+        },
+        headers=team,
+    )
+    body = _problem(resp, 422, "invalid_pipeline")
+    assert body["field"] == "pipeline[0].granularity"
+    assert ".pt2" in body["detail"] and "unstructured" in body["detail"]
+
+
 def test_bad_op_config_names_the_field(
     pg_stack: Stack, team: dict[str, str], ready_model: dict[str, Any]
 ) -> None:

@@ -47,24 +47,46 @@ class QuantizeConfig(OpConfig):
         return self
 
 
+CHANNELS_NEED_PT2 = (
+    "Channel pruning needs the torch graph: upload a torch.export .pt2 "
+    "(torch.export.save(torch.export.export(model, args), 'model.pt2')); for ONNX use "
+    "granularity 'unstructured' or 'n:m'."
+)
+CHANNELS_FIRST = (
+    "Channel pruning rewrites the uploaded .pt2 itself, so it must be the first step of the "
+    "pipeline: move the granularity 'channels' prune to pipeline[0] (later steps such as "
+    "quantize then run on its result)."
+)
+
+
 class PruneConfig(OpConfig):
-    """Zero the least important weights: unstructured or N:M (2:4), layer-wise or global."""
+    """Zero the least important weights (unstructured, N:M) or remove whole channels.
+
+    `channels` removes output channels/neurons of a .pt2 model for real (smaller, faster layers)
+    and may fine-tune afterwards on a labelled dataset for `fine_tune_epochs` with Adam at `lr`.
+    """
 
     op: Literal["prune"] = "prune"
     criterion: Literal["magnitude", "random"] = "magnitude"
     norm: Literal["l1", "l2"] = "l1"
-    granularity: Literal["unstructured", "n:m"] = "unstructured"
+    granularity: Literal["unstructured", "n:m", "channels"] = "unstructured"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     scope: Literal["layer", "global"] = "layer"
     n: int = Field(2, ge=1, description="zeros per group of m (n:m granularity)")
     m: int = Field(4, ge=2, le=16)
     ignore: list[str] = Field(default_factory=list, description="layer/weight name patterns")
     include_last_layer: bool = False
+    fine_tune_epochs: int = Field(
+        0, ge=0, le=100, description="recovery epochs after channel pruning (needs labels)"
+    )
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate for fine-tuning")
 
     @model_validator(mode="after")
     def _n_below_m(self) -> PruneConfig:
         if self.n >= self.m:
             raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
+        if self.fine_tune_epochs and self.granularity != "channels":
+            raise ValueError("fine_tune_epochs applies to granularity 'channels' only")
         return self
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine import metrics as m
-from worker.engine.config import OpConfig, parse_op
+from worker.engine.config import CHANNELS_FIRST, CHANNELS_NEED_PT2, OpConfig, PruneConfig, parse_op
 from worker.engine.datasets import Samples, load_dataset, match_inputs, synthetic
 from worker.engine.errors import EngineError
 from worker.engine.export import to_onnx
@@ -76,6 +76,13 @@ def _validate(
             field="evaluation.task",
         )
     handlers = [handler_for(c) for c in configs]
+    for index, config in enumerate(configs):
+        if isinstance(config, PruneConfig) and config.granularity == "channels":
+            where = f"pipeline[{index}].granularity"
+            if fmt != "pt2":
+                raise EngineError("unsupported_op", CHANNELS_NEED_PT2, field=where)
+            if index != 0:
+                raise EngineError("invalid_pipeline", CHANNELS_FIRST, field=where)
     unknown = [e for e in export if e not in EXPORTS]
     if unknown or not export:
         raise EngineError(
@@ -269,6 +276,8 @@ def compress(
             batch=batch,
             seed=seed,
             report=_scaled(report, lo, lo + (hi - lo) * 0.6),
+            source_model=Path(model_path),
+            source_format=fmt,
         )
         out = Path(handler.fn(config, current, ctx))
         shutil.rmtree(scratch, ignore_errors=True)

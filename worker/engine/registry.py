@@ -28,6 +28,9 @@ class StepContext:
     seed: int = 0
     report: Callable[[float, str], None] = lambda fraction, message: None
     warnings: list[str] = field(default_factory=list)
+    # The job's uploaded model, for ops that need the torch graph rather than the ONNX.
+    source_model: Path | None = None
+    source_format: str | None = None
 
     def calibration(self, limit: int) -> Samples:
         """At most `limit` samples, drawn reproducibly from the job's data."""
