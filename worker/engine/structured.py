@@ -119,6 +119,7 @@ def _batch_norm(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
     bn = nn.BatchNorm2d(weight.shape[0], eps=float(eps), momentum=float(momentum or 0.1))
     bn.weight = _param(weight)
     bn.bias = _param(_attr(gm, b))
+    assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats
     bn.running_mean.copy_(_attr(gm, mean).detach())
     bn.running_var.copy_(_attr(gm, var).detach())
     return bn.eval()
