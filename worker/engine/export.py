@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """torch.onnx prints progress to stdout and warns freely; keep the worker's output clean."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -85,7 +85,7 @@ def pt2_to_onnx(path: str | Path, out: Path) -> Path:
 
     program = load_exported_program(path)
     try:
-        with _quiet():
+        with quiet():
             torch.onnx.export(program, (), str(out), dynamo=True, external_data=False)
     except Exception as exc:
         raise EngineError(
@@ -122,7 +122,7 @@ def torchscript_to_onnx(path: str | Path, out: Path, example: dict[str, np.ndarr
         )
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[n][:2])) for n in names)
     try:
-        with _quiet():
+        with quiet():
             torch.onnx.export(
                 module,
                 args,

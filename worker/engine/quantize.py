@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +11,7 @@ import numpy as np
 from worker.engine.config import QuantizeConfig
 from worker.engine.datasets import Samples
 from worker.engine.errors import EngineError
-from worker.engine.export import sort_nodes, strip_debug_metadata
+from worker.engine.export import quiet, sort_nodes, strip_debug_metadata
 from worker.engine.formats import onnx_opset
 from worker.engine.registry import StepContext, register
 from worker.engine.runtime import feeds
@@ -25,13 +22,6 @@ if TYPE_CHECKING:
 
 CALIBRATION_BATCH = 32
 PER_CHANNEL_MIN_OPSET = 13
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 class CalibrationReader:
@@ -90,7 +80,7 @@ def _preprocess(src: Path, dst: Path, ctx: StepContext) -> Path:
 
     for skip_symbolic in (False, True):
         try:
-            with _quiet():
+            with quiet():
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
             return dst
         except Exception:
@@ -138,7 +128,7 @@ def _fp16(src: Path, ctx: StepContext) -> Path:
             "The model is already float16; converting it again would change nothing.",
             field="pipeline",
         )
-    with _quiet():
+    with quiet():
         model = convert_float_to_float16(model, keep_io_types=True)
     _save(model, ctx.output)
     return ctx.output
@@ -150,12 +140,12 @@ def _dynamic(src: Path, dst: Path, per_channel: bool, qtype: QuantType, ctx: Ste
 
     from worker.engine.runtime import make_session
 
-    with _quiet():
+    with quiet():
         quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=qtype)
     try:
         make_session(dst)
     except Exception as exc:
-        with _quiet():
+        with quiet():
             quantize_dynamic(
                 str(src),
                 str(dst),
@@ -213,7 +203,7 @@ def quantize(config: QuantizeConfig, model: Path, ctx: StepContext) -> Path:
             reader = CalibrationReader(
                 calibration, ctx.batch or CALIBRATION_BATCH, fixed=ctx.batch is not None
             )
-            with _quiet():
+            with quiet():
                 quantize_static(
                     str(prepared),
                     str(raw),

@@ -10,12 +10,7 @@ converted to ONNX with the engine's exporter, so later steps and the metrics see
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import io
-import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +18,7 @@ import numpy as np
 
 from worker.engine.config import CHANNELS_NEED_PT2, PruneConfig
 from worker.engine.errors import EngineError
-from worker.engine.export import pt2_to_onnx
+from worker.engine.export import pt2_to_onnx, quiet
 from worker.engine.formats import load_exported_program
 
 if TYPE_CHECKING:
@@ -211,19 +206,6 @@ def _output_layers(gm: torch.fx.GraphModule, lifted: dict[str, nn.Module]) -> li
     return found
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def _example_args(ctx: StepContext) -> tuple[torch.Tensor, ...]:
     import torch
 
@@ -391,7 +373,7 @@ def _export(gm: torch.fx.GraphModule, example: tuple[Any, ...], ctx: StepContext
         dynamic = tuple({0: batch} for _ in example)
     out = ctx.workdir / "pruned.pt2"
     try:
-        with _quiet():
+        with quiet():
             program = torch.export.export(gm, example, dynamic_shapes=dynamic)
             torch.export.save(program, str(out))
     except Exception as exc:
