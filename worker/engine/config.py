@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class OpConfig(BaseModel):
@@ -90,11 +90,7 @@ class PruneConfig(OpConfig):
         return self
 
 
-OpConfigUnion = Annotated[QuantizeConfig | PruneConfig, Field(discriminator="op")]
-
 OPS: dict[str, type[OpConfig]] = {"quantize": QuantizeConfig, "prune": PruneConfig}
-
-_adapter: TypeAdapter[Any] = TypeAdapter(OpConfigUnion)
 
 
 def parse_op(data: dict[str, Any]) -> OpConfig:
