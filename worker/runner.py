@@ -145,6 +145,7 @@ class _JobProgress:
             finished_at=utcnow(),
             metrics=event.get("metrics"),
             warnings=event.get("warnings") or None,
+            details=event.get("details") or None,
             artifact_id=artifact_id,
         )
         events.record(
@@ -364,6 +365,7 @@ def _finalize(
                     status=StepStatus.succeeded,
                     metrics=step.get("metrics"),
                     warnings=step.get("warnings") or None,
+                    details=step.get("details") or None,
                     artifact_id=final_ids[0] if step["index"] == last_index and final_ids else None,
                 )
             events.record(session, job_id, "status", status="succeeded", ratios=result["ratios"])

@@ -49,6 +49,7 @@ class JobStepRead(ReadModel):
     status: str
     metrics: dict[str, Any] | None
     warnings: list[str] | None
+    details: dict[str, Any] | None = None
     artifact_id: str | None
     started_at: datetime | None
     finished_at: datetime | None

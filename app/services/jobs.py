@@ -33,13 +33,12 @@ from app.services.common import page_or_422
 from app.services.idempotency import IdempotentRequest
 from app.storage import BlobStore
 from worker.engine.config import (
-    CHANNELS_FIRST,
-    CHANNELS_NEED_PT2,
     OPS,
     PRESETS,
     OpConfig,
-    PruneConfig,
+    PipelineError,
     parse_op,
+    plan_pipeline,
 )
 
 SINGLE_INPUT_ALIASES = ("inputs", "x")
@@ -166,7 +165,7 @@ def create(
         dataset = dataset_service.get_or_raise(session, team_id, body.dataset_id)
         check_dataset_fits(model, dataset)
     configs = _resolve_pipeline(body)
-    _check_channel_pruning(model.format, configs)
+    _check_plan(model.format, configs, dataset)
     job = _repo(session, team_id).create(
         model_id=model.id,
         dataset_id=dataset.id if dataset else None,
@@ -189,13 +188,17 @@ def create(
     return job
 
 
-def _check_channel_pruning(model_format: str, configs: list[OpConfig]) -> None:
-    """Channel pruning runs on the uploaded .pt2 itself: only there, and only as the first step."""
-    for index, config in enumerate(configs):
-        channels = isinstance(config, PruneConfig) and config.granularity == "channels"
-        if channels and (model_format != "pt2" or index != 0):
-            detail = CHANNELS_NEED_PT2 if model_format != "pt2" else CHANNELS_FIRST
-            raise Problem(422, "invalid_pipeline", detail, field=f"pipeline[{index}].granularity")
+def _check_plan(model_format: str, configs: list[OpConfig], dataset: Dataset | None) -> None:
+    """Each op can run where the pipeline puts it, and has the data it needs."""
+    try:
+        plan_pipeline(
+            configs,
+            model_format,
+            has_dataset=dataset is not None,
+            has_labels=dataset is not None and dataset.has_labels,
+        )
+    except PipelineError as exc:
+        raise Problem(422, "invalid_pipeline", exc.detail, field=exc.field) from exc
 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Backend = Literal["onnx", "torch"]
+
 
 class OpConfig(BaseModel):
     """Base for op configs: strict keys, a type tag (`op`) and a schema version."""
@@ -17,6 +19,30 @@ class OpConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def backends(self) -> tuple[Backend, ...]:
+        """Where this op can run: on the ONNX graph, on the torch model (a .pt2), or either.
+
+        Ops that train, or that change layer shapes, need the torch model; the pipeline keeps
+        one only while the upload is a .pt2 and every earlier step ran on torch.
+        """
+        return ("onnx",)
+
+    def keeps_torch(self) -> bool:
+        """Whether running on torch still leaves a torch model for later steps."""
+        return True
+
+    def torch_field(self) -> str | None:
+        """The config field that makes this op need the torch model, for error messages."""
+        return None
+
+    def needs_labels(self) -> str | None:
+        """Why this op needs a dataset with labels (None: it does not)."""
+        return None
+
+    def needs_dataset(self) -> str | None:
+        """Why this op needs a dataset at all (None: synthetic inputs do)."""
+        return None
 
 
 class Calibration(BaseModel):
@@ -47,47 +73,80 @@ class QuantizeConfig(OpConfig):
         return self
 
 
-CHANNELS_NEED_PT2 = (
-    "Channel pruning needs the torch graph: upload a torch.export .pt2 "
-    "(torch.export.save(torch.export.export(model, args), 'model.pt2')); for ONNX use "
-    "granularity 'unstructured' or 'n:m'."
-)
-CHANNELS_FIRST = (
-    "Channel pruning rewrites the uploaded .pt2 itself, so it must be the first step of the "
-    "pipeline: move the granularity 'channels' prune to pipeline[0] (later steps such as "
-    "quantize then run on its result)."
-)
+class Schedule(BaseModel):
+    """One-shot pruning, or `steps` rounds to the target sparsity with training in between."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["one_shot", "gradual"] = "one_shot"
+    steps: int = Field(4, ge=1, le=50, description="rounds (gradual)")
+    epochs_per_step: int = Field(1, ge=0, le=50, description="training epochs after each round")
 
 
 class PruneConfig(OpConfig):
     """Zero the least important weights (unstructured, N:M) or remove whole channels.
 
-    `channels` removes output channels/neurons of a .pt2 model for real (smaller, faster layers)
-    and may fine-tune afterwards on a labelled dataset for `fine_tune_epochs` with Adam at `lr`.
+    Criteria: `magnitude` (L1/L2 norm of the weights), `gradient` (first-order Taylor,
+    |w·∂L/∂w| accumulated over the dataset; task loss with labels, KL to the original's
+    outputs without), `entropy` (of each output channel's activation distribution over the
+    dataset; unstructured/N:M spread a channel's score over its weights by magnitude) and
+    `random` (baseline). A `gradual` schedule prunes in `steps` rounds with a cubic ramp and
+    trains `epochs_per_step` epochs after each (labels → cross-entropy, no labels →
+    distillation from the original); `fine_tune_epochs` trains once more at the end.
     """
 
     op: Literal["prune"] = "prune"
-    criterion: Literal["magnitude", "random"] = "magnitude"
+    criterion: Literal["magnitude", "gradient", "entropy", "random"] = "magnitude"
     norm: Literal["l1", "l2"] = "l1"
     granularity: Literal["unstructured", "n:m", "channels"] = "unstructured"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     scope: Literal["layer", "global"] = "layer"
+    schedule: Schedule = Schedule()
     n: int = Field(2, ge=1, description="zeros per group of m (n:m granularity)")
     m: int = Field(4, ge=2, le=16)
     ignore: list[str] = Field(default_factory=list, description="layer/weight name patterns")
     include_last_layer: bool = False
-    fine_tune_epochs: int = Field(
-        0, ge=0, le=100, description="recovery epochs after channel pruning (needs labels)"
-    )
-    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate for fine-tuning")
+    fine_tune_epochs: int = Field(0, ge=0, le=100, description="recovery epochs at the end")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate for training")
+    batch_size: int = Field(64, ge=1, le=4096)
+    samples: int = Field(1024, ge=1, le=100_000, description="samples scored (gradient/entropy)")
 
     @model_validator(mode="after")
     def _n_below_m(self) -> PruneConfig:
         if self.n >= self.m:
             raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
-        if self.fine_tune_epochs and self.granularity != "channels":
-            raise ValueError("fine_tune_epochs applies to granularity 'channels' only")
+        if self.granularity == "n:m" and self.schedule.kind == "gradual":
+            raise ValueError("an n:m pattern is reached in one step: use schedule one_shot")
         return self
+
+    def trains(self) -> bool:
+        gradual = self.schedule.kind == "gradual" and self.schedule.epochs_per_step > 0
+        return gradual or self.fine_tune_epochs > 0
+
+    def backends(self) -> tuple[Backend, ...]:
+        torch_only = (
+            self.granularity == "channels"
+            or self.criterion in ("gradient", "entropy")
+            or self.schedule.kind == "gradual"
+            or self.fine_tune_epochs > 0
+        )
+        return ("torch",) if torch_only else ("onnx", "torch")
+
+    def torch_field(self) -> str | None:
+        if self.granularity == "channels":
+            return "granularity"
+        if self.criterion in ("gradient", "entropy"):
+            return "criterion"
+        if self.schedule.kind == "gradual":
+            return "schedule"
+        return "fine_tune_epochs" if self.fine_tune_epochs else None
+
+    def needs_dataset(self) -> str | None:
+        if self.criterion in ("gradient", "entropy"):
+            return f"the {self.criterion} criterion scores weights on the dataset's samples"
+        if self.trains():
+            return "pruning with training (gradual schedule or fine_tune_epochs) trains on it"
+        return None
 
 
 OPS: dict[str, type[OpConfig]] = {"quantize": QuantizeConfig, "prune": PruneConfig}
@@ -103,6 +162,81 @@ def parse_op(data: dict[str, Any]) -> OpConfig:
 
 def parse_pipeline(steps: list[dict[str, Any]]) -> list[OpConfig]:
     return [parse_op(step) for step in steps]
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot run as ordered; `field` names the step at fault."""
+
+    def __init__(self, detail: str, field: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+def plan_pipeline(
+    configs: list[OpConfig],
+    model_format: str,
+    *,
+    has_dataset: bool = True,
+    has_labels: bool = True,
+) -> list[Backend]:
+    """Where each step runs (torch or onnx), or PipelineError saying why the order cannot work.
+
+    A torch model exists while the upload is a .pt2 and every earlier step ran on torch (and
+    kept it). An op that can run on either backend runs on torch when a later op needs torch,
+    so the torch model survives for it; otherwise on ONNX.
+    """
+    plan: list[Backend] = []
+    torch_available = model_format == "pt2"
+    lost_at: int | None = None
+    for index, config in enumerate(configs):
+        where = f"pipeline[{index}]"
+        if not has_dataset and (why := config.needs_dataset()):
+            raise PipelineError(
+                f"{where} ({config.op}) needs a dataset: {why}. Attach dataset_id.", where
+            )
+        if has_dataset and not has_labels and (why := config.needs_labels()):
+            raise PipelineError(
+                f"{where} ({config.op}) needs a dataset with a `labels` array: {why}.", where
+            )
+        options = config.backends()
+        later_needs_torch = any(c.backends() == ("torch",) for c in configs[index + 1 :])
+        if options == ("torch",):
+            if not torch_available:
+                if model_format != "pt2":
+                    detail = (
+                        f"{where} ({config.op}) needs the torch model, and the upload is "
+                        f"{model_format}: upload a torch.export .pt2 "
+                        "(torch.export.save(torch.export.export(model, args), 'model.pt2'))."
+                    )
+                    if isinstance(config, PruneConfig):
+                        detail += (
+                            " On ONNX, prune supports criterion magnitude/random with "
+                            "granularity 'unstructured' or 'n:m' and a one_shot schedule."
+                        )
+                else:
+                    prev = configs[lost_at or 0]
+                    detail = (
+                        f"{where} ({config.op}) needs the torch model, but pipeline[{lost_at}] "
+                        f"({prev.op}) produces ONNX only. Order the ops that train or change "
+                        "layer shapes (prune channels/gradual, distill, fine_tune, low_rank, "
+                        "qat) before ONNX-only ops such as quantize."
+                    )
+                sub = config.torch_field()
+                raise PipelineError(detail, f"{where}.{sub}" if sub else where)
+            backend: Backend = "torch"
+        elif (
+            "torch" in options and torch_available and (later_needs_torch or options[0] == "torch")
+        ):
+            backend = "torch"
+        elif "onnx" in options:
+            backend = "onnx"
+        else:  # pragma: no cover - every op runs somewhere
+            raise PipelineError(f"{where} ({config.op}) has no backend", where)
+        plan.append(backend)
+        if torch_available and (backend == "onnx" or not config.keeps_torch()):
+            torch_available, lost_at = False, index
+    return plan
 
 
 def op_schemas() -> dict[str, dict[str, Any]]:

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from worker.engine import metrics as m
-from worker.engine.config import CHANNELS_FIRST, CHANNELS_NEED_PT2, OpConfig, PruneConfig, parse_op
+from worker.engine.config import Backend, OpConfig, PipelineError, parse_op, plan_pipeline
 from worker.engine.datasets import Samples, load_dataset, match_inputs, synthetic
 from worker.engine.errors import EngineError
-from worker.engine.export import to_onnx
+from worker.engine.export import pt2_to_onnx, to_onnx
 from worker.engine.formats import (
     ModelFormat,
     TensorSpec,
@@ -23,7 +23,7 @@ from worker.engine.formats import (
     load_onnx,
     onnx_io,
 )
-from worker.engine.registry import OpHandler, StepContext, handler_for
+from worker.engine.registry import Handler, StepContext, handler_for
 from worker.engine.runtime import (
     Feed,
     eval_threads,
@@ -66,23 +66,25 @@ class _Evaluation:
 
 
 def _validate(
-    configs: list[OpConfig], fmt: ModelFormat, export: Sequence[str], task: str
-) -> list[OpHandler]:
-    """Refuse what cannot be done before any compute is spent."""
+    configs: list[OpConfig],
+    fmt: ModelFormat,
+    export: Sequence[str],
+    task: str,
+    has_dataset: bool,
+) -> tuple[list[Backend], list[Handler]]:
+    """Refuse what cannot be done before any compute is spent; where each step runs."""
     if task not in TASKS:
         raise EngineError(
             "invalid_evaluation_task",
             f"Unknown evaluation task {task!r}; use one of {', '.join(TASKS)}.",
             field="evaluation.task",
         )
-    handlers = [handler_for(c) for c in configs]
-    for index, config in enumerate(configs):
-        if isinstance(config, PruneConfig) and config.granularity == "channels":
-            where = f"pipeline[{index}].granularity"
-            if fmt != "pt2":
-                raise EngineError("unsupported_op", CHANNELS_NEED_PT2, field=where)
-            if index != 0:
-                raise EngineError("invalid_pipeline", CHANNELS_FIRST, field=where)
+    try:
+        plan = plan_pipeline(configs, fmt, has_dataset=has_dataset)
+    except PipelineError as exc:
+        code = "unsupported_op" if "upload a torch.export" in exc.detail else "invalid_pipeline"
+        raise EngineError(code, exc.detail, field=exc.field) from exc
+    handlers = [handler_for(c, b) for c, b in zip(configs, plan, strict=True)]
     unknown = [e for e in export if e not in EXPORTS]
     if unknown or not export:
         raise EngineError(
@@ -98,22 +100,27 @@ def _validate(
             "keep a torch model).",
             field="export",
         )
-    if "pt2" in export:
-        keeps_torch = fmt == "pt2" and all(h.produces == "torch" for h in handlers)
-        if not keeps_torch:
-            reason = (
-                "the pipeline's ops run on ONNX (onnxruntime quantization writes QDQ/integer "
-                "ONNX operators that have no torch.export equivalent)"
-                if handlers
-                else f"the model was uploaded as {fmt}, not as a .pt2"
-            )
-            raise EngineError(
-                "export_unsupported",
-                f"A .pt2 export is not available for this job: {reason}. Request export "
-                "['onnx']; the ONNX artifact runs in onnxruntime on CPU, GPU and mobile.",
-                field="export",
-            )
-    return handlers
+    if "pt2" in export and not keeps_torch_model(configs, plan, fmt):
+        reason = (
+            "a step runs on ONNX (onnxruntime quantization writes QDQ/integer ONNX operators "
+            "that have no torch.export equivalent)"
+            if fmt == "pt2"
+            else f"the model was uploaded as {fmt}, not as a .pt2"
+        )
+        raise EngineError(
+            "export_unsupported",
+            f"A .pt2 export is not available for this job: {reason}. Request export "
+            "['onnx']; the ONNX artifact runs in onnxruntime on CPU, GPU and mobile.",
+            field="export",
+        )
+    return plan, handlers
+
+
+def keeps_torch_model(configs: Sequence[OpConfig], plan: Sequence[Backend], fmt: str) -> bool:
+    """Whether the pipeline ends with a torch model (so a .pt2 can be delivered)."""
+    return fmt == "pt2" and all(
+        b == "torch" and c.keeps_torch() for c, b in zip(configs, plan, strict=True)
+    )
 
 
 def _samples(
@@ -207,9 +214,7 @@ def compress(
     except ValueError as exc:
         raise EngineError("invalid_pipeline", str(exc), field="pipeline") from exc
     fmt = detect_format(model_path)
-    handlers = _validate(configs, fmt, export, evaluation_task)
-    if any(h.consumes != "onnx" for h in handlers):
-        raise EngineError("unsupported_op", "Ops on torch models are not available yet.")
+    plan, handlers = _validate(configs, fmt, export, evaluation_task, dataset_path is not None)
 
     def report(fraction: float, message: str) -> None:
         emit(
@@ -237,15 +242,32 @@ def compress(
     warnings = _job_warnings(data, evaluation_task, batch)
 
     report(0.1, "measuring the original model")
+    for index, config in enumerate(configs):
+        why = config.needs_labels()
+        if why and data.labels is None:
+            raise EngineError(
+                "dataset_needs_labels",
+                f"pipeline[{index}] ({config.op}) needs a dataset with a `labels` array: {why}.",
+                field=f"pipeline[{index}]",
+            )
+    # The torch model of the pipeline (a .pt2) while steps run on torch.
+    current_pt2: Path | None = Path(model_path) if fmt == "pt2" else None
     if resume:
         start = int(resume["start_index"])
         original_metrics = dict(resume["original_metrics"])
         evaluation.reference = run_all(
             make_session(original, eval_threads()), evaluation.samples, batch
         )
-        current = workdir / f"resume_step{start - 1}.onnx"
-        shutil.copyfile(resume["model_path"], current)
-        load_onnx(current)
+        saved = Path(resume["model_path"])
+        if saved.suffix == ".pt2":
+            current_pt2 = workdir / f"resume_step{start - 1}.pt2"
+            shutil.copyfile(saved, current_pt2)
+            current = pt2_to_onnx(current_pt2, workdir / f"resume_step{start - 1}.onnx")
+        else:
+            current_pt2 = None
+            current = workdir / f"resume_step{start - 1}.onnx"
+            shutil.copyfile(saved, current)
+            load_onnx(current)
     else:
         start, current = 0, original
         original_metrics, evaluation.reference = evaluation.measure(original)
@@ -267,10 +289,12 @@ def compress(
         report(lo, f"step {index + 1}/{n}: {config.op}")
         scratch = workdir / f"step{index}.tmp"
         scratch.mkdir(exist_ok=True)
+        backend = plan[index]
+        suffix = "pt2" if backend == "torch" else "onnx"
         ctx = StepContext(
             index=index,
             workdir=scratch,
-            output=workdir / f"step{index}_{config.op}.onnx",
+            output=workdir / f"step{index}_{config.op}.{suffix}",
             inputs=inputs,
             samples=data,
             batch=batch,
@@ -279,20 +303,43 @@ def compress(
             source_model=Path(model_path),
             source_format=fmt,
         )
-        out = Path(handler.fn(config, current, ctx))
+        if backend == "torch":
+            if current_pt2 is None:  # plan_pipeline guarantees one; a resume may not
+                raise EngineError(
+                    "invalid_pipeline",
+                    f"pipeline[{index}] ({config.op}) needs the torch model, which an earlier "
+                    "step did not keep.",
+                    field=f"pipeline[{index}]",
+                )
+            out = Path(handler(config, current_pt2, ctx))
+        else:
+            out = Path(handler(config, current, ctx))
         shutil.rmtree(scratch, ignore_errors=True)
-        step_warnings = ctx.warnings + verify_artifact(out, probe)
+        if out.suffix == ".pt2":
+            current_pt2 = out
+            measured = pt2_to_onnx(out, workdir / f"step{index}_{config.op}.onnx")
+            checkpoint = m.artifact_info(out, "pt2")
+        else:
+            current_pt2 = None
+            measured = out
+            checkpoint = m.artifact_info(out)
+        step_warnings = ctx.warnings + verify_artifact(measured, probe)
         report(lo + (hi - lo) * 0.7, f"step {index + 1}/{n}: measuring")
-        values, _ = evaluation.measure(out)
+        values, _ = evaluation.measure(measured)
+        values.update(ctx.metrics)
         step_warnings += _fidelity_warnings(values)
-        artifact = m.artifact_info(out)
+        artifact = m.artifact_info(measured)
+        extras = [m.artifact_info(path, fmt_) for path, fmt_ in ctx.extras]
         steps.append(
             {
                 "index": index,
                 "op": config.op,
+                "backend": backend,
                 "config": config.to_dict(),
                 "metrics": values,
                 "artifact": artifact,
+                "extras": extras,
+                "details": ctx.details,
                 "warnings": step_warnings,
             }
         )
@@ -302,11 +349,13 @@ def compress(
                 "index": index,
                 "metrics": values,
                 "warnings": step_warnings,
-                # The last step's file is the final artifact; only earlier ones are checkpoints.
-                "artifact": artifact if index < n - 1 else None,
+                "details": ctx.details,
+                # The last step's file is the final artifact; only earlier ones are checkpoints
+                # (a torch step's checkpoint is its .pt2, so a retry resumes on torch).
+                "artifact": checkpoint if index < n - 1 else None,
             }
         )
-        current, final_metrics, final_artifact = out, values, artifact
+        current, final_metrics, final_artifact = measured, values, artifact
 
     report(0.96, "checking the final artifact")
     if final_artifact is None:
@@ -317,9 +366,12 @@ def compress(
         raise EngineError("artifact_check_failed", f"{current.name} changed after it was measured.")
     verify_artifact(current, probe)
     artifacts = [{**final_artifact, "role": "final"}]
+    if steps:
+        artifacts += [{**extra, "role": "final"} for extra in steps[-1]["extras"]]
     if "pt2" in export:
+        assert current_pt2 is not None  # _validate allowed pt2 only for torch-kept pipelines
         pt2 = workdir / "final.pt2"
-        shutil.copyfile(model_path, pt2)
+        shutil.copyfile(current_pt2, pt2)
         artifacts.append({**m.artifact_info(pt2, "pt2"), "role": "final"})
     ratios = _ratios(original_metrics, final_metrics)
     if steps and ratios["speedup"] < SLOWER_THAN_ORIGINAL:

@@ -1,6 +1,7 @@
 """`prune` on ONNX weight initializers: unstructured or N:M, by magnitude (L1/L2) or at random.
 
-Granularity `channels` is routed to worker.engine.structured (it needs the torch graph).
+Everything that needs the torch graph (channels, gradient/entropy criteria, schedules with
+training) runs in worker.engine.structured on the pipeline's .pt2.
 
 Unstructured sparsity leaves a dense file the same size and speed; what it buys is a smaller
 compressed download (size_zstd_bytes) and a start for weight sharing. The job reports that
@@ -91,16 +92,7 @@ def _nm_mask(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
     return np.moveaxis(keep, -1, axis)
 
 
-@register(PruneConfig)
-def prune(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
-    """Channels on the job's original .pt2 (torch); unstructured and N:M on the ONNX."""
-    if config.granularity == "channels":
-        from worker.engine.structured import prune_channels
-
-        return prune_channels(config, ctx)
-    return prune_onnx(config, model_path, ctx)
-
-
+@register(PruneConfig, on="onnx")
 def prune_onnx(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
     import onnx
     from onnx import numpy_helper

@@ -1,18 +1,21 @@
-"""Op registry: config type -> handler, so a method is added by a config plus a handler."""
+"""Op registry: (config type, backend) -> handler, so a method is a config plus handler(s).
+
+An ONNX handler gets the current ONNX file and returns the ONNX it wrote. A torch handler gets
+the current torch model as a .pt2 file and returns a .pt2 (the pipeline exports it to ONNX for
+measuring) or, for ops that end the torch stage (e.g. QAT), an .onnx.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from worker.engine.config import OpConfig
+from worker.engine.config import Backend, OpConfig
 from worker.engine.datasets import Samples
 from worker.engine.errors import EngineError
 from worker.engine.formats import TensorSpec
-
-ModelKind = Literal["onnx", "torch"]
 
 
 @dataclass
@@ -28,9 +31,16 @@ class StepContext:
     seed: int = 0
     report: Callable[[float, str], None] = lambda fraction, message: None
     warnings: list[str] = field(default_factory=list)
-    # The job's uploaded model, for ops that need the torch graph rather than the ONNX.
+    # The job's uploaded model (the teacher for distillation when it is a .pt2).
     source_model: Path | None = None
     source_format: str | None = None
+    # What a handler adds besides its model file:
+    # extra files delivered with the step's model, as (path, format) — e.g. a packed archive;
+    extras: list[tuple[Path, str]] = field(default_factory=list)
+    # extra metrics merged into the step's measured metrics (e.g. archive_size_bytes);
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # an op-specific report stored with the step (GET /v1/jobs/{id} → steps[].details).
+    details: dict[str, Any] = field(default_factory=dict)
 
     def calibration(self, limit: int) -> Samples:
         """At most `limit` samples, drawn reproducibly from the job's data."""
@@ -39,47 +49,33 @@ class StepContext:
 
 Handler = Callable[[Any, Path, StepContext], Path]
 
-
-@dataclass(frozen=True)
-class OpHandler:
-    """A handler and the model kind it consumes and produces (ONNX file or torch module)."""
-
-    fn: Handler
-    consumes: ModelKind
-    produces: ModelKind
+_HANDLERS: dict[tuple[type[OpConfig], Backend], Handler] = {}
 
 
-_HANDLERS: dict[type[OpConfig], OpHandler] = {}
-
-
-def register(
-    config_type: type[OpConfig],
-    *,
-    consumes: ModelKind = "onnx",
-    produces: ModelKind = "onnx",
-) -> Callable[[Handler], Handler]:
-    """Decorator: `fn(config, model_path, ctx) -> output path` handles `config_type`."""
+def register(config_type: type[OpConfig], *, on: Backend = "onnx") -> Callable[[Handler], Handler]:
+    """Decorator: `fn(config, model_path, ctx) -> output path` handles `config_type` on `on`."""
 
     def wrap(fn: Handler) -> Handler:
-        _HANDLERS[config_type] = OpHandler(fn, consumes, produces)
+        _HANDLERS[(config_type, on)] = fn
         return fn
 
     return wrap
 
 
-def handler_for(config: OpConfig) -> OpHandler:
-    """The registered handler for a parsed config."""
+def handler_for(config: OpConfig, backend: Backend) -> Handler:
+    """The registered handler for a parsed config on a backend."""
     _load_builtin_handlers()
-    handler = _HANDLERS.get(type(config))
+    handler = _HANDLERS.get((type(config), backend))
     if handler is None:
+        available = sorted({f"{c.model_fields['op'].default} ({b})" for c, b in _HANDLERS})
         raise EngineError(
             "unsupported_op",
-            f"No handler is registered for op {config.op!r} in this worker; "
-            f"available: {', '.join(sorted(c.model_fields['op'].default for c in _HANDLERS))}.",
+            f"No handler is registered for op {config.op!r} on {backend} in this worker; "
+            f"available: {', '.join(available)}.",
             field="pipeline",
         )
     return handler
 
 
 def _load_builtin_handlers() -> None:
-    from worker.engine import prune, quantize  # noqa: F401  (register on import)
+    from worker.engine import prune, quantize, structured  # noqa: F401  (register on import)

@@ -16,16 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.config import CHANNELS_NEED_PT2, PruneConfig
+from worker.engine.config import PruneConfig
 from worker.engine.errors import EngineError
-from worker.engine.export import pt2_to_onnx, quiet
+from worker.engine.export import quiet
 from worker.engine.formats import load_exported_program
+from worker.engine.registry import StepContext, register
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from worker.engine.registry import StepContext
 
 FINE_TUNE_BATCH = 64
 EXAMPLE_BATCH = 4
@@ -262,17 +261,21 @@ def _can_fine_tune(ctx: StepContext) -> str | None:
     return None
 
 
-def prune_channels(config: PruneConfig, ctx: StepContext) -> Path:
-    """Remove output channels of the job's original .pt2 and write the result as ONNX."""
+@register(PruneConfig, on="torch")
+def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Prune the pipeline's torch model (.pt2 in, .pt2 out)."""
+    if config.granularity == "channels":
+        return prune_channels(config, model_path, ctx)
+    raise EngineError("unsupported_op", "torch unstructured pruning is not available yet")
+
+
+def prune_channels(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Remove output channels of the torch model and write the result as a .pt2."""
     import torch
     import torch_pruning as tp
     from torch import nn
 
-    if ctx.source_model is None or ctx.source_format != "pt2":
-        raise EngineError(
-            "unsupported_op", CHANNELS_NEED_PT2, field=f"pipeline[{ctx.index}].granularity"
-        )
-    ep = load_exported_program(ctx.source_model)
+    ep = load_exported_program(model_path)
     ctx.report(0.05, "lifting conv/linear/batch-norm layers")
     gm, output_layers = lift_modules(ep)
     gm.eval()
@@ -346,8 +349,7 @@ def prune_channels(config: PruneConfig, ctx: StepContext) -> Path:
         else:
             ctx.warnings.append(f"fine_tune_epochs was ignored: {reason}.")
     ctx.report(0.85, "exporting")
-    pt2 = _export(gm, example, ctx)
-    pt2_to_onnx(pt2, ctx.output)
+    _export(gm, example, ctx)
     ctx.warnings.append(
         f"Removed channels: MACs {macs0:,.0f} → {macs1:,.0f} ({macs1 / macs0:.1%}), parameters "
         f"{params0:,} → {params1:,} ({params1 / params0:.1%}); "
@@ -371,7 +373,7 @@ def _export(gm: torch.fx.GraphModule, example: tuple[Any, ...], ctx: StepContext
     if ctx.batch is None:
         batch = torch.export.Dim("batch", min=1, max=65536)
         dynamic = tuple({0: batch} for _ in example)
-    out = ctx.workdir / "pruned.pt2"
+    out = ctx.output
     try:
         with quiet():
             program = torch.export.export(gm, example, dynamic_shapes=dynamic)

@@ -75,6 +75,8 @@ class JobStep(IdMixin, TimestampMixin, Base):
     status: Mapped[str] = mapped_column(String(20), default=StepStatus.pending)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     warnings: Mapped[list[Any] | None] = mapped_column(default=None)
+    # Op-specific report (e.g. per-layer sensitivity, layers kept in float, training curves).
+    details: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     artifact_id: Mapped[str | None] = mapped_column(String(36), default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
