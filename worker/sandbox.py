@@ -287,6 +287,7 @@ def _dispatch(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> d
             spec["pipeline"],
             dataset_path=spec.get("dataset_path"),
             evaluation_task=spec.get("evaluation_task", "classification"),
+            holdout=spec.get("evaluation_holdout"),
             export=spec.get("export", ["onnx"]),
             workdir=spec["workdir"],
             progress=emit,

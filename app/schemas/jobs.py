@@ -12,6 +12,16 @@ class Evaluation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: Literal["classification", "embedding", "generic"] = "classification"
+    holdout: float | None = Field(
+        None,
+        ge=0.0,
+        le=0.9,
+        description=(
+            "Fraction of the dataset held out of training/calibration and used for every "
+            "measurement. Default: 0.3 when a step trains (fine_tune, distill, gradual prune, "
+            "qat), else 0 (all samples are measured)."
+        ),
+    )
 
 
 class JobCreate(BaseModel):

@@ -36,6 +36,10 @@ class OpConfig(BaseModel):
         """The config field that makes this op need the torch model, for error messages."""
         return None
 
+    def trains(self) -> bool:
+        """Whether the op trains on the job's dataset (then part of it is held out)."""
+        return False
+
     def needs_labels(self) -> str | None:
         """Why this op needs a dataset with labels (None: it does not)."""
         return None
@@ -110,6 +114,15 @@ class PruneConfig(OpConfig):
     lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate for training")
     batch_size: int = Field(64, ge=1, le=4096)
     samples: int = Field(1024, ge=1, le=100_000, description="samples scored (gradient/entropy)")
+    round_to: int | None = Field(
+        8,
+        ge=1,
+        le=256,
+        description=(
+            "channels: kept channel counts are rounded down to a multiple of this (onnxruntime's "
+            "blocked CPU conv kernels run odd counts slower); null keeps the exact ratio"
+        ),
+    )
 
     @model_validator(mode="after")
     def _n_below_m(self) -> PruneConfig:

@@ -127,6 +127,25 @@ class Samples:
         labels = self.labels[idx] if self.labels is not None else None
         return Samples({k: v[idx] for k, v in self.inputs.items()}, labels, self.source)
 
+    def select(self, idx: np.ndarray) -> Samples:
+        labels = self.labels[idx] if self.labels is not None else None
+        return Samples({k: v[idx] for k, v in self.inputs.items()}, labels, self.source)
+
+    def split(self, holdout: float, seed: int) -> tuple[Samples, Samples]:
+        """(train, held-out) with `holdout` of the samples held out, stratified by label."""
+        rng = np.random.default_rng(seed)
+        n = len(self)
+        held: list[np.ndarray] = []
+        if self.labels is not None and self.labels.ndim == 1:
+            for label in np.unique(self.labels):
+                members = rng.permutation(np.flatnonzero(self.labels == label))
+                held.append(members[: int(round(holdout * len(members)))])
+        else:
+            held.append(rng.permutation(n)[: int(round(holdout * n))])
+        mask = np.zeros(n, dtype=bool)
+        mask[np.concatenate(held)] = True
+        return self.select(np.flatnonzero(~mask)), self.select(np.flatnonzero(mask))
+
 
 def _expected(spec: TensorSpec) -> str:
     dims = ["N", *[d if d is not None else "?" for d in spec.shape[1:]]]

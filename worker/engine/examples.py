@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _digits(flat: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """sklearn's 8×8 digits scaled to [0, 1], split 70/30 stratified."""
+    """sklearn's 8×8 digits scaled to [0, 1], split 50/50 stratified (train / the dataset)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -25,7 +25,7 @@ def _digits(flat: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarr
     x = (digits.images / 16.0).astype(np.float32)
     x = x.reshape(len(x), 64) if flat else x[:, None]
     y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, stratify=y, random_state=seed)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.5, stratify=y, random_state=seed)
     return x_tr, x_te, y_tr, y_te
 
 

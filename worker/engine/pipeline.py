@@ -39,6 +39,7 @@ EVAL_SAMPLES = 2000
 LATENCY_SAMPLES = 16
 TASKS = ("classification", "embedding", "generic")
 EXPORTS = ("onnx", "pt2", "torchscript")
+DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step trains
 SLOWER_THAN_ORIGINAL = 0.9  # a measured speedup under this is reported, above it is noise
 Progress = Callable[[dict[str, Any]], None]
 
@@ -198,12 +199,16 @@ def compress(
     seed: int = 0,
     latency_threads: int = 1,
     resume: dict[str, Any] | None = None,
+    holdout: float | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
     `resume` ({start_index, model_path, original_metrics}) continues a retried job after its
     last stored checkpoint: steps before start_index are skipped and the original is not
     re-measured (its outputs are recomputed as the fidelity reference).
+
+    `holdout` is the fraction of the dataset kept out of training, calibration and scoring and
+    used for every measurement; by default 0.3 when a step trains, else 0 (all samples).
     """
     emit: Progress = progress or (lambda event: None)
     workdir = Path(workdir)
@@ -232,14 +237,33 @@ def compress(
     inputs, _ = onnx_io(load_onnx(original))
     batch = fixed_batch(inputs)
     data = _samples(dataset_path, inputs, evaluation_task, seed)
+    trains = any(c.trains() for c in configs)
+    if holdout is None:
+        holdout = DEFAULT_HOLDOUT if trains and data.source == "dataset" else 0.0
+    eval_data = data
+    if holdout > 0 and data.source == "dataset":
+        data, eval_data = data.split(holdout, seed)
+        if len(data) < 2 or len(eval_data) < 1:
+            raise EngineError(
+                "dataset_too_small",
+                f"The dataset has {len(data) + len(eval_data)} samples: too few to hold out "
+                f"{holdout:.0%} for evaluation and train on the rest. Upload more samples or "
+                "set evaluation.holdout to 0.",
+                field="evaluation.holdout",
+            )
     evaluation = _Evaluation(
         evaluation_task,
-        data.subset(EVAL_SAMPLES, seed),
-        _latency_feeds(data, batch),
+        eval_data.subset(EVAL_SAMPLES, seed),
+        _latency_feeds(eval_data, batch),
         batch,
         latency_threads,
     )
     warnings = _job_warnings(data, evaluation_task, batch)
+    if trains and holdout == 0 and data.source == "dataset":
+        warnings.append(
+            "The pipeline trains on the job's dataset and evaluation.holdout is 0, so the "
+            "metrics are measured on the training samples and may be optimistic."
+        )
 
     report(0.1, "measuring the original model")
     for index, config in enumerate(configs):
@@ -390,6 +414,11 @@ def compress(
         "warnings": warnings,
         "accuracy_measured": "accuracy_top1" in final_metrics,
         "calibration_source": data.source,
+        "evaluation": {
+            "holdout": holdout,
+            "eval_samples": len(evaluation.samples),
+            "train_samples": len(data) if holdout > 0 else None,
+        },
     }
 
 

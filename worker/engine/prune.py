@@ -92,6 +92,25 @@ def _nm_mask(scores: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
     return np.moveaxis(keep, -1, axis)
 
 
+def make_masks(
+    scores: dict[str, np.ndarray], axes: dict[str, int], config: PruneConfig, sparsity: float
+) -> dict[str, np.ndarray]:
+    """Keep-masks: N:M groups along each weight's reduction axis, else the `sparsity` fraction
+    of lowest scores zeroed per layer or across all layers (scope global)."""
+    if config.granularity == "n:m":
+        return {name: _nm_mask(s, axes[name], config.n, config.m) for name, s in scores.items()}
+    if config.scope == "global":
+        flat = np.concatenate([s.ravel() for s in scores.values()])
+        return {name: s > _threshold(flat, sparsity) for name, s in scores.items()}
+    return {name: s > _threshold(s.ravel(), sparsity) for name, s in scores.items()}
+
+
+def _threshold(flat: np.ndarray, sparsity: float) -> float:
+    """The score at or below which `sparsity` of the entries lie (ties pruned together)."""
+    k = int(round(sparsity * flat.size))
+    return float(np.partition(flat, k - 1)[k - 1]) if k > 0 else -np.inf
+
+
 @register(PruneConfig, on="onnx")
 def prune_onnx(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
     import onnx
@@ -102,21 +121,8 @@ def prune_onnx(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
     targets = _prunable(model, config)
     arrays = {init.name: numpy_helper.to_array(init) for init, _, _ in targets}
     scores = {name: _scores(w, config, rng) for name, w in arrays.items()}
-    masks: dict[str, np.ndarray] = {}
-    if config.granularity == "n:m":
-        n, m = config.n, config.m
-        for init, _node, axis in targets:
-            masks[init.name] = _nm_mask(scores[init.name], axis, n, m)
-    elif config.scope == "global":
-        flat = np.concatenate([s.ravel() for s in scores.values()])
-        k = int(round(config.sparsity * flat.size))
-        threshold = np.partition(flat, k - 1)[k - 1] if k > 0 else -np.inf
-        masks = {name: s > threshold for name, s in scores.items()}
-    else:
-        for name, s in scores.items():
-            k = int(round(config.sparsity * s.size))
-            threshold = np.partition(s.ravel(), k - 1)[k - 1] if k > 0 else -np.inf
-            masks[name] = s > threshold
+    axes = {init.name: axis for init, _node, axis in targets}
+    masks = make_masks(scores, axes, config, config.sparsity)
     for init, _node, _axis in targets:
         pruned = np.where(masks[init.name], arrays[init.name], 0).astype(arrays[init.name].dtype)
         init.CopyFrom(numpy_helper.from_array(pruned, init.name))

@@ -78,4 +78,4 @@ def handler_for(config: OpConfig, backend: Backend) -> Handler:
 
 
 def _load_builtin_handlers() -> None:
-    from worker.engine import prune, quantize, structured  # noqa: F401  (register on import)
+    from worker.engine import prune, prune_torch, quantize  # noqa: F401  (register on import)

@@ -1,36 +1,27 @@
-"""Channel pruning of a torch.export .pt2: remove whole output channels/neurons with Torch-Pruning.
+"""A torch.export .pt2 as a model torch ops can train and reshape, and back to a .pt2.
 
 The exported graph calls functional aten ops (aten.conv2d, aten.linear, aten.batch_norm) on
-get_attr weights, which Torch-Pruning's dependency graph cannot see; they are lifted back into
-nn.Conv2d / nn.Linear / nn.BatchNorm2d modules first. Torch-Pruning then removes channels
-consistently across coupled layers (BatchNorm, residual adds, concatenations, depthwise convs),
-the result is optionally fine-tuned on the job's labelled data, re-exported with torch.export and
-converted to ONNX with the engine's exporter, so later steps and the metrics see a normal ONNX.
+get_attr weights, which Torch-Pruning's dependency graph and optimisers cannot see as layers;
+lift_modules turns them back into nn.Conv2d / nn.Linear / nn.BatchNorm2d modules on an fx
+GraphModule (at their original names), and _export re-exports the result with torch.export.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.config import PruneConfig
 from worker.engine.errors import EngineError
 from worker.engine.export import quiet
-from worker.engine.formats import load_exported_program
-from worker.engine.registry import StepContext, register
+from worker.engine.registry import StepContext
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-FINE_TUNE_BATCH = 64
 EXAMPLE_BATCH = 4
-# Kept channel counts are multiples of 8: onnxruntime's blocked (NCHWc) CPU conv kernels run
-# odd counts slower than the unpruned layer (measured: 22 of 32 channels 1.6x slower, 24 faster).
-ROUND_TO = 8
 
 
 def _attr(gm: torch.fx.GraphModule, node: Any) -> Any:
@@ -119,11 +110,22 @@ def _batch_norm(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
     return bn.eval()
 
 
+def _module_path(weight_node: Any) -> str:
+    """Where the lifted module lives: the owner of its weight ("features.0.weight" → "features.0").
+
+    Re-exporting the lifted model names the weight "<path>.weight" again, so a model that goes
+    through several torch steps keeps the user's layer names (what `ignore` patterns match).
+    """
+    owner, _, _ = str(weight_node.target).rpartition(".")
+    return owner
+
+
 def lift_modules(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule, list[str]]:
     """A trainable GraphModule whose conv2d/linear/batch_norm calls are real modules.
 
-    Returns the module and the names of the Conv/Linear modules that produce a graph output
-    (the classifier: its outputs are the model's outputs, so they are never pruned).
+    Each lifted module sits at its weight's original path (e.g. "features.0"), so layer names
+    survive re-export. Returns the module and the names of the Conv/Linear modules that produce
+    a graph output (the classifier: its outputs are the model's outputs, never pruned).
     """
     import torch
     from torch import nn
@@ -135,51 +137,76 @@ def lift_modules(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule
         aten.batch_norm.default: _batch_norm,
     }
     source = ep.module()
-    root = nn.Module()
-    # Everything the graph reads by get_attr stays reachable on the new root.
+    # Decide what is lifted first, so the lifted weights are not copied as loose tensors.
+    plan: list[tuple[Any, nn.Module, str]] = []
+    taken: set[str] = set()
     for node in source.graph.nodes:
-        if node.op == "get_attr":
-            value = _attr(source, node)
-            owner = root
-            *path, leaf = str(node.target).split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, nn.Module())
-                owner = getattr(owner, part)
-            if isinstance(value, nn.Parameter):
-                owner.register_parameter(leaf, nn.Parameter(value.detach().clone()))
-            elif isinstance(value, torch.Tensor):
-                owner.register_buffer(leaf, value.detach().clone())
-            else:
-                setattr(owner, leaf, value)
+        build = builders.get(node.target) if node.op == "call_function" else None
+        module = build(source, node) if build else None
+        if module is None:
+            continue
+        path = _module_path(node.args[1])
+        if not path or path in taken:
+            path = f"lifted_{node.name}"
+        taken.add(path)
+        plan.append((node, module, path))
+    lifted_inputs = {
+        str(a.target)
+        for node, _, _ in plan
+        for a in node.args[1:]
+        if getattr(a, "op", None) == "get_attr"
+    }
+    root = nn.Module()
+
+    def owner_of(path: str) -> tuple[nn.Module, str]:
+        owner = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        return owner, leaf
+
+    for node, module, path in plan:
+        owner, leaf = owner_of(path)
+        if hasattr(owner, leaf):  # a container already there (a path prefix of another)
+            path = f"lifted_{node.name}"
+            owner, leaf = owner_of(path)
+        owner.add_module(leaf, module)
+    for i, (node, module, path) in enumerate(plan):
+        if root.get_submodule(path) is not module:
+            plan[i] = (node, module, f"lifted_{node.name}")
+    # Everything else the graph reads by get_attr stays reachable on the new root.
+    for node in source.graph.nodes:
+        if node.op != "get_attr" or str(node.target) in lifted_inputs:
+            continue
+        value = _attr(source, node)
+        owner, leaf = owner_of(str(node.target))
+        if hasattr(owner, leaf):
+            continue
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, nn.Parameter(value.detach().clone()))
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value.detach().clone())
+        else:
+            setattr(owner, leaf, value)
     # A plain copy of the graph: positional inputs, no pytree in/out wrapping of ep.module().
     graph = torch.fx.Graph()
     env: dict[Any, Any] = {}
     graph.output(graph.graph_copy(source.graph, env))
     gm = torch.fx.GraphModule(root, graph)
     lifted: dict[str, nn.Module] = {}
-    for node in list(gm.graph.nodes):
-        build = builders.get(node.target) if node.op == "call_function" else None
-        module = build(gm, node) if build else None
-        if module is None:
-            continue
-        name = f"lifted_{node.name}"
-        gm.add_module(name, module)
-        lifted[name] = module
+    for old_node, module, path in plan:
+        node = env[old_node]
+        gm.add_submodule(path, module)  # GraphModule() copied only what the graph referenced
+        lifted[path] = module
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (node.args[0],))
+            call = gm.graph.call_module(path, (node.args[0],))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    # Drop the now unused original weights so they are neither trained nor counted.
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
-        if not name.startswith("lifted_") and name not in used:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
-            delattr(owner, leaf)
     gm.recompile()
     return gm, _output_layers(gm, lifted)
 
@@ -216,148 +243,6 @@ def _example_args(ctx: StepContext) -> tuple[torch.Tensor, ...]:
             data = np.concatenate([data] * (size // len(data) + 1))
         arrays.append(torch.from_numpy(np.ascontiguousarray(data[:size])))
     return tuple(arrays)
-
-
-def _fine_tune(model: nn.Module, config: PruneConfig, ctx: StepContext) -> None:
-    import torch
-
-    labels = ctx.samples.labels
-    xs = [torch.from_numpy(np.ascontiguousarray(ctx.samples.inputs[s.name])) for s in ctx.inputs]
-    yt = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    batch = ctx.batch or FINE_TUNE_BATCH
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(ctx.seed)
-    try:
-        gen = torch.Generator().manual_seed(ctx.seed)
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-        model.train()
-        n = len(yt)
-        for epoch in range(config.fine_tune_epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch):
-                idx = order[i : i + batch]
-                if ctx.batch and len(idx) != ctx.batch:
-                    continue  # a fixed-batch model takes only full batches
-                opt.zero_grad()
-                logits = model(*(x[idx] for x in xs))
-                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-                loss = torch.nn.functional.cross_entropy(logits, yt[idx])
-                loss.backward()
-                opt.step()
-            ctx.report(0.5 + 0.3 * (epoch + 1) / config.fine_tune_epochs, "fine-tuning")
-    finally:
-        torch.set_num_threads(threads)
-        model.eval()
-
-
-def _can_fine_tune(ctx: StepContext) -> str | None:
-    """Why fine-tuning is skipped, or None when the job's data allows it."""
-    labels = ctx.samples.labels
-    if ctx.samples.source != "dataset" or labels is None:
-        return "the job's dataset has no `labels` array"
-    if labels.ndim != 1:
-        return "the dataset's `labels` are not one integer class per sample"
-    return None
-
-
-@register(PruneConfig, on="torch")
-def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
-    """Prune the pipeline's torch model (.pt2 in, .pt2 out)."""
-    if config.granularity == "channels":
-        return prune_channels(config, model_path, ctx)
-    raise EngineError("unsupported_op", "torch unstructured pruning is not available yet")
-
-
-def prune_channels(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
-    """Remove output channels of the torch model and write the result as a .pt2."""
-    import torch
-    import torch_pruning as tp
-    from torch import nn
-
-    ep = load_exported_program(model_path)
-    ctx.report(0.05, "lifting conv/linear/batch-norm layers")
-    gm, output_layers = lift_modules(ep)
-    gm.eval()
-    layers = {
-        name: mod for name, mod in gm.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))
-    }
-    if not layers:
-        raise EngineError(
-            "nothing_to_prune",
-            "The model has no conv2d/linear layers with constant weights to prune channels of.",
-            field="pipeline",
-        )
-    ignored = {name for name in output_layers}
-    for name in layers:
-        if any(fnmatch.fnmatch(name, pat) for pat in config.ignore):
-            ignored.add(name)
-    if len(ignored) == len(layers):
-        raise EngineError(
-            "nothing_to_prune",
-            "Every conv/linear layer is excluded (the output layer is always kept, plus "
-            "'ignore'), so no channel can be removed.",
-            field="pipeline",
-        )
-    example = _example_args(ctx)
-    with torch.no_grad():
-        before = gm(*example)
-    macs0, params0 = tp.utils.count_ops_and_params(gm, example)
-    if config.criterion == "random":
-        importance: Any = tp.importance.RandomImportance()
-    else:
-        importance = tp.importance.MagnitudeImportance(p=1 if config.norm == "l1" else 2)
-    torch.manual_seed(ctx.seed)
-    ctx.report(0.2, "pruning channels")
-    try:
-        pruner = tp.pruner.MagnitudePruner(
-            gm,
-            example_inputs=example if len(example) > 1 else example[0],
-            importance=importance,
-            pruning_ratio=config.sparsity,
-            global_pruning=config.scope == "global",
-            ignored_layers=[layers[n] for n in ignored],
-            round_to=ROUND_TO,
-        )
-        pruner.step()
-    except EngineError:
-        raise
-    except Exception as exc:
-        raise EngineError(
-            "prune_failed",
-            f"Torch-Pruning could not prune this graph ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}). Use granularity 'unstructured' or 'n:m'.",
-            field="pipeline",
-        ) from exc
-    gm.eval()
-    macs1, params1 = tp.utils.count_ops_and_params(gm, example)
-    with torch.no_grad():
-        after = gm(*example)
-    shapes = [getattr(t, "shape", None) for t in _flat(before)]
-    if shapes != [getattr(t, "shape", None) for t in _flat(after)]:
-        raise EngineError("prune_failed", "Channel pruning changed the model's output shapes.")
-    if config.fine_tune_epochs > 0:
-        reason = _can_fine_tune(ctx)
-        if reason is None:
-            ctx.report(0.5, "fine-tuning")
-            _fine_tune(gm, config, ctx)
-            ctx.warnings.append(
-                f"Fine-tuned for {config.fine_tune_epochs} epoch(s) on the job's dataset, which "
-                "is also the evaluation set: the measured accuracy may be optimistic. Evaluate "
-                "on held-out data before deploying."
-            )
-        else:
-            ctx.warnings.append(f"fine_tune_epochs was ignored: {reason}.")
-    ctx.report(0.85, "exporting")
-    _export(gm, example, ctx)
-    ctx.warnings.append(
-        f"Removed channels: MACs {macs0:,.0f} → {macs1:,.0f} ({macs1 / macs0:.1%}), parameters "
-        f"{params0:,} → {params1:,} ({params1 / params0:.1%}); "
-        f"{len(ignored)} output/ignored layer(s) kept whole. Kept channel counts are rounded "
-        f"down to multiples of {ROUND_TO} (faster CPU kernels), so more than "
-        f"{config.sparsity:.0%} of a layer's channels may be removed."
-    )
-    return ctx.output
 
 
 def _flat(value: Any) -> list[Any]:
