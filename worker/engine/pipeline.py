@@ -200,6 +200,7 @@ def compress(
     latency_threads: int = 1,
     resume: dict[str, Any] | None = None,
     holdout: float | None = None,
+    models: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -209,6 +210,8 @@ def compress(
 
     `holdout` is the fraction of the dataset kept out of training, calibration and scoring and
     used for every measurement; by default 0.3 when a step trains, else 0 (all samples).
+    `models` maps the ids of other uploaded models a step names (a distillation student) to
+    their files.
     """
     emit: Progress = progress or (lambda event: None)
     workdir = Path(workdir)
@@ -326,6 +329,7 @@ def compress(
             report=_scaled(report, lo, lo + (hi - lo) * 0.6),
             source_model=Path(model_path),
             source_format=fmt,
+            models={k: Path(v) for k, v in (models or {}).items()},
         )
         if backend == "torch":
             if current_pt2 is None:  # plan_pipeline guarantees one; a resume may not

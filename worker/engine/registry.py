@@ -34,6 +34,8 @@ class StepContext:
     # The job's uploaded model (the teacher for distillation when it is a .pt2).
     source_model: Path | None = None
     source_format: str | None = None
+    # Other uploaded models the pipeline names (e.g. a distillation student), by model id.
+    models: dict[str, Path] = field(default_factory=dict)
     # What a handler adds besides its model file:
     # extra files delivered with the step's model, as (path, format) — e.g. a packed archive;
     extras: list[tuple[Path, str]] = field(default_factory=list)
@@ -78,4 +80,9 @@ def handler_for(config: OpConfig, backend: Backend) -> Handler:
 
 
 def _load_builtin_handlers() -> None:
-    from worker.engine import prune, prune_torch, quantize  # noqa: F401  (register on import)
+    from worker.engine import (  # noqa: F401  (handlers register on import)
+        prune,
+        prune_torch,
+        quantize,
+        training_ops,
+    )

@@ -117,23 +117,35 @@ def loss_value(
     return loss.alpha * soft + (1 - loss.alpha) * hard
 
 
-def evaluate(model: Callable[..., Any], data: Data, size: int = 256) -> float | None:
-    """Top-1 accuracy on the data's labels (None without labels or logits)."""
+def evaluate(
+    model: Callable[..., Any],
+    data: Data,
+    teacher: Callable[..., Any] | None = None,
+    size: int = 256,
+) -> dict[str, float]:
+    """Top-1 `accuracy` on the labels and `agreement` with the teacher's top-1, where defined."""
     import torch
 
-    if data.labels is None:
-        return None
-    correct = total = 0
+    correct = agree = total = 0
     with torch.no_grad():
         for idx in data.batches(size, None):
             if total >= EVAL_LIMIT:
                 break
-            out = first(model(*(x[idx] for x in data.inputs)))
+            xs = [x[idx] for x in data.inputs]
+            out = first(model(*xs))
             if not is_logits(out):
-                return None
-            correct += int((out.argmax(1) == data.labels[idx]).sum())
+                return {}
+            if data.labels is not None:
+                correct += int((out.argmax(1) == data.labels[idx]).sum())
+            if teacher is not None:
+                agree += int((out.argmax(1) == first(teacher(*xs)).argmax(1)).sum())
             total += len(idx)
-    return correct / total if total else None
+    row = {}
+    if total and data.labels is not None:
+        row["accuracy"] = round(correct / total, 6)
+    if total and teacher is not None:
+        row["agreement"] = round(agree / total, 6)
+    return row
 
 
 def fit(
@@ -148,6 +160,7 @@ def fit(
     masks: dict[str, torch.Tensor] | None = None,
     report: Callable[[int, dict[str, float]], None] | None = None,
     params: Any = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> History:
     """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval."""
     import torch
@@ -180,6 +193,8 @@ def fit(
                 labels = data.labels[idx] if data.labels is not None else None
                 opt.zero_grad()
                 value = loss_value(first(model(*xs)), loss, labels, target)
+                if extra_loss is not None:
+                    value = value + extra_loss()
                 if not torch.isfinite(value):
                     raise EngineError(
                         "training_failed",
@@ -196,9 +211,7 @@ def fit(
                 count += len(idx)
             model.eval()
             row = {"epoch": float(epoch + 1), "loss": round(total / max(count, 1), 6)}
-            acc = evaluate(model, data)
-            if acc is not None:
-                row["accuracy"] = round(acc, 6)
+            row.update(evaluate(model, data, loss.teacher))
             history.epochs.append(row)
             if report:
                 report(epoch, row)
@@ -217,10 +230,8 @@ def load_lifted(path: Any) -> tuple[torch.fx.GraphModule, list[str]]:
     return gm.eval(), outputs
 
 
-def teacher_model(ctx: StepContext) -> Callable[..., Any]:
-    """The job's original model (a .pt2 upload), frozen, for distillation targets."""
-    import torch
-
+def teacher_module(ctx: StepContext) -> torch.fx.GraphModule:
+    """The job's original model (a .pt2 upload) as a frozen module, for distillation."""
     if ctx.source_model is None or ctx.source_format != "pt2":
         raise EngineError(
             "unsupported_op",
@@ -229,12 +240,23 @@ def teacher_model(ctx: StepContext) -> Callable[..., Any]:
     gm, _ = load_lifted(ctx.source_model)
     for p in gm.parameters():
         p.requires_grad_(False)
+    return gm
+
+
+def frozen(gm: Callable[..., Any]) -> Callable[..., Any]:
+    """Call a module without recording gradients."""
+    import torch
 
     def run(*xs: torch.Tensor) -> Any:
         with torch.no_grad():
             return gm(*xs)
 
     return run
+
+
+def teacher_model(ctx: StepContext) -> Callable[..., Any]:
+    """The job's original model, frozen, as a function of the inputs."""
+    return frozen(teacher_module(ctx))
 
 
 def recovery_loss(ctx: StepContext, data: Data) -> tuple[Loss, str]:

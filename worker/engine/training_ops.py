@@ -1,0 +1,258 @@
+"""`fine_tune` and `distill` on the pipeline's torch model (.pt2 in, .pt2 out)."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.engine.config import DistillConfig, FineTuneConfig
+from worker.engine.errors import EngineError
+from worker.engine.registry import StepContext, register
+from worker.engine.structured import _example_args, _export, _flat
+from worker.engine.train import (
+    Data,
+    Loss,
+    evaluate,
+    first,
+    fit,
+    frozen,
+    job_data,
+    load_lifted,
+    teacher_module,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def _progress(ctx: StepContext, epochs: int, what: str) -> Any:
+    def report(epoch: int, row: dict[str, float]) -> None:
+        parts = [f"loss {row['loss']:.4f}"]
+        parts += [f"{k} {row[k]:.4f}" for k in ("accuracy", "agreement") if k in row]
+        ctx.report(
+            0.05 + 0.85 * (epoch + 1) / epochs,
+            f"{what} epoch {epoch + 1}/{epochs}: " + ", ".join(parts),
+        )
+
+    return report
+
+
+@register(FineTuneConfig, on="torch")
+def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Cross-entropy training on the labels; BatchNorm statistics are updated too."""
+    gm, _ = load_lifted(model_path)
+    data = job_data(ctx)
+    before = evaluate(gm, data)
+    history = fit(
+        gm,
+        data,
+        Loss(use_labels=True),
+        epochs=config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=ctx.seed,
+        report=_progress(ctx, config.epochs, "fine-tuning"),
+    )
+    ctx.details.update({"before": before, "epochs": history.epochs})
+    return _export(gm, _example_args(ctx), ctx)
+
+
+def _fresh_width_student(
+    teacher_path: Path, width: float, ctx: StepContext
+) -> torch.fx.GraphModule:
+    """The teacher's architecture with every hidden layer's channels scaled by `width`, with
+    freshly initialised weights (Torch-Pruning keeps the graph consistent)."""
+    import torch
+    import torch_pruning as tp
+    from torch import nn
+
+    gm, outputs = load_lifted(teacher_path)
+    example = _example_args(ctx)
+    if width < 1:
+        layers = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        pruner = tp.pruner.MagnitudePruner(
+            gm,
+            example_inputs=example if len(example) > 1 else example[0],
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=1 - width,
+            ignored_layers=[layers[n] for n in outputs if n in layers],
+        )
+        pruner.step()
+    torch.manual_seed(ctx.seed)
+    for module in gm.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if module is not gm and callable(reset):
+            reset()
+    return gm.eval()
+
+
+def _student(config: DistillConfig, model_path: Path, ctx: StepContext) -> torch.fx.GraphModule:
+    if config.student == "current":
+        gm, _ = load_lifted(model_path)
+        return gm
+    if config.student == "width":
+        if ctx.source_model is None:
+            raise EngineError("unsupported_op", "The width student needs the original .pt2.")
+        return _fresh_width_student(ctx.source_model, config.width, ctx)
+    path = ctx.models.get(config.student_model_id or "")
+    if path is None:
+        raise EngineError(
+            "student_not_found",
+            f"The student model {config.student_model_id!r} was not given to the worker.",
+            field=f"pipeline[{ctx.index}].student_model_id",
+        )
+    gm, _ = load_lifted(path)
+    return gm
+
+
+class _Features:
+    """Feature distillation: MSE between a student layer's output, passed through a learned
+    1×1 projection to the teacher layer's channel count, and the teacher layer's output."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: list[tuple[str, str]],
+        example: tuple[Any, ...],
+        weight: float,
+        where: str,
+    ) -> None:
+        import torch
+        from torch import nn
+
+        self.weight = weight
+        self.captured: dict[str, torch.Tensor] = {}
+        self.pairs = pairs
+        self.hooks: list[Any] = []
+        names_s = dict(student.named_modules())
+        names_t = dict(teacher.named_modules())
+        for s_name, t_name in pairs:
+            for name, table, side in ((s_name, names_s, "student"), (t_name, names_t, "teacher")):
+                match = [n for n in table if n and fnmatch.fnmatch(n, name)]
+                if len(match) != 1:
+                    raise EngineError(
+                        "invalid_pipeline",
+                        f"feature_layers: {side} layer {name!r} matches {len(match)} layers; "
+                        f"available: {', '.join(sorted(n for n in table if n))[:400]}.",
+                        field=f"{where}.feature_layers",
+                    )
+        for s_name, t_name in pairs:
+            self._hook(names_s[s_name], f"s:{s_name}")
+            self._hook(names_t[t_name], f"t:{t_name}")
+        with torch.no_grad():
+            student(*example)
+            teacher(*example)
+        self.projections = nn.ModuleDict()
+        for i, (s_name, t_name) in enumerate(pairs):
+            s, t = self.captured[f"s:{s_name}"], self.captured[f"t:{t_name}"]
+            if s.dim() != t.dim() or s.shape[2:] != t.shape[2:]:
+                raise EngineError(
+                    "invalid_pipeline",
+                    f"feature_layers: {s_name} outputs {list(s.shape[1:])} and {t_name} "
+                    f"{list(t.shape[1:])}; pair layers whose outputs differ only in channels.",
+                    field=f"{where}.feature_layers",
+                )
+            proj: nn.Module = (
+                nn.Conv2d(s.shape[1], t.shape[1], 1)
+                if s.dim() == 4
+                else nn.Linear(s.shape[-1], t.shape[-1])
+            )
+            self.projections[str(i)] = proj
+
+    def _hook(self, module: nn.Module, key: str) -> None:
+        def save(_m: Any, _args: Any, output: Any) -> None:
+            self.captured[key] = first(output)
+
+        self.hooks.append(module.register_forward_hook(save))
+
+    def loss(self) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        total = None
+        for i, (s_name, t_name) in enumerate(self.pairs):
+            s = self.projections[str(i)](self.captured[f"s:{s_name}"])
+            value = F.mse_loss(s, self.captured[f"t:{t_name}"].detach())
+            total = value if total is None else total + value
+        assert total is not None
+        return total * self.weight
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+@register(DistillConfig, on="torch")
+def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Train the student on the teacher's softened outputs (and the labels, if any)."""
+    import torch
+
+    teacher_gm = teacher_module(ctx)
+    teacher = frozen(teacher_gm)
+    student = _student(config, model_path, ctx)
+    example = _example_args(ctx)
+    with torch.no_grad():
+        t_out, s_out = teacher(*example), student(*example)
+    t_shapes = [list(t.shape) for t in _flat(t_out)]
+    s_shapes = [list(getattr(s, "shape", [])) for s in _flat(s_out)]
+    if t_shapes != s_shapes:
+        raise EngineError(
+            "invalid_pipeline",
+            f"The student's outputs are shaped {s_shapes}, the teacher's {t_shapes}; a student "
+            "must produce the teacher's output shapes.",
+            field=f"pipeline[{ctx.index}].student",
+        )
+    data: Data = job_data(ctx)
+    alpha = config.alpha if data.labels is not None else 1.0
+    loss = Loss(
+        teacher=teacher,
+        use_labels=data.labels is not None,
+        alpha=alpha,
+        temperature=config.temperature,
+    )
+    features = None
+    params: Any = None
+    if config.feature_layers:
+        features = _Features(
+            student,
+            teacher_gm,
+            config.feature_layers,
+            example,
+            config.feature_weight,
+            f"pipeline[{ctx.index}]",
+        )
+        params = list(student.parameters()) + list(features.projections.parameters())
+    teacher_scores = evaluate(teacher, data)
+    before = evaluate(student, data, teacher)
+    try:
+        history = fit(
+            student,
+            data,
+            loss,
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            seed=ctx.seed,
+            params=params,
+            report=_progress(ctx, config.epochs, "distillation"),
+            extra_loss=features.loss if features else None,
+        )
+    finally:
+        if features:
+            features.close()
+    ctx.details.update(
+        {
+            "teacher": teacher_scores,
+            "student_before": before,
+            "alpha": alpha,
+            "temperature": config.temperature,
+            "epochs": history.epochs,
+        }
+    )
+    if data.labels is None:
+        ctx.warnings.append(
+            "The dataset has no labels: distilled on the teacher's soft targets only (alpha = 1)."
+        )
+    return _export(student, example, ctx)
