@@ -78,4 +78,4 @@ def handler_for(config: OpConfig, backend: Backend) -> Handler:
 
 
 def _load_builtin_handlers() -> None:
-    from worker.engine import prune, quantize, structured  # noqa: F401  (register on import)
+    from worker.engine import low_rank, prune, quantize, structured, weight_share  # noqa: F401

@@ -1,0 +1,1 @@
+"""`low_rank` (placeholder while it is written)."""
