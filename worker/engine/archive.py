@@ -37,7 +37,32 @@ STREAM_FIXED = 0
 STREAM_HUFFMAN = 1
 FLAG_DENSE = 1  # every element is coded: no positions stream
 FLAG_FP32_CODEBOOK = 2
+FLAG_TRANSPOSED = 4  # positions run over the [shape[0], rest] matrix transposed (column-major)
 GAP_CAPS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# The graph is zstd-compressed with this raw-content dictionary: a serialized template ONNX
+# model with the usual Conv/Gemm/MatMul/pooling nodes and attributes, so a small graph does not
+# pay for spelling them out. Part of format version 1: never change these bytes (SHA-256
+# a6fe38fdf520444fc87743def1dcfd9f2f56557974e8a8cd1965f6481a53967c).
+GRAPH_DICT_B64 = (
+    "CAoSB3B5dG9yY2gaCjIuMTMuMCtjcHU61wcKqQEKBWlucHV0CggwLndlaWdodAoGMC5iaWFzEgZjb252MmQaC25v"
+    "ZGVfY29udjJkIgRDb252KhUKCGF1dG9fcGFkIgZOT1RTRVSgAQMqEgoJZGlsYXRpb25zQAFAAaABByoMCgVncm91"
+    "cBgBoAECKhUKDGtlcm5lbF9zaGFwZUADQAOgAQcqEQoEcGFkc0ABQAFAAUABoAEHKhAKB3N0cmlkZXNAAUABoAEH"
+    "Ch8KBmNvbnYyZBIEcmVsdRoJbm9kZV9yZWx1IgRSZWx1CqUBCgRyZWx1EgptYXhfcG9vbDJkGg9ub2RlX21heF9w"
+    "b29sMmQiB01heFBvb2wqFQoIYXV0b19wYWQiBk5PVFNFVKABAyoQCgljZWlsX21vZGUYAKABAioSCglkaWxhdGlv"
+    "bnNAAUABoAEHKhUKDGtlcm5lbF9zaGFwZUACQAKgAQcqEQoEcGFkc0AAQABAAEAAoAEHKhAKB3N0cmlkZXNAAkAC"
+    "oAEHCjMKCm1heF9wb29sMmQSBHZpZXcaCW5vZGVfdmlldyIHRmxhdHRlbioLCgRheGlzGAGgAQIKNgoBeAoFdmFs"
+    "XzASBHZpZXcaCW5vZGVfdmlldyIHUmVzaGFwZSoQCglhbGxvd3plcm8YAaABAgpyCgRyZWx1CggxLndlaWdodAoG"
+    "MS5iaWFzEgZsaW5lYXIaC25vZGVfbGluZWFyIgRHZW1tKg8KBWFscGhhFQAAgD+gAQEqDgoEYmV0YRUAAIA/oAEB"
+    "Kg0KBnRyYW5zQRgAoAECKg0KBnRyYW5zQhgBoAECCi8KBnJlbHVfMQoIMi53ZWlnaHQSBm1hdG11bBoLbm9kZV9t"
+    "YXRtdWwiBk1hdE11bAokCgZtYXRtdWwKBjIuYmlhcxIDYWRkGghub2RlX2FkZCIDQWRkCpUBCgZjb252MmQKCWJu"
+    "LndlaWdodAoHYm4uYmlhcwoPYm4ucnVubmluZ19tZWFuCg5ibi5ydW5uaW5nX3ZhchIKYmF0Y2hfbm9ybRoPbm9k"
+    "ZV9iYXRjaF9ub3JtIhJCYXRjaE5vcm1hbGl6YXRpb24qEQoHZXBzaWxvbhWsxSc3oAEBKhIKCG1vbWVudHVtFWZm"
+    "Zj+gAQESCm1haW5fZ3JhcGgqFAggCAEIAwgDEAFCCDAud2VpZ2h0KgwIIBABQgYwLmJpYXMqEgiAAgiABBABQggx"
+    "LndlaWdodCoNCIACEAFCBjEuYmlhc1ocCgVpbnB1dBITChEIARINCgcSBWJhdGNoCgIIQGIfCghsaW5lYXJfMhIT"
+    "ChEIARINCgcSBWJhdGNoCgIICkIECgAQFA=="
+)
+GRAPH_DICT_SHA256 = "a6fe38fdf520444fc87743def1dcfd9f2f56557974e8a8cd1965f6481a53967c"
 
 
 class ArchiveError(ValueError):
@@ -348,16 +373,27 @@ def _encode_shared(rec: Shared) -> bytes:
     dense = nnz == size
     flags = (FLAG_DENSE if dense else 0) | (FLAG_FP32_CODEBOOK if fp32 else 0)
     book = rec.codebook.astype("<f4" if fp32 else "<f2").tobytes()
-    head = bytes([KIND_SHARED, rec.bits, flags]) + varint(k) + book + varint(nnz)
     positions = b""
+    indices_in_order = rec.indices
     if not dense and nnz:
         options = []
-        for cap in GAP_CAPS:
-            syms = gap_symbols(rec.positions, cap)
-            stream = encode_stream(syms, cap + 1, rec.huffman)
-            options.append(varint(cap) + varint(len(syms)) + stream)
-        positions = min(options, key=len)
-    indices = encode_stream(rec.indices, max(k, 1), rec.huffman)
+        rows = rec.shape[0] if len(rec.shape) >= 2 else 1
+        orders = [(0, rec.positions)]
+        if rows > 1:
+            r, c = np.divmod(rec.positions, size // rows)
+            orders.append((FLAG_TRANSPOSED, np.sort(c * rows + r)))
+        for flag, order in orders:
+            for cap in GAP_CAPS:
+                syms = gap_symbols(order, cap)
+                stream = encode_stream(syms, cap + 1, rec.huffman)
+                options.append((flag, varint(cap) + varint(len(syms)) + stream))
+        flag, positions = min(options, key=lambda o: len(o[1]))
+        flags |= flag
+        if flag:  # indices follow the order the positions are stored in
+            r, c = np.divmod(rec.positions, size // rows)
+            indices_in_order = rec.indices[np.argsort(c * rows + r, kind="stable")]
+    head = bytes([KIND_SHARED, rec.bits, flags]) + varint(k) + book + varint(nnz)
+    indices = encode_stream(indices_in_order, max(k, 1), rec.huffman)
     rec.report.update(
         codebook_bytes=len(book),
         position_bytes=len(positions),
@@ -390,6 +426,10 @@ def _decode_shared(r: _Reader, shape: tuple[int, ...]) -> np.ndarray:
         positions = gap_positions(decode_stream(r, r.varint(), cap + 1), cap)
         if len(positions) != nnz or (nnz and positions[-1] >= size):
             raise ArchiveError("Corrupt archive: positions do not fit the tensor.")
+        if flags & FLAG_TRANSPOSED:  # column-major order back to row-major flat positions
+            rows = shape[0] if len(shape) >= 2 else 1
+            c, r_ = np.divmod(positions, rows)
+            positions = r_ * (size // rows) + c
     else:
         positions = np.zeros(0, np.int64)
     indices = decode_stream(r, nnz, max(k, 1))
@@ -417,6 +457,17 @@ def _decode_uniform(r: _Reader, shape: tuple[int, ...]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- archive
+
+
+def _graph_dict() -> Any:
+    import base64
+    import hashlib
+
+    import zstandard
+
+    raw = base64.b64decode("".join(GRAPH_DICT_B64))
+    assert hashlib.sha256(raw).hexdigest() == GRAPH_DICT_SHA256
+    return zstandard.ZstdCompressionDict(raw, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
 def strip_model(model: Any) -> Any:
@@ -466,9 +517,13 @@ def encode(model: Any, records: list[Record]) -> tuple[bytes, dict[str, Any]]:
         if inits[rec.index].data_type != onnx.TensorProto.FLOAT:
             raise ValueError(f"initializer {inits[rec.index].name} is not float32")
         _clear_data(inits[rec.index])
-    graph = zstandard.ZstdCompressor(level=GRAPH_ZSTD_LEVEL, write_content_size=True).compress(
-        graph_model.SerializeToString()
+    compressor = zstandard.ZstdCompressor(
+        level=GRAPH_ZSTD_LEVEL,
+        dict_data=_graph_dict(),
+        write_content_size=True,
+        write_dict_id=False,
     )
+    graph = compressor.compress(graph_model.SerializeToString())
     body = bytearray(varint(len(graph)) + graph + varint(len(records)))
     for rec in records:
         body += varint(rec.index)
@@ -480,8 +535,6 @@ def encode(model: Any, records: list[Record]) -> tuple[bytes, dict[str, Any]]:
 
 def decode(data: bytes) -> Any:
     """The ONNX ModelProto an archive holds; ArchiveError if it is not a valid archive."""
-    import onnx
-    import zstandard
 
     if len(data) < 8 or data[:3] != MAGIC:
         raise ArchiveError("Not a compaas archive (the file does not start with 'CPZ').")
@@ -497,9 +550,21 @@ def decode(data: bytes) -> Any:
             "The archive is corrupt or truncated: its CRC-32 checksum does not match "
             f"({len(data)} bytes read). Download it again."
         )
+    try:
+        return _decode_body(data)
+    except ArchiveError:
+        raise
+    except (ValueError, IndexError, OverflowError, MemoryError) as exc:
+        raise ArchiveError(f"Corrupt archive: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_body(data: bytes) -> Any:
+    import onnx
+    import zstandard
+
     r = _Reader(data, 8)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(r.take(r.varint()))
+        raw = zstandard.ZstdDecompressor(dict_data=_graph_dict()).decompress(r.take(r.varint()))
     except zstandard.ZstdError as exc:
         raise ArchiveError(f"Corrupt archive: the graph does not decompress ({exc}).") from exc
     model = onnx.ModelProto()
@@ -514,6 +579,8 @@ def decode(data: bytes) -> Any:
             raise ArchiveError(f"Corrupt archive: initializer index {index} out of range.")
         init = inits[index]
         shape = tuple(int(d) for d in init.dims)
+        if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) > 1 << 31:
+            raise ArchiveError(f"Corrupt archive: initializer {init.name} has shape {shape}.")
         kind = r.u8()
         if kind == KIND_SHARED:
             values = _decode_shared(r, shape)
