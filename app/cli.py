@@ -1,4 +1,4 @@
-"""The `compaas` command: up, api, worker, reconciler, migrate, admin, example."""
+"""The `compaas` command: up, api, worker, reconciler, migrate, admin, example, decode."""
 
 from __future__ import annotations
 
@@ -159,6 +159,23 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    """Rebuild the ONNX model a weight_share `cpz` archive holds (numpy + onnx + zstandard)."""
+    try:
+        from worker.engine.archive import ArchiveError, decode_file
+    except ImportError as exc:  # the API image has no onnx/zstandard
+        print(f"compaas decode needs onnx and zstandard installed ({exc})", file=sys.stderr)
+        return 2
+    out = Path(args.output) if args.output else Path(args.archive).with_suffix(".onnx")
+    try:
+        model = decode_file(args.archive, out)
+    except (ArchiveError, OSError) as exc:
+        print(f"cannot decode {args.archive}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out}: {out.stat().st_size} bytes, {len(model.graph.initializer)} initializers")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("name", choices=["digits", "mlp"])
     example.add_argument("--out", default="examples")
     example.set_defaults(func=cmd_example)
+
+    decode = sub.add_parser(
+        "decode", help="rebuild the ONNX model from a weight_share archive (.cpz)"
+    )
+    decode.add_argument("archive")
+    decode.add_argument("-o", "--output", default=None, help="default: ARCHIVE with .onnx")
+    decode.set_defaults(func=cmd_decode)
     return parser
 
 

@@ -339,3 +339,61 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pipeline": [{"op": "quantize", "dtype": "fp16"}],
     },
 }
+
+
+class WeightShareConfig(OpConfig):
+    """Deep Compression weight sharing: per-layer k-means codebooks + Huffman coding.
+
+    Every Conv/Gemm/MatMul weight (≥ 2-D initializer, not matched by `ignore`) gets a codebook
+    of at most 2^bits centroids, fitted with k-means on its nonzero weights (zeros stay exactly
+    zero: they are the pruned positions). The step's ONNX holds the shared values densely; the
+    `cpz` archive beside it stores codebooks, Huffman-coded indices and Huffman-coded sparse
+    positions (docs/archive-format.md). Biases of those layers are stored as `bias_bits`
+    linear levels (0 keeps them float32 inside the compressed graph).
+    """
+
+    op: Literal["weight_share"] = "weight_share"
+    bits: int = Field(5, ge=1, le=8, description="codebook index bits per layer")
+    scope: Literal["layer"] = "layer"
+    init: Literal["linear", "density", "random"] = "linear"
+    iterations: int = Field(30, ge=0, le=1000, description="k-means (Lloyd) iterations")
+    ignore: list[str] = Field(default_factory=list, description="layer/weight name patterns")
+    huffman: bool = True
+    bias_bits: int = Field(8, ge=0, le=16, description="bias levels; 0 keeps float32")
+
+    @model_validator(mode="after")
+    def _bias_bits_range(self) -> WeightShareConfig:
+        if self.bias_bits == 1:
+            raise ValueError("bias_bits must be 0 (keep float32) or 2..16")
+        return self
+
+
+class LowRankConfig(OpConfig):
+    """Truncated-SVD factorization of Linear and Conv2d layers (torch model, .pt2).
+
+    A Linear in→out becomes in→r→out; a k×k Conv2d becomes a k×k conv with r filters and a
+    1×1 conv. r is `rank_ratio`·min(out, in·k·k), or the smallest rank keeping `energy` of the
+    squared singular values (default energy 0.9). Layers where r·(in+out) would not be smaller
+    than in·out are left as they are; the output layer is kept unless `include_last_layer`.
+    """
+
+    op: Literal["low_rank"] = "low_rank"
+    rank_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    energy: float | None = Field(None, gt=0.0, le=1.0)
+    ignore: list[str] = Field(default_factory=list, description="layer name patterns")
+    include_last_layer: bool = False
+
+    @model_validator(mode="after")
+    def _one_criterion(self) -> LowRankConfig:
+        if self.rank_ratio is not None and self.energy is not None:
+            raise ValueError("give either rank_ratio or energy, not both")
+        if self.rank_ratio is None and self.energy is None:
+            object.__setattr__(self, "energy", 0.9)
+        return self
+
+    def backends(self) -> tuple[Backend, ...]:
+        return ("torch",)
+
+
+OPS["weight_share"] = WeightShareConfig
+OPS["low_rank"] = LowRankConfig

@@ -81,8 +81,10 @@ def handler_for(config: OpConfig, backend: Backend) -> Handler:
 
 def _load_builtin_handlers() -> None:
     from worker.engine import (  # noqa: F401  (handlers register on import)
+        low_rank,
         prune,
         prune_torch,
         quantize,
         training_ops,
+        weight_share,
     )

@@ -173,7 +173,7 @@ def test_channels_after_an_onnx_only_op_is_refused(
     assert not (tmp_path / "original.onnx").exists()
 
 
-def test_fine_tuning_without_labels_is_skipped_with_a_warning(
+def test_fine_tuning_without_labels_distills_from_the_original(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:
     data = np.load(digits_files["npz"])
@@ -184,12 +184,8 @@ def test_fine_tuning_without_labels_is_skipped_with_a_warning(
         dataset_path=tmp_path / "x.npz",
         workdir=tmp_path / "w",
     )
-    assert any("fine_tune_epochs was ignored" in w for w in result["steps"][0]["warnings"])
+    step = result["steps"][0]
+    assert step["details"]["training"].startswith("distillation from the original")
     assert result["final"]["macs"] < result["original"]["macs"]
-
-
-def test_fine_tune_epochs_needs_channels() -> None:
-    from worker.engine.config import parse_op
-
-    with pytest.raises(ValueError, match="channels"):
-        parse_op({"op": "prune", "granularity": "unstructured", "fine_tune_epochs": 2})
+    assert result["final"]["agreement_top1"] >= 0.9
+    assert result["evaluation"]["holdout"] == 0.3
