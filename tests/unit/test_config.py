@@ -41,7 +41,7 @@ def test_int8_defaults_to_static_and_fp16_takes_no_mode() -> None:
 
 
 def test_unknown_op_names_valid_ops() -> None:
-    with pytest.raises(ValueError, match="valid ops: low_rank, prune, quantize, weight_share"):
+    with pytest.raises(ValueError, match="valid ops: distill, fine_tune, low_rank, prune, quant"):
         parse_op({"op": "shrink"})
 
 

@@ -137,13 +137,20 @@ def export_model(model: nn.Module, example: np.ndarray, stem: Path) -> dict[str,
 
 
 def _write(
-    out_dir: str | Path, stem: str, npz: str, model: nn.Module, flat: bool, epochs: int, seed: int
+    out_dir: str | Path,
+    stem: str,
+    npz: str,
+    model: nn.Module,
+    flat: bool,
+    epochs: int,
+    seed: int,
+    lr: float = 2e-3,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x_tr, x_te, y_tr, y_te = _digits(flat=flat, seed=seed)
     with _deterministic(seed):
-        model = train(model, x_tr, y_tr, epochs=epochs, seed=seed)
+        model = train(model, x_tr, y_tr, epochs=epochs, lr=lr, seed=seed)
     files = export_model(model, x_te, out / stem)
     np.savez(out / npz, x=x_te, labels=y_te)
     return {**files, "npz": out / npz, "accuracy": accuracy(model, x_te, y_te)}
@@ -169,4 +176,6 @@ def write_digits_mlp(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     with _deterministic(seed):
         torch.manual_seed(seed)
         model = digits_mlp()
-    return _write(out_dir, "digits_mlp", "digits_flat.npz", model, flat=True, epochs=40, seed=seed)
+    return _write(
+        out_dir, "digits_mlp", "digits_flat.npz", model, flat=True, epochs=60, seed=seed, lr=3e-3
+    )

@@ -207,7 +207,7 @@ def fit(
                     with torch.no_grad():
                         for name, mask in masks.items():
                             masked[name].mul_(mask)
-                total += float(value) * len(idx)
+                total += float(value.detach()) * len(idx)
                 count += len(idx)
             model.eval()
             row = {"epoch": float(epoch + 1), "loss": round(total / max(count, 1), 6)}

@@ -61,7 +61,10 @@ def test_half_the_channels_of_the_digits_cnn(digits_files: dict[str, Path], tmp_
     logits = _run_plain_ort(path, data["x"][:7])
     assert logits.shape == (7, 10)
     assert np.isfinite(logits).all()
-    assert any("Fine-tuned" in w for w in result["steps"][0]["warnings"])
+    details = result["steps"][0]["details"]
+    assert details["training"] == "cross-entropy on the dataset's labels"
+    assert len(details["fine_tune"]) == 5 and "accuracy" in details["fine_tune"][-1]
+    assert result["evaluation"]["holdout"] == 0.3  # training data never measured
 
 
 def test_channels_then_quantize(digits_files: dict[str, Path], tmp_path: Path) -> None:
