@@ -37,8 +37,17 @@ class JobCreate(BaseModel):
         description='Ordered ops, e.g. [{"op": "quantize", "mode": "static", "dtype": '
         '"int8"}]. GET /v1/methods lists every op with its JSON schema.',
     )
+    overrides: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="With a preset: config fields to change, by op name or step index, e.g. "
+        '{"prune": {"sparsity": 0.6}, "2": {"per_channel": false}}.',
+    )
     evaluation: Evaluation = Evaluation()
-    export: list[Literal["onnx"]] = ["onnx"]
+    export: list[Literal["onnx", "pt2"]] = Field(
+        default=["onnx"],
+        description="'pt2' is available when every step keeps a torch model (a .pt2 upload "
+        "and no ONNX-only op such as quantize).",
+    )
 
 
 class ArtifactRead(ReadModel):

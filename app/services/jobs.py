@@ -37,8 +37,10 @@ from worker.engine.config import (
     PRESETS,
     OpConfig,
     PipelineError,
+    keeps_torch_model,
     parse_op,
     plan_pipeline,
+    preset_pipeline,
 )
 
 SINGLE_INPUT_ALIASES = ("inputs", "x")
@@ -65,8 +67,19 @@ def _resolve_pipeline(body: JobCreate) -> list[OpConfig]:
                 f"Unknown preset {body.preset!r}; valid presets: {', '.join(sorted(PRESETS))}.",
                 field="preset",
             )
-        steps: list[dict[str, Any]] = PRESETS[body.preset]["pipeline"]
+        try:
+            steps: list[dict[str, Any]] = preset_pipeline(body.preset, body.overrides)
+        except PipelineError as exc:
+            raise Problem(422, "invalid_overrides", exc.detail, field=exc.field) from exc
     else:
+        if body.overrides:
+            raise Problem(
+                422,
+                "validation_error",
+                "'overrides' changes a preset's steps; with an explicit 'pipeline', put the "
+                "values in the steps themselves.",
+                field="overrides",
+            )
         steps = body.pipeline or []
     if not steps:
         raise Problem(422, "invalid_pipeline", "The pipeline has no ops.", field="pipeline")
@@ -165,7 +178,7 @@ def create(
         dataset = dataset_service.get_or_raise(session, team_id, body.dataset_id)
         check_dataset_fits(model, dataset)
     configs = _resolve_pipeline(body)
-    _check_plan(model.format, configs, dataset)
+    _check_plan(model.format, configs, dataset, list(body.export))
     job = _repo(session, team_id).create(
         model_id=model.id,
         dataset_id=dataset.id if dataset else None,
@@ -188,10 +201,12 @@ def create(
     return job
 
 
-def _check_plan(model_format: str, configs: list[OpConfig], dataset: Dataset | None) -> None:
+def _check_plan(
+    model_format: str, configs: list[OpConfig], dataset: Dataset | None, export: list[str]
+) -> None:
     """Each op can run where the pipeline puts it, and has the data it needs."""
     try:
-        plan_pipeline(
+        plan = plan_pipeline(
             configs,
             model_format,
             has_dataset=dataset is not None,
@@ -199,6 +214,19 @@ def _check_plan(model_format: str, configs: list[OpConfig], dataset: Dataset | N
         )
     except PipelineError as exc:
         raise Problem(422, "invalid_pipeline", exc.detail, field=exc.field) from exc
+    if "pt2" in export and not keeps_torch_model(configs, plan, model_format):
+        reason = (
+            f"the model was uploaded as {model_format}, not as a .pt2"
+            if model_format != "pt2"
+            else "a step runs on ONNX (e.g. quantize writes QDQ operators with no torch.export "
+            "equivalent)"
+        )
+        raise Problem(
+            422,
+            "export_unsupported",
+            f"A .pt2 export is not available for this job: {reason}. Request export ['onnx'].",
+            field="export",
+        )
 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:

@@ -276,6 +276,22 @@ def plan_pipeline(
     lost_at: int | None = None
     for index, config in enumerate(configs):
         where = f"pipeline[{index}]"
+        earlier = [i for i, c in enumerate(configs[:index]) if isinstance(c, QuantizeConfig)]
+        if earlier:
+            prev = configs[earlier[0]]
+            assert isinstance(prev, QuantizeConfig)
+            stacked = (
+                "Stacking quantization on quantization is refused: "
+                if isinstance(config, QuantizeConfig)
+                else ""
+            )
+            raise PipelineError(
+                f"{stacked}{where} ({config.op}) comes after pipeline[{earlier[0]}] (quantize "
+                f"{prev.dtype}), whose output has quantized weights that no op can take as "
+                "input. Make quantize the last step (e.g. prune → distill → quantize), and "
+                "quantize once.",
+                where,
+            )
         if not has_dataset and (why := config.needs_dataset()):
             raise PipelineError(
                 f"{where} ({config.op}) needs a dataset: {why}. Attach dataset_id.", where
@@ -327,18 +343,6 @@ def plan_pipeline(
 def op_schemas() -> dict[str, dict[str, Any]]:
     """JSON schema of every op config, keyed by op name."""
     return {name: cls.model_json_schema() for name, cls in OPS.items()}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "edge-int8": {
-        "description": "Static INT8 QDQ, per-channel weights, calibrated on your dataset.",
-        "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8", "per_channel": True}],
-    },
-    "fp16": {
-        "description": "Float16 weights and activations; inputs/outputs stay float32.",
-        "pipeline": [{"op": "quantize", "dtype": "fp16"}],
-    },
-}
 
 
 class WeightShareConfig(OpConfig):
@@ -397,3 +401,101 @@ class LowRankConfig(OpConfig):
 
 OPS["weight_share"] = WeightShareConfig
 OPS["low_rank"] = LowRankConfig
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "edge-int8": {
+        "description": "Static INT8 QDQ, per-channel weights, calibrated on your dataset.",
+        "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8", "per_channel": True}],
+    },
+    "fp16": {
+        "description": "Float16 weights and activations; inputs/outputs stay float32.",
+        "pipeline": [{"op": "quantize", "dtype": "fp16"}],
+    },
+    "tiny": {
+        "description": (
+            "Smallest and fastest: half the channels removed in 3 rounds with training, "
+            "distilled from the original, then static INT8 (.pt2 upload and a labelled or "
+            "unlabelled dataset)."
+        ),
+        "pipeline": [
+            {
+                "op": "prune",
+                "criterion": "magnitude",
+                "granularity": "channels",
+                "sparsity": 0.5,
+                "schedule": {"kind": "gradual", "steps": 3, "epochs_per_step": 3},
+            },
+            {"op": "distill", "epochs": 10, "temperature": 4.0, "alpha": 0.5},
+            {"op": "quantize", "mode": "static", "dtype": "int8", "per_channel": True},
+        ],
+    },
+    "deep-compression": {
+        "description": (
+            "Deep Compression (Han et al.): 94% of the weights pruned in 6 rounds with "
+            "training, 5-bit per-layer weight sharing and Huffman coding into a compact "
+            "archive (storage/over-the-air size; the dense ONNX runs anywhere)."
+        ),
+        "pipeline": [
+            {
+                "op": "prune",
+                "criterion": "magnitude",
+                "granularity": "unstructured",
+                "sparsity": 0.94,
+                "scope": "global",
+                "include_last_layer": True,
+                "schedule": {"kind": "gradual", "steps": 6, "epochs_per_step": 10},
+                "fine_tune_epochs": 20,
+                "lr": 0.002,
+            },
+            {"op": "weight_share", "bits": 5},
+        ],
+    },
+}
+
+
+def keeps_torch_model(configs: list[OpConfig], plan: list[Backend], model_format: str) -> bool:
+    """Whether the pipeline ends with a torch model (so a .pt2 can be delivered)."""
+    return model_format == "pt2" and all(
+        b == "torch" and c.keeps_torch() for c, b in zip(configs, plan, strict=True)
+    )
+
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_pipeline(
+    name: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """A preset's steps with `overrides` merged in: keys are an op name (every step with that
+    op) or a step index ("0", "1", ...); values are config fields (nested dicts merge)."""
+    if name not in PRESETS:
+        raise KeyError(name)
+    steps = [dict(step) for step in PRESETS[name]["pipeline"]]
+    for key, change in (overrides or {}).items():
+        if not isinstance(change, dict):
+            raise PipelineError(
+                f"overrides[{key!r}] must be an object of config fields", "overrides"
+            )
+        if key.isdigit():
+            hits = [int(key)] if int(key) < len(steps) else []
+        else:
+            hits = [i for i, step in enumerate(steps) if step["op"] == key]
+        if not hits:
+            ops = ", ".join(f"{i} ({step['op']})" for i, step in enumerate(steps))
+            raise PipelineError(
+                f"overrides key {key!r} matches no step of preset {name!r}; its steps are {ops}.",
+                f"overrides.{key}",
+            )
+        if "op" in change:
+            raise PipelineError("overrides cannot change a step's op", f"overrides.{key}.op")
+        for i in hits:
+            steps[i] = _merge(steps[i], change)
+    return steps

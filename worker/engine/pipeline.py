@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 
 from worker.engine import metrics as m
-from worker.engine.config import Backend, OpConfig, PipelineError, parse_op, plan_pipeline
+from worker.engine.config import (
+    Backend,
+    OpConfig,
+    PipelineError,
+    keeps_torch_model,
+    parse_op,
+    plan_pipeline,
+)
 from worker.engine.datasets import Samples, load_dataset, match_inputs, synthetic
 from worker.engine.errors import EngineError
 from worker.engine.export import pt2_to_onnx, to_onnx
@@ -115,13 +122,6 @@ def _validate(
             field="export",
         )
     return plan, handlers
-
-
-def keeps_torch_model(configs: Sequence[OpConfig], plan: Sequence[Backend], fmt: str) -> bool:
-    """Whether the pipeline ends with a torch model (so a .pt2 can be delivered)."""
-    return fmt == "pt2" and all(
-        b == "torch" and c.keeps_torch() for c, b in zip(configs, plan, strict=True)
-    )
 
 
 def _samples(
