@@ -131,6 +131,10 @@ class QuantizeConfig(OpConfig):
     )
     target: QuantizeTarget | None = None
     prefer: Literal["quality", "speed", "size"] = "quality"
+    keep_first_last: bool = Field(
+        True,
+        description="binary/ternary: keep the first conv and the last classifier layer float",
+    )
     sensitivity: bool = Field(
         False,
         description="rank layers by quantization sensitivity (always done when target is set)",

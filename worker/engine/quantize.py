@@ -660,16 +660,14 @@ def _int4(
 
     model = onnx.load(str(src))
     _gemm_to_matmul(model, skip)
-    include = None
-    if only is not None:
-        include = list(only)
+    if only is not None:  # nodes_to_include widens op_types_to_quantize; exclude the rest
+        skip = skip + [n.name for n in model.graph.node if n.name not in only]
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=4,
         block_size=block,
         is_symmetric=bool(symmetric) if symmetric is not None else True,
         nodes_to_exclude=skip,
-        nodes_to_include=include,
         quant_format=QuantFormat.QOperator,
         op_types_to_quantize=("MatMul",),
     )
