@@ -95,6 +95,7 @@ def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) ->
         "exclude": [],
         "target": None,
         "prefer": "quality",
+        "keep_first_last": True,
         "sensitivity": False,
     }
     for artifact in (final, step["artifact"]):
