@@ -48,7 +48,15 @@ def test_unknown_op_names_valid_ops() -> None:
 def test_every_op_publishes_a_schema_and_every_preset_parses() -> None:
     schemas = op_schemas()
     assert set(schemas) == set(OPS)
-    assert schemas["quantize"]["properties"]["dtype"]["enum"] == ["int8", "uint8", "fp16"]
+    assert schemas["quantize"]["properties"]["dtype"]["enum"] == [
+        "int8",
+        "uint8",
+        "int4",
+        "fp16",
+        "bf16",
+        "binary",
+        "ternary",
+    ]
     for preset in PRESETS.values():
         assert parse_pipeline(preset["pipeline"])
 

@@ -179,3 +179,116 @@ def write_digits_mlp(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     return _write(
         out_dir, "digits_mlp", "digits_flat.npz", model, flat=True, epochs=60, seed=seed, lr=3e-3
     )
+
+
+# ----------------------------------------------------------------- quantization test models
+
+TOKENS_VOCAB = 32
+TOKENS_LEN = 16
+TOKEN_A, TOKEN_B = 1, 2
+
+
+def token_order_task(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences of 16 tokens (vocab 32) holding token A and token B once each, label 1 when A
+    comes before B: the model has to attend across positions, so its weights are real."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(3, TOKENS_VOCAB, size=(n, TOKENS_LEN)).astype(np.int64)
+    for row in x:
+        a, b = rng.choice(TOKENS_LEN, size=2, replace=False)
+        row[a], row[b] = TOKEN_A, TOKEN_B
+    y = (np.argmax(x == TOKEN_A, axis=1) < np.argmax(x == TOKEN_B, axis=1)).astype(np.int64)
+    return x, y
+
+
+def tiny_transformer(d: int = 64, heads: int = 4, layers: int = 2, ff: int = 128) -> nn.Module:
+    """Embedding(32, 64) + learned positions, 2 pre-norm encoder blocks with attention written
+    from nn.Linear q/k/v/out (exports to plain MatMul/Softmax), mean pooling, Linear(64, 2)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+            self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            h = self.norm1(x)
+
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+
+            q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+            att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+            ctx = (att @ v).transpose(1, 2).reshape(b, s, d)
+            x = x + self.out(ctx)
+            return x + self.ff2(torch.relu(self.ff1(self.norm2(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(TOKENS_VOCAB, d)
+            self.pos = nn.Parameter(torch.randn(1, TOKENS_LEN, d) * 0.02)
+            self.blocks = nn.Sequential(*(Block() for _ in range(layers)))
+            self.norm = nn.LayerNorm(d)
+            self.classifier = nn.Linear(d, 2)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.blocks(self.embed(tokens) + self.pos)
+            return self.classifier(self.norm(x).mean(1))
+
+    return Encoder()
+
+
+def write_token_transformer(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """token_transformer.onnx (+ .pt2) and tokens.npz (x [N,16] int64 + labels)."""
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x_tr, y_tr = token_order_task(2000, seed)
+    x_te, y_te = token_order_task(512, seed + 1)
+    with _deterministic(seed):
+        torch.manual_seed(seed)
+        model = train(tiny_transformer(), x_tr, y_tr, epochs=8, lr=3e-3, seed=seed)
+    files = export_model(model, x_te, out / "token_transformer")
+    np.savez(out / "tokens.npz", x=x_te, labels=y_te)
+    return {**files, "npz": out / "tokens.npz", "accuracy": accuracy(model, x_te, y_te)}
+
+
+def separable_cnn() -> nn.Module:
+    """MobileNet-style digits net: a stem conv, then depthwise 3×3 + pointwise 1×1 blocks."""
+    from torch import nn
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(cin, cin, 3, padding=1, groups=cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, cout, 1),
+            nn.ReLU(),
+        ]
+
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        *block(128, 128),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
+
+
+def write_separable_cnn(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """separable_cnn.pt2, separable_cnn.onnx and digits.npz (x [N,1,8,8] + labels)."""
+    import torch
+
+    with _deterministic(seed):
+        torch.manual_seed(seed)
+        model = separable_cnn()
+    return _write(out_dir, "separable_cnn", "digits.npz", model, flat=False, epochs=20, seed=seed)

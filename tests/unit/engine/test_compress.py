@@ -91,6 +91,12 @@ def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) ->
         "dtype": "int8",
         "per_channel": True,
         "calibration": {"method": "minmax", "percentile": 99.999, "samples": 256},
+        "symmetric": None,
+        "exclude": [],
+        "target": None,
+        "prefer": "quality",
+        "keep_first_last": True,
+        "sensitivity": False,
     }
     for artifact in (final, step["artifact"]):
         path = Path(artifact["path"])

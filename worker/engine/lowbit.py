@@ -1,0 +1,276 @@
+"""Binary (XNOR-Net) and ternary (TWN) weights, and the packed `.cbin` file that carries them.
+
+Per output channel c of a Conv / Gemm / MatMul weight W:
+
+* binary:  α_c = mean|W_c|;  W_c ≈ α_c · sign(W_c)                (sign(0) = +1)
+* ternary: Δ_c = 0.7 · mean|W_c|;  α_c = mean(|W_c| where |W_c| > Δ_c);
+           W_c ≈ α_c · {−1, 0, +1}  (0 where |W_c| ≤ Δ_c)
+
+The step's model is a plain float32 ONNX holding the dequantized weights (runs anywhere); the
+packed file holds the same model in 1 bit (binary) or 2 bits (ternary) per quantized weight.
+
+Packed format, version 1 (little-endian)::
+
+    b"CBIN"  u8 version=1  u32 header_length  header (UTF-8 JSON)  body (zstd frame)
+
+    header = {"format": "compaas-lowbit", "version": 1, "kind": "binary"|"ternary",
+              "bits": 1|2, "body": {"compression": "zstd", "size": decompressed bytes},
+              "skeleton": {"offset", "nbytes"},       # the ONNX without the quantized weights
+              "tensors": [{"name", "index", "shape", "axis", "codes": {"offset", "nbytes"},
+                           "scales": {"offset", "nbytes", "dtype": "float16"}}]}
+
+Offsets are into the decompressed body. Codes run over the weight in C order: binary one bit
+per weight (1 → +1, 0 → −1, numpy packbits, most significant bit first), ternary two bits
+per weight (0 → 0, 1 → +1, 2 → −1, four per byte, first weight in the lowest bits). Scales
+are stored as float16; the dequantized weight is float32(scale) · code computed in float32,
+reinserted at initializer position `index` of the skeleton, so `unpack()` rebuilds the step's
+ONNX byte for byte (the step's ONNX is itself written by `unpack`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.engine.config import QuantizeConfig
+from worker.engine.errors import EngineError
+from worker.engine.export import sort_nodes, strip_debug_metadata
+from worker.engine.registry import StepContext
+
+if TYPE_CHECKING:
+    import onnx
+
+MAGIC = b"CBIN"
+VERSION = 1
+TWN_DELTA = 0.7
+FORMAT = "cbin"
+
+
+def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """XNOR-Net: codes in {−1, +1} (int8) and α per output channel (float16)."""
+    moved = np.moveaxis(w.astype(np.float32), axis, 0).reshape(w.shape[axis], -1)
+    alpha = np.abs(moved).mean(1).astype(np.float16)
+    codes = np.where(w >= 0, 1, -1).astype(np.int8)
+    return codes, alpha
+
+
+def ternarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """TWN: codes in {−1, 0, +1} (int8) and α per output channel (float16)."""
+    moved = np.moveaxis(w.astype(np.float32), axis, 0).reshape(w.shape[axis], -1)
+    absw = np.abs(moved)
+    delta = TWN_DELTA * absw.mean(1, keepdims=True)
+    mask = absw > delta
+    counts = mask.sum(1)
+    alpha = np.where(counts > 0, (absw * mask).sum(1) / np.maximum(counts, 1), 0.0)
+    codes_moved = (np.sign(moved) * mask).astype(np.int8).reshape(np.moveaxis(w, axis, 0).shape)
+    return np.moveaxis(codes_moved, 0, axis), alpha.astype(np.float16)
+
+
+def dequantize(codes: np.ndarray, alpha: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * codes.ndim
+    shape[axis] = -1
+    return (alpha.astype(np.float32).reshape(shape) * codes.astype(np.float32)).astype(np.float32)
+
+
+def pack_codes(codes: np.ndarray, kind: str) -> bytes:
+    flat = codes.reshape(-1)
+    if kind == "binary":
+        return np.packbits(flat > 0).tobytes()
+    two = np.where(flat > 0, 1, np.where(flat < 0, 2, 0)).astype(np.uint8)
+    two = np.concatenate([two, np.zeros((-len(two)) % 4, np.uint8)]).reshape(-1, 4)
+    return (two[:, 0] | (two[:, 1] << 2) | (two[:, 2] << 4) | (two[:, 3] << 6)).tobytes()
+
+
+def unpack_codes(data: bytes, kind: str, shape: list[int]) -> np.ndarray:
+    n = int(np.prod(shape))
+    raw = np.frombuffer(data, np.uint8)
+    if kind == "binary":
+        bits = np.unpackbits(raw)[:n]
+        return np.where(bits == 1, 1, -1).astype(np.int8).reshape(shape)
+    two = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], 1).reshape(-1)[:n]
+    return np.where(two == 1, 1, np.where(two == 2, -1, 0)).astype(np.int8).reshape(shape)
+
+
+def _axis(node: onnx.NodeProto, ndim: int) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+    return ndim - 1
+
+
+def write_packed(
+    model: onnx.ModelProto, kind: str, weights: dict[str, int], out: Path
+) -> dict[str, Any]:
+    """Quantize the initializers named in `weights` (name → output-channel axis) and write the
+    packed file; returns its header."""
+    import zstandard
+    from onnx import numpy_helper
+
+    skeleton = type(model)()
+    skeleton.CopyFrom(model)
+    graph = skeleton.graph
+    body = bytearray()
+    tensors = []
+    kept = []
+    for index, init in enumerate(graph.initializer):
+        if init.name not in weights:
+            kept.append(init)
+            continue
+        w = numpy_helper.to_array(init)
+        axis = weights[init.name]
+        codes, alpha = (binarize if kind == "binary" else ternarize)(w, axis)
+        packed, scales = pack_codes(codes, kind), alpha.astype("<f2").tobytes()
+        entry = {
+            "name": init.name,
+            "index": index,
+            "shape": list(w.shape),
+            "axis": axis,
+            "codes": {"offset": len(body), "nbytes": len(packed)},
+        }
+        body += packed
+        entry["scales"] = {"offset": len(body), "nbytes": len(scales), "dtype": "float16"}
+        body += scales
+        tensors.append(entry)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    skeleton_bytes = skeleton.SerializeToString()
+    header = {
+        "format": "compaas-lowbit",
+        "version": VERSION,
+        "kind": kind,
+        "bits": 1 if kind == "binary" else 2,
+        "skeleton": {"offset": len(body), "nbytes": len(skeleton_bytes)},
+        "tensors": tensors,
+    }
+    body += skeleton_bytes
+    header["body"] = {"compression": "zstd", "size": len(body)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    compressed = zstandard.ZstdCompressor(level=19).compress(bytes(body))
+    out.write_bytes(MAGIC + struct.pack("<BI", VERSION, len(text)) + text + compressed)
+    return header
+
+
+def unpack(packed: Path, out: Path) -> Path:
+    """Rebuild the dequantized float32 ONNX from a packed file (byte-identical to the step's)."""
+    import onnx
+    import zstandard
+    from onnx import numpy_helper
+
+    data = packed.read_bytes()
+    if data[:4] != MAGIC:
+        raise ValueError(f"{packed} is not a compaas packed file (magic {data[:4]!r})")
+    version, length = struct.unpack("<BI", data[4:9])
+    if version != VERSION:
+        raise ValueError(f"packed format version {version} is not supported (this reads 1)")
+    header = json.loads(data[9 : 9 + length])
+    body = zstandard.ZstdDecompressor().decompress(
+        data[9 + length :], max_output_size=header["body"]["size"]
+    )
+    sk = header["skeleton"]
+    model = onnx.ModelProto.FromString(body[sk["offset"] : sk["offset"] + sk["nbytes"]])
+    inits = list(model.graph.initializer)
+    for entry in sorted(header["tensors"], key=lambda e: e["index"]):
+        c, s = entry["codes"], entry["scales"]
+        codes = unpack_codes(
+            body[c["offset"] : c["offset"] + c["nbytes"]], header["kind"], entry["shape"]
+        )
+        alpha = np.frombuffer(body[s["offset"] : s["offset"] + s["nbytes"]], "<f2")
+        w = dequantize(codes, alpha, entry["axis"])
+        inits.insert(entry["index"], numpy_helper.from_array(w, entry["name"]))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    out.write_bytes(model.SerializeToString())
+    return out
+
+
+def lowbit(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Binary/ternary weights: the dequantized ONNX as the step's model, the packed file as an
+    extra (format "cbin")."""
+    import fnmatch
+
+    import onnx
+
+    from worker.engine.quantize import name_nodes
+
+    kind = config.dtype
+    model = sort_nodes(strip_debug_metadata(name_nodes(onnx.load(str(model_path)))))
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("Conv", "Gemm", "MatMul")
+        and len(n.input) > 1
+        and n.input[1] in inits
+        and len(inits[n.input[1]].dims) >= 2
+    ]
+    if not layers:
+        raise EngineError(
+            "quantization_failed",
+            f"The model has no Conv/Gemm/MatMul layer with constant weights to make {kind}.",
+            field="pipeline",
+        )
+    keep: dict[str, str] = {}
+    if config.keep_first_last:
+        first_conv = next((n for n in layers if n.op_type == "Conv"), None)
+        if first_conv is not None:
+            keep[first_conv.name] = "first conv"
+        last = layers[-1]
+        if last.op_type in ("Gemm", "MatMul"):
+            keep[last.name] = "last classifier layer"
+    for node in layers:
+        names = (node.name, node.input[1])
+        if any(fnmatch.fnmatchcase(n, p) for n in names for p in config.exclude):
+            keep.setdefault(node.name, "exclude")
+    shared = {}  # a weight used by a kept layer stays float everywhere
+    for node in layers:
+        if node.name in keep:
+            shared[node.input[1]] = True
+    weights = {
+        n.input[1]: _axis(n, len(inits[n.input[1]].dims))
+        for n in layers
+        if n.name not in keep and n.input[1] not in shared
+    }
+    if not weights:
+        raise EngineError(
+            "quantization_failed",
+            f"Every weight layer is kept float (first/last layers and `exclude`); nothing "
+            f"to make {kind}.",
+            field="pipeline",
+        )
+    ctx.report(0.3, f"{kind} weights for {len(weights)} layer(s), packing")
+    packed = ctx.output.with_suffix(f".{FORMAT}")
+    header = write_packed(model, kind, weights, packed)
+    unpack(packed, ctx.output)
+    packed_size = packed.stat().st_size
+    ctx.extras.append((packed, FORMAT))
+    ctx.metrics["packed_size_bytes"] = packed_size
+    ctx.metrics["packed_compression_ratio"] = round(model_path.stat().st_size / packed_size, 4)
+    quantized = sum(int(np.prod(t["shape"])) for t in header["tensors"])
+    ctx.details.update(
+        {
+            "kind": kind,
+            "packed_format": f"{FORMAT} v{VERSION}",
+            "bits_per_weight": header["bits"],
+            "quantized_layers": [n.name for n in layers if n.input[1] in weights],
+            "quantized_weights": quantized,
+            "kept_float": [{"layer": k, "why": v} for k, v in keep.items()],
+        }
+    )
+    firstlast = {k: v for k, v in keep.items() if v != "exclude"}
+    if firstlast:
+        ctx.warnings.append(
+            f"{', '.join(f'{k} ({v})' for k, v in firstlast.items())} stay float32, as is "
+            f"standard for {kind} networks (they hold few weights but most of the accuracy); "
+            "set keep_first_last: false to quantize them too."
+        )
+    ctx.warnings.append(
+        f"{kind.capitalize()} weights without retraining usually lose accuracy; the step's "
+        "ONNX holds the dequantized weights (float32, runs anywhere), the ."
+        f"{FORMAT} file holds them packed ({header['bits']} bit(s) per weight)."
+    )
+    return ctx.output

@@ -1,0 +1,361 @@
+"""Per-layer sensitivity, target fallback and the speed/size variant search for `quantize`.
+
+Everything here is measured, not assumed: fidelity against the step's float input on the
+job's samples, latency with metrics.latency on this worker (1 thread, batch 1 or the fixed
+batch), sizes from the written files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.engine import metrics as m
+from worker.engine.config import QuantizeTarget
+from worker.engine.quantize import Quantizer, Variant
+from worker.engine.runtime import Feed, eval_threads, feeds, make_session, run_all
+
+EVAL_SAMPLES = 2000  # as the pipeline's evaluation, so target checks match the step metrics
+SENSITIVITY_SAMPLES = 256
+SENSITIVITY_MAX_LAYERS = 40
+LATENCY_FEEDS = 16
+LATENCY_THREADS = 1
+SPEED_DEFAULT_TARGET = QuantizeTarget(min_sqnr_db=20.0)
+SLOWER = 0.95  # a measured speedup under this is called slower; above it is noise
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
+def cpu_int8_features() -> list[str]:
+    """CPU flags that give int8 dot-product instructions (VNNI / AMX / Arm dot product)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in VNNI_FLAGS if f in flags]
+
+
+class Evaluator:
+    """Reference outputs of the float model on the job's samples, and latency feeds."""
+
+    def __init__(self, float_model: Path, quantizer: Quantizer) -> None:
+        ctx = quantizer.ctx
+        self.batch = ctx.batch
+        self.samples = ctx.samples.subset(EVAL_SAMPLES, ctx.seed)
+        self.small = ctx.samples.subset(SENSITIVITY_SAMPLES, ctx.seed)
+        self.reference = self._run(float_model, self.samples)
+        self.small_reference = self._run(float_model, self.small)
+        labels = self.samples.labels
+        base = m.quality(self.reference, None, labels, "classification")
+        self.float_accuracy: float | None = base.get("accuracy_top1")
+        size = self.batch or 1
+        take = self.samples.take(max(size, min(LATENCY_FEEDS, len(self.samples))))
+        self.latency_feeds: list[Feed] = [f for f, _ in feeds(take, size, pad=True)]
+
+    def _run(self, path: Path, samples: Any) -> list[np.ndarray]:
+        return run_all(make_session(path, eval_threads()), samples, self.batch)
+
+    def score(self, path: Path, small: bool = False) -> dict[str, Any]:
+        samples, ref = (
+            (self.small, self.small_reference)
+            if small
+            else (
+                self.samples,
+                self.reference,
+            )
+        )
+        values = m.quality(self._run(path, samples), ref, samples.labels, "classification")
+        out = {
+            k: values.get(k)
+            for k in ("cosine_similarity", "sqnr_db", "agreement_top1", "accuracy_top1")
+        }
+        if self.float_accuracy is not None and values.get("accuracy_top1") is not None:
+            out["accuracy_drop"] = round(self.float_accuracy - values["accuracy_top1"], 6)
+        return {k: v for k, v in out.items() if v is not None or k == "sqnr_db"}
+
+    def latency_ms(self, path: Path) -> float:
+        return float(m.latency(path, self.latency_feeds, LATENCY_THREADS)["latency_ms_p50"])
+
+
+def meets(fidelity: dict[str, Any], target: QuantizeTarget | None) -> bool:
+    if target is None:
+        return True
+    if target.max_accuracy_drop is not None:
+        drop = fidelity.get("accuracy_drop")
+        return drop is not None and drop <= target.max_accuracy_drop + 1e-9
+    if target.min_cosine is not None:
+        return float(fidelity.get("cosine_similarity", -1.0)) >= target.min_cosine
+    sqnr = fidelity.get("sqnr_db")
+    assert target.min_sqnr_db is not None
+    return sqnr is None or float(sqnr) >= target.min_sqnr_db  # None: outputs exact
+
+
+def _sqnr_key(entry: dict[str, Any]) -> tuple[float, float]:
+    sqnr = entry.get("sqnr_db")
+    return (math.inf if sqnr is None else float(sqnr), float(entry.get("cosine", 1.0)))
+
+
+def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str, Any]]:
+    """Quantize one layer at a time (the rest float) and rank by fidelity, most sensitive first."""
+    layers = q.candidates(variant)
+    if len(layers) > SENSITIVITY_MAX_LAYERS:
+        import onnx
+
+        sizes = {t.name: int(np.prod(t.dims)) for t in onnx.load(str(q.prepared)).graph.initializer}
+        layers = sorted(layers, key=lambda x: -sizes.get(x.weight or "", 0))
+        layers = layers[:SENSITIVITY_MAX_LAYERS]
+        q.ctx.details["sensitivity_capped_to"] = SENSITIVITY_MAX_LAYERS
+    out = []
+    for i, layer in enumerate(layers):
+        q.ctx.report(0.3 + 0.3 * i / max(1, len(layers)), f"sensitivity {i + 1}/{len(layers)}")
+        path = q.build(variant, q.ctx.workdir / "sensitivity.onnx", only=[layer.name])
+        fid = ev.score(path, small=True)
+        out.append(
+            {
+                "layer": layer.name,
+                "op_type": layer.op_type,
+                "weight": layer.weight,
+                "cosine": fid.get("cosine_similarity"),
+                "sqnr_db": fid.get("sqnr_db"),
+                "agreement": fid.get("agreement_top1"),
+            }
+        )
+    return sorted(out, key=_sqnr_key)
+
+
+@dataclass
+class Candidate:
+    variant: Variant
+    path: Path
+    fidelity: dict[str, Any]
+    kept_float: list[str]
+    met: bool
+    latency_ms: float = 0.0
+    size_bytes: int = 0
+
+
+def fit(
+    q: Quantizer,
+    variant: Variant,
+    ev: Evaluator,
+    target: QuantizeTarget | None,
+    order: list[str],
+    index: int,
+) -> Candidate:
+    """Build the variant; while the target is missed keep the next most sensitive layer float."""
+    names = {x.name for x in q.candidates(variant)}
+    queue = [name for name in order if name in names]
+    kept: list[str] = []
+    dst = q.ctx.workdir / f"variant{index}.onnx"
+    path = q.build(variant, dst)
+    fid = ev.score(path)
+    while not meets(fid, target) and queue:
+        kept.append(queue.pop(0))
+        path = q.build(variant, dst, exclude=set(kept))
+        fid = ev.score(path)
+    return Candidate(variant, path, fid, kept, meets(fid, target))
+
+
+def variants_for(q: Quantizer) -> list[Variant]:
+    """What prefer speed/size tries for the requested mode and dtype."""
+    cfg = q.config
+    has_matmul = any(x.op_type in ("MatMul", "Gemm") and x.weight for x in q.all_layers)
+    has_depthwise = any(x.depthwise for x in q.all_layers)
+    if cfg.mode == "weight_only":
+        if cfg.dtype == "int4":
+            return [
+                Variant("int4_block32", "weight_only"),
+                Variant("int4_block128", "weight_only", block_size=128),
+            ]
+        return [
+            Variant("weight_only_per_channel", "weight_only"),
+            Variant("weight_only_per_tensor", "weight_only", per_channel=False),
+        ]
+    static = [
+        Variant("static_qdq_per_channel", "static"),
+        Variant("static_qdq_per_tensor", "static", per_channel=False),
+        Variant("static_qoperator_per_channel", "static", fmt="qoperator"),
+    ]
+    if has_depthwise:
+        static.append(Variant("static_qdq_depthwise_float", "static", exclude_depthwise=True))
+    dynamic = [
+        Variant("dynamic_per_channel", "dynamic"),
+        Variant("dynamic_per_tensor", "dynamic", per_channel=False),
+    ]
+    if cfg.mode == "dynamic":
+        return dynamic + static[:1]
+    return static + (dynamic[:1] if has_matmul else [])
+
+
+def search(q: Quantizer, float_model: Path) -> Path:
+    """Quantize as configured; returns the chosen file. Fills ctx.details/metrics/warnings."""
+    cfg, ctx = q.config, q.ctx
+    assert cfg.mode is not None
+    requested = Variant(f"{cfg.mode}_{cfg.dtype}", cfg.mode, per_channel=cfg.per_channel)
+    target = cfg.target
+    if target is None and cfg.prefer == "speed":
+        target = SPEED_DEFAULT_TARGET
+    if target is not None:
+        ctx.details["target"] = target.model_dump(exclude_none=True)
+    ev = Evaluator(float_model, q)
+    if cfg.mode == "static":
+        q.calibration_cache()
+    ranking: list[dict[str, Any]] | None = None
+    if cfg.sensitivity or cfg.target is not None:
+        ranking = sensitivity(q, requested, ev)
+        ctx.details["sensitivity"] = ranking
+    order = [entry["layer"] for entry in ranking or []]
+    if target is not None and ranking is None:  # prefer speed's default target
+        order = [x.name for x in reversed(q.candidates(requested))]
+
+    variants = [requested] if cfg.prefer == "quality" else variants_for(q)
+    ctx.report(0.65, f"building and measuring {len(variants)} variant(s)")
+    float_ms = ev.latency_ms(float_model)
+    tried: list[Candidate] = []
+    for i, variant in enumerate(variants):
+        try:
+            cand = fit(q, variant, ev, target, order, i)
+        except Exception as exc:
+            if len(variants) == 1:
+                raise
+            ctx.details.setdefault("variants_failed", []).append(
+                {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            )
+            continue
+        cand.latency_ms = ev.latency_ms(cand.path)
+        cand.size_bytes = cand.path.stat().st_size
+        tried.append(cand)
+    chosen = _choose(tried, cfg.prefer)
+    ctx.details["variants"] = [
+        {
+            "name": c.variant.name,
+            "latency_ms_p50": round(c.latency_ms, 5),
+            "speedup": round(float_ms / c.latency_ms, 4),
+            "size_bytes": c.size_bytes,
+            "fidelity": c.fidelity,
+            "kept_float": c.kept_float,
+            "meets_target": c.met,
+        }
+        for c in tried
+    ]
+    ctx.details["chosen"] = chosen.variant.name
+    if target is not None:
+        ctx.details["kept_float"] = chosen.kept_float
+        ctx.details["target_met"] = chosen.met
+        if not chosen.met:
+            ctx.warnings.append(
+                f"The quality target ({target.describe()}) could not be met even with "
+                f"{len(chosen.kept_float)} layer(s) kept float; delivered the closest result "
+                f"({_fid_text(chosen.fidelity)}). Try dtype fp16, or distillation/QAT."
+            )
+        elif chosen.kept_float:
+            ctx.warnings.append(
+                f"To meet {target.describe()}, {len(chosen.kept_float)} layer(s) stay float: "
+                f"{', '.join(chosen.kept_float[:8])}{' …' if len(chosen.kept_float) > 8 else ''}."
+            )
+    else:
+        _fidelity_warning(chosen, ranking, ctx.warnings)
+    _speed_report(q, float_ms, chosen, tried)
+    return chosen.path
+
+
+def _choose(tried: list[Candidate], prefer: str) -> Candidate:
+    if not tried:
+        raise RuntimeError("no quantized variant could be built")
+    ok = [c for c in tried if c.met] or sorted(tried, key=lambda c: _fid_rank(c.fidelity))[:1]
+    if prefer == "speed":
+        return min(ok, key=lambda c: c.latency_ms)
+    if prefer == "size":
+        return min(ok, key=lambda c: c.size_bytes)
+    return ok[0]
+
+
+def _fid_rank(fid: dict[str, Any]) -> tuple[float, float]:
+    sqnr = fid.get("sqnr_db")
+    return (-(math.inf if sqnr is None else float(sqnr)), -float(fid.get("cosine_similarity", 0)))
+
+
+def _fid_text(fid: dict[str, Any]) -> str:
+    parts = []
+    if fid.get("accuracy_drop") is not None:
+        parts.append(f"accuracy drop {fid['accuracy_drop']:.4f}")
+    if fid.get("cosine_similarity") is not None:
+        parts.append(f"cosine {fid['cosine_similarity']:.4f}")
+    if fid.get("sqnr_db") is not None:
+        parts.append(f"SQNR {fid['sqnr_db']:.1f} dB")
+    if fid.get("agreement_top1") is not None:
+        parts.append(f"top-1 agreement {fid['agreement_top1']:.3f}")
+    return ", ".join(parts)
+
+
+def _fidelity_warning(
+    chosen: Candidate, ranking: list[dict[str, Any]] | None, warnings: list[str]
+) -> None:
+    fid = chosen.fidelity
+    if fid.get("agreement_top1", 1.0) >= 0.98 and fid.get("cosine_similarity", 1.0) >= 0.99:
+        return
+    if ranking:
+        worst = ", ".join(
+            f"{e['layer']} ({e['op_type']}, SQNR {e['sqnr_db']} dB)" for e in ranking[:3]
+        )
+        hint = f"The most sensitive layers are {worst}; add them to `exclude`"
+    else:
+        hint = "Set `sensitivity: true` to rank the layers, or give a `target`"
+    warnings.append(
+        f"Quantization changed the outputs noticeably ({_fid_text(fid)}). {hint} "
+        "(or give a target to keep layers float automatically)."
+    )
+
+
+def _speed_report(q: Quantizer, float_ms: float, chosen: Candidate, tried: list[Candidate]) -> None:
+    ctx, cfg = q.ctx, q.config
+    features = cpu_int8_features()
+    speedup = float_ms / chosen.latency_ms
+    ctx.details["latency"] = {
+        "float_ms_p50": round(float_ms, 5),
+        "quantized_ms_p50": round(chosen.latency_ms, 5),
+        "speedup": round(speedup, 4),
+        "threads": LATENCY_THREADS,
+        "cpu_int8_features": features,
+    }
+    if cfg.prefer == "speed" and all(float_ms / c.latency_ms < 1.0 for c in tried):
+        ctx.warnings.append(
+            f"None of the {len(tried)} quantized variants tried ran faster than the float model "
+            f"here ({float_ms:.3f} ms); delivered the fastest that meets the target "
+            f"({chosen.variant.name}, speedup {speedup:.2f}×)."
+        )
+    if speedup >= SLOWER:
+        return
+    if chosen.variant.mode == "weight_only":
+        cause = (
+            "weight-only quantization stores small weights and unpacks them to float for the "
+            "float compute (DequantizeLinear / MatMulNBits block dequantization), so it saves "
+            "size, not time, on layers this small"
+        )
+    elif features:
+        cause = (
+            f"this CPU has {'/'.join(features)}, so the int8 kernels are fast, but at batch 1 "
+            "on layers this small the Quantize/Dequantize (or dynamic activation quantization) "
+            "around each layer costs more than the int8 math saves"
+        )
+    else:
+        cause = (
+            "no VNNI: int8 QDQ adds Quantize/Dequantize overhead on small/depthwise convs "
+            "(this CPU lacks avx512_vnni/avx_vnni/AMX int8 dot-product instructions)"
+        )
+    depthwise = [x.name for x in q.all_layers if x.depthwise]
+    extra = " Try prefer: 'speed'." if cfg.prefer != "speed" else ""
+    if depthwise and chosen.variant.mode == "static" and not chosen.variant.exclude_depthwise:
+        extra += f" {len(depthwise)} depthwise conv(s) are quantized; excluding them may help."
+    ctx.warnings.append(
+        f"The quantized model ran slower than its float input on this worker "
+        f"({chosen.latency_ms:.3f} ms vs {float_ms:.3f} ms, speedup {speedup:.2f}×, "
+        f"{LATENCY_THREADS} thread): {cause}.{extra}"
+    )
