@@ -295,6 +295,41 @@ def latency(path: Path, samples: Sequence[Feed], threads: int) -> dict[str, Any]
     }
 
 
+def latency_side_by_side(
+    paths: Sequence[Path], samples: Sequence[Feed], threads: int, block: int = 10
+) -> list[float]:
+    """p50 latency (ms) of each model, measured in interleaved blocks of runs.
+
+    Ratios of these numbers are what `speedup` reports: measuring the models in alternation
+    cancels the load and clock changes of a shared machine that separate measurements, taken
+    minutes apart, would put into the ratio.
+    """
+    from worker.engine.runtime import make_session
+
+    sessions = [make_session(path, threads) for path in paths]
+    for session in sessions:
+        for i in range(LATENCY_WARMUP):
+            session.run(None, samples[i % len(samples)])
+    times: list[list[float]] = [[] for _ in sessions]
+    started = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - started
+        runs = len(times[0])
+        if (
+            runs >= LATENCY_MAX_RUNS
+            or elapsed > LATENCY_MAX_SECONDS * len(sessions)
+            or (runs >= LATENCY_MIN_RUNS * 2 and elapsed >= LATENCY_MIN_SECONDS * len(sessions))
+        ):
+            break
+        for session, bucket in zip(sessions, times, strict=True):
+            for _ in range(block):
+                feed = samples[len(bucket) % len(samples)]
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                bucket.append((time.perf_counter() - t0) * 1000.0)
+    return [round(float(np.percentile(bucket, 50)), 5) for bucket in times]
+
+
 # ----------------------------------------------------------------------------- quality
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from worker.engine import metrics as m
 from worker.engine.config import QuantizeTarget
+from worker.engine.errors import EngineError
 from worker.engine.quantize import Quantizer, Variant
 from worker.engine.runtime import Feed, eval_threads, feeds, make_session, run_all
 
@@ -217,7 +218,6 @@ def search(q: Quantizer, float_model: Path) -> Path:
 
     variants = [requested] if cfg.prefer == "quality" else variants_for(q)
     ctx.report(0.65, f"building and measuring {len(variants)} variant(s)")
-    float_ms = ev.latency_ms(float_model)
     tried: list[Candidate] = []
     for i, variant in enumerate(variants):
         try:
@@ -229,9 +229,16 @@ def search(q: Quantizer, float_model: Path) -> Path:
                 {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             )
             continue
-        cand.latency_ms = ev.latency_ms(cand.path)
         cand.size_bytes = cand.path.stat().st_size
         tried.append(cand)
+    if not tried:
+        raise EngineError("quantize_failed", "No quantized variant could be built.")
+    # The float model and every variant measured side by side (interleaved runs).
+    float_ms, *variant_ms = m.latency_side_by_side(
+        [float_model, *(c.path for c in tried)], ev.latency_feeds, LATENCY_THREADS
+    )
+    for cand, ms in zip(tried, variant_ms, strict=True):
+        cand.latency_ms = ms
     chosen = _choose(tried, cfg.prefer)
     ctx.details["variants"] = [
         {

@@ -171,8 +171,8 @@ def test_channels_after_an_onnx_only_op_is_refused(
             [{"op": "quantize", "dtype": "fp16"}, {**CHANNELS, "sparsity": 0.5}],
             workdir=tmp_path,
         )
-    assert err.value.field == "pipeline[1].granularity"
-    assert "pipeline[0] (quantize) produces ONNX only" in str(err.value)
+    assert err.value.field == "pipeline[1]"
+    assert "Make quantize the last step" in str(err.value)
     assert not (tmp_path / "original.onnx").exists()
 
 
