@@ -218,7 +218,14 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
         pipeline = [step.config for step in job.steps]
         resume = _resume_point(session, job)
         evaluation_task = job.evaluation.get("task", "classification")
+        holdout = job.evaluation.get("holdout")
         export = list(job.export)
+        # Other models a step names (a distillation student), only from the job's own team.
+        wanted = {s.config.get("student_model_id") for s in job.steps} - {None}
+        extra_refs = {
+            m.id: m.blob_key
+            for m in session.query(Model).filter(Model.team_id == team_id, Model.id.in_(wanted))
+        }
         model_ref = (model.blob_key, EXTENSIONS[model.format]) if model else None
         dataset_ref = (dataset.blob_key, dataset.format) if dataset else None
 
@@ -240,12 +247,17 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
             "dataset_path": str(dataset_path) if dataset_path else None,
             "pipeline": pipeline,
             "evaluation_task": evaluation_task,
-            "evaluation_holdout": job.evaluation.get("holdout"),
+            "evaluation_holdout": holdout,
+            "models": {},
             "export": export,
             "workdir": str(workdir / "out"),
             "threads": settings.latency_threads,
             "memory_limit_mb": settings.job_memory_limit_mb,
         }
+        for model_id, key in extra_refs.items():
+            path = workdir / f"student-{model_id}.pt2"
+            storage.get_to_path(key, path)
+            spec["models"][model_id] = str(path)
         if resume is not None:
             start_index, blob_key, fmt, original = resume
             checkpoint = workdir / f"checkpoint.{fmt}"

@@ -288,6 +288,7 @@ def _dispatch(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> d
             dataset_path=spec.get("dataset_path"),
             evaluation_task=spec.get("evaluation_task", "classification"),
             holdout=spec.get("evaluation_holdout"),
+            models=spec.get("models") or {},
             export=spec.get("export", ["onnx"]),
             workdir=spec["workdir"],
             progress=emit,

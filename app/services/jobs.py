@@ -179,6 +179,7 @@ def create(
         check_dataset_fits(model, dataset)
     configs = _resolve_pipeline(body)
     _check_plan(model.format, configs, dataset, list(body.export))
+    _check_students(session, team_id, configs)
     job = _repo(session, team_id).create(
         model_id=model.id,
         dataset_id=dataset.id if dataset else None,
@@ -227,6 +228,28 @@ def _check_plan(
             f"A .pt2 export is not available for this job: {reason}. Request export ['onnx'].",
             field="export",
         )
+
+
+def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> None:
+    """A distillation student given by id is one of the team's ready .pt2 models."""
+    for index, config in enumerate(configs):
+        student_id = getattr(config, "student_model_id", None)
+        if student_id is None:
+            continue
+        where = f"pipeline[{index}].student_model_id"
+        student = TeamRepository(session, Model, team_id).get(student_id)
+        if student is None:
+            raise Problem(
+                422, "student_not_found", f"No model {student_id!r} in your team.", field=where
+            )
+        if student.format != "pt2" or student.status != ModelStatus.ready:
+            raise Problem(
+                422,
+                "student_invalid",
+                f"The student model must be a ready torch.export .pt2 (it is {student.format}, "
+                f"{student.status}): distillation trains it.",
+                field=where,
+            )
 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:
