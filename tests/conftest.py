@@ -17,3 +17,12 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "onnx": out / "digits_cnn.onnx",
         "npz": out / "digits.npz",
     }
+
+
+@pytest.fixture(scope="session")
+def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The digits MLP 64-300-100-10 (flat [N, 64] inputs) as .pt2 and .onnx, and its .npz."""
+    from worker.engine.examples import write_digits_mlp
+
+    written = write_digits_mlp(tmp_path_factory.mktemp("mlp"))
+    return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}

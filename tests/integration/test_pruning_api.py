@@ -1,0 +1,201 @@
+"""Issue #3 through the REST API: every pruning variant on real trained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.integration.conftest import Stack
+from tests.integration.methods import Client, load_npz, ratio, run_onnx, weights
+
+pytestmark = pytest.mark.integration
+
+GRADUAL = {"kind": "gradual", "steps": 3, "epochs_per_step": 3}
+
+
+@pytest.fixture(scope="module")
+def api(pg_stack: Stack) -> Client:
+    _, headers = pg_stack.new_team("pruning")
+    return Client(pg_stack, headers)
+
+
+@pytest.fixture(scope="module")
+def residual_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A residual CNN with a depthwise-separable block and BatchNorm, trained on digits."""
+    import torch
+    from torch import nn
+
+    from worker.engine.examples import _digits, export_model, train
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+            self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise
+            self.pw = nn.Conv2d(32, 32, 1)
+            self.bn = nn.BatchNorm2d(32)
+            self.head = nn.Sequential(
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(256, 10),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            h = torch.relu(h + self.bn(self.pw(self.dw(h))))  # skip connection
+            return self.head(h)
+
+    x_tr, x_te, y_tr, y_te = _digits(flat=False)
+    torch.manual_seed(0)
+    model = train(Residual(), x_tr, y_tr, epochs=20)
+    out = tmp_path_factory.mktemp("residual")
+    files = export_model(model, x_te, out / "residual")
+    np.savez(out / "residual.npz", x=x_te, labels=y_te)
+    return {**files, "npz": out / "residual.npz"}
+
+
+def _channel_counts(data: bytes) -> list[int]:
+    return [int(w.shape[0]) for name, w in weights(data).items() if w.ndim == 4]
+
+
+@pytest.mark.parametrize("model", ["digits", "residual"])
+def test_channels_gradual_removes_half_the_channels(
+    api: Client,
+    digits_files: dict[str, Path],
+    residual_files: dict[str, Path],
+    model: str,
+) -> None:
+    files = digits_files if model == "digits" else residual_files
+    job = api.run(
+        files["pt2"],
+        files["npz"],
+        pipeline=[
+            {
+                "op": "prune",
+                "criterion": "magnitude",
+                "granularity": "channels",
+                "sparsity": 0.5,
+                "schedule": GRADUAL,
+            }
+        ],
+    )
+    ratios = job["metrics"]["ratios"]
+    assert ratio(job, "macs") <= 0.3
+    assert ratios["accuracy_drop"] <= 0.015
+    if model == "digits":
+        assert 1 / ratios["speedup"] <= 0.6  # latency ≤ 0.6× the original, measured
+    else:  # BatchNorm/add/relu overheads at batch 1 do not shrink with the channels
+        assert ratios["speedup"] > 1.0
+    step = job["steps"][0]
+    assert step["details"]["schedule"] == "gradual"
+    assert len(step["details"]["rounds"]) == 3
+    assert job["metrics"]["evaluation"]["holdout"] == 0.3  # trained data never measured
+    # The downloaded ONNX has fewer channels and runs in plain onnxruntime.
+    original = files["onnx"].read_bytes()
+    pruned = api.artifact(job)
+    before, after = _channel_counts(original), _channel_counts(pruned)
+    assert len(before) == len(after)
+    assert all(a < b for a, b in zip(after, before, strict=True))
+    x = load_npz(files["npz"])["x"][:16]
+    assert run_onnx(pruned, x).shape == (16, 10)
+
+
+def test_unstructured_global_90_with_fine_tuning(
+    api: Client, digits_files: dict[str, Path]
+) -> None:
+    job = api.run(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[
+            {
+                "op": "prune",
+                "criterion": "magnitude",
+                "granularity": "unstructured",
+                "sparsity": 0.92,
+                "scope": "global",
+                "schedule": GRADUAL,
+                "fine_tune_epochs": 3,
+            }
+        ],
+    )
+    final = job["metrics"]["final"]
+    assert final["sparsity"] >= 0.9
+    assert final["nonzero_params"] <= 0.1 * job["metrics"]["original"]["params"]
+    assert job["metrics"]["ratios"]["accuracy_drop"] <= 0.01
+    assert ratio(job, "size_zstd_bytes") <= 0.25
+    assert any("size_zstd_bytes" in w for w in job["steps"][0]["warnings"])  # honest: no speedup
+
+
+def test_two_four_semi_structured(api: Client, digits_files: dict[str, Path]) -> None:
+    job = api.run(
+        digits_files["onnx"],
+        digits_files["npz"],
+        pipeline=[{"op": "prune", "granularity": "n:m", "n": 2, "m": 4}],
+    )
+    pruned = weights(api.artifact(job))
+    layers = list(pruned.values())[:-1]  # the classifier is kept whole by default
+    assert layers
+    for w in layers:
+        # groups of 4 consecutive weights along the reduction axis (Conv: in·kh·kw; Gemm: in)
+        flat = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
+        usable = flat.shape[1] - flat.shape[1] % 4
+        blocks = flat[:, :usable].reshape(flat.shape[0], -1, 4)
+        assert ((blocks == 0).sum(-1) >= 2).all()
+
+
+def test_gradient_and_entropy_beat_random(api: Client, digits_files: dict[str, Path]) -> None:
+    accuracy: dict[str, float] = {}
+    for criterion in ("random", "gradient", "entropy"):
+        job = api.run(
+            digits_files["pt2"],
+            digits_files["npz"],
+            pipeline=[
+                {
+                    "op": "prune",
+                    "criterion": criterion,
+                    "granularity": "unstructured",
+                    "sparsity": 0.8,
+                }
+            ],
+        )
+        accuracy[criterion] = job["metrics"]["final"]["accuracy_top1"]
+    assert accuracy["gradient"] > accuracy["random"] + 0.1, accuracy
+    assert accuracy["entropy"] > accuracy["random"] + 0.1, accuracy
+
+
+def test_onnx_upload_unstructured_end_to_end(api: Client, mlp_files: dict[str, Path]) -> None:
+    job = api.run(
+        mlp_files["onnx"],
+        mlp_files["npz"],
+        pipeline=[{"op": "prune", "sparsity": 0.5, "scope": "global"}],
+    )
+    assert job["metrics"]["final"]["sparsity"] >= 0.45
+    data = load_npz(mlp_files["npz"])
+    logits = run_onnx(api.artifact(job), data["x"])
+    assert (logits.argmax(1) == data["labels"]).mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    "step, field, text",
+    [
+        ({"granularity": "channels"}, "pipeline[0].granularity", "upload a torch.export .pt2"),
+        ({"criterion": "gradient"}, "pipeline[0].criterion", "upload a torch.export .pt2"),
+        ({"schedule": GRADUAL}, "pipeline[0].schedule", "upload a torch.export .pt2"),
+    ],
+)
+def test_onnx_upload_asked_for_torch_pruning_gets_422(
+    api: Client, digits_files: dict[str, Path], step: dict[str, Any], field: str, text: str
+) -> None:
+    resp = api.submit(digits_files["onnx"], digits_files["npz"], pipeline=[{"op": "prune", **step}])
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert problem["field"] == field
+    assert text in problem["detail"]
+    assert "unstructured" in problem["detail"]  # says what works on ONNX
