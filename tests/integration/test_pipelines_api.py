@@ -1,0 +1,293 @@
+"""Issue #5 through the REST API: distillation, low-rank, weight sharing, presets, validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.integration.conftest import ROOT, Stack
+from tests.integration.methods import Client, load_npz, ratio, run_onnx
+from worker.engine.datasets import Samples
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api(pg_stack: Stack) -> Client:
+    _, headers = pg_stack.new_team("pipelines")
+    return Client(pg_stack, headers)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(digits_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("unlabelled") / "digits_x.npz"
+    np.savez(path, x=load_npz(digits_files["npz"])["x"])
+    return path
+
+
+def _held_out(npz: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The samples a training job measures on: the engine's seeded, stratified 30% split."""
+    data = load_npz(npz)
+    _, held = Samples({"x": data["x"]}, data["labels"], "dataset").split(0.3, 0)
+    assert held.labels is not None
+    return held.inputs["x"], held.labels
+
+
+def test_deep_compression_on_the_mlp(
+    api: Client, mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    job = api.run(mlp_files["pt2"], mlp_files["npz"], preset="deep-compression")
+    assert [s["op"] for s in job["steps"]] == ["prune", "weight_share"]
+    metrics = job["metrics"]
+    final, original = metrics["final"], metrics["original"]
+    assert original["size_bytes"] / final["archive_size_bytes"] >= 40
+    assert metrics["ratios"]["accuracy_drop"] <= 0.005
+    # The archive decodes (with the project's decoder) into exactly the measured model.
+    archive = tmp_path / "model.cpz"
+    archive.write_bytes(api.artifact(job, "cpz"))
+    assert len(archive.read_bytes()) == final["archive_size_bytes"]
+    out = tmp_path / "decoded.onnx"
+    subprocess.run(
+        [sys.executable, "-m", "app.cli", "decode", str(archive), "-o", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    dense = api.artifact(job, "onnx")
+    assert out.read_bytes() == dense
+    x, y = _held_out(mlp_files["npz"])
+    accuracy = float((run_onnx(out.read_bytes(), x).argmax(1) == y).mean())
+    assert round(accuracy, 6) == final["accuracy_top1"]  # metrics are stored to 6 decimals
+
+
+def test_tiny_on_the_digits_cnn(api: Client, digits_files: dict[str, Path]) -> None:
+    job = api.run(digits_files["pt2"], digits_files["npz"], preset="tiny")
+    assert [s["op"] for s in job["steps"]] == ["prune", "distill", "quantize"]
+    ratios = job["metrics"]["ratios"]
+    assert ratio(job, "macs") <= 0.3
+    assert ratio(job, "size_bytes") <= 0.1
+    assert ratios["accuracy_drop"] <= 0.015
+    assert 1 / ratios["speedup"] <= 0.5
+    # every step's checkpoint shows how the numbers moved
+    sizes = [s["metrics"]["size_bytes"] for s in job["steps"]]
+    assert sizes[2] < sizes[0]
+    assert all(s["artifact_id"] for s in job["steps"])
+
+
+PRUNE_70 = {"op": "prune", "granularity": "channels", "sparsity": 0.7, "round_to": None}
+
+
+def test_distillation_recovers_accuracy_after_pruning(
+    api: Client, digits_files: dict[str, Path], unlabelled: Path
+) -> None:
+    same_eval = {"holdout": 0.3}  # every job measured on the same held-out samples
+    pruned = api.run(
+        digits_files["pt2"], digits_files["npz"], pipeline=[PRUNE_70], evaluation=same_eval
+    )
+    distilled = api.run(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[PRUNE_70, {"op": "distill", "epochs": 10}],
+        evaluation=same_eval,
+    )
+    original = pruned["metrics"]["original"]["accuracy_top1"]
+    lost = original - pruned["metrics"]["final"]["accuracy_top1"]
+    assert lost > 0.1  # 70 % of the channels without training hurts
+    regained = (
+        distilled["metrics"]["final"]["accuracy_top1"] - pruned["metrics"]["final"]["accuracy_top1"]
+    )
+    assert regained >= 0.8 * lost
+    details = distilled["steps"][1]["details"]
+    assert details["teacher"]["accuracy"] == pytest.approx(original, abs=0.02)
+    assert len(details["epochs"]) == 10 and "agreement" in details["epochs"][-1]
+
+    # Without labels: soft targets only, quality is agreement with the original.
+    pruned_u = api.run(digits_files["pt2"], unlabelled, pipeline=[PRUNE_70], evaluation=same_eval)
+    distilled_u = api.run(
+        digits_files["pt2"],
+        unlabelled,
+        pipeline=[PRUNE_70, {"op": "distill", "epochs": 10}],
+        evaluation=same_eval,
+    )
+    before = pruned_u["metrics"]["final"]["agreement_top1"]
+    after = distilled_u["metrics"]["final"]["agreement_top1"]
+    assert after - before >= 0.8 * (1 - before)
+    assert distilled_u["steps"][1]["details"]["alpha"] == 1.0
+
+
+def test_distilled_width_student_beats_training_from_scratch(
+    api: Client, digits_files: dict[str, Path]
+) -> None:
+    student = {"op": "distill", "student": "width", "width": 0.5, "epochs": 15, "lr": 0.003}
+    kd = api.run(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[{**student, "alpha": 0.5, "temperature": 4.0}],
+    )
+    scratch = api.run(  # alpha 0: cross-entropy on the labels only, same init and epochs
+        digits_files["pt2"], digits_files["npz"], pipeline=[{**student, "alpha": 0.0}]
+    )
+    assert ratio(kd, "params") < 0.35
+    assert kd["metrics"]["final"]["params"] == scratch["metrics"]["final"]["params"]
+    assert kd["metrics"]["final"]["accuracy_top1"] > scratch["metrics"]["final"]["accuracy_top1"]
+
+
+def test_low_rank_then_fine_tune_on_the_mlp(api: Client, mlp_files: dict[str, Path]) -> None:
+    job = api.run(
+        mlp_files["pt2"],
+        mlp_files["npz"],
+        pipeline=[{"op": "low_rank", "energy": 0.9}, {"op": "fine_tune", "epochs": 5}],
+        export=["onnx", "pt2"],
+    )
+    assert ratio(job, "params") <= 0.6
+    assert job["metrics"]["ratios"]["accuracy_drop"] <= 0.01
+    assert api.artifact(job, "pt2")[:2] == b"PK"  # the torch model comes back as a .pt2 too
+
+
+def test_distill_into_an_uploaded_student(
+    api: Client, digits_files: dict[str, Path], mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from worker.engine.examples import digits_cnn, export_model
+
+    torch.manual_seed(1)
+    small = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(512, 10),
+    )
+    files = export_model(small, load_npz(digits_files["npz"])["x"], tmp_path / "student")
+    student_id = api.upload("models", files["pt2"])
+    job = api.run(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[
+            {
+                "op": "distill",
+                "student": "model",
+                "student_model_id": student_id,
+                "epochs": 8,
+                "lr": 0.003,
+            }
+        ],
+    )
+    assert ratio(job, "params") < 0.1
+    assert job["metrics"]["final"]["accuracy_top1"] >= 0.85
+    # another team's model is not found; an ONNX student is refused
+    _, other = api.stack.new_team("other")
+    stranger = Client(api.stack, other)
+    resp = stranger.submit(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[{"op": "distill", "student": "model", "student_model_id": student_id}],
+    )
+    assert resp.status_code == 422 and resp.json()["code"] == "student_not_found"
+    onnx_id = api.upload("models", mlp_files["onnx"])
+    resp = api.submit(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[{"op": "distill", "student": "model", "student_model_id": onnx_id}],
+    )
+    assert resp.status_code == 422 and resp.json()["code"] == "student_invalid"
+    del digits_cnn
+
+
+@pytest.mark.parametrize(
+    "model, dataset, pipeline, field, text",
+    [
+        ("onnx", "labels", [{"op": "fine_tune"}], "pipeline[0]", "upload a torch.export .pt2"),
+        ("pt2", None, [{"op": "fine_tune"}], "pipeline[0]", "needs a dataset"),
+        ("pt2", "none", [{"op": "fine_tune"}], "pipeline[0]", "`labels` array"),
+        (
+            "pt2",
+            "labels",
+            [{"op": "quantize"}, {"op": "prune"}],
+            "pipeline[1]",
+            "Make quantize the last step",
+        ),
+        (
+            "pt2",
+            "labels",
+            [{"op": "quantize"}, {"op": "quantize", "dtype": "int8"}],
+            "pipeline[1]",
+            "Stacking quantization on quantization is refused",
+        ),
+        (
+            "pt2",
+            "labels",
+            [{"op": "prune", "sparsity": 0.5}, {"op": "quantize"}, {"op": "distill"}],
+            "pipeline[2]",
+            "Make quantize the last step",
+        ),
+        (
+            "pt2",
+            "labels",
+            [{"op": "weight_share"}, {"op": "distill"}],
+            "pipeline[1].student",
+            "produces ONNX only",
+        ),
+    ],
+)
+def test_pipelines_that_cannot_run_are_refused_before_anything_runs(
+    api: Client,
+    digits_files: dict[str, Path],
+    unlabelled: Path,
+    model: str,
+    dataset: str | None,
+    pipeline: list[dict[str, Any]],
+    field: str,
+    text: str,
+) -> None:
+    data = {"labels": digits_files["npz"], "none": unlabelled, None: None}[dataset]
+    resp = api.submit(digits_files[model], data, pipeline=pipeline)
+    assert resp.status_code == 422, resp.text
+    problem = resp.json()
+    assert problem["code"] == "invalid_pipeline"
+    assert problem["field"] == field
+    assert text in problem["detail"]
+
+
+def test_catalog_lists_presets_and_methods(api: Client) -> None:
+    presets = api.stack.client.get("/v1/presets", headers=api.headers).json()["items"]
+    names = {p["name"] for p in presets}
+    assert {"edge-int8", "fp16", "int4-weights", "tiny", "deep-compression"} <= names
+    tiny = next(p for p in presets if p["name"] == "tiny")
+    assert [s["op"] for s in tiny["pipeline"]] == ["prune", "distill", "quantize"]
+    methods = api.stack.client.get("/v1/methods", headers=api.headers).json()["items"]
+    ops = {m["op"]: m for m in methods}
+    assert {"prune", "quantize", "distill", "fine_tune", "low_rank", "weight_share"} <= set(ops)
+    assert "temperature" in ops["distill"]["schema"]["properties"]
+    assert ops["prune"]["schema"]["properties"]["criterion"]["enum"] == [
+        "magnitude",
+        "gradient",
+        "entropy",
+        "random",
+    ]
+
+
+def test_preset_with_overrides(api: Client, mlp_files: dict[str, Path]) -> None:
+    resp = api.submit(
+        mlp_files["pt2"],
+        mlp_files["npz"],
+        preset="deep-compression",
+        overrides={"prune": {"sparsity": 0.8, "schedule": {"steps": 2}}, "1": {"bits": 6}},
+    )
+    assert resp.status_code == 202, resp.text
+    steps = resp.json()["steps"]
+    assert steps[0]["config"]["sparsity"] == 0.8
+    assert steps[0]["config"]["schedule"] == {"kind": "gradual", "steps": 2, "epochs_per_step": 10}
+    assert steps[1]["config"]["bits"] == 6
+    api.stack.client.post(f"/v1/jobs/{resp.json()['id']}/cancel", headers=api.headers)
+    bad = api.submit(
+        mlp_files["pt2"], mlp_files["npz"], preset="tiny", overrides={"low_rank": {"energy": 1}}
+    )
+    assert bad.status_code == 422
+    assert bad.json()["field"] == "overrides.low_rank"
+    assert "prune" in bad.json()["detail"]  # names the steps that exist
