@@ -32,6 +32,44 @@ def test_configs_round_trip_through_json(data: dict[str, object]) -> None:
     assert config.to_dict()["op"] == "quantize"
 
 
+@pytest.mark.parametrize(
+    "data",
+    [{"op": op} for op in ("prune", "fine_tune", "distill", "low_rank", "weight_share")]
+    + [
+        {
+            "op": "prune",
+            "criterion": "entropy",
+            "granularity": "channels",
+            "sparsity": 0.4,
+            "schedule": {"kind": "gradual", "steps": 3, "epochs_per_step": 2},
+            "round_to": None,
+        },
+        {"op": "distill", "student": "width", "width": 0.25, "feature_layers": [["a", "b"]]},
+        {"op": "low_rank", "rank_ratio": 0.3},
+        {"op": "weight_share", "bits": 4, "init": "density"},
+    ],
+)
+def test_every_op_round_trips_through_json(data: dict[str, object]) -> None:
+    config = parse_op(data)
+    again = parse_op(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert again.to_dict() == config.to_dict()
+    assert config.to_dict()["version"] == 1
+
+
+def test_preset_overrides_merge_and_name_the_steps() -> None:
+    from worker.engine.config import PipelineError, preset_pipeline
+
+    steps = preset_pipeline("tiny", {"prune": {"schedule": {"steps": 5}}, "2": {"dtype": "uint8"}})
+    assert steps[0]["schedule"] == {"kind": "gradual", "steps": 5, "epochs_per_step": 3}
+    assert steps[2]["dtype"] == "uint8"
+    assert PRESETS["tiny"]["pipeline"][0]["schedule"]["steps"] == 3  # the preset is unchanged
+    with pytest.raises(PipelineError, match="0 \\(prune\\), 1 \\(distill\\)"):
+        preset_pipeline("tiny", {"9": {"bits": 1}})
+    with pytest.raises(PipelineError, match="cannot change a step's op"):
+        preset_pipeline("tiny", {"prune": {"op": "distill"}})
+
+
 def test_int8_defaults_to_static_and_fp16_takes_no_mode() -> None:
     assert QuantizeConfig(dtype="int8").mode == "static"
     with pytest.raises(ValidationError, match="fp16"):
