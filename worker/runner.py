@@ -350,6 +350,7 @@ def _finalize(
                     "accuracy_measured": result.get("accuracy_measured", False),
                     "calibration_source": result.get("calibration_source"),
                     "evaluation": result.get("evaluation"),
+                    "latency_side_by_side": result.get("latency_side_by_side"),
                 },
                 warnings=list(result.get("warnings") or []),
                 error=None,
