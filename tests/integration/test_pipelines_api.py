@@ -154,7 +154,7 @@ def test_distill_into_an_uploaded_student(
 ) -> None:
     import torch
 
-    from worker.engine.examples import digits_cnn, export_model
+    from worker.engine.examples import export_model
 
     torch.manual_seed(1)
     small = torch.nn.Sequential(
@@ -196,7 +196,6 @@ def test_distill_into_an_uploaded_student(
         pipeline=[{"op": "distill", "student": "model", "student_model_id": onnx_id}],
     )
     assert resp.status_code == 422 and resp.json()["code"] == "student_invalid"
-    del digits_cnn
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ at zero. `fine_tune_epochs` trains once more at the end.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from worker.engine.registry import StepContext, register
 from worker.engine.structured import _example_args, _export, _flat
 from worker.engine.train import (
     Data,
+    Loss,
     first,
     fit,
     is_logits,
@@ -322,133 +324,127 @@ def _rounds(config: PruneConfig) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- handler
 
 
+@dataclass
+class _Run:
+    """One prune step's state: the model, what to prune, its data and its report."""
+
+    gm: Any
+    layers: dict[str, Layer]
+    config: PruneConfig
+    ctx: StepContext
+    example: tuple[Any, ...]
+    score_data: Data | None
+    train_data: Data | None
+    loss: Loss | None
+    rounds: int
+    epochs: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def train(
+        self, epochs: int, masks: dict[str, torch.Tensor] | None, lo: float, hi: float, seed: int
+    ) -> list[dict[str, float]]:
+        """`epochs` of recovery training (none without training data), progress lo..hi."""
+        if not epochs or self.train_data is None or self.loss is None:
+            return []
+
+        def report(epoch: int, row: dict[str, float]) -> None:
+            acc = f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
+            self.ctx.report(
+                lo + (hi - lo) * (epoch + 1) / epochs,
+                f"training epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}{acc}",
+            )
+
+        history = fit(
+            self.gm,
+            self.train_data,
+            self.loss,
+            epochs=epochs,
+            lr=self.config.lr,
+            batch_size=self.config.batch_size,
+            seed=seed,
+            masks=masks,
+            report=report,
+        )
+        return history.epochs
+
+
 @register(PruneConfig, on="torch")
 def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
     """Prune the pipeline's torch model (.pt2 in, .pt2 out)."""
     import torch
 
     gm, outputs = load_lifted(model_path)
-    layers = _targets(gm, outputs, config)
     example = _example_args(ctx)
     with torch.no_grad():
         before = gm(*example)
     needs_data = config.criterion in ("gradient", "entropy") or config.trains()
-    score_data = job_data(ctx, config.samples) if needs_data else None
     train_data = job_data(ctx) if config.trains() else None
     loss, how = recovery_loss(ctx, train_data) if train_data is not None else (None, "")
     rounds, epochs = _rounds(config)
-    details: dict[str, Any] = {
-        "criterion": config.criterion,
-        "granularity": config.granularity,
-        "schedule": config.schedule.kind,
-        "rounds": [],
-    }
+    run = _Run(
+        gm=gm,
+        layers=_targets(gm, outputs, config),
+        config=config,
+        ctx=ctx,
+        example=example,
+        score_data=job_data(ctx, config.samples) if needs_data else None,
+        train_data=train_data,
+        loss=loss,
+        rounds=rounds,
+        epochs=epochs,
+        details={
+            "criterion": config.criterion,
+            "granularity": config.granularity,
+            "schedule": config.schedule.kind,
+            "rounds": [],
+        },
+    )
     ctx.report(0.05, f"pruning ({config.criterion}, {config.granularity})")
     if config.granularity == "channels":
-        pruned = _prune_channels(
-            gm,
-            layers,
-            outputs,
-            config,
-            ctx,
-            example,
-            score_data,
-            rounds,
-            epochs,
-            loss,
-            train_data,
-            details,
-        )
-        gm = pruned
+        _prune_channels(run)
     else:
-        _prune_weights(
-            gm, layers, config, ctx, score_data, rounds, epochs, loss, train_data, details
-        )
+        _prune_weights(run)
     if config.trains():
-        details["training"] = how
+        run.details["training"] = how
         ctx.warnings.append(f"Trained with {how}.")
     with torch.no_grad():
         after = gm(*example)
     shapes = [getattr(t, "shape", None) for t in _flat(before)]
     if shapes != [getattr(t, "shape", None) for t in _flat(after)]:
         raise EngineError("prune_failed", "Pruning changed the model's output shapes.")
-    ctx.details.update(details)
+    ctx.details.update(run.details)
     ctx.report(0.9, "exporting")
     return _export(gm, example, ctx)
 
 
-def _train_round(
-    gm: Any,
-    ctx: StepContext,
-    config: PruneConfig,
-    loss: Any,
-    data: Data | None,
-    epochs: int,
-    masks: dict[str, torch.Tensor] | None,
-    lo: float,
-    hi: float,
-    seed: int,
-) -> list[dict[str, float]]:
-    if not epochs or data is None or loss is None:
-        return []
-
-    def report(epoch: int, row: dict[str, float]) -> None:
-        acc = f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
-        ctx.report(
-            lo + (hi - lo) * (epoch + 1) / epochs,
-            f"training epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}{acc}",
-        )
-
-    history = fit(
-        gm,
-        data,
-        loss,
-        epochs=epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=seed,
-        masks=masks,
-        report=report,
-    )
-    return history.epochs
-
-
-def _prune_weights(
-    gm: Any,
-    layers: dict[str, Layer],
-    config: PruneConfig,
-    ctx: StepContext,
-    score_data: Data | None,
-    rounds: int,
-    epochs: int,
-    loss: Any,
-    train_data: Data | None,
-    details: dict[str, Any],
-) -> None:
+def _prune_weights(run: _Run) -> None:
+    """Unstructured / N:M: zero masks per round (cubic ramp), training with masks held."""
     import torch
 
+    config, layers, ctx = run.config, run.layers, run.ctx
     params = {name: f"{name}.weight" for name in layers}
     keep = {name: torch.ones_like(mod.weight, dtype=torch.bool) for name, mod in layers.items()}
-    targets = _ramp(config.sparsity, rounds) if config.granularity == "unstructured" else [0.0]
+    targets = _ramp(config.sparsity, run.rounds) if config.granularity == "unstructured" else [0.0]
     span = 0.8 / (len(targets) + (1 if config.fine_tune_epochs else 0))
+
+    def masks() -> dict[str, torch.Tensor]:
+        return {params[n]: keep[n].to(layers[n].weight.dtype) for n in layers}
+
     for r, target in enumerate(targets):
         lo = 0.05 + span * r
-        scores = weight_scores(gm, layers, config, ctx, score_data, r)  # type: ignore[arg-type]
+        scores = weight_scores(run.gm, layers, config, ctx, run.score_data, r)  # type: ignore[arg-type]
         arrays = {}
         for name, s in scores.items():
             s = s.float().clone()
             s[~keep[name]] = -1.0  # what an earlier round pruned stays pruned
             arrays[name] = s.numpy()
-        masks = make_masks(arrays, {n: 1 for n in arrays}, config, target)
+        chosen = make_masks(arrays, {n: 1 for n in arrays}, config, target)
         with torch.no_grad():
             for name, mod in layers.items():
-                keep[name] = torch.from_numpy(masks[name])
+                keep[name] = torch.from_numpy(chosen[name])
                 mod.weight.mul_(keep[name])
-        tensors = {params[n]: keep[n].to(layers[n].weight.dtype) for n in layers}
-        history = _train_round(
-            gm, ctx, config, loss, train_data, epochs, tensors, lo, lo + span, ctx.seed + r
-        )
-        details["rounds"].append(
+        history = run.train(run.epochs, masks(), lo, lo + span, ctx.seed + r)
+        run.details["rounds"].append(
             {
                 "round": r + 1,
                 "target_sparsity": round(target, 6),
@@ -457,20 +453,10 @@ def _prune_weights(
             }
         )
     if config.fine_tune_epochs:
-        tensors = {params[n]: keep[n].to(layers[n].weight.dtype) for n in layers}
-        details["fine_tune"] = _train_round(
-            gm,
-            ctx,
-            config,
-            loss,
-            train_data,
-            config.fine_tune_epochs,
-            tensors,
-            0.85 - span,
-            0.85,
-            ctx.seed + len(targets),
+        run.details["fine_tune"] = run.train(
+            config.fine_tune_epochs, masks(), 0.85 - span, 0.85, ctx.seed + len(targets)
         )
-    details["layers"] = [
+    run.details["layers"] = [
         {"name": n, "weights": int(k.numel()), "sparsity": round(1 - float(k.float().mean()), 6)}
         for n, k in keep.items()
     ]
@@ -488,29 +474,19 @@ def _sparsity(keep: dict[str, torch.Tensor]) -> float:
     return 1 - sum(int(k.sum()) for k in keep.values()) / total
 
 
-def _prune_channels(
-    gm: Any,
-    layers: dict[str, Layer],
-    outputs: list[str],
-    config: PruneConfig,
-    ctx: StepContext,
-    example: tuple[Any, ...],
-    score_data: Data | None,
-    rounds: int,
-    epochs: int,
-    loss: Any,
-    train_data: Data | None,
-    details: dict[str, Any],
-) -> Any:
+def _prune_channels(run: _Run) -> None:
+    """Channels: Torch-Pruning removes them in `rounds` steps of the ramp, training between."""
     import torch
     import torch_pruning as tp
     from torch import nn
 
+    gm, config, ctx, example = run.gm, run.config, run.ctx, run.example
     all_layers = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    ignored = [m for n, m in all_layers.items() if n not in layers]
+    ignored = [m for n, m in all_layers.items() if n not in run.layers]
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     torch.manual_seed(ctx.seed)
-    ramp = _ramp(config.sparsity, rounds)
+    ramp = _ramp(config.sparsity, run.rounds)
+    span = 0.8 / (run.rounds + (1 if config.fine_tune_epochs else 0))
     try:
         pruner = tp.pruner.MagnitudePruner(
             gm,
@@ -520,20 +496,17 @@ def _prune_channels(
             global_pruning=config.scope == "global",
             ignored_layers=ignored,
             round_to=config.round_to,
-            iterative_steps=rounds,
+            iterative_steps=run.rounds,
             iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0, *ramp],
         )
-        span = 0.8 / (rounds + (1 if config.fine_tune_epochs else 0))
-        for r in range(rounds):
+        for r in range(run.rounds):
             lo = 0.05 + span * r
-            pruner.importance = _channel_importance(gm, all_layers, config, ctx, score_data)  # type: ignore[arg-type]
+            pruner.importance = _channel_importance(gm, all_layers, config, ctx, run.score_data)  # type: ignore[arg-type]
             pruner.step()
             gm.eval()
             macs, params = tp.utils.count_ops_and_params(gm, example)
-            history = _train_round(
-                gm, ctx, config, loss, train_data, epochs, None, lo, lo + span, ctx.seed + r
-            )
-            details["rounds"].append(
+            history = run.train(run.epochs, None, lo, lo + span, ctx.seed + r)
+            run.details["rounds"].append(
                 {
                     "round": r + 1,
                     "target_sparsity": round(ramp[r], 6),
@@ -552,21 +525,12 @@ def _prune_channels(
             field="pipeline",
         ) from exc
     if config.fine_tune_epochs:
-        details["fine_tune"] = _train_round(
-            gm,
-            ctx,
-            config,
-            loss,
-            train_data,
-            config.fine_tune_epochs,
-            None,
-            0.85 - span,
-            0.85,
-            ctx.seed + rounds,
+        run.details["fine_tune"] = run.train(
+            config.fine_tune_epochs, None, 0.85 - span, 0.85, ctx.seed + run.rounds
         )
     gm.eval()
     macs1, params1 = tp.utils.count_ops_and_params(gm, example)
-    details["layers"] = [
+    run.details["layers"] = [
         {"name": n, "out_channels": int(m.weight.shape[0])}
         for n, m in gm.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
@@ -583,5 +547,3 @@ def _prune_channels(
             else ""
         )
     )
-    del outputs
-    return gm

@@ -1,0 +1,107 @@
+"""Torch-side pruning: criteria, schedules and layer names on real trained digits models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from worker.engine.pipeline import compress
+from worker.engine.prune_torch import _entropy, _ramp
+
+
+def _weights(path: str | Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {
+        n.name: inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type in ("Gemm", "MatMul", "Conv") and n.input[1] in inits
+    }
+
+
+def test_entropy_is_zero_for_a_constant_channel_and_grows_with_spread() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.stack(
+        [
+            torch.full((500,), 3.0),  # constant: no information
+            torch.rand(500, generator=gen) * 0.01,  # moves within one bin of the layer's grid
+            torch.rand(500, generator=gen) * 2,  # a fifth of the grid
+            torch.rand(500, generator=gen) * 10,  # spread over the whole grid
+        ],
+        dim=1,
+    )
+    h = _entropy(values)
+    assert h[0] == 0.0 and h[1] == 0.0
+    assert 1.0 < h[2] < h[3] <= 5.0  # 32 bins: at most 5 bits
+
+
+def test_cubic_ramp_ends_at_the_target_and_front_loads_the_cuts() -> None:
+    ramp = _ramp(0.9, 3)
+    assert ramp[-1] == pytest.approx(0.9)
+    assert ramp[0] > 0.9 / 3 and ramp == sorted(ramp)
+
+
+def test_gradient_without_labels_uses_the_originals_predictions(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "x.npz", x=np.load(mlp_files["npz"])["x"])
+    result = compress(
+        mlp_files["pt2"],
+        [{"op": "prune", "criterion": "gradient", "sparsity": 0.7}],
+        dataset_path=tmp_path / "x.npz",
+        workdir=tmp_path / "w",
+    )
+    step = result["steps"][0]
+    assert step["backend"] == "torch"
+    assert step["details"]["criterion"] == "gradient"
+    assert result["final"]["agreement_top1"] >= 0.9
+    layers = {e["name"]: e["sparsity"] for e in step["details"]["layers"]}
+    assert set(layers) == {"0", "2"}  # original layer names; the classifier "4" is kept
+    assert all(s == pytest.approx(0.7, abs=0.01) for s in layers.values())
+
+
+def test_two_four_on_torch_with_the_entropy_criterion_and_ignore(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    result = compress(
+        mlp_files["pt2"],
+        [{"op": "prune", "criterion": "entropy", "granularity": "n:m", "ignore": ["2"]}],
+        dataset_path=mlp_files["npz"],
+        workdir=tmp_path,
+    )
+    assert [e["name"] for e in result["steps"][0]["details"]["layers"]] == ["0"]
+    first, second, last = _weights(result["artifacts"][0]["path"]).values()
+    w = first if first.shape[1] == 64 else first.T  # [out, in]: groups along the inputs
+    blocks = w.reshape(w.shape[0], -1, 4)
+    assert ((blocks == 0).sum(-1) >= 2).all()
+    assert (second != 0).all() and (last != 0).all()  # ignored and the classifier stay dense
+
+
+def test_gradual_unstructured_holds_pruned_weights_at_zero_while_training(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    result = compress(
+        mlp_files["pt2"],
+        [
+            {
+                "op": "prune",
+                "sparsity": 0.8,
+                "scope": "global",
+                "schedule": {"kind": "gradual", "steps": 3, "epochs_per_step": 2},
+            }
+        ],
+        dataset_path=mlp_files["npz"],
+        workdir=tmp_path,
+    )
+    rounds = result["steps"][0]["details"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    achieved = [r["sparsity"] for r in rounds]
+    assert achieved == sorted(achieved) and achieved[-1] == pytest.approx(0.8, abs=0.005)
+    assert all(len(r["training"]) == 2 for r in rounds)
+    assert result["evaluation"]["holdout"] == 0.3
+    assert result["ratios"]["accuracy_drop"] <= 0.03
