@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +27,19 @@ def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     written = write_digits_mlp(tmp_path_factory.mktemp("mlp"))
     return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}
+
+
+@pytest.fixture(scope="session")
+def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 2-block transformer encoder trained on a token-order task (ONNX/.pt2 + tokens.npz)."""
+    from worker.engine.examples import write_token_transformer
+
+    return write_token_transformer(tmp_path_factory.mktemp("transformer"))
+
+
+@pytest.fixture(scope="session")
+def separable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A depthwise-separable CNN trained on digits (ONNX/.pt2 + npz)."""
+    from worker.engine.examples import write_separable_cnn
+
+    return write_separable_cnn(tmp_path_factory.mktemp("separable"))

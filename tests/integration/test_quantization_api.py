@@ -23,20 +23,6 @@ def api(pg_stack: Stack) -> Client:
     return Client(pg_stack, headers)
 
 
-@pytest.fixture(scope="module")
-def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from worker.engine.examples import write_token_transformer
-
-    return write_token_transformer(tmp_path_factory.mktemp("transformer"))
-
-
-@pytest.fixture(scope="module")
-def separable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from worker.engine.examples import write_separable_cnn
-
-    return write_separable_cnn(tmp_path_factory.mktemp("separable"))
-
-
 def test_dynamic_int8_transformer_with_a_cosine_target(
     api: Client, transformer: dict[str, Any]
 ) -> None:

@@ -21,7 +21,7 @@ from worker.engine.config import LowRankConfig
 from worker.engine.errors import EngineError
 from worker.engine.formats import load_exported_program
 from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat, lift_modules
+from worker.engine.structured import _example_args, _export, _flat, lift_modules, weight_layers
 
 if TYPE_CHECKING:
     from torch import nn
@@ -87,9 +87,7 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
     ctx.report(0.05, "lifting conv/linear layers")
     gm, output_layers = lift_modules(ep)
     gm.eval()
-    layers = {
-        name: mod for name, mod in gm.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))
-    }
+    layers = weight_layers(gm)
     if not layers:
         raise EngineError(
             "nothing_to_factorize",

@@ -36,7 +36,7 @@ from worker.engine.config import PruneConfig
 from worker.engine.errors import EngineError
 from worker.engine.prune import make_masks
 from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat
+from worker.engine.structured import _example_args, _export, _flat, weight_layers
 from worker.engine.train import (
     Data,
     Loss,
@@ -66,11 +66,8 @@ ENTROPY_BINS = 32
 def _targets(gm: torch.fx.GraphModule, outputs: list[str], config: PruneConfig) -> dict[str, Layer]:
     """Conv/Linear layers the op may prune: not ignored, not the output layer (for channels
     never; for weights unless include_last_layer)."""
-    from torch import nn
 
-    layers = {
-        name: mod for name, mod in gm.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))
-    }
+    layers = weight_layers(gm)
     if not layers:
         raise EngineError(
             "nothing_to_prune",
@@ -481,7 +478,7 @@ def _prune_channels(run: _Run) -> None:
     from torch import nn
 
     gm, config, ctx, example = run.gm, run.config, run.ctx, run.example
-    all_layers = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    all_layers = weight_layers(gm)
     ignored = [m for n, m in all_layers.items() if n not in run.layers]
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     torch.manual_seed(ctx.seed)

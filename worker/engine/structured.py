@@ -211,6 +211,14 @@ def lift_modules(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule
     return gm, _output_layers(gm, lifted)
 
 
+def weight_layers(gm: nn.Module) -> dict[str, Any]:
+    """The model's nn.Conv2d and nn.Linear modules by name: what pruning, factorization and
+    quantization-aware training act on."""
+    from torch import nn
+
+    return {name: m for name, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
 def _output_layers(gm: torch.fx.GraphModule, lifted: dict[str, nn.Module]) -> list[str]:
     """Lifted Conv/Linear modules that feed a graph output through no other Conv/Linear."""
     from torch import nn

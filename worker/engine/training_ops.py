@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from worker.engine.config import DistillConfig, FineTuneConfig
 from worker.engine.errors import EngineError
 from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat
+from worker.engine.structured import _example_args, _export, _flat, weight_layers
 from worker.engine.train import (
     Data,
     Loss,
@@ -66,12 +66,11 @@ def _fresh_width_student(
     freshly initialised weights (Torch-Pruning keeps the graph consistent)."""
     import torch
     import torch_pruning as tp
-    from torch import nn
 
     gm, outputs = load_lifted(teacher_path)
     example = _example_args(ctx)
     if width < 1:
-        layers = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        layers = weight_layers(gm)
         pruner = tp.pruner.MagnitudePruner(
             gm,
             example_inputs=example if len(example) > 1 else example[0],

@@ -23,20 +23,6 @@ def _run(model: Path, step: dict[str, Any], data: Path, workdir: Path) -> dict[s
     return compress(model, [step], dataset_path=data, workdir=workdir)
 
 
-@pytest.fixture(scope="module")
-def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from worker.engine.examples import write_token_transformer
-
-    return write_token_transformer(tmp_path_factory.mktemp("transformer"))
-
-
-@pytest.fixture(scope="module")
-def separable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from worker.engine.examples import write_separable_cnn
-
-    return write_separable_cnn(tmp_path_factory.mktemp("separable"))
-
-
 # ----------------------------------------------------------------------------- config
 
 
