@@ -13,8 +13,10 @@ import numpy as np
 from worker.engine import metrics as m
 from worker.engine.config import (
     Backend,
+    DistillConfig,
     OpConfig,
     PipelineError,
+    PruneConfig,
     keeps_torch_model,
     parse_op,
     plan_pipeline,
@@ -124,6 +126,12 @@ def _validate(
     return plan, handlers
 
 
+def _reshapes_channels(config: OpConfig) -> bool:
+    if isinstance(config, PruneConfig):
+        return config.granularity == "channels"
+    return isinstance(config, DistillConfig) and config.student == "width"
+
+
 def _samples(
     dataset_path: str | Path | None, inputs: list[TensorSpec], task: str, seed: int
 ) -> Samples:
@@ -223,6 +231,10 @@ def compress(
         raise EngineError("invalid_pipeline", str(exc), field="pipeline") from exc
     fmt = detect_format(model_path)
     plan, handlers = _validate(configs, fmt, export, evaluation_task, dataset_path is not None)
+    if fmt == "pt2" and "torch" in plan:
+        from worker.engine.structured import preflight
+
+        preflight(Path(model_path), any(_reshapes_channels(c) for c in configs))
 
     def report(fraction: float, message: str) -> None:
         emit(

@@ -15,6 +15,7 @@ import numpy as np
 
 from worker.engine.errors import EngineError
 from worker.engine.export import quiet
+from worker.engine.formats import load_exported_program
 from worker.engine.registry import StepContext
 
 if TYPE_CHECKING:
@@ -110,6 +111,50 @@ def _batch_norm(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
     return bn.eval()
 
 
+def _layer_norm(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
+    """aten.layer_norm(x, normalized_shape, weight, bias, eps, cudnn)."""
+    from torch import nn
+
+    args = list(node.args) + [None] * 5
+    _, shape, w, b, eps = args[:5]
+    if w is None or w.op != "get_attr" or (b is not None and b.op != "get_attr"):
+        return None
+    norm = nn.LayerNorm(list(shape), eps=float(eps or 1e-5), bias=b is not None)
+    norm.weight = _param(_attr(gm, w))
+    if b is not None:
+        norm.bias = _param(_attr(gm, b))
+    return norm
+
+
+def _embedding(gm: torch.fx.GraphModule, node: Any) -> nn.Module | None:
+    """aten.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)."""
+    from torch import nn
+
+    args = list(node.args) + [-1, False, False]
+    w, _, padding_idx, scale, sparse = args[:5]
+    if getattr(w, "op", None) != "get_attr" or scale or sparse:
+        return None
+    weight = _attr(gm, w)
+    pad = int(padding_idx) if padding_idx is not None and int(padding_idx) >= 0 else None
+    emb = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=pad)
+    emb.weight = _param(weight)
+    return emb
+
+
+# aten op → (builder, index of its weight argument, index of its data input)
+def _lifters() -> dict[Any, tuple[Any, int, int]]:
+    import torch
+
+    aten = torch.ops.aten
+    return {
+        aten.conv2d.default: (_conv, 1, 0),
+        aten.linear.default: (_linear, 1, 0),
+        aten.batch_norm.default: (_batch_norm, 1, 0),
+        aten.layer_norm.default: (_layer_norm, 2, 0),
+        aten.embedding.default: (_embedding, 0, 1),
+    }
+
+
 def _module_path(weight_node: Any) -> str:
     """Where the lifted module lives: the owner of its weight ("features.0.weight" → "features.0").
 
@@ -130,22 +175,19 @@ def lift_modules(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule
     import torch
     from torch import nn
 
-    aten = torch.ops.aten
-    builders = {
-        aten.conv2d.default: _conv,
-        aten.linear.default: _linear,
-        aten.batch_norm.default: _batch_norm,
-    }
+    lifters = _lifters()
     source = ep.module()
     # Decide what is lifted first, so the lifted weights are not copied as loose tensors.
     plan: list[tuple[Any, nn.Module, str]] = []
+    inputs: dict[Any, int] = {}
     taken: set[str] = set()
     for node in source.graph.nodes:
-        build = builders.get(node.target) if node.op == "call_function" else None
-        module = build(source, node) if build else None
-        if module is None:
+        lifter = lifters.get(node.target) if node.op == "call_function" else None
+        module = lifter[0](source, node) if lifter else None
+        if module is None or lifter is None:
             continue
-        path = _module_path(node.args[1])
+        inputs[node] = lifter[2]
+        path = _module_path(node.args[lifter[1]])
         if not path or path in taken:
             path = f"lifted_{node.name}"
         taken.add(path)
@@ -153,8 +195,8 @@ def lift_modules(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule
     lifted_inputs = {
         str(a.target)
         for node, _, _ in plan
-        for a in node.args[1:]
-        if getattr(a, "op", None) == "get_attr"
+        for i, a in enumerate(node.args)
+        if i != inputs[node] and getattr(a, "op", None) == "get_attr"
     }
     root = nn.Module()
 
@@ -201,7 +243,7 @@ def lift_modules(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule
         gm.add_submodule(path, module)  # GraphModule() copied only what the graph referenced
         lifted[path] = module
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (node.args[0],))
+            call = gm.graph.call_module(path, (node.args[inputs[old_node]],))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
@@ -279,3 +321,62 @@ def _export(gm: torch.fx.GraphModule, example: tuple[Any, ...], ctx: StepContext
             field="pipeline",
         ) from exc
     return out
+
+
+def _layer_of(node: Any) -> str:
+    """The user's module path a graph node came from (nn_module_stack), or the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path) or node.name
+    return str(node.name)
+
+
+def preflight(model_path: Path, reshapes_channels: bool) -> None:
+    """Before any compute: refuse a .pt2 the torch steps cannot handle, naming op and layer.
+
+    Every graph must be straight-line (no torch.cond / while_loop / map). Steps that remove
+    channels (prune granularity channels, distill with a width student) also need every weight
+    to be read by a layer Torch-Pruning can see (conv2d, linear, batch_norm, layer_norm,
+    embedding with constant weights); any other op reading a weight would be left with the
+    old channel count.
+    """
+    import torch
+
+    ep = load_exported_program(model_path)
+    gm = ep.module()
+    lifters = _lifters()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if isinstance(node.target, torch._ops.HigherOrderOperator) or "higher_order" in name:
+            raise EngineError(
+                "unsupported_op",
+                f"Layer {_layer_of(node)!r} uses {name} (data-dependent control flow), which the "
+                "torch steps (pruning with training or channels, distill, fine_tune, low_rank, "
+                "qat) cannot rewrite. Export a straight-line graph, or use ONNX-side ops "
+                "(quantize; prune unstructured/n:m with magnitude, one-shot).",
+                field="model_id",
+            )
+        if not reshapes_channels:
+            continue
+        lifter = lifters.get(node.target)
+        if lifter is not None and lifter[0](gm, node) is not None:
+            continue
+        weights = [
+            str(a.target)
+            for a in node.args
+            if getattr(a, "op", None) == "get_attr"
+            and getattr(_attr(gm, a), "dim", lambda: 0)() >= 2
+        ]
+        if weights:
+            raise EngineError(
+                "unsupported_op",
+                f"Layer {_layer_of(node)!r} applies {name} to the weight {weights[0]!r}; channel "
+                "removal (prune granularity 'channels', distill student 'width') only sees "
+                "conv2d, linear, batch_norm, layer_norm and embedding layers, so this weight "
+                "would keep stale channels. Use granularity 'unstructured' or 'n:m', or list the "
+                "layer's neighbours in 'ignore' if they are not coupled to it.",
+                field="pipeline",
+            )

@@ -105,3 +105,41 @@ def test_gradual_unstructured_holds_pruned_weights_at_zero_while_training(
     assert all(len(r["training"]) == 2 for r in rounds)
     assert result["evaluation"]["holdout"] == 0.3
     assert result["ratios"]["accuracy_drop"] <= 0.03
+
+
+def test_preflight_names_the_op_and_weight_before_any_compute(tmp_path: Path) -> None:
+    from torch import nn
+
+    from worker.engine.errors import EngineError
+    from worker.engine.examples import export_model
+
+    class RawMatmul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.head = nn.Parameter(torch.randn(8 * 64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x)).flatten(1) @ self.head  # no nn.Linear
+
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    files = export_model(RawMatmul().eval(), x, tmp_path / "raw")
+    np.savez(tmp_path / "d.npz", x=x, labels=np.arange(16) % 10)
+    with pytest.raises(EngineError) as err:
+        compress(
+            files["pt2"],
+            [{"op": "prune", "granularity": "channels"}],
+            dataset_path=tmp_path / "d.npz",
+            workdir=tmp_path / "w",
+        )
+    assert err.value.code == "unsupported_op"
+    assert "aten.matmul" in str(err.value) and "'head'" in str(err.value)
+    assert not (tmp_path / "w" / "original.onnx").exists()  # refused before any compute
+    # the same model prunes unstructured on torch (only the conv is a layer it sees)
+    result = compress(
+        files["pt2"],
+        [{"op": "prune", "criterion": "gradient", "sparsity": 0.5, "include_last_layer": True}],
+        dataset_path=tmp_path / "d.npz",
+        workdir=tmp_path / "w2",
+    )
+    assert [e["name"] for e in result["steps"][0]["details"]["layers"]] == ["conv"]
