@@ -113,3 +113,17 @@ def test_synthetic_inputs_follow_the_spec_and_the_seed() -> None:
     a, b = synthetic([IMAGE], seed=3), synthetic([IMAGE], seed=3)
     assert a.inputs["input"].shape == (32, 1, 8, 8) and a.source == "synthetic"
     np.testing.assert_array_equal(a.inputs["input"], b.inputs["input"])
+
+
+def test_holdout_split_is_stratified_seeded_and_disjoint() -> None:
+    from worker.engine.datasets import Samples
+
+    labels = np.repeat(np.arange(4), [10, 20, 30, 40])
+    x = np.arange(100, dtype=np.float32)[:, None]
+    train, held = Samples({"x": x}, labels, "dataset").split(0.3, seed=0)
+    assert len(train) + len(held) == 100 and len(held) == 30
+    assert held.labels is not None and train.labels is not None
+    assert np.bincount(held.labels).tolist() == [3, 6, 9, 12]  # 30 % of every class
+    assert not set(train.inputs["x"][:, 0]) & set(held.inputs["x"][:, 0])
+    again = Samples({"x": x}, labels, "dataset").split(0.3, seed=0)[1]
+    assert np.array_equal(again.inputs["x"], held.inputs["x"])
