@@ -41,6 +41,7 @@ MAC_OPS = {
     "QLinearConv",
     "QLinearMatMul",
     "ConvInteger",
+    "MatMulNBits",
 }
 LATENCY_WARMUP = 10
 LATENCY_MIN_RUNS = 50
@@ -197,6 +198,12 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None
         if out is None or a is None or len(a) != 2:
             return None
         return int(np.prod(out, dtype=np.int64)) * (a[0] if trans_a else a[1])
+    if op == "MatMulNBits":  # com.microsoft: A [..., K] times packed B [K, N]
+        a = shapes.get(node.input[0])
+        attrs = {attr.name: attr.i for attr in node.attribute}
+        if not a or "K" not in attrs or "N" not in attrs:
+            return None
+        return int(np.prod(a[:-1], dtype=np.int64)) * attrs["K"] * attrs["N"]
     a = shapes.get(node.input[0])  # MatMul, MatMulInteger, QLinearMatMul
     if out is None or not a:
         return None

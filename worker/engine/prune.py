@@ -100,15 +100,23 @@ def make_masks(
     if config.granularity == "n:m":
         return {name: _nm_mask(s, axes[name], config.n, config.m) for name, s in scores.items()}
     if config.scope == "global":
-        flat = np.concatenate([s.ravel() for s in scores.values()])
-        return {name: s > _threshold(flat, sparsity) for name, s in scores.items()}
-    return {name: s > _threshold(s.ravel(), sparsity) for name, s in scores.items()}
+        names = list(scores)
+        flat = _keep_top(np.concatenate([scores[n].ravel() for n in names]), sparsity)
+        bounds = np.cumsum([0, *(scores[n].size for n in names)])
+        return {
+            n: flat[bounds[i] : bounds[i + 1]].reshape(scores[n].shape) for i, n in enumerate(names)
+        }
+    return {name: _keep_top(s.ravel(), sparsity).reshape(s.shape) for name, s in scores.items()}
 
 
-def _threshold(flat: np.ndarray, sparsity: float) -> float:
-    """The score at or below which `sparsity` of the entries lie (ties pruned together)."""
+def _keep_top(flat: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep-mask zeroing exactly round(sparsity·n) lowest scores (ties broken by position, so
+    many equal scores — e.g. weights of dead units with zero gradient — never over-prune)."""
     k = int(round(sparsity * flat.size))
-    return float(np.partition(flat, k - 1)[k - 1]) if k > 0 else -np.inf
+    keep = np.ones(flat.size, dtype=bool)
+    if k > 0:
+        keep[np.argsort(flat, kind="stable")[:k]] = False
+    return keep
 
 
 @register(PruneConfig, on="onnx")

@@ -484,6 +484,15 @@ def _prune_channels(run: _Run) -> None:
     torch.manual_seed(ctx.seed)
     ramp = _ramp(config.sparsity, run.rounds)
     span = 0.8 / (run.rounds + (1 if config.fine_tune_epochs else 0))
+    round_to = config.round_to if config.round_to and config.round_to > 1 else None
+    smallest = min(int(m.weight.shape[0]) for m in run.layers.values())
+    if round_to and smallest * (1 - config.sparsity) < round_to:
+        # Torch-Pruning would round such a layer's kept count to 0 and then leave it whole.
+        ctx.warnings.append(
+            f"round_to {round_to} was not applied: at {config.sparsity:.0%} the smallest pruned "
+            f"layer ({smallest} channels) would keep fewer than {round_to}; exact ratios used."
+        )
+        round_to = None
     try:
         pruner = tp.pruner.MagnitudePruner(
             gm,
@@ -492,7 +501,7 @@ def _prune_channels(run: _Run) -> None:
             pruning_ratio=config.sparsity,
             global_pruning=config.scope == "global",
             ignored_layers=ignored,
-            round_to=config.round_to,
+            round_to=round_to,
             iterative_steps=run.rounds,
             iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0, *ramp],
         )
@@ -537,10 +546,10 @@ def _prune_channels(run: _Run) -> None:
         f"{params0:,} → {params1:,} ({params1 / params0:.1%}); "
         f"{len(ignored)} output/ignored layer(s) kept whole."
         + (
-            f" Kept channel counts are rounded down to multiples of {config.round_to} (faster "
+            f" Kept channel counts are rounded down to multiples of {round_to} (faster "
             f"CPU kernels), so more than {config.sparsity:.0%} of a layer's channels may be "
             "removed; set round_to null for the exact ratio."
-            if config.round_to and config.round_to > 1
+            if round_to
             else ""
         )
     )

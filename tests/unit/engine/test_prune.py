@@ -103,3 +103,31 @@ def test_everything_ignored_is_a_clear_error(digits_files: dict[str, Path], tmp_
     with pytest.raises(EngineError) as err:
         compress(digits_files["onnx"], [{"op": "prune", "ignore": ["*"]}], workdir=tmp_path)
     assert err.value.code == "nothing_to_prune"
+
+
+def test_masks_prune_exactly_the_requested_share_even_with_tied_scores() -> None:
+    from worker.engine.config import PruneConfig
+    from worker.engine.prune import make_masks
+
+    scores = {"a": np.zeros((10, 10)), "b": np.r_[np.zeros(50), np.arange(1, 51)].reshape(10, 10)}
+    for scope in ("layer", "global"):
+        masks = make_masks(scores, {"a": 1, "b": 1}, PruneConfig(scope=scope), 0.3)
+        zeros = sum(int((~m).sum()) for m in masks.values())
+        assert zeros == 60  # 30 % of 200, although 150 scores tie at 0
+        if scope == "layer":
+            assert int((~masks["b"]).sum()) == 30 and masks["b"].ravel()[50:].all()
+
+
+def test_channel_rounding_is_dropped_when_it_would_empty_a_layer(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    result = compress(
+        digits_files["pt2"],
+        [{"op": "prune", "granularity": "channels", "sparsity": 0.9}],
+        dataset_path=digits_files["npz"],
+        workdir=tmp_path,
+    )
+    step = result["steps"][0]
+    assert any("round_to 8 was not applied" in w for w in step["warnings"])
+    channels = [e["out_channels"] for e in step["details"]["layers"]][:-1]
+    assert channels == [3, 6, 12, 25]  # 10 % of 32/64/128/256 (floored), none left whole
