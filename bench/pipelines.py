@@ -152,7 +152,11 @@ def main() -> None:
                     _fmt(final["size_bytes"] / original["size_bytes"]),
                     f"{stored / original['size_bytes']:.3f} ({source}, "
                     f"{original['size_bytes'] / stored:.1f}×)",
-                    _fmt(final["macs"] / original["macs"] if original.get("macs") else None),
+                    _fmt(
+                        final["macs"] / original["macs"]
+                        if original.get("macs") and final.get("macs")
+                        else None
+                    ),
                     _fmt(1 / result["ratios"]["speedup"], ".2f"),
                     _fmt(None if drop is None else 100 * drop, "+.2f"),
                     f"{100 * original['accuracy_top1']:.2f} % → "

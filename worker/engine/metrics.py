@@ -172,14 +172,14 @@ def count_macs(model: onnx.ModelProto, batch: int | None = None) -> int | None:
     for node in model.graph.node:
         if node.op_type not in MAC_OPS:
             continue
-        macs = _node_macs(node, shapes)
+        macs = _node_macs(node, shapes, batch or 1)
         if macs is None:
             return None
         total += macs
     return total // batch if batch else total
 
 
-def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], rows: int = 1) -> int | None:
     op = node.op_type
     out = shapes.get(node.output[0]) if node.output else None
     if op in ("Conv", "ConvInteger", "QLinearConv"):
@@ -201,9 +201,11 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None
     if op == "MatMulNBits":  # com.microsoft: A [..., K] times packed B [K, N]
         a = shapes.get(node.input[0])
         attrs = {attr.name: attr.i for attr in node.attribute}
-        if not a or "K" not in attrs or "N" not in attrs:
+        if "K" not in attrs or "N" not in attrs:
             return None
-        return int(np.prod(a[:-1], dtype=np.int64)) * attrs["K"] * attrs["N"]
+        # ONNX shape inference stops at contrib ops: without A's shape, one row per sample.
+        m = int(np.prod(a[:-1], dtype=np.int64)) if a else rows
+        return m * attrs["K"] * attrs["N"]
     a = shapes.get(node.input[0])  # MatMul, MatMulInteger, QLinearMatMul
     if out is None or not a:
         return None
