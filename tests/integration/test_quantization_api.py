@@ -116,3 +116,30 @@ def test_prefer_speed_is_never_slower_than_the_original(
         assert any("None of the" in w for w in job["steps"][0]["warnings"])
     x = load_npz(separable["npz"])["x"][:4]
     assert run_onnx(api.artifact(job), x).shape[0] == 4
+
+
+def test_ternary_with_distillation_on_the_mlp(
+    api: Client, mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    job = api.run(
+        mlp_files["pt2"],
+        mlp_files["npz"],
+        pipeline=[
+            {
+                "op": "quantize",
+                "mode": "qat",
+                "dtype": "ternary",
+                "keep_first_last": False,
+                "epochs": 10,
+            }
+        ],
+    )
+    final, original = job["metrics"]["final"], job["metrics"]["original"]
+    assert final["packed_size_bytes"] <= 0.07 * original["size_bytes"]
+    assert job["metrics"]["ratios"]["accuracy_drop"] <= 0.03
+    packed = tmp_path / "model.cbin"
+    packed.write_bytes(api.artifact(job, "cbin"))
+    assert len(packed.read_bytes()) == final["packed_size_bytes"]
+    from worker.engine.lowbit import unpack
+
+    assert unpack(packed, tmp_path / "model.onnx").read_bytes() == api.artifact(job, "onnx")

@@ -86,17 +86,17 @@ class QuantizeTarget(BaseModel):
         return f"SQNR >= {self.min_sqnr_db} dB"
 
 
-QuantMode = Literal["static", "dynamic", "weight_only"]
+QuantMode = Literal["static", "dynamic", "weight_only", "qat"]
 QuantDtype = Literal["int8", "uint8", "int4", "fp16", "bf16", "binary", "ternary"]
 # dtype -> the modes it supports (an empty tuple: the dtype takes no mode).
 QUANT_MODES: dict[str, tuple[str, ...]] = {
-    "int8": ("static", "dynamic", "weight_only"),
-    "uint8": ("static", "dynamic"),
+    "int8": ("static", "dynamic", "weight_only", "qat"),
+    "uint8": ("static", "dynamic", "qat"),
     "int4": ("weight_only",),
     "fp16": (),
     "bf16": (),
-    "binary": (),
-    "ternary": (),
+    "binary": ("qat",),  # or no mode: post-training
+    "ternary": ("qat",),
 }
 DEFAULT_MODE = {"int8": "static", "uint8": "static", "int4": "weight_only"}
 
@@ -112,6 +112,9 @@ class QuantizeConfig(OpConfig):
     * `binary` / `ternary`: XNOR-Net / TWN weights (α·{−1,+1} or α·{−1,0,+1} per output
       channel); the step's ONNX holds the dequantized weights, a packed `.cbin` file (1 or
       2 bits per weight) is delivered with it. First conv and last classifier stay float.
+    * `qat` (int8/uint8/binary/ternary, `.pt2` uploads): train `epochs` with the weights
+      fake-quantized (straight-through estimator; int8 activations too), labels → cross-entropy,
+      none → distillation from the original; then exported as above (static QDQ / packed).
     * `exclude`: node or weight-name patterns (fnmatch) kept float.
     * `sensitivity`: quantize one layer at a time and rank layers by fidelity
       (steps[].details.sensitivity); it also runs whenever a `target` is given.
@@ -143,15 +146,23 @@ class QuantizeConfig(OpConfig):
         False,
         description="rank layers by quantization sensitivity (always done when target is set)",
     )
+    epochs: int = Field(5, ge=1, le=200, description="qat: training epochs")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="qat: Adam learning rate (default 1e-4 int8, 1e-3 binary/ternary)",
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="qat: training batch size")
 
     @model_validator(mode="after")
     def _mode_matches_dtype(self) -> QuantizeConfig:
         allowed = QUANT_MODES[self.dtype]
         if not allowed and self.mode is not None:
             raise ValueError(f"dtype {self.dtype!r} takes no 'mode'; leave 'mode' out")
-        if allowed and self.mode is None:
+        if allowed and self.mode is None and self.dtype in DEFAULT_MODE:
             object.__setattr__(self, "mode", DEFAULT_MODE[self.dtype])
-        if allowed and self.mode not in allowed:
+        if allowed and self.mode is not None and self.mode not in allowed:
             raise ValueError(
                 f"dtype {self.dtype!r} supports mode {' or '.join(map(repr, allowed))}, "
                 f"not {self.mode!r}"
@@ -169,6 +180,21 @@ class QuantizeConfig(OpConfig):
             if not pattern.strip():
                 raise ValueError("exclude patterns must be non-empty strings")
         return self
+
+    def backends(self) -> tuple[Backend, ...]:
+        return ("torch",) if self.mode == "qat" else ("onnx",)
+
+    def keeps_torch(self) -> bool:
+        return False  # QAT trains on torch and delivers a quantized ONNX
+
+    def trains(self) -> bool:
+        return self.mode == "qat"
+
+    def torch_field(self) -> str | None:
+        return "mode" if self.mode == "qat" else None
+
+    def needs_dataset(self) -> str | None:
+        return "quantization-aware training trains on it" if self.mode == "qat" else None
 
     def needs_labels(self) -> str | None:
         if self.target is not None and self.target.max_accuracy_drop is not None:

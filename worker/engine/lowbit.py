@@ -9,19 +9,21 @@ Per output channel c of a Conv / Gemm / MatMul weight W:
 The step's model is a plain float32 ONNX holding the dequantized weights (runs anywhere); the
 packed file holds the same model in 1 bit (binary) or 2 bits (ternary) per quantized weight.
 
-Packed format, version 1 (little-endian)::
+Packed format, version 2 (little-endian)::
 
-    b"CBIN"  u8 version=1  u32 header_length  header (UTF-8 JSON)  body (zstd frame)
+    b"CBIN"  u8 version=2  u32 header_length  header (UTF-8 JSON)  body (zstd frame)
 
-    header = {"format": "compaas-lowbit", "version": 1, "kind": "binary"|"ternary",
-              "bits": 1|2, "body": {"compression": "zstd", "size": decompressed bytes},
+    header = {"format": "compaas-lowbit", "version": 2, "kind": "binary"|"ternary",
+              "bits": 1|1.6, "body": {"compression": "zstd", "size": decompressed bytes},
               "skeleton": {"offset", "nbytes"},       # the ONNX without the quantized weights
               "tensors": [{"name", "index", "shape", "axis", "codes": {"offset", "nbytes"},
                            "scales": {"offset", "nbytes", "dtype": "float16"}}]}
 
 Offsets are into the decompressed body. Codes run over the weight in C order: binary one bit
-per weight (1 → +1, 0 → −1, numpy packbits, most significant bit first), ternary two bits
-per weight (0 → 0, 1 → +1, 2 → −1, four per byte, first weight in the lowest bits). Scales
+per weight (1 → +1, 0 → −1, numpy packbits, most significant bit first), ternary five
+weights per byte in base 3 (digit 0 → 0, 1 → +1, 2 → −1; byte = Σ dᵢ·3ⁱ, first weight the
+least significant digit) — version 1 stored two bits per weight, four per byte, and is still
+read. Scales
 are stored as float16; the dequantized weight is float32(scale) · code computed in float32,
 reinserted at initializer position `index` of the skeleton, so `unpack()` rebuilds the step's
 ONNX byte for byte (the step's ONNX is itself written by `unpack`).
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     import onnx
 
 MAGIC = b"CBIN"
-VERSION = 1
+VERSION = 2  # 2: ternary in base 3 (five weights per byte); 1: two bits per weight
 TWN_DELTA = 0.7
 FORMAT = "cbin"
 
@@ -76,23 +78,36 @@ def dequantize(codes: np.ndarray, alpha: np.ndarray, axis: int) -> np.ndarray:
     return (alpha.astype(np.float32).reshape(shape) * codes.astype(np.float32)).astype(np.float32)
 
 
-def pack_codes(codes: np.ndarray, kind: str) -> bytes:
+TRITS = np.array([1, 3, 9, 27, 81], dtype=np.uint16)  # five ternary digits per byte (3^5 ≤ 256)
+
+
+def pack_codes(codes: np.ndarray, kind: str, version: int = 2) -> bytes:
     flat = codes.reshape(-1)
     if kind == "binary":
         return np.packbits(flat > 0).tobytes()
-    two = np.where(flat > 0, 1, np.where(flat < 0, 2, 0)).astype(np.uint8)
-    two = np.concatenate([two, np.zeros((-len(two)) % 4, np.uint8)]).reshape(-1, 4)
-    return (two[:, 0] | (two[:, 1] << 2) | (two[:, 2] << 4) | (two[:, 3] << 6)).tobytes()
+    digits = np.where(flat > 0, 1, np.where(flat < 0, 2, 0)).astype(np.uint16)
+    if version >= 2:  # base 3: 1.6 bits per weight
+        digits = np.concatenate([digits, np.zeros((-len(digits)) % 5, np.uint16)]).reshape(-1, 5)
+        return (digits @ TRITS).astype(np.uint8).tobytes()
+    two = np.concatenate([digits, np.zeros((-len(digits)) % 4, np.uint16)]).reshape(-1, 4)
+    return (
+        (two[:, 0] | (two[:, 1] << 2) | (two[:, 2] << 4) | (two[:, 3] << 6))
+        .astype(np.uint8)
+        .tobytes()
+    )
 
 
-def unpack_codes(data: bytes, kind: str, shape: list[int]) -> np.ndarray:
+def unpack_codes(data: bytes, kind: str, shape: list[int], version: int = 2) -> np.ndarray:
     n = int(np.prod(shape))
     raw = np.frombuffer(data, np.uint8)
     if kind == "binary":
         bits = np.unpackbits(raw)[:n]
         return np.where(bits == 1, 1, -1).astype(np.int8).reshape(shape)
-    two = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], 1).reshape(-1)[:n]
-    return np.where(two == 1, 1, np.where(two == 2, -1, 0)).astype(np.int8).reshape(shape)
+    if version >= 2:
+        digits = ((raw.astype(np.uint16)[:, None] // TRITS[None, :]) % 3).reshape(-1)[:n]
+    else:
+        digits = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], 1).reshape(-1)[:n]
+    return np.where(digits == 1, 1, np.where(digits == 2, -1, 0)).astype(np.int8).reshape(shape)
 
 
 def _axis(node: onnx.NodeProto, ndim: int) -> int:
@@ -143,7 +158,7 @@ def write_packed(
         "format": "compaas-lowbit",
         "version": VERSION,
         "kind": kind,
-        "bits": 1 if kind == "binary" else 2,
+        "bits": 1 if kind == "binary" else 1.6,
         "skeleton": {"offset": len(body), "nbytes": len(skeleton_bytes)},
         "tensors": tensors,
     }
@@ -165,8 +180,8 @@ def unpack(packed: Path, out: Path) -> Path:
     if data[:4] != MAGIC:
         raise ValueError(f"{packed} is not a compaas packed file (magic {data[:4]!r})")
     version, length = struct.unpack("<BI", data[4:9])
-    if version != VERSION:
-        raise ValueError(f"packed format version {version} is not supported (this reads 1)")
+    if version not in (1, 2):
+        raise ValueError(f"packed format version {version} is not supported (this reads 1, 2)")
     header = json.loads(data[9 : 9 + length])
     body = zstandard.ZstdDecompressor().decompress(
         data[9 + length :], max_output_size=header["body"]["size"]
@@ -177,7 +192,7 @@ def unpack(packed: Path, out: Path) -> Path:
     for entry in sorted(header["tensors"], key=lambda e: e["index"]):
         c, s = entry["codes"], entry["scales"]
         codes = unpack_codes(
-            body[c["offset"] : c["offset"] + c["nbytes"]], header["kind"], entry["shape"]
+            body[c["offset"] : c["offset"] + c["nbytes"]], header["kind"], entry["shape"], version
         )
         alpha = np.frombuffer(body[s["offset"] : s["offset"] + s["nbytes"]], "<f2")
         w = dequantize(codes, alpha, entry["axis"])

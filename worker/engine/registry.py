@@ -84,6 +84,7 @@ def _load_builtin_handlers() -> None:
         low_rank,
         prune,
         prune_torch,
+        qat,
         quantize,
         training_ops,
         weight_share,
