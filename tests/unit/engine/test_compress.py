@@ -96,6 +96,9 @@ def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) ->
         "prefer": "quality",
         "keep_first_last": True,
         "sensitivity": False,
+        "epochs": 5,
+        "lr": None,
+        "batch_size": 64,
     }
     for artifact in (final, step["artifact"]):
         path = Path(artifact["path"])
