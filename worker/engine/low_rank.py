@@ -19,9 +19,9 @@ import numpy as np
 
 from worker.engine.config import LowRankConfig
 from worker.engine.errors import EngineError
-from worker.engine.formats import load_exported_program
 from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat, lift_modules, weight_layers
+from worker.engine.structured import _example_args, _export, _flat, weight_layers
+from worker.engine.train import load_lifted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,10 +83,8 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
     import torch
     from torch import nn
 
-    ep = load_exported_program(model_path)
     ctx.report(0.05, "lifting conv/linear layers")
-    gm, output_layers = lift_modules(ep)
-    gm.eval()
+    gm, output_layers = load_lifted(model_path)
     layers = weight_layers(gm)
     if not layers:
         raise EngineError(

@@ -40,6 +40,7 @@ from worker.engine.structured import _example_args, _export, _flat, weight_layer
 from worker.engine.train import (
     Data,
     Loss,
+    epoch_progress,
     first,
     fit,
     is_logits,
@@ -344,13 +345,6 @@ class _Run:
         if not epochs or self.train_data is None or self.loss is None:
             return []
 
-        def report(epoch: int, row: dict[str, float]) -> None:
-            acc = f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
-            self.ctx.report(
-                lo + (hi - lo) * (epoch + 1) / epochs,
-                f"training epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}{acc}",
-            )
-
         history = fit(
             self.gm,
             self.train_data,
@@ -360,7 +354,7 @@ class _Run:
             batch_size=self.config.batch_size,
             seed=seed,
             masks=masks,
-            report=report,
+            report=epoch_progress(self.ctx.report, "training", epochs, lo, hi),
         )
         return history.epochs
 

@@ -24,7 +24,7 @@ from worker.engine.errors import EngineError
 from worker.engine.export import pt2_to_onnx
 from worker.engine.registry import StepContext, handler_for, register
 from worker.engine.structured import _example_args, _export, weight_layers
-from worker.engine.train import fit, job_data, load_lifted, recovery_loss
+from worker.engine.train import epoch_progress, fit, job_data, load_lifted, recovery_loss
 
 if TYPE_CHECKING:
     import torch
@@ -115,13 +115,6 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
     epochs = config.epochs
     ctx.report(0.05, f"quantization-aware training ({config.dtype}, {how})")
 
-    def report(epoch: int, row: dict[str, float]) -> None:
-        acc = f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
-        ctx.report(
-            0.05 + 0.6 * (epoch + 1) / epochs,
-            f"QAT epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}{acc}",
-        )
-
     lr = (
         config.lr
         if config.lr is not None
@@ -135,7 +128,7 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
         lr=lr,
         batch_size=config.batch_size,
         seed=ctx.seed,
-        report=report,
+        report=epoch_progress(ctx.report, "QAT", epochs, 0.05, 0.65),
     )
     for h in hooks:
         h.remove()

@@ -221,6 +221,22 @@ def fit(
     return history
 
 
+def epoch_progress(
+    report: Callable[[float, str], None], what: str, epochs: int, lo: float, hi: float
+) -> Callable[[int, dict[str, float]], None]:
+    """A `fit` callback that reports each epoch's loss/accuracy/agreement as progress lo..hi."""
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        parts = [f"loss {row['loss']:.4f}"]
+        parts += [f"{k} {row[k]:.4f}" for k in ("accuracy", "agreement") if k in row]
+        report(
+            lo + (hi - lo) * (epoch + 1) / epochs,
+            f"{what} epoch {epoch + 1}/{epochs}: " + ", ".join(parts),
+        )
+
+    return on_epoch
+
+
 def load_lifted(path: Any) -> tuple[torch.fx.GraphModule, list[str]]:
     """A .pt2 as a trainable GraphModule with real layers (see structured.lift_modules)."""
     from worker.engine.formats import load_exported_program

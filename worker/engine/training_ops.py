@@ -13,6 +13,7 @@ from worker.engine.structured import _example_args, _export, _flat, weight_layer
 from worker.engine.train import (
     Data,
     Loss,
+    epoch_progress,
     evaluate,
     first,
     fit,
@@ -25,18 +26,6 @@ from worker.engine.train import (
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-def _progress(ctx: StepContext, epochs: int, what: str) -> Any:
-    def report(epoch: int, row: dict[str, float]) -> None:
-        parts = [f"loss {row['loss']:.4f}"]
-        parts += [f"{k} {row[k]:.4f}" for k in ("accuracy", "agreement") if k in row]
-        ctx.report(
-            0.05 + 0.85 * (epoch + 1) / epochs,
-            f"{what} epoch {epoch + 1}/{epochs}: " + ", ".join(parts),
-        )
-
-    return report
 
 
 @register(FineTuneConfig, on="torch")
@@ -53,7 +42,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         lr=config.lr,
         batch_size=config.batch_size,
         seed=ctx.seed,
-        report=_progress(ctx, config.epochs, "fine-tuning"),
+        report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
     )
     ctx.details.update({"before": before, "epochs": history.epochs})
     return _export(gm, _example_args(ctx), ctx)
@@ -235,7 +224,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             batch_size=config.batch_size,
             seed=ctx.seed,
             params=params,
-            report=_progress(ctx, config.epochs, "distillation"),
+            report=epoch_progress(ctx.report, "distillation", config.epochs, 0.05, 0.9),
             extra_loss=features.loss if features else None,
         )
     finally:
