@@ -290,3 +290,19 @@ def test_preset_with_overrides(api: Client, mlp_files: dict[str, Path]) -> None:
     assert bad.status_code == 422
     assert bad.json()["field"] == "overrides.low_rank"
     assert "prune" in bad.json()["detail"]  # names the steps that exist
+
+
+def test_pt2_export_of_a_pipeline_that_ends_on_onnx_is_refused(
+    api: Client, digits_files: dict[str, Path]
+) -> None:
+    resp = api.submit(
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[{"op": "fine_tune", "epochs": 1}, {"op": "quantize"}],
+        export=["onnx", "pt2"],
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    problem = resp.json()
+    assert problem["code"] == "export_unsupported" and problem["field"] == "export"
+    assert "Request export ['onnx']" in problem["detail"]

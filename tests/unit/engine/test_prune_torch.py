@@ -143,3 +143,22 @@ def test_preflight_names_the_op_and_weight_before_any_compute(tmp_path: Path) ->
         workdir=tmp_path / "w2",
     )
     assert [e["name"] for e in result["steps"][0]["details"]["layers"]] == ["conv"]
+
+
+def test_a_dataset_too_small_to_hold_out_is_refused(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from worker.engine.errors import EngineError
+
+    data = np.load(mlp_files["npz"])
+    np.savez(tmp_path / "two.npz", x=data["x"][:2], labels=data["labels"][:2])
+    with pytest.raises(EngineError) as err:
+        compress(
+            mlp_files["pt2"],
+            [{"op": "fine_tune", "epochs": 1}],
+            dataset_path=tmp_path / "two.npz",
+            workdir=tmp_path / "w",
+        )
+    assert err.value.code == "dataset_too_small"
+    assert err.value.field == "evaluation.holdout"
+    assert "set evaluation.holdout to 0" in str(err.value)
