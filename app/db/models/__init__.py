@@ -7,6 +7,7 @@ from app.db.models.idempotency import IdempotencyKey
 from app.db.models.job import Job, JobStatus, JobStep, StepStatus
 from app.db.models.model import Model, ModelStatus
 from app.db.models.team import ApiKey, Team
+from app.db.models.worker_host import WorkerHost
 
 __all__ = [
     "ApiKey",
@@ -21,4 +22,5 @@ __all__ = [
     "ModelStatus",
     "StepStatus",
     "Team",
+    "WorkerHost",
 ]
