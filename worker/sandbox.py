@@ -451,6 +451,13 @@ def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
             return {"read": len(Path(spec["path"]).read_bytes())}
         except OSError as exc:
             return {"read": None, "error": type(exc).__name__}
+    if what == "write":
+        try:
+            with open(spec["path"], "ab") as fh:
+                fh.write(b"written by the sandbox")
+        except OSError as exc:
+            return {"written": False, "error": type(exc).__name__}
+        return {"written": True}
     if what == "socket":
         import socket
 
