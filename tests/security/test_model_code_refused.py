@@ -30,9 +30,7 @@ def canary(tmp_path: Path) -> tuple[Path, Path]:
 def _inspect_in_sandbox(model: Path, workdir: Path) -> sandbox.SandboxError:
     workdir.mkdir(exist_ok=True)
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run(
-            {"action": "inspect_model", "model_path": str(model)}, LIMITS, workdir=workdir
-        )
+        sandbox.run({"action": "inspect_model", "model_path": str(model)}, LIMITS, workdir=workdir)
     return err.value
 
 
