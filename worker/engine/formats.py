@@ -376,10 +376,10 @@ def _json_member(archive: zipfile.ZipFile, name: str) -> dict[str, Any]:
 
 def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
     """torch.export.load on a sanitized copy: weights as raw tensors, no pickles."""
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="compaas-pt2-") as scratch:
         clean = _sanitized_pt2(Path(path), Path(scratch))
+        import torch  # only once the archive and its operators passed
+
         try:
             return torch.export.load(str(clean))
         except EngineError:
