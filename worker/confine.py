@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import resource
+import signal
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -47,6 +48,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
@@ -206,23 +208,29 @@ def drop_privileges(reads: list[Path], writes: list[Path]) -> tuple[bool, bool]:
     private home), we stay uid 0 with an empty capability set, which Landlock then confines.
     """
     libc = _libc()
+    parent = os.getppid()
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    switch = False
     if os.getuid() == 0:
-        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         nobody = pwd.getpwnam("nobody")
         uid, gid = nobody.pw_uid, nobody.pw_gid
         switch = _reachable_as(uid, gid, reads, writes)
         if switch:
             for path in writes:
                 _chown_tree(path, uid, gid)
-        cap = 0
-        while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
-            cap += 1
-        if switch:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-        else:
-            _clear_capabilities(libc)
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    if switch:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    else:  # root that nobody can't stand in for, or a user namespace's own capabilities
+        _clear_capabilities(libc)
+    # Any change of effective ids (the probe above too) clears the parent-death signal.
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
     return os.getuid() != 0, _capabilities() == (0, 0)
 
 

@@ -62,6 +62,7 @@ def test_the_child_cannot_write_outside_its_workdir(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.skipif(not FOUND["seccomp"], reason="seccomp is not available here")
 def test_no_socket_can_be_opened(tmp_path: Path) -> None:
     out = _selftest(tmp_path, what="socket")
     assert out["socket"] is False
