@@ -10,7 +10,7 @@ import pytest
 
 from app.api.problems import Problem
 from app.services.sniff import sniff_model
-from tests.security.hostile import CANARY_TEXT, edit_program, evil_torchscript, small_pt2
+from tests.security.model_code_files import CANARY_TEXT, edit_program, evil_torchscript, small_pt2
 from worker import sandbox
 from worker.engine.errors import EngineError
 from worker.engine.formats import detect_format, inspect_model

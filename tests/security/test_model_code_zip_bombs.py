@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.hostile import rewrite, small_pt2
+from tests.security.model_code_files import rewrite, small_pt2
 from worker import sandbox
 from worker.engine.errors import EngineError
 from worker.engine.formats import detect_format

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.hostile import CANARY_TEXT, small_pt2
+from tests.security.model_code_files import CANARY_TEXT, small_pt2
 from worker import sandbox
 from worker.confine import landlock_abi
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.hostile import small_pt2
+from tests.security.model_code_files import small_pt2
 from worker import sandbox
 
 PLANTED = ("json.py", "numpy.py", "worker.py", "torch.py", "sitecustomize.py", "os.py")

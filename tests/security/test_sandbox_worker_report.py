@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import Stack, sqlite_stack, wait_for  # noqa: F401 (fixture)
-from tests.security.hostile import CANARY_TEXT, evil_torchscript
+from tests.security.model_code_files import CANARY_TEXT, evil_torchscript
 
 pytestmark = pytest.mark.integration
 
