@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 1800
     job_memory_limit_mb: int = 8192
     inspect_time_limit_s: int = 300
+    # Sandbox protections a job needs, comma-separated ("network" = netns or seccomp; see
+    # worker/confine.py); a job fails with sandbox_unavailable when one can't be applied.
+    sandbox_require: str = "network"
     latency_threads: int = 1
     max_attempts: int = 3
     lease_s: int = 30
@@ -75,6 +78,10 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_dir.resolve() / "broker"
+
+    @property
+    def sandbox_requirements(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.sandbox_require.split(",") if n.strip())
 
     @property
     def tmp_dir(self) -> Path:

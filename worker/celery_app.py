@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+from typing import Any
+
+from celery.signals import worker_ready
+
 from app.config import get_settings
 from app.queue import make_celery
+from app.services import worker_hosts
+from worker import sandbox
+
+log = logging.getLogger(__name__)
 
 settings = get_settings()
 celery = make_celery(settings)
@@ -13,3 +23,26 @@ celery.conf.update(
     task_time_limit=settings.job_time_limit_s + 300,
 )
 app = celery
+
+
+@worker_ready.connect
+def report_protections(**_: Any) -> None:
+    """Probe the sandbox once, log which protections hold, record them for /readyz."""
+    try:
+        found = sandbox.protections()
+    except sandbox.SandboxError as exc:
+        log.error("sandbox probe failed: %s", exc.detail)
+        found = {}
+    active = sorted(k for k, v in found.items() if v)
+    inactive = sorted(k for k, v in found.items() if not v)
+    absent = sandbox.missing(found, settings.sandbox_requirements)
+    log.warning(
+        "sandbox protections active: %s; inactive: %s; required and missing: %s",
+        ", ".join(active) or "none",
+        ", ".join(inactive) or "none",
+        ", ".join(absent) or "none",
+    )
+    try:
+        worker_hosts.record(settings, socket.gethostname(), found)
+    except Exception:
+        log.exception("could not record this worker's sandbox protections")

@@ -54,7 +54,7 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
         spec = {"action": "inspect_model", "model_path": str(path)}
         limits = sandbox.Limits(settings.inspect_time_limit_s, settings.job_memory_limit_mb)
         try:
-            info = sandbox.run(spec, limits)
+            info = sandbox.run(spec, limits, workdir=workdir, require=settings.sandbox_requirements)
             values: dict[str, Any] = {
                 "status": ModelStatus.ready,
                 "inputs": info["inputs"],
@@ -276,6 +276,8 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
                 on_event=progress,
                 should_continue=progress.keep_going,
                 tick_s=min(1.0, settings.heartbeat_s),
+                workdir=workdir,
+                require=settings.sandbox_requirements,
             )
         except sandbox.SandboxAborted:
             log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)

@@ -8,21 +8,57 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import resource
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
+from worker.confine import (
+    PROTECTIONS,
+    REQUIREMENTS,
+    SYSTEM_READ,
+    SYSTEM_WRITE,
+    child_env,
+    deny_syscalls,
+    drop_privileges,
+    enter_netns,
+    env_scrubbed,
+    interpreter_paths,
+    isolated_cwd,
+    preload_seccomp,
+    private_tmp,
+    restrict_filesystem,
+    rlimits_set,
+    set_no_new_privs,
+    set_rlimits,
+)
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+# The child imports the `worker` package from ROOT by file location: nothing from its working
+# directory, PYTHONPATH or the parent's cwd is ever on sys.path (`-I`), and ROOT itself is not
+# on sys.path either, so a module planted next to the code is not importable.
+BOOTSTRAP = (
+    "import sys, importlib.util as u; root = sys.argv[1]; "
+    "spec = u.spec_from_file_location('worker', root + '/worker/__init__.py', "
+    "submodule_search_locations=[root + '/worker']); "
+    "module = u.module_from_spec(spec); sys.modules['worker'] = module; "
+    "spec.loader.exec_module(module); "
+    "from worker.sandbox import main; sys.exit(main(int(sys.argv[2])))"
+)
+NPROC_LIMIT = 512
+NOFILE_LIMIT = 1024
+DEFAULT_REQUIRE = ("network",)
 
 
 class SandboxError(Exception):
@@ -56,12 +92,17 @@ def _limit_child(memory_mb: int, cpu_s: int) -> Callable[[], None]:
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
-        mem = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        set_rlimits(memory_mb, cpu_s, NPROC_LIMIT, NOFILE_LIMIT)
 
     return apply
+
+
+def input_paths(spec: dict[str, Any]) -> list[str]:
+    """The files a spec names for the child to read."""
+    paths = [spec.get("model_path"), spec.get("dataset_path")]
+    paths += list((spec.get("models") or {}).values())
+    paths.append((spec.get("resume") or {}).get("model_path"))
+    return [str(p) for p in paths if p]
 
 
 def run(
@@ -70,26 +111,66 @@ def run(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     should_continue: Callable[[], bool] | None = None,
     tick_s: float = 1.0,
+    workdir: Path | None = None,
+    require: Iterable[str] = DEFAULT_REQUIRE,
 ) -> dict[str, Any]:
-    """Run one action in a limited child; return its result or raise SandboxError/SandboxAborted."""
+    """Run one action in a confined child; return its result or raise SandboxError/SandboxAborted.
+
+    The child reads the spec's inputs, writes only under `workdir` (the job's directory) and a
+    private box (empty cwd, TMPDIR) that is removed afterwards.
+    """
+    box = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir))
+    try:
+        (box / "cwd").mkdir()
+        (box / "tmp").mkdir()
+        return _run_in(box, spec, limits, on_event, should_continue, tick_s, workdir, require)
+    finally:
+        shutil.rmtree(box, ignore_errors=True)
+
+
+def _run_in(
+    box: Path,
+    spec: dict[str, Any],
+    limits: Limits,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    should_continue: Callable[[], bool] | None,
+    tick_s: float,
+    workdir: Path | None,
+    require: Iterable[str],
+) -> dict[str, Any]:
+    unknown = [r for r in require if r not in REQUIREMENTS]
+    if unknown:
+        raise ValueError(f"unknown sandbox requirement(s) {unknown}; use {sorted(REQUIREMENTS)}")
     read_fd, write_fd = os.pipe()
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(
+    env = child_env(
         {
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": str(spec.get("threads", 1)),
             "NO_PROXY": "*",
+            "HOME": str(box / "cwd"),
+            "TMPDIR": str(box / "tmp"),
         }
     )
-    spec = {**spec, "memory_limit_mb": limits.memory_mb}
+    spec = {
+        **spec,
+        "memory_limit_mb": limits.memory_mb,
+        "sandbox": {
+            "cwd": str(box / "cwd"),
+            "tmp": str(box / "tmp"),
+            "read": input_paths(spec),
+            "write": [str(workdir or box)],
+            "require": list(require),
+        },
+    }
     cpu_s = int(limits.wall_time_s * max(os.cpu_count() or 1, 1)) + 30
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.sandbox", str(write_fd)],
+        [sys.executable, "-I", "-c", BOOTSTRAP, str(ROOT), str(write_fd)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         pass_fds=(write_fd,),
         env=env,
+        cwd=box / "cwd",
         start_new_session=True,
         preexec_fn=_limit_child(limits.memory_mb, cpu_s),  # noqa: PLW1509
     )
@@ -122,6 +203,8 @@ def run(
                         result = event["result"]
                     elif event["type"] == "error":
                         error = event
+                    elif event["type"] == "protections":
+                        log.debug("sandbox protections: %s", event["protections"])
                     elif on_event is not None:
                         on_event(event)
             if time.monotonic() > deadline:
@@ -149,6 +232,11 @@ def run(
     return _crash(proc.returncode, stderr_tail.decode("utf-8", "replace"), limits)
 
 
+def protections(require: Iterable[str] = ()) -> dict[str, bool]:
+    """Which protections a child gets on this host (probed once at worker start)."""
+    return run({"action": "protections"}, Limits(wall_time_s=60, memory_mb=1024), require=require)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -164,6 +252,13 @@ def _crash(returncode: int | None, stderr: str, limits: Limits) -> dict[str, Any
         )
     if returncode is not None and returncode < 0:
         name = signal.Signals(-returncode).name
+        if name == "SIGXFSZ":
+            raise SandboxError(
+                "file_size_limit_exceeded",
+                f"The work tried to write a file larger than its limit of {limits.memory_mb} MiB "
+                "and was stopped. Use a smaller model, or ask your operator to raise "
+                "COMPAAS_JOB_MEMORY_LIMIT_MB.",
+            )
         if name == "SIGXCPU":
             raise SandboxError(
                 "time_limit_exceeded", "The work used more CPU time than its limit allows."
@@ -183,22 +278,44 @@ def _crash(returncode: int | None, stderr: str, limits: Limits) -> dict[str, Any
 # ----------------------------------------------------------------------------- child side
 
 
-def _deny_network() -> None:
-    """Cut the child off the network: a fresh network namespace where allowed, and an audit hook."""
-    try:
-        import ctypes
+def confine(box: dict[str, Any]) -> dict[str, bool]:
+    """Apply every protection this host allows, in the order the kernel needs; report each."""
+    preload_seccomp()
+    cwd, tmp = Path(box["cwd"]), Path(box["tmp"])
+    reads = [*interpreter_paths(), ROOT / "worker", *map(Path, box["read"])]
+    writes = [Path(p) for p in box["write"]]
+    report = {
+        "env_scrubbed": env_scrubbed(),
+        "isolated_cwd": isolated_cwd(cwd),
+        "private_tmp": private_tmp(tmp),
+        "rlimits": rlimits_set(),
+        "netns": enter_netns(),
+    }
+    report["unprivileged_uid"], report["capabilities_dropped"] = drop_privileges(reads, writes)
+    report["no_new_privs"] = set_no_new_privs()
+    own = [Path(f"/proc/{os.getpid()}")]
+    report["landlock"] = restrict_filesystem(
+        [*reads, *map(Path, SYSTEM_READ), *own], [*writes, *map(Path, SYSTEM_WRITE)]
+    )
+    report["seccomp"] = deny_syscalls()
+    return {name: bool(report[name]) for name in PROTECTIONS}
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(CLONE_NEWNET) != 0:
-            libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
-    except OSError:
-        pass
 
-    def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event in ("socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"):
-            raise PermissionError("network access is disabled while loading user models")
+def missing(report: dict[str, bool], require: Iterable[str]) -> list[str]:
+    """The requirements none of whose protections took hold."""
+    return [r for r in require if not any(report.get(p) for p in REQUIREMENTS[r])]
 
-    sys.addaudithook(hook)
+
+def _unavailable(names: list[str], report: dict[str, bool]) -> dict[str, Any]:
+    off = ", ".join(k for k, v in report.items() if not v) or "none"
+    return {
+        "type": "error",
+        "code": "sandbox_unavailable",
+        "detail": f"The worker cannot apply the sandbox protection(s) it requires: "
+        f"{', '.join(names)} (inactive here: {off}). Nothing was loaded. Ask your operator to "
+        "run the worker where network namespaces or seccomp are allowed (root, CAP_SYS_ADMIN "
+        "or unprivileged user namespaces), or to change COMPAAS_SANDBOX_REQUIRE.",
+    }
 
 
 MEMORY_MARKERS = (
@@ -234,15 +351,24 @@ def _memory_event(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child_main(event_fd: int) -> int:
+def main(event_fd: int) -> int:
+    """The child: read the spec, confine itself, run the action, report on the event pipe."""
     out = os.fdopen(event_fd, "w", buffering=1)
 
     def emit(event: dict[str, Any]) -> None:
         out.write(json.dumps(event, default=str) + "\n")
 
     spec = json.loads(sys.stdin.read())
-    _deny_network()
     try:
+        report = confine(spec["sandbox"])
+        emit({"type": "protections", "protections": report})
+        absent = missing(report, spec["sandbox"]["require"])
+        if absent:
+            emit(_unavailable(absent, report))
+            return 1
+        if spec["action"] == "protections":
+            emit({"type": "result", "result": report})
+            return 0
         from worker.engine.errors import EngineError
 
         try:
@@ -318,10 +444,34 @@ def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
         except (PermissionError, OSError) as exc:
             return {"connected": False, "error": type(exc).__name__}
         return {"connected": True}
+    if what == "environ":
+        return {"environ": dict(os.environ)}
+    if what == "read":
+        try:
+            return {"read": len(Path(spec["path"]).read_bytes())}
+        except OSError as exc:
+            return {"read": None, "error": type(exc).__name__}
+    if what == "write":
+        try:
+            with open(spec["path"], "ab") as fh:
+                fh.write(b"written by the sandbox")
+        except OSError as exc:
+            return {"written": False, "error": type(exc).__name__}
+        return {"written": True}
+    if what == "socket":
+        import socket
+
+        try:
+            socket.socket(spec.get("family", socket.AF_INET), socket.SOCK_STREAM).close()
+        except OSError as exc:
+            return {"socket": False, "error": type(exc).__name__}
+        return {"socket": True}
+    if what == "exec":
+        try:
+            subprocess.run([spec["path"], "-c", "true"], check=True)
+        except OSError as exc:
+            return {"exec": False, "error": type(exc).__name__}
+        return {"exec": True}
     if what == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     return {"ok": True}
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(int(sys.argv[1])))

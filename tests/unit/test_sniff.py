@@ -28,12 +28,14 @@ def test_formats_are_detected_from_content(tmp_path: Path, digits_files: dict[st
     assert sniff_model(renamed) == "pt2"
 
 
-def test_torchscript_is_detected(tmp_path: Path) -> None:
+def test_torchscript_is_refused(tmp_path: Path) -> None:
     import torch
 
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), path)
-    assert sniff_model(path) == "torchscript"
+    with pytest.raises(Problem) as err:
+        sniff_model(path)
+    assert err.value.status == 422 and err.value.code == "torchscript_refused"
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])

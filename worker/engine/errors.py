@@ -7,9 +7,7 @@ EXPORT_HOWTO = (
     "`torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2')` "
     "or `torch.onnx.export(model.eval(), (example_input,), 'model.onnx', dynamo=True)`."
 )
-ACCEPTED_FORMATS = (
-    "Accepted formats: ONNX (.onnx), torch.export ExportedProgram (.pt2), TorchScript (.pt)."
-)
+ACCEPTED_FORMATS = "Accepted formats: ONNX (.onnx) and torch.export ExportedProgram (.pt2)."
 
 
 class EngineError(Exception):

@@ -11,16 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from worker.engine.errors import EXPORT_HOWTO, EngineError
+from worker.engine.errors import EngineError
 from worker.engine.formats import (
     ModelFormat,
     load_exported_program,
     load_onnx,
-    load_torchscript,
     pt2_dim_names,
-    torchscript_input_names,
 )
 
 if TYPE_CHECKING:
@@ -101,69 +97,13 @@ def pt2_to_onnx(path: str | Path, out: Path) -> Path:
     return out
 
 
-def torchscript_to_onnx(path: str | Path, out: Path, example: dict[str, np.ndarray]) -> Path:
-    """The TorchScript exporter with example inputs taken from the dataset; batch dim dynamic."""
-    import onnx
-    import torch
-
-    module = load_torchscript(path)
-    names = torchscript_input_names(module)
-    if len(names) == 1 and names[0] not in example:
-        alias = next((a for a in ("inputs", "x") if a in example), None)
-        example = {names[0]: example[alias]} if alias else example
-    missing = [n for n in names if n not in example]
-    if missing:
-        raise EngineError(
-            "unsupported_model",
-            f"A TorchScript file records no input shapes, so it is converted with example "
-            f"inputs from the dataset, which has no array for {', '.join(map(repr, missing))}. "
-            + EXPORT_HOWTO,
-            field="file",
-        )
-    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n][:2])) for n in names)
-    try:
-        with quiet():
-            torch.onnx.export(
-                module,
-                args,
-                str(out),
-                dynamo=False,
-                input_names=names,
-                dynamic_axes={n: {0: "batch"} for n in names},
-            )
-    except Exception as exc:
-        raise EngineError(
-            "unsupported_model",
-            f"The TorchScript model could not be converted to ONNX ({type(exc).__name__}: "
-            f"{_first_line(exc)}). " + EXPORT_HOWTO,
-            field="file",
-        ) from exc
-    model = onnx.load(str(out))
-    onnx.save(strip_debug_metadata(model), str(out))
-    return out
-
-
-def to_onnx(
-    path: str | Path,
-    fmt: ModelFormat,
-    out: Path,
-    example: dict[str, np.ndarray] | None = None,
-) -> Path:
+def to_onnx(path: str | Path, fmt: ModelFormat, out: Path) -> Path:
     """The model as a checked single-file ONNX at `out` (an ONNX upload is copied byte for byte)."""
     if fmt == "onnx":
         load_onnx(path)
         shutil.copyfile(path, out)
-    elif fmt == "pt2":
-        pt2_to_onnx(path, out)
     else:
-        if example is None:
-            raise EngineError(
-                "unsupported_model",
-                "A TorchScript file records no input shapes, so it can only be converted to ONNX "
-                "with example inputs: attach a dataset to the job. " + EXPORT_HOWTO,
-                field="dataset_id",
-            )
-        torchscript_to_onnx(path, out, example)
+        pt2_to_onnx(path, out)
     load_onnx(out)
     return out
 

@@ -6,19 +6,22 @@ import io
 import json
 import mmap
 import pickletools
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from worker.engine.errors import ACCEPTED_FORMATS, EXPORT_HOWTO, EngineError
+from worker.engine.pt2_ops import check_program
+from worker.engine.safezip import ZipLimits, open_zip, read_member
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-ModelFormat = Literal["onnx", "pt2", "torchscript"]
+ModelFormat = Literal["onnx", "pt2"]
 Dim = int | str | None
 
 # ModelProto field number -> protobuf wire type (0 varint, 2 length-delimited).
@@ -77,32 +80,39 @@ def detect_format(path: str | Path) -> ModelFormat:
     raise _unrecognized(f"unknown content starting with {head[:16]!r}")
 
 
+def _torchscript_refused() -> EngineError:
+    return EngineError(
+        "torchscript_refused",
+        "The file is a TorchScript archive (torch.jit.save). TorchScript is refused because "
+        "loading it runs code stored in the file (e.g. __setstate__), which can read and write "
+        f"files on the server. {EXPORT_HOWTO}",
+        field="file",
+    )
+
+
 def _zip_format(path: Path) -> ModelFormat:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            rel = {name.split("/", 1)[1] if "/" in name else name for name in names}
-            if "archive_format" in rel:
-                fmt_name = next(n for n in names if n.endswith("archive_format"))
-                if archive.read(fmt_name).strip() == b"pt2":
-                    return "pt2"
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise EngineError(
-            "invalid_model",
-            f"The file is a damaged or truncated zip archive ({exc}). Upload the complete file.",
-            field="file",
-        ) from exc
+    with open_zip(path, ZipLimits()) as archive:
+        names = archive.namelist()
+        rel = {_rel(name) for name in names}
+        fmt_name = next((n for n in names if _rel(n) == "archive_format"), None)
+        if fmt_name is not None and read_member(archive, fmt_name, 64).strip() == b"pt2":
+            return "pt2"
     if any(r.startswith("models/") and r.endswith(".json") for r in rel) or (
         "serialized_exported_program.json" in rel
     ):
         return "pt2"
     if any(r.startswith("code/") for r in rel) and ("constants.pkl" in rel or "data.pkl" in rel):
-        return "torchscript"
+        raise _torchscript_refused()
     if "data.pkl" in rel:
         raise _pickle_refused("a torch.save() archive (a zip around a pickle)")
     if names and all(n.endswith(".npy") for n in names):
         raise _unrecognized("a NumPy .npz archive; upload it as a dataset, not as a model")
-    raise _unrecognized("a zip archive that is neither a .pt2 nor a TorchScript file")
+    raise _unrecognized("a zip archive that is not a .pt2 file")
+
+
+def _rel(name: str) -> str:
+    """A member's path below the archive's top folder (zips from torch keep one)."""
+    return name.split("/", 1)[1] if "/" in name else name
 
 
 def _read_varint(data: Any, pos: int) -> tuple[int, int]:
@@ -289,13 +299,28 @@ def _short(exc: BaseException, limit: int = 500) -> str:
 # ----------------------------------------------------------------------------- torch.export
 
 
-def _sanitized_pt2(path: Path, scratch: Path) -> Path:
-    """Copy a .pt2 without the parts torch.export.load would unpickle; refuse pickled payloads."""
+PT2_JSON_MAX_BYTES = 64 * 1024 * 1024
+PT2_COPY_CHUNK = 1024 * 1024
+
+
+def _is_program(rel: str) -> bool:
+    return rel == "serialized_exported_program.json" or (
+        rel.startswith("models/") and rel.endswith(".json")
+    )
+
+
+def _sanitized_pt2(path: Path, scratch: Path, limits: ZipLimits | None = None) -> Path:
+    """Copy a .pt2 without the parts torch.export.load would unpickle, after checking its ops.
+
+    Zip bounds are checked from the central directory before any read, the program's operators
+    are checked before any weight is copied, and members are streamed in chunks.
+    """
     out = scratch / "sanitized.pt2"
-    with zipfile.ZipFile(path) as src:
-        names = src.namelist()
-        for name in names:
-            rel = name.split("/", 1)[1] if "/" in name else name
+    with open_zip(path, limits or ZipLimits()) as src:
+        infos = src.infolist()
+        programs = 0
+        for info in infos:
+            rel = _rel(info.filename)
             if rel.startswith("data/aotinductor/") or rel.startswith("data/executorch"):
                 raise EngineError(
                     "unsupported_model",
@@ -305,7 +330,7 @@ def _sanitized_pt2(path: Path, scratch: Path) -> Path:
                 )
             payload_dir = rel.startswith(("data/weights/", "data/constants/"))
             if payload_dir and rel.endswith("_config.json"):
-                config = json.loads(src.read(name)).get("config", {})
+                config = _json_member(src, info.filename).get("config", {})
                 for key, meta in config.items():
                     path_name = str(meta.get("path_name", ""))
                     if meta.get("use_pickle") or not path_name.startswith(("weight_", "tensor_")):
@@ -314,21 +339,47 @@ def _sanitized_pt2(path: Path, scratch: Path) -> Path:
                         )
             elif payload_dir and rel.endswith(".pt"):
                 raise _pickle_refused("a .pt2 package in the legacy format with pickled weights")
+            elif _is_program(rel):
+                check_program(_json_member(src, info.filename))
+                programs += 1
+        if programs == 0:
+            raise EngineError(
+                "invalid_model",
+                "The .pt2 package holds no serialized program (models/*.json). Save it with "
+                "`torch.export.save(...)` from a recent PyTorch.",
+                field="file",
+            )
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-            for info in src.infolist():
-                rel = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+            for info in infos:
                 # Sample inputs are a torch.save() pickle that the loader may unpickle in full.
-                data = b"" if rel.startswith("data/sample_inputs/") else src.read(info.filename)
-                dst.writestr(info.filename, data)
+                if _rel(info.filename).startswith("data/sample_inputs/"):
+                    dst.writestr(info.filename, b"")
+                    continue
+                with src.open(info) as fh, dst.open(info.filename, "w", force_zip64=True) as sink:
+                    shutil.copyfileobj(fh, sink, PT2_COPY_CHUNK)
     return out
+
+
+def _json_member(archive: zipfile.ZipFile, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(read_member(archive, name, PT2_JSON_MAX_BYTES))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EngineError(
+            "invalid_model", f"The .pt2 member {name!r} is not valid JSON.", field="file"
+        ) from exc
+    if not isinstance(value, dict):
+        raise EngineError(
+            "invalid_model", f"The .pt2 member {name!r} is not a JSON object.", field="file"
+        )
+    return value
 
 
 def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
     """torch.export.load on a sanitized copy: weights as raw tensors, no pickles."""
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="compaas-pt2-") as scratch:
         clean = _sanitized_pt2(Path(path), Path(scratch))
+        import torch  # only once the archive and its operators passed
+
         try:
             return torch.export.load(str(clean))
         except EngineError:
@@ -410,30 +461,6 @@ def pt2_params(ep: torch.export.ExportedProgram) -> int:
     return int(sum(t.numel() for t in tensors))
 
 
-# ----------------------------------------------------------------------------- TorchScript
-
-
-def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
-    """torch.jit.load (TorchScript's own restricted loader) on CPU."""
-    import torch
-
-    try:
-        module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise EngineError(
-            "invalid_model",
-            f"torch.jit.load could not read the TorchScript file: {_short(exc)}.",
-            field="file",
-        ) from exc
-    return module.eval()
-
-
-def torchscript_input_names(module: torch.jit.ScriptModule) -> list[str]:
-    """forward()'s argument names, without self."""
-    args = cast(Any, module.forward).schema.arguments
-    return [a.name for a in args if a.name != "self"]
-
-
 # ----------------------------------------------------------------------------- inspection
 
 
@@ -445,17 +472,10 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         check_onnx_runs(path)
         inputs, outputs = onnx_io(model)
         params, opset = onnx_float_params(model), onnx_opset(model)
-    elif fmt == "pt2":
+    else:
         ep = load_exported_program(path)
         inputs, outputs = pt2_io(ep)
         params, opset = pt2_params(ep), None
-    else:
-        module = load_torchscript(path)
-        # TorchScript records no shapes or dtypes; they are known once a dataset is attached.
-        inputs = [TensorSpec(n, (), "unknown") for n in torchscript_input_names(module)]
-        outputs = []
-        params = int(sum(t.numel() for t in module.state_dict().values()))
-        opset = None
     return {
         "format": fmt,
         "inputs": [s.to_dict() for s in inputs],

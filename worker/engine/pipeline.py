@@ -141,13 +141,6 @@ def _samples(
     return match_inputs(arrays, inputs, use_labels=task == "classification")
 
 
-def _torchscript_example(dataset_path: str | Path | None) -> dict[str, np.ndarray] | None:
-    if dataset_path is None:
-        return None
-    arrays = load_dataset(dataset_path)
-    return {k: v for k, v in arrays.items() if k != "labels"}
-
-
 def _latency_feeds(samples: Samples, batch: int | None) -> list[Feed]:
     size = batch or 1
     subset = samples.take(max(size, min(LATENCY_SAMPLES, len(samples))))
@@ -246,8 +239,7 @@ def compress(
         )
 
     report(0.01, f"converting the {fmt} model to ONNX" if fmt != "onnx" else "checking the model")
-    example = _torchscript_example(dataset_path) if fmt == "torchscript" else None
-    original = to_onnx(model_path, fmt, workdir / "original.onnx", example)
+    original = to_onnx(model_path, fmt, workdir / "original.onnx")
     check_onnx_runs(original)
     inputs, _ = onnx_io(load_onnx(original))
     batch = fixed_batch(inputs)

@@ -7,9 +7,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
 from app.api.deps import SettingsDep
+from app.config import Settings
 from app.db.models import Job, JobStatus, Model, ModelStatus
 from app.db.session import get_sessionmaker
 from app.queue import get_publisher
+from app.services import worker_hosts
 
 router = APIRouter(tags=["health"])
 
@@ -53,6 +55,19 @@ def readyz(settings: SettingsDep) -> JSONResponse:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
+        {
+            "status": "ready" if ready else "unavailable",
+            "checks": checks,
+            "sandbox": _sandbox(settings),
+        },
         status_code=200 if ready else 503,
     )
+
+
+def _sandbox(settings: Settings) -> dict[str, Any]:
+    """What the sandbox requires and what each recently started worker host found (informative)."""
+    try:
+        hosts: list[dict[str, Any]] | str = worker_hosts.recent(settings)
+    except Exception as exc:
+        hosts = f"unavailable: {type(exc).__name__}"
+    return {"require": list(settings.sandbox_requirements), "worker_hosts": hosts}

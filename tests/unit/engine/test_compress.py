@@ -289,21 +289,12 @@ def test_old_opset_is_upgraded_for_per_channel(mlp_files: dict[str, Path], tmp_p
     assert result["ratios"]["accuracy_drop"] <= 0.02
 
 
-def test_torchscript_is_converted_with_dataset_inputs(tmp_path: Path) -> None:
-    from worker.engine.examples import _digits, digits_mlp, train
-
-    x_tr, x_te, y_tr, y_te = _digits(flat=True)
-    model = train(digits_mlp(), x_tr, y_tr, epochs=10)
+def test_torchscript_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "mlp.pt"
-    torch.jit.save(torch.jit.trace(model, torch.from_numpy(x_te[:2])), path)
-    data = tmp_path / "flat.npz"
-    np.savez(data, x=x_te, labels=y_te)
-    result = _run(path, STATIC_INT8, tmp_path / "w", dataset_path=data)
-    assert result["original"]["accuracy_top1"] >= 0.9
-    assert result["ratios"]["accuracy_drop"] <= 0.02
+    torch.jit.save(torch.jit.script(torch.nn.Linear(64, 10)), path)
     with pytest.raises(EngineError) as err:
-        compress(path, STATIC_INT8, workdir=tmp_path / "nodata")
-    assert err.value.code == "unsupported_model" and "dataset" in err.value.detail
+        compress(path, STATIC_INT8, workdir=tmp_path / "w")
+    assert err.value.code == "torchscript_refused"
 
 
 def test_a_fixed_batch_program_is_evaluated_in_its_batches(

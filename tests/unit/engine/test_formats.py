@@ -143,13 +143,12 @@ def test_inspect_pt2_and_onnx(digits_files: dict[str, Path]) -> None:
     json.dumps(pt2)
 
 
-def test_inspect_torchscript(tmp_path: Path) -> None:
+def test_torchscript_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), path)
-    info = inspect_model(path)
-    assert info["format"] == "torchscript"
-    assert info["params"] == 3 * 2 + 2
-    assert [i["name"] for i in info["inputs"]] == ["input"]
+    with pytest.raises(EngineError) as err:
+        inspect_model(path)
+    assert err.value.code == "torchscript_refused" and err.value.field == "file"
 
 
 def test_onnx_that_onnxruntime_cannot_load_is_invalid(tmp_path: Path) -> None:
