@@ -35,7 +35,7 @@ class Server:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.data_dir / 'compaas.db'}"
+        return self.env.get("COMPAAS_DATABASE_URL") or f"sqlite:///{self.data_dir / 'compaas.db'}"
 
     def new_team(self, name: str) -> tuple[str, dict[str, str]]:
         out = subprocess.run(
