@@ -62,7 +62,7 @@ def _database(kind: str) -> Iterator[dict[str, str]]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     with (
         _database(request.param) as database,
