@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     api_key_pepper: str = ""
     max_upload_bytes: int = 512 * 1024 * 1024
+    # Longest pause between body chunks, and longest whole upload, before a 408.
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0)
+    upload_deadline_s: float = Field(default=900.0, gt=0)
     job_time_limit_s: int = 1800
     job_memory_limit_mb: int = 8192
     inspect_time_limit_s: int = 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -25,12 +26,19 @@ def _settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
-def _session(settings: SettingsDep) -> Iterator[Session]:
+@contextmanager
+def open_session(settings: Settings) -> Iterator[Session]:
+    """A session closed on exit; routes that stream a body open it after the body arrived."""
     session = get_sessionmaker(settings.database_url)()
     try:
         yield session
     finally:
         session.close()
+
+
+def _session(settings: SettingsDep) -> Iterator[Session]:
+    with open_session(settings) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(_session)]
@@ -46,7 +54,8 @@ StorageDep = Annotated[BlobStore, Depends(_storage)]
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="compaas"'}
 
 
-def _current_team(request: Request, session: SessionDep, settings: SettingsDep) -> Team:
+def _current_team(request: Request, settings: SettingsDep) -> Team:
+    """The key's team, looked up in a short session of its own (never held during a body)."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -60,9 +69,10 @@ def _current_team(request: Request, session: SessionDep, settings: SettingsDep) 
     key = key.strip()
     team = None
     if key.startswith(KEY_PREFIX):
-        team = TeamAdminRepository(session).team_for_key_hash(
-            hash_api_key(key, settings.api_key_pepper)
-        )
+        with open_session(settings) as session:
+            team = TeamAdminRepository(session).team_for_key_hash(
+                hash_api_key(key, settings.api_key_pepper)
+            )
     if team is None:
         raise Problem(
             401,

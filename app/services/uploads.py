@@ -1,15 +1,18 @@
-"""Stream a multipart upload to a local spool file while hashing, enforcing a size limit."""
+"""Stream a multipart upload to a local spool file while hashing, enforcing size and time limits."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from app.api.problems import Problem
 
@@ -50,8 +53,34 @@ def _too_large(limit: int) -> Problem:
     )
 
 
-async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> Upload:
-    """Parse multipart/form-data with one `file` part; never holds the file in memory."""
+def _timed_out(idle_timeout_s: float, deadline_s: float, idle: bool) -> Problem:
+    what = (
+        f"no data arrived for {idle_timeout_s:g} s (COMPAAS_UPLOAD_IDLE_TIMEOUT_S)"
+        if idle
+        else f"the upload took longer than {deadline_s:g} s (COMPAAS_UPLOAD_DEADLINE_S)"
+    )
+    return Problem(
+        408,
+        "upload_timeout",
+        f"The request body was not received in time: {what}. Retry over a faster or steadier "
+        "connection, or upload a smaller file.",
+        field="file",
+    )
+
+
+async def receive_upload(
+    request: Request,
+    spool_dir: Path,
+    max_bytes: int,
+    *,
+    idle_timeout_s: float,
+    deadline_s: float,
+) -> Upload:
+    """Parse multipart/form-data with one `file` part; never holds the file in memory.
+
+    The body must keep arriving (at most idle_timeout_s between chunks) and be complete within
+    deadline_s, else 408. The spool file is removed on every failure, disconnects included.
+    """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -137,33 +166,65 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
             "on_part_data": on_part_data,
         },
     )
+    received = False
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            if problem is not None:
-                break
-        else:
-            parser.finalize()
-    except Exception as exc:
+        await _feed(parser, request, idle_timeout_s, deadline_s, lambda: problem is not None)
         out.close()
-        os.unlink(tmp_name)
-        if isinstance(exc, Problem):
-            raise
+        for name, buf in text_parts.items():
+            fields[name] = buf.decode("utf-8", "replace")
+        if problem is None and file_parts != 1:
+            problem = Problem(
+                422,
+                "validation_error",
+                "Send exactly one file in a multipart part named 'file' "
+                f"(got {file_parts}), e.g. `curl -F file=@model.onnx ...`.",
+                field="file",
+            )
+        if problem is not None:
+            raise problem
+        received = True
+    finally:
+        if not received:
+            out.close()
+            os.unlink(tmp_name)
+    return Upload(Path(tmp_name), filename, size, digest.hexdigest(), fields)
+
+
+async def _feed(
+    parser: MultipartParser,
+    request: Request,
+    idle_timeout_s: float,
+    deadline_s: float,
+    stop: Callable[[], bool],
+) -> None:
+    """Write body chunks into the parser until the end, a refusal, or a timeout."""
+    deadline = time.monotonic() + deadline_s
+    chunks = request.stream().__aiter__()
+    while True:
+        remaining = deadline - time.monotonic()
+        idle = idle_timeout_s <= remaining
+        try:
+            with anyio.fail_after(max(min(idle_timeout_s, remaining), 0)):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError as exc:
+            raise _timed_out(idle_timeout_s, deadline_s, idle) from exc
+        except ClientDisconnect as exc:
+            raise Problem(
+                400, "client_disconnected", "The client closed the connection mid-upload."
+            ) from exc
+        try:
+            parser.write(chunk)
+        except Exception as exc:
+            raise Problem(
+                400, "malformed_multipart", f"The multipart body could not be parsed: {exc}"
+            ) from exc
+        if stop():
+            return
+    try:
+        parser.finalize()
+    except Exception as exc:
         raise Problem(
             400, "malformed_multipart", f"The multipart body could not be parsed: {exc}"
         ) from exc
-    out.close()
-    for name, buf in text_parts.items():
-        fields[name] = buf.decode("utf-8", "replace")
-    if problem is None and file_parts != 1:
-        problem = Problem(
-            422,
-            "validation_error",
-            "Send exactly one file in a multipart part named 'file' "
-            f"(got {file_parts}), e.g. `curl -F file=@model.onnx ...`.",
-            field="file",
-        )
-    if problem is not None:
-        os.unlink(tmp_name)
-        raise problem
-    return Upload(Path(tmp_name), filename, size, digest.hexdigest(), fields)

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,101 @@ def test_safetensors_header(tmp_path: Path) -> None:
     assert info["format"] == "safetensors"
     assert info["num_samples"] == 3
     assert info["has_labels"] is False
+
+
+def _zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", method) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_pt2_archive_format_is_read_through_a_tiny_cap(tmp_path: Path) -> None:
+    # Stored (no compression ratio to catch): the member's declared size alone is refused.
+    path = _zip(tmp_path / "m.pt2", {"m/archive_format": b"pt2" + bytes(1 << 20)})
+    with pytest.raises(Problem) as err:
+        sniff_model(path)
+    assert err.value.code == "archive_too_large"
+    assert err.value.field == "file"
+
+
+def test_deflate_bomb_in_a_model_zip_is_refused_before_reading(tmp_path: Path) -> None:
+    path = _zip(
+        tmp_path / "m.pt2",
+        {"m/archive_format": b"pt2", "m/data/0": bytes(64 << 20)},
+        zipfile.ZIP_DEFLATED,
+    )
+    with pytest.raises(Problem) as err:
+        sniff_model(path)
+    assert err.value.code == "archive_too_large"
+    assert "m/data/0" in err.value.detail
+
+
+def test_npz_bomb_is_refused_before_reading(tmp_path: Path) -> None:
+    header = _npy((16 << 20,), "<f4")
+    path = _zip(tmp_path / "d.npz", {"x.npy": header + bytes(64 << 20)}, zipfile.ZIP_DEFLATED)
+    with pytest.raises(Problem) as err:
+        sniff_dataset(path)
+    assert err.value.code == "archive_too_large"
+
+
+def _npy(shape: tuple[int, ...], descr: str) -> bytes:
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    text += " " * (64 - (10 + len(text) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+@pytest.mark.parametrize(
+    ("shape", "descr", "data_bytes", "location"),
+    [
+        ((10**12, 4), "<f4", 160, "x.shape"),
+        ((10, 4), "<f8", 160, "x.shape"),
+        ((-10, -4), "<f4", 160, "x.shape"),
+        ((10, 4), "|O", 80, "x.dtype"),
+    ],
+)
+def test_npz_header_lies(
+    tmp_path: Path, shape: tuple[int, ...], descr: str, data_bytes: int, location: str
+) -> None:
+    path = _zip(tmp_path / "d.npz", {"x.npy": _npy(shape, descr) + bytes(data_bytes)})
+    with pytest.raises(Problem) as err:
+        sniff_dataset(path)
+    assert err.value.code == "dataset_invalid"
+    assert err.value.extra["location"] == location
+
+
+def _st(header: object, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "location"),
+    [
+        ({"x": {"dtype": "F32", "shape": [10, "a"], "data_offsets": [0, 160]}}, 160, "x.shape"),
+        ({"x": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 160]}}, 160, "x.shape"),
+        ({"x": {"dtype": "F32", "shape": [40], "data_offsets": [0, 160]}}, 200, "data_offsets"),
+        ({"x": {"dtype": "C64", "shape": [40], "data_offsets": [0, 160]}}, 160, "x.dtype"),
+        ({"x": {"dtype": "F32", "shape": [40], "data_offsets": [0]}}, 160, "x.data_offsets"),
+        ({"x": {"dtype": "F32", "shape": [40]}}, 160, "x.data_offsets"),
+        (
+            {"x": {"dtype": "F32", "shape": [40], "data_offsets": [0, 160]}, "__metadata__": 1},
+            160,
+            "__metadata__",
+        ),
+        (
+            {
+                "x": {"dtype": "F32", "shape": [20], "data_offsets": [0, 80]},
+                "labels": {"dtype": "I64", "shape": [20], "data_offsets": [40, 200]},
+            },
+            200,
+            "labels.data_offsets",
+        ),
+    ],
+)
+def test_safetensors_header_lies(tmp_path: Path, header: object, data: int, location: str) -> None:
+    with pytest.raises(Problem) as err:
+        sniff_dataset(_write(tmp_path, _st(header, bytes(data))))
+    assert err.value.code == "dataset_invalid"
+    assert err.value.extra["location"] == location
+    assert location in err.value.detail

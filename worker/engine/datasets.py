@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,39 +9,32 @@ from typing import Any, Literal
 
 import numpy as np
 
+from worker.engine.arrayheaders import read_headers
 from worker.engine.errors import EngineError
 from worker.engine.formats import TensorSpec
+from worker.engine.safezip import ZipLimits
 
 LABELS = "labels"
 SINGLE_INPUT_ALIASES = ("inputs", "x")
 SYNTHETIC_SAMPLES = 32
-DatasetFormat = Literal["npz", "safetensors"]
+DATASET_ZIP_LIMITS = ZipLimits()
 
 
 def _invalid(detail: str) -> EngineError:
     return EngineError("dataset_invalid", detail, field="dataset_id")
 
 
-def detect_dataset_format(path: str | Path) -> DatasetFormat:
-    """npz (a zip of .npy files) or safetensors (u64 header length, then a JSON header)."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "npz"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
-        return "safetensors"
-    raise _invalid(
-        "The dataset is neither a NumPy .npz archive nor a .safetensors file. Save it with "
-        "`np.savez('data.npz', x=inputs, labels=labels)` or `safetensors.numpy.save_file(...)`."
-    )
-
-
 def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
-    """All arrays of the file (no pickles), checked to share their first dim (the samples)."""
-    fmt = detect_dataset_format(path)
-    arrays = _load_npz(Path(path)) if fmt == "npz" else _load_safetensors(Path(path))
+    """All arrays of the file (no pickles), checked to share their first dim (the samples).
+
+    Headers are validated in full first (zip bounds, shapes and dtypes that match the bytes),
+    so nothing larger than the file declares is ever unpacked.
+    """
+    path = Path(path)
+    fmt, headers = read_headers(path, DATASET_ZIP_LIMITS, field="dataset_id")
+    arrays = _load_npz(path) if fmt == "npz" else _load_safetensors(path)
+    if set(arrays) != set(headers):
+        raise _invalid("The dataset's arrays do not match its header; save the file again.")
     _check_arrays(arrays)
     return arrays
 
@@ -167,8 +159,14 @@ def match_inputs(
     inputs: Sequence[TensorSpec],
     *,
     use_labels: bool = True,
+    outputs: Sequence[TensorSpec] = (),
 ) -> Samples:
-    """One array per model input (by name, or `inputs`/`x` for a single input), checked and cast."""
+    """One array per model input (by name, or `inputs`/`x` for a single input), checked and cast.
+
+    Inputs must be finite (a NaN or Inf silently turns every score into garbage, so it is
+    refused, naming the array and the first bad sample). Labels must be class indices of the
+    model: non-negative and below the class count of its first output, when that is fixed.
+    """
     candidates = {k: v for k, v in arrays.items() if k != LABELS}
     matched: dict[str, np.ndarray] = {}
     for spec in inputs:
@@ -213,12 +211,37 @@ def match_inputs(
                 f"which does not convert safely to the model's {want}. Save it as {want}.",
                 field="dataset_id",
             )
-        matched[spec.name] = np.ascontiguousarray(array, dtype=want)
-    labels = _labels(arrays.get(LABELS)) if use_labels else None
+        matched[spec.name] = _finite(spec.name, np.ascontiguousarray(array, dtype=want))
+    labels = _labels(arrays.get(LABELS), num_classes(outputs)) if use_labels else None
     return Samples(matched, labels, "dataset")
 
 
-def _labels(labels: np.ndarray | None) -> np.ndarray | None:
+def _finite(name: str, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind != "f":
+        return array
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise EngineError(
+            "dataset_invalid",
+            f"The dataset array for model input {name!r} holds NaN or Inf in {len(rows)} of "
+            f"{len(array)} samples (first at sample {int(rows[0])}). Drop or impute those "
+            "samples (e.g. `x[np.isfinite(x).all(axis=tuple(range(1, x.ndim)))]`) and upload "
+            "again.",
+            field="dataset_id",
+        )
+    return array
+
+
+def num_classes(outputs: Sequence[TensorSpec]) -> int | None:
+    """The class count of a classifier: the fixed last dim of its first output, if any."""
+    if not outputs or len(outputs[0].shape) < 2:
+        return None
+    last = outputs[0].shape[-1]
+    return last if isinstance(last, int) and last > 0 else None
+
+
+def _labels(labels: np.ndarray | None, classes: int | None = None) -> np.ndarray | None:
     if labels is None:
         return None
     if labels.ndim == 2 and labels.shape[1] == 1:
@@ -233,7 +256,18 @@ def _labels(labels: np.ndarray | None) -> np.ndarray | None:
             f"and dtype {labels.dtype}. For one-hot labels save `labels.argmax(1)`.",
             field="dataset_id",
         )
-    return labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    low, high = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
+    if low < 0 or (classes is not None and high >= classes):
+        allowed = f"0 … {classes - 1}" if classes is not None else "0 or more"
+        raise EngineError(
+            "dataset_invalid",
+            f"The `labels` array holds class indices from {low} to {high}, but the model's "
+            f"classes are {allowed}. Store each label as the index of the model output it "
+            "should score highest.",
+            field="dataset_id",
+        )
+    return labels
 
 
 def synthetic(inputs: Sequence[TensorSpec], n: int = SYNTHETIC_SAMPLES, seed: int = 0) -> Samples:

@@ -133,12 +133,16 @@ def _reshapes_channels(config: OpConfig) -> bool:
 
 
 def _samples(
-    dataset_path: str | Path | None, inputs: list[TensorSpec], task: str, seed: int
+    dataset_path: str | Path | None,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    task: str,
+    seed: int,
 ) -> Samples:
     if dataset_path is None:
         return synthetic(inputs, seed=seed)
     arrays = load_dataset(dataset_path)
-    return match_inputs(arrays, inputs, use_labels=task == "classification")
+    return match_inputs(arrays, inputs, use_labels=task == "classification", outputs=outputs)
 
 
 def _latency_feeds(samples: Samples, batch: int | None) -> list[Feed]:
@@ -241,9 +245,9 @@ def compress(
     report(0.01, f"converting the {fmt} model to ONNX" if fmt != "onnx" else "checking the model")
     original = to_onnx(model_path, fmt, workdir / "original.onnx")
     check_onnx_runs(original)
-    inputs, _ = onnx_io(load_onnx(original))
+    inputs, outputs = onnx_io(load_onnx(original))
     batch = fixed_batch(inputs)
-    data = _samples(dataset_path, inputs, evaluation_task, seed)
+    data = _samples(dataset_path, inputs, outputs, evaluation_task, seed)
     trains = any(c.trains() for c in configs)
     if holdout is None:
         holdout = DEFAULT_HOLDOUT if trains and data.source == "dataset" else 0.0
