@@ -253,7 +253,7 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
     from app.db.base import utcnow
     from app.db.repositories import TeamAdminRepository
     from app.db.session import session_scope
-    from app.services.auth import is_expired
+    from app.services.auth import key_status
 
     settings = _admin_settings()
     now = utcnow()
@@ -275,11 +275,7 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
                 "last_used_at": _when(key.last_used_at),
                 "expires_at": _when(key.expires_at),
                 "revoked_at": _when(key.revoked_at),
-                "status": "revoked"
-                if key.revoked_at is not None
-                else "expired"
-                if is_expired(key.expires_at, now)
-                else "active",
+                "status": key_status(key, now),
             }
             for key, team in repo.list_keys(team_id)
         ]

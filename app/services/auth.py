@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Team
+from app.db.models import ApiKey, Team
 from app.db.repositories import TeamAdminRepository
 from app.security import KEY_PREFIX, hash_api_key
 
@@ -37,8 +38,13 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def is_expired(expires_at: datetime | None, now: datetime) -> bool:
-    return expires_at is not None and as_utc(expires_at) <= now
+def key_status(api_key: ApiKey, now: datetime) -> Literal["active", "expired", "revoked"]:
+    """What a key is worth at `now`; revocation wins over expiry."""
+    if api_key.revoked_at is not None:
+        return "revoked"
+    if api_key.expires_at is not None and as_utc(api_key.expires_at) <= now:
+        return "expired"
+    return "active"
 
 
 def authenticate(session: Session, key: str, pepper: str, now: datetime | None = None) -> Team:
@@ -47,11 +53,14 @@ def authenticate(session: Session, key: str, pepper: str, now: datetime | None =
         raise InvalidApiKey("not a compaas API key")
     repo = TeamAdminRepository(session)
     found = repo.key_for_hash(hash_api_key(key, pepper))
-    if found is None or found[0].revoked_at is not None:
-        raise InvalidApiKey("unknown or revoked API key")
+    if found is None:
+        raise InvalidApiKey("unknown API key")
     api_key, team = found
     now = now or utcnow()
-    if api_key.expires_at is not None and is_expired(api_key.expires_at, now):
+    status = key_status(api_key, now)
+    if status == "revoked":
+        raise InvalidApiKey("revoked API key")
+    if status == "expired" and api_key.expires_at is not None:
         raise ExpiredApiKey(api_key.prefix, as_utc(api_key.expires_at))
     not_since = now - LAST_USED_RESOLUTION
     if (

@@ -212,3 +212,20 @@ def test_list_keys_text_shows_every_column(embedded: Embedded) -> None:
     only_beta = embedded.cli("list-keys", "beta").stdout
     assert b["prefix"] in only_beta and a["prefix"] not in only_beta
     assert "api_key" not in out and a["api_key"] not in out  # keys are never shown again
+
+
+def test_concurrent_first_starts_agree_on_one_pepper(tmp_path: Path) -> None:
+    code = "import sys; from pathlib import Path; from app.security import data_dir_pepper; "
+    code += "print(data_dir_pepper(Path(sys.argv[1])))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    peppers = {proc.communicate()[0].strip() for proc in procs}
+    assert peppers == {(tmp_path / PEPPER_FILE).read_text()}
+    assert [p.name for p in tmp_path.iterdir()] == [PEPPER_FILE]  # no temp files left
