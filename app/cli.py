@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from app.db.models import Team
+    from app.db.repositories import TeamAdminRepository
 
 
 def _settings() -> Settings:
@@ -43,28 +51,71 @@ def worker_command(queues: str, concurrency: int, loglevel: str = "INFO") -> lis
     ]
 
 
+# a running job gets this long to finish on shutdown; after that its lease expires and the
+# reconciler re-queues it on the next start
+WORKER_STOP_GRACE_S = 10.0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when `compaas up` dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def start_worker_group(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """The worker in a process group of its own: stopping it reaches its pool processes."""
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent())  # noqa: PLW1509
+
+
+def stop_worker_group(worker: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the worker's group (warm shutdown), then SIGKILL whatever is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)  # a job past the grace, or pool leftovers
+    worker.wait()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it reaches `finally`
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     os.environ["COMPAAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
     settings = _settings()
     _migrate(settings)
-    worker = subprocess.Popen(worker_command(settings.worker_queues, args.concurrency))
-    base = f"http://{args.host}:{args.port}"
-    print(f"compaas API:  {base}/v1", flush=True)
-    print(f"API docs:     {base}/docs", flush=True)
-    print(f"data dir:     {settings.data_dir.resolve()}  (database, blobs, broker)", flush=True)
-    print("first team:   compaas admin create-team my-team", flush=True)
+    worker = start_worker_group(worker_command(settings.worker_queues, args.concurrency))
     try:
+        base = f"http://{args.host}:{args.port}"
+        print(f"compaas API:  {base}/v1", flush=True)
+        print(f"API docs:     {base}/docs", flush=True)
+        print(f"data dir:     {settings.data_dir.resolve()}  (database, blobs, broker)", flush=True)
+        print("first team:   compaas admin create-team my-team", flush=True)
         import uvicorn
 
         from app.main import create_app
 
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
+        stop_worker_group(worker, WORKER_STOP_GRACE_S)
     return 0
 
 
@@ -107,42 +158,171 @@ def cmd_reconciler(args: argparse.Namespace) -> int:
         time.sleep(settings.reconcile_interval_s)
 
 
-def cmd_create_team(args: argparse.Namespace) -> int:
-    from app.db.repositories import TeamAdminRepository
-    from app.db.session import session_scope
-    from app.security import generate_api_key, hash_api_key
-
+def _admin_settings() -> Settings:
     settings = _settings()
     if settings.mode == "embedded":
         _migrate(settings)
+    return settings
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of days ≥ 1, not {text}")
+    return value
+
+
+def _when(value: datetime | None) -> str | None:
+    from app.services.auth import as_utc
+
+    return as_utc(value).isoformat(timespec="seconds") if value is not None else None
+
+
+def _one_team(repo: TeamAdminRepository, id_or_name: str) -> Team | None:
+    teams = repo.find_teams(id_or_name)
+    if len(teams) == 1:
+        return teams[0]
+    if not teams:
+        print(f"no team with id or name {id_or_name!r}", file=sys.stderr)
+    else:
+        ids = ", ".join(t.id for t in teams)
+        print(f"{len(teams)} teams are named {id_or_name!r}; give the id: {ids}", file=sys.stderr)
+    return None
+
+
+def _issue_key(
+    settings: Settings, repo: TeamAdminRepository, team: Team, expires_in_days: int | None
+) -> dict[str, str | None]:
+    from app.db.base import utcnow
+    from app.security import api_key_pepper, generate_api_key, hash_api_key, key_prefix
+
     key = generate_api_key()
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
+    row = repo.add_key(
+        team.id, key_prefix(key), hash_api_key(key, api_key_pepper(settings)), expires_at
+    )
+    return {
+        "team_id": team.id,
+        "key_id": row.id,
+        "prefix": row.prefix,
+        "expires_at": _when(expires_at),
+        "api_key": key,
+    }
+
+
+def _print_key(issued: dict[str, str | None], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(issued))
+        return
+    expiry = f"expires {issued['expires_at']}" if issued["expires_at"] else "does not expire"
+    print(f"API key {issued['prefix']}… ({expiry}; shown once, store it now):")
+    print(issued["api_key"])
+
+
+def cmd_create_team(args: argparse.Namespace) -> int:
+    from app.db.repositories import TeamAdminRepository
+    from app.db.session import session_scope
+
+    settings = _admin_settings()
     with session_scope(settings.database_url) as session:
         repo = TeamAdminRepository(session)
         team = repo.create_team(args.name)
-        repo.add_key(team.id, key[:12], hash_api_key(key, settings.api_key_pepper))
-        team_id = team.id
-    if args.json:
-        print(json.dumps({"team_id": team_id, "api_key": key}))
-    else:
-        print(f"team {args.name!r} created: {team_id}")
-        print(f"API key (shown once, store it now): {key}")
+        issued = _issue_key(settings, repo, team, args.expires_in_days)
+    if not args.json:
+        print(f"team {args.name!r} created: {issued['team_id']}")
+    _print_key(issued, args.json)
     return 0
 
 
 def cmd_create_key(args: argparse.Namespace) -> int:
     from app.db.repositories import TeamAdminRepository
     from app.db.session import session_scope
-    from app.security import generate_api_key, hash_api_key
 
-    settings = _settings()
-    key = generate_api_key()
+    settings = _admin_settings()
     with session_scope(settings.database_url) as session:
         repo = TeamAdminRepository(session)
-        if repo.get_team(args.team) is None:
-            print(f"no team with id {args.team}", file=sys.stderr)
+        team = _one_team(repo, args.team)
+        if team is None:
             return 1
-        repo.add_key(args.team, key[:12], hash_api_key(key, settings.api_key_pepper))
-    print(json.dumps({"team_id": args.team, "api_key": key}) if args.json else key)
+        issued = _issue_key(settings, repo, team, args.expires_in_days)
+    _print_key(issued, args.json)
+    return 0
+
+
+def cmd_list_keys(args: argparse.Namespace) -> int:
+    from app.db.base import utcnow
+    from app.db.repositories import TeamAdminRepository
+    from app.db.session import session_scope
+    from app.services.auth import key_status
+
+    settings = _admin_settings()
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        repo = TeamAdminRepository(session)
+        team_id = None
+        if args.team is not None:
+            team = _one_team(repo, args.team)
+            if team is None:
+                return 1
+            team_id = team.id
+        rows = [
+            {
+                "id": key.id,
+                "prefix": key.prefix,
+                "team_id": team.id,
+                "team": team.name,
+                "created_at": _when(key.created_at),
+                "last_used_at": _when(key.last_used_at),
+                "expires_at": _when(key.expires_at),
+                "revoked_at": _when(key.revoked_at),
+                "status": key_status(key, now),
+            }
+            for key, team in repo.list_keys(team_id)
+        ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["prefix", "id", "team", "status", "created_at", "last_used_at", "expires_at"]
+    columns.append("revoked_at")
+    table = [[c.upper().removesuffix("_AT").replace("_", " ") for c in columns]]
+    table += [[str(row[c] or "-") for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no keys)")
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    from app.db.base import utcnow
+    from app.db.repositories import TeamAdminRepository
+    from app.db.session import session_scope
+    from app.security import KEY_PREFIX, PREFIX_LENGTH, api_key_pepper, hash_api_key
+
+    settings = _admin_settings()
+    given = args.key.strip()
+    whole_key = given.startswith(KEY_PREFIX) and len(given) > PREFIX_LENGTH
+    with session_scope(settings.database_url) as session:
+        repo = TeamAdminRepository(session)
+        key_hash = hash_api_key(given, api_key_pepper(settings)) if whole_key else None
+        keys = repo.find_keys(given, key_hash)
+        if not keys:
+            print(
+                f"no key with id or prefix {given!r}; see `compaas admin list-keys`",
+                file=sys.stderr,
+            )
+            return 1
+        if len(keys) > 1:
+            ids = ", ".join(k.id for k in keys)
+            print(f"{len(keys)} keys match {given!r}; give the id: {ids}", file=sys.stderr)
+            return 1
+        key = keys[0]
+        if key.revoked_at is not None:
+            print(f"key {key.prefix}… ({key.id}) was already revoked at {_when(key.revoked_at)}")
+            return 0
+        repo.revoke_key(key, utcnow())
+        print(f"revoked key {key.prefix}… ({key.id}); requests with it now get 401")
     return 0
 
 
@@ -209,14 +389,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin = sub.add_parser("admin", help="teams and API keys")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
-    team = admin_sub.add_parser("create-team", help="create a team and its first API key")
+    expiry = argparse.ArgumentParser(add_help=False)
+    expiry.add_argument(
+        "--expires-in-days",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="the key stops working after N days (default: never)",
+    )
+    team = admin_sub.add_parser(
+        "create-team", parents=[expiry], help="create a team and its first API key"
+    )
     team.add_argument("name")
     team.add_argument("--json", action="store_true")
     team.set_defaults(func=cmd_create_team)
-    key = admin_sub.add_parser("create-key", help="add an API key to a team")
-    key.add_argument("--team", required=True)
+    key = admin_sub.add_parser("create-key", parents=[expiry], help="add an API key to a team")
+    key.add_argument("team", metavar="TEAM", help="team id or name")
     key.add_argument("--json", action="store_true")
     key.set_defaults(func=cmd_create_key)
+    keys = admin_sub.add_parser(
+        "list-keys", help="API keys: prefix, team, status, created, last used, expiry, revoked"
+    )
+    keys.add_argument("team", metavar="TEAM", nargs="?", default=None, help="team id or name")
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(func=cmd_list_keys)
+    revoke = admin_sub.add_parser("revoke-key", help="revoke an API key (it gets 401 from now on)")
+    revoke.add_argument("key", metavar="PREFIX_OR_ID", help="key prefix or id (or the whole key)")
+    revoke.set_defaults(func=cmd_revoke_key)
 
     example = sub.add_parser("example", help="train and write an example model + dataset")
     example.add_argument("name", choices=["digits", "mlp"])

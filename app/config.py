@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     api_key_pepper: str = ""
+    ops_token: str = ""
     max_upload_bytes: int = 512 * 1024 * 1024
     # Longest pause between body chunks, and longest whole upload, before a 408.
     upload_idle_timeout_s: float = Field(default=30.0, gt=0)
@@ -64,6 +65,11 @@ class Settings(BaseSettings):
             self.run_reconciler = self.mode == "embedded"
         if self.blob_dir is None:
             self.blob_dir = data_dir / "blobs"
+        if self.ops_token and len(self.ops_token) < 32:
+            raise ValueError(
+                "COMPAAS_OPS_TOKEN must be a random secret of at least 32 characters "
+                "(e.g. `openssl rand -hex 32`), or unset to leave /metrics and /docs open"
+            )
         if self.mode == "production":
             if len(self.api_key_pepper) < 32 or self.api_key_pepper.startswith("change"):
                 raise ValueError(

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import problems
+from app.api import ops, problems
 from app.api.routes import artifacts, catalog, datasets, health, jobs, models
 from app.config import Settings, get_settings
 from app.storage import get_blob_store
@@ -38,10 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Compression-as-a-service for edge AI: upload a model, run a compression "
         "job, download an edge-ready artifact with measured size, speed and accuracy.",
         lifespan=lifespan,
+        # served by app.api.ops instead, so COMPAAS_OPS_TOKEN can guard them
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.storage = get_blob_store(settings)
     problems.install(app)
-    for module in (health, models, datasets, jobs, artifacts, catalog):
+    for module in (health, models, datasets, jobs, artifacts, catalog, ops):
         app.include_router(module.router)
     return app

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 from app.api.problems import Problem
 from app.config import Settings
 from app.db.models import Team
-from app.db.repositories import TeamAdminRepository
 from app.db.session import get_sessionmaker
-from app.security import KEY_PREFIX, hash_api_key
+from app.security import api_key_pepper
+from app.services.auth import ExpiredApiKey, InvalidApiKey, authenticate
 from app.storage import BlobStore
 
 
@@ -66,21 +66,26 @@ def _current_team(request: Request, settings: SettingsDep) -> Team:
             "Create one with `compaas admin create-team NAME`.",
             headers=_UNAUTHORIZED,
         )
-    key = key.strip()
-    team = None
-    if key.startswith(KEY_PREFIX):
+    try:
         with open_session(settings) as session:
-            team = TeamAdminRepository(session).team_for_key_hash(
-                hash_api_key(key, settings.api_key_pepper)
-            )
-    if team is None:
+            return authenticate(session, key.strip(), api_key_pepper(settings))
+    except ExpiredApiKey as exc:
+        raise Problem(
+            401,
+            "api_key_expired",
+            f"The API key {exc.prefix}… expired at {exc.expired_at.isoformat()}. Ask an operator "
+            "for a new one (`compaas admin create-key TEAM`) and send that instead.",
+            headers=_UNAUTHORIZED,
+        ) from None
+    except InvalidApiKey:
         raise Problem(
             401,
             "invalid_api_key",
-            "The API key is not valid or was revoked.",
+            "The API key is not valid or was revoked. Check that you sent the whole key; "
+            "an operator can list keys with `compaas admin list-keys` and create one with "
+            "`compaas admin create-key TEAM`.",
             headers=_UNAUTHORIZED,
-        )
-    return team
+        ) from None
 
 
 CurrentTeam = Annotated[Team, Depends(_current_team)]

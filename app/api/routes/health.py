@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
 from app.api.deps import SettingsDep
+from app.api.ops import OPS_TOKEN_RESPONSES, OpsTokenDep
 from app.config import Settings
 from app.db.models import Job, JobStatus, Model, ModelStatus
 from app.db.session import get_sessionmaker
@@ -22,7 +23,12 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    dependencies=[OpsTokenDep],
+    responses=OPS_TOKEN_RESPONSES,
+)
 def metrics(settings: SettingsDep) -> str:
     """Prometheus text format: jobs and models by status (for operators, across teams)."""
     lines = ["# TYPE compaas_jobs gauge"]
