@@ -6,9 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app.api import problems
+from app.api.headers import SecurityHeaders
+from app.api.ratelimit import AuthFailureLimit, JsonBodyLimit, Limiter, team_limits
 from app.api.routes import artifacts, catalog, datasets, health, jobs, models
 from app.config import Settings, get_settings
 from app.storage import get_blob_store
@@ -41,7 +43,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.storage = get_blob_store(settings)
+    app.state.limiter = Limiter(settings)
     problems.install(app)
-    for module in (health, models, datasets, jobs, artifacts, catalog):
+    for module in (health, catalog):
         app.include_router(module.router)
+    for module in (models, datasets, jobs, artifacts):
+        app.include_router(module.router, dependencies=[Depends(team_limits)])
+    # Outermost last: headers go on every answer, including the limits' 413 and 429.
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_body_bytes)
+    app.add_middleware(AuthFailureLimit, limiter=app.state.limiter)
+    docs = {app.docs_url: "swagger", app.redoc_url: "redoc"}
+    app.add_middleware(SecurityHeaders, docs_pages={k: v for k, v in docs.items() if k})
     return app

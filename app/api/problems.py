@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.redact import relative_paths
+
 log = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://compaas.dev/problems/"
@@ -31,6 +33,7 @@ class Problem(Exception):
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
+        detail = relative_paths(detail)
         super().__init__(detail)
         self.status = status
         self.code = code
