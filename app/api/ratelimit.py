@@ -84,19 +84,19 @@ async def team_limits(request: Request, team: CurrentTeam) -> AsyncIterator[None
             retry,
         )
     upload = request.headers.get("content-type", "").startswith("multipart/form-data")
-    if limiter.inflight[team.id] >= settings.team_max_inflight_requests:
-        raise too_many(
-            "too_many_inflight_requests",
-            f"Your team already has {settings.team_max_inflight_requests} requests in progress. "
-            "Wait for some to finish, then retry.",
-            1,
-        )
     if upload and limiter.uploads[team.id] >= settings.team_max_inflight_uploads:
         raise too_many(
             "too_many_inflight_uploads",
             f"Your team already has {settings.team_max_inflight_uploads} uploads in progress. "
             "Upload fewer files at once; retry when one has finished.",
             5,
+        )
+    if limiter.inflight[team.id] >= settings.team_max_inflight_requests:
+        raise too_many(
+            "too_many_inflight_requests",
+            f"Your team already has {settings.team_max_inflight_requests} requests in progress. "
+            "Wait for some to finish, then retry.",
+            1,
         )
     limiter.inflight[team.id] += 1
     if upload:
