@@ -125,7 +125,7 @@ def hold_upload(base_url: str, headers: dict[str, str], route: str = "models") -
     sock = socket.create_connection((host, int(port)))
     boundary = "limitsboundary"
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.onnx\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     request = (

@@ -96,7 +96,9 @@ def test_json_body_over_the_cap_is_413_before_parsing(tmp_path: Path) -> None:
     with embedded(tmp_path, max_json_body_bytes=4096) as stack:
         team = stack.new_team()
         big = {"model_id": "x", "pipeline": [{"op": "fine_tune"}] * 1000}
-        body = _problem(stack.client.post("/v1/jobs", json=big, headers=team), 413, "body_too_large")
+        body = _problem(
+            stack.client.post("/v1/jobs", json=big, headers=team), 413, "body_too_large"
+        )
         assert "4096 bytes" in body["detail"]
         # Without Content-Length (chunked), the cap holds while the body streams.
         chunks = (json.dumps(big)[i : i + 1000].encode() for i in range(0, 20000, 1000))
