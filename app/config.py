@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     team_max_inflight_requests: int = 64
     team_max_inflight_uploads: int = 8
     team_max_active_jobs: int = 100
-    auth_failures_per_window: int = 20
+    auth_failures_per_window: int = 60
     auth_failure_window_s: int = 60
     max_json_body_bytes: int = 256 * 1024
     max_pipeline_steps: int = 32
