@@ -49,9 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (models, datasets, jobs, artifacts):
         app.include_router(module.router, dependencies=[Depends(team_limits)])
-    # Outermost last: headers go on every answer, including the limits' 413 and 429.
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(AuthFailureLimit, limiter=app.state.limiter)
-    docs = {app.docs_url: "swagger", app.redoc_url: "redoc"}
-    app.add_middleware(SecurityHeaders, docs_pages={k: v for k, v in docs.items() if k})
+    # Outside Starlette's error middleware too, so that even a 500 carries the headers.
+    docs = {k: v for k, v in {app.docs_url: "swagger", app.redoc_url: "redoc"}.items() if k}
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: SecurityHeaders(build_stack(), docs)  # type: ignore[method-assign]
     return app

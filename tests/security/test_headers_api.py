@@ -145,3 +145,22 @@ def test_upload_directory_is_not_named_in_problem_details(tmp_path: Path) -> Non
 
     problem = Problem(422, "x", f"cannot read {tmp_path / 'spool' / 'upload.bin'}: truncated")
     assert problem.body()["detail"] == "cannot read upload.bin: truncated"
+
+
+def test_an_unexpected_500_still_carries_the_headers(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.security.limits_support import embedded_env, settings_for
+
+    app = create_app(settings_for(embedded_env(tmp_path)))
+
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal_error"
+    _base_headers(response.headers)
