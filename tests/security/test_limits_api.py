@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,22 @@ def test_active_jobs_are_capped_per_team(with_model: tuple[Embedded, str]) -> No
     assert stack.client.post("/v1/jobs", json=job).status_code == 202
     retry = stack.client.post(f"/v1/jobs/{first.json()['id']}/retry")
     _problem(retry, 429, "too_many_active_jobs")
+
+
+@pytest.mark.integration
+def test_api_processes_share_team_counters_through_redis(tmp_path: Path) -> None:
+    """Two API apps on one Redis (as several production processes): one window per team."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.security.limits_support import embedded_env, settings_for
+
+    redis_url = os.environ.get("COMPAAS_TEST_REDIS", "redis://127.0.0.1:6379/15")
+    limits = {"team_requests_per_window": 6, "rate_limit_storage_url": redis_url}
+    with embedded(tmp_path, **limits) as first:
+        team = first.new_team("shared")
+        with TestClient(create_app(settings_for(embedded_env(tmp_path, **limits)))) as second:
+            for client in (first.client, second, first.client, second, first.client, second):
+                assert client.get("/v1/models", headers=team).status_code == 200
+            _problem(second.get("/v1/models", headers=team), 429, "rate_limited")
+            _problem(first.client.get("/v1/models", headers=team), 429, "rate_limited")
