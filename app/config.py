@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = None
     worker_queues: str = "default"
 
+    # Abuse limits (429/413/422 problem+json); generous enough for the test suite's bursts.
+    rate_limit_storage_url: str = ""  # "" → the broker's Redis if it is one, else in-process
+    team_requests_per_window: int = 3000
+    team_window_s: int = 60
+    team_max_inflight_requests: int = 64
+    team_max_inflight_uploads: int = 8
+    team_max_active_jobs: int = 100
+    auth_failures_per_window: int = 60
+    auth_failure_window_s: int = 60
+    max_json_body_bytes: int = 256 * 1024
+    max_pipeline_steps: int = 32
+
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:
         data_dir = self.data_dir.resolve()

@@ -6,9 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app.api import ops, problems
+from app.api.headers import SecurityHeaders
+from app.api.ratelimit import AuthFailureLimit, JsonBodyLimit, Limiter, team_limits
 from app.api.routes import artifacts, catalog, datasets, health, jobs, models
 from app.config import Settings, get_settings
 from app.storage import get_blob_store
@@ -45,7 +47,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.storage = get_blob_store(settings)
+    app.state.limiter = Limiter(settings)
     problems.install(app)
-    for module in (health, models, datasets, jobs, artifacts, catalog, ops):
+    for module in (health, catalog, ops):
         app.include_router(module.router)
+    for module in (models, datasets, jobs, artifacts):
+        app.include_router(module.router, dependencies=[Depends(team_limits)])
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_body_bytes)
+    app.add_middleware(AuthFailureLimit, limiter=app.state.limiter)
+    # Outside Starlette's error middleware too, so that even a 500 carries the headers.
+    docs = {ops.DOCS_URL: "swagger", ops.REDOC_URL: "redoc"}
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: SecurityHeaders(build_stack(), docs)  # type: ignore[method-assign]
     return app

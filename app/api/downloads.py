@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -12,6 +13,15 @@ from app.api.problems import Problem
 from app.storage import BlobStore
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266 `attachment` with an ASCII fallback and the exact name per RFC 5987 (UTF-8)."""
+    fallback = (
+        "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in filename).strip()
+        or "download"
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -49,7 +59,7 @@ def blob_response(
         "Digest": f"sha-256={b64}",
         "Repr-Digest": f"sha-256=:{b64}:",
         "X-Checksum-SHA256": sha256,
-        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Content-Disposition": content_disposition(filename),
         "Cache-Control": "private, max-age=0, must-revalidate",
     }
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:

@@ -8,8 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.redact import relative_paths
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class Problem(Exception):
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
+        detail = relative_paths(detail)
         super().__init__(detail)
         self.status = status
         self.code = code
@@ -54,6 +58,20 @@ class Problem(Exception):
             body["instance"] = instance
         body.update(self.extra)
         return body
+
+
+class ProblemRead(BaseModel):
+    """An RFC 9457 problem: `code` is stable, `detail` says what was wrong and how to fix it."""
+
+    model_config = ConfigDict(extra="allow", title="Problem")
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    field: str | None = None
+    instance: str | None = None
 
 
 def not_found(kind: str, object_id: str) -> Problem:
@@ -82,8 +100,34 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _document(app: FastAPI) -> None:
+    """Every operation's errors are problem+json in /openapi.json: 422 and a `default`."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["Problem"] = ProblemRead.model_json_schema()
+            content = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    responses = operation.setdefault("responses", {})
+                    if "422" in responses:
+                        responses["422"] = {"description": "Invalid request", "content": content}
+                    responses["default"] = {
+                        "description": "An error (RFC 9457 problem+json)",
+                        "content": content,
+                    }
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on the app."""
+    """Register the problem+json handlers on the app and document them in its OpenAPI."""
+    _document(app)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from app.redact import relative_paths
 
 T = TypeVar("T")
 
@@ -22,6 +24,11 @@ class ErrorInfo(BaseModel):
     code: str
     detail: str
     field: str | None = None
+
+    @field_validator("detail")
+    @classmethod
+    def _no_absolute_paths(cls, detail: str) -> str:
+        return relative_paths(detail)
 
     @classmethod
     def maybe(cls, value: dict[str, Any] | None) -> ErrorInfo | None:

@@ -23,7 +23,7 @@ from app.db.models import (
     ModelStatus,
     StepStatus,
 )
-from app.db.repositories import Page, TeamRepository
+from app.db.repositories import JobRepository, Page, TeamRepository
 from app.queue import TASK_RUN_JOB, publish
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
 from app.services import datasets as dataset_service
@@ -50,7 +50,7 @@ def _repo(session: Session, team_id: str) -> TeamRepository[Job]:
     return TeamRepository(session, Job, team_id)
 
 
-def _resolve_pipeline(body: JobCreate) -> list[OpConfig]:
+def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
     if (body.preset is None) == (body.pipeline is None):
         raise Problem(
             422,
@@ -83,6 +83,15 @@ def _resolve_pipeline(body: JobCreate) -> list[OpConfig]:
         steps = body.pipeline or []
     if not steps:
         raise Problem(422, "invalid_pipeline", "The pipeline has no ops.", field="pipeline")
+    if len(steps) > max_steps:
+        raise Problem(
+            422,
+            "pipeline_too_long",
+            f"The pipeline has {len(steps)} steps; at most {max_steps} are allowed. Combine "
+            "steps (one gradual prune instead of many one-shot ones) or run several jobs.",
+            field="pipeline",
+            max_steps=max_steps,
+        )
     configs = []
     for i, step in enumerate(steps):
         where = f"pipeline[{i}]"
@@ -177,7 +186,8 @@ def create(
     if body.dataset_id is not None:
         dataset = dataset_service.get_or_raise(session, team_id, body.dataset_id)
         check_dataset_fits(model, dataset)
-    configs = _resolve_pipeline(body)
+    configs = _resolve_pipeline(body, settings.max_pipeline_steps)
+    check_active_jobs(session, settings, team_id)
     _check_plan(model.format, configs, dataset, list(body.export))
     _check_students(session, team_id, configs)
     job = _repo(session, team_id).create(
@@ -200,6 +210,20 @@ def create(
         raise idempotency.in_use() from exc
     _publish(session, settings, job)
     return job
+
+
+def check_active_jobs(session: Session, settings: Settings, team_id: str) -> None:
+    """A team may have at most `team_max_active_jobs` queued or running jobs (429)."""
+    active = JobRepository(session).count_active(team_id)
+    if active >= settings.team_max_active_jobs:
+        raise Problem(
+            429,
+            "too_many_active_jobs",
+            f"Your team has {active} queued or running jobs, the most allowed "
+            f"({settings.team_max_active_jobs}). Wait for some to finish (or cancel them with "
+            "POST /v1/jobs/{id}/cancel), then retry.",
+            headers={"Retry-After": "30"},
+        )
 
 
 def _check_plan(
@@ -311,6 +335,7 @@ def retry(session: Session, settings: Settings, team_id: str, job_id: str) -> Jo
             "job_not_retryable",
             f"The job is {job.status}; only failed or canceled jobs can be retried.",
         )
+    check_active_jobs(session, settings, team_id)
     done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
     session.execute(
         update(JobStep)

@@ -15,7 +15,7 @@ class OpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     op: str
-    version: int = 1
+    version: Literal[1] = Field(1, description="config schema version; 1 is the only one")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

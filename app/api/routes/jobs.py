@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
 from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
 from app.db.session import get_sessionmaker
+from app.redact import relative_paths
 from app.schemas.common import Page
 from app.schemas.jobs import JobCreate, JobRead
 from app.services import events
@@ -117,7 +118,8 @@ async def job_events(
             rows = await run_in_threadpool(fetch, last)
             for event_id, kind, data in rows:
                 last = event_id
-                yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+                payload = relative_paths(json.dumps(data))  # a failed event carries error.detail
+                yield f"id: {event_id}\nevent: {kind}\ndata: {payload}\n\n"
             # A retried job has events after an earlier `done`: end only at the latest one.
             if rows and rows[-1][1] == events.TERMINAL_EVENT:
                 if not await run_in_threadpool(fetch, last):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
@@ -19,6 +19,13 @@ class JobRepository:
     def get(self, job_id: str) -> Job | None:
         stmt = select(Job).where(Job.id == job_id).options(selectinload(Job.steps))
         return self.session.scalars(stmt).first()
+
+    def count_active(self, team_id: str) -> int:
+        """The team's queued and running jobs."""
+        stmt = select(func.count()).where(
+            Job.team_id == team_id, Job.status.in_([JobStatus.queued, JobStatus.running])
+        )
+        return int(self.session.scalar(stmt) or 0)
 
     def claim(self, job_id: str, owner: str, lease_until: datetime) -> int | None:
         """Take a queued job (or one whose lease expired); return the new fencing token."""

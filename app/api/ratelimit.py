@@ -1,0 +1,205 @@
+"""Per-team request rates and in-flight caps, per-address auth failures: 429 with Retry-After."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.storage import Storage, storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.deps import CurrentTeam
+from app.api.problems import Problem, problem_response
+from app.config import Settings
+
+
+def storage_url(settings: Settings) -> str:
+    """The counters' home: shared Redis when the broker is Redis (several API processes), else
+    this process's memory (embedded mode runs one API process)."""
+    if settings.rate_limit_storage_url:
+        return settings.rate_limit_storage_url
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return settings.broker_url
+    return "memory://"
+
+
+class Limiter:
+    """Moving-window counters (the `limits` library) and this process's in-flight counts."""
+
+    def __init__(self, settings: Settings) -> None:
+        url = storage_url(settings)
+        storage = storage_from_string(url)
+        if not isinstance(storage, Storage):
+            raise ValueError(f"COMPAAS_RATE_LIMIT_STORAGE_URL {url!r} names an async storage")
+        self.storage = storage
+        self.blocking = not url.startswith("memory://")
+        self.window = MovingWindowRateLimiter(self.storage)
+        self.team_rate: RateLimitItem = RateLimitItemPerSecond(
+            settings.team_requests_per_window, settings.team_window_s
+        )
+        self.auth_rate: RateLimitItem = RateLimitItemPerSecond(
+            settings.auth_failures_per_window, settings.auth_failure_window_s
+        )
+        self.settings = settings
+        self.inflight: Counter[str] = Counter()
+        self.uploads: Counter[str] = Counter()
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # A Redis round trip must not block the event loop; memory counters are cheap.
+        return await run_in_threadpool(fn, *args) if self.blocking else fn(*args)
+
+    async def retry_after(self, item: RateLimitItem, *ids: str) -> int:
+        stats = await self._run(self.window.get_window_stats, item, *ids)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+    async def hit(self, item: RateLimitItem, *ids: str) -> bool:
+        return bool(await self._run(self.window.hit, item, *ids))
+
+    async def allowed(self, item: RateLimitItem, *ids: str) -> bool:
+        return bool(await self._run(self.window.test, item, *ids))
+
+
+def too_many(code: str, detail: str, retry_after: int) -> Problem:
+    return Problem(429, code, detail, headers={"Retry-After": str(retry_after)})
+
+
+async def team_limits(request: Request, team: CurrentTeam) -> AsyncIterator[None]:
+    """Count the request against its team's rate and hold an in-flight slot while it runs."""
+    limiter: Limiter = request.app.state.limiter
+    settings = limiter.settings
+    if not await limiter.hit(limiter.team_rate, "team", team.id):
+        retry = await limiter.retry_after(limiter.team_rate, "team", team.id)
+        raise too_many(
+            "rate_limited",
+            f"Your team sent more than {settings.team_requests_per_window} requests in "
+            f"{settings.team_window_s} s. Retry after {retry} s, and poll less often "
+            "(GET /v1/jobs/{id}/events streams progress without polling).",
+            retry,
+        )
+    upload = request.headers.get("content-type", "").startswith("multipart/form-data")
+    if upload and limiter.uploads[team.id] >= settings.team_max_inflight_uploads:
+        raise too_many(
+            "too_many_inflight_uploads",
+            f"Your team already has {settings.team_max_inflight_uploads} uploads in progress. "
+            "Upload fewer files at once; retry when one has finished.",
+            5,
+        )
+    if limiter.inflight[team.id] >= settings.team_max_inflight_requests:
+        raise too_many(
+            "too_many_inflight_requests",
+            f"Your team already has {settings.team_max_inflight_requests} requests in progress. "
+            "Wait for some to finish, then retry.",
+            1,
+        )
+    limiter.inflight[team.id] += 1
+    if upload:
+        limiter.uploads[team.id] += 1
+    try:
+        yield
+    finally:
+        limiter.inflight[team.id] -= 1
+        if upload:
+            limiter.uploads[team.id] -= 1
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+class AuthFailureLimit:
+    """After too many 401s from one address, refuse its authenticated requests for a while."""
+
+    def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if b"authorization" not in headers:
+            await self.app(scope, receive, send)
+            return
+        limiter, address = self.limiter, _client(scope)
+        if not await limiter.allowed(limiter.auth_rate, "auth", address):
+            retry = await limiter.retry_after(limiter.auth_rate, "auth", address)
+            settings = limiter.settings
+            problem = too_many(
+                "too_many_auth_failures",
+                f"More than {settings.auth_failures_per_window} requests from your address "
+                f"had an invalid API key in {settings.auth_failure_window_s} s. Check the key "
+                f"you send (`Authorization: Bearer <key>`) and retry after {retry} s.",
+                retry,
+            )
+            await problem_response(problem)(scope, receive, send)
+            return
+        status = 0
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status == 401:
+            await limiter.hit(limiter.auth_rate, "auth", address)
+
+
+class JsonBodyLimit:
+    """Refuse a non-upload body over the cap with 413 before anything parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _problem(self) -> Problem:
+        return Problem(
+            413,
+            "body_too_large",
+            f"The request body is over {self.max_bytes} bytes, the limit for JSON requests. "
+            "Send a shorter body (a preset instead of a long pipeline); files go to the "
+            "multipart upload endpoints.",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+            await self.app(scope, receive, send)  # uploads have their own limit
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await problem_response(self._problem())(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await problem_response(self._problem())(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
