@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,7 @@ FIDELITY = {"agreement_top1", "cosine_similarity", "sqnr_db", "max_abs_error"}
 
 def _run(model: Path, pipeline: list[dict[str, Any]], workdir: Path, **kw: Any) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
-    started = time.perf_counter()
     result = compress(model, pipeline, workdir=workdir, progress=events.append, **kw)
-    result["_seconds"] = time.perf_counter() - started
     result["_events"] = events
     return result
 
@@ -63,7 +60,11 @@ def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) ->
     assert ratios["speedup"] == pytest.approx(side["original_ms_p50"] / side["final_ms_p50"], 1e-3)
     assert static_int8["accuracy_measured"] is True
     assert static_int8["calibration_source"] == "dataset"
-    assert static_int8["_seconds"] < 30
+    # Bounded work instead of a stopwatch: calibration on the configured 256 samples, not the
+    # whole dataset, and one build: no variant search without a target.
+    details = static_int8["steps"][0]["details"]
+    assert details["calibration"]["samples"] == 256
+    assert [v["name"] for v in details["variants"]] == ["static_int8"]
 
 
 def test_metrics_are_complete_and_consistent(static_int8: dict[str, Any]) -> None:
