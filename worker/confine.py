@@ -84,7 +84,9 @@ SYSTEM_READ = (
 )
 SYSTEM_WRITE = ("/dev/null",)
 
-# Syscalls the child never needs: other processes, kernel state, namespaces, new programs.
+# Syscalls the child never needs: other processes, kernel state, namespaces. exec stays allowed:
+# the engine measures peak memory in a fresh interpreter, Landlock grants the execute right only
+# beneath the interpreter's own directories, and every confinement here is inherited.
 DENIED_SYSCALLS = (
     "ptrace",
     "process_vm_readv",
@@ -105,8 +107,6 @@ DENIED_SYSCALLS = (
     "keyctl",
     "add_key",
     "request_key",
-    "execve",
-    "execveat",
     "swapon",
     "swapoff",
     "reboot",
@@ -345,7 +345,7 @@ def interpreter_paths() -> list[Path]:
 
 
 def deny_syscalls() -> bool:
-    """seccomp: refuse network sockets, namespaces, tracing, kernel state and exec (EPERM)."""
+    """seccomp: refuse network sockets, namespaces, tracing and kernel state (EPERM)."""
     try:
         import pyseccomp as seccomp
     except (ImportError, OSError):
@@ -373,6 +373,6 @@ def deny_syscalls() -> bool:
 
 
 def preload_seccomp() -> None:
-    """Import pyseccomp (it locates libseccomp with a subprocess) while exec is still allowed."""
+    """Import pyseccomp (it locates libseccomp with a subprocess) before Landlock limits exec."""
     with contextlib.suppress(ImportError, OSError):
         import pyseccomp  # noqa: F401

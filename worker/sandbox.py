@@ -468,10 +468,17 @@ def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
         return {"socket": True}
     if what == "exec":
         try:
-            subprocess.run([spec["path"], "-c", "true"], check=True)
+            done = subprocess.run(
+                [spec["path"], *spec.get("args", ["-c", "true"])], capture_output=True, text=True
+            )
         except OSError as exc:
             return {"exec": False, "error": type(exc).__name__}
-        return {"exec": True}
+        return {
+            "exec": True,
+            "returncode": done.returncode,
+            "stdout": done.stdout.strip(),
+            "stderr": done.stderr.strip()[-2000:],
+        }
     if what == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     return {"ok": True}

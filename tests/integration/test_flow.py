@@ -86,6 +86,7 @@ def test_static_int8_job_end_to_end(
         "latency_ms_p95",
         "accuracy_top1",
         "macs",
+        "peak_memory_bytes",  # measured in a fresh interpreter inside the sandbox
     ):
         assert name in metrics["original"] and name in metrics["final"], name
     for name in ("agreement_top1", "cosine_similarity", "sqnr_db"):

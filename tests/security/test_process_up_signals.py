@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.integration  # starts `compaas up` with its Celery worker
+
 ROOT = Path(__file__).resolve().parents[2]
 # generous: the worker's warm shutdown of an idle pool takes ~1-3 s, the SIGKILL fallback
 # comes after app.cli.WORKER_STOP_GRACE_S (10 s), and two loaded cores slow everything down

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,18 @@ def test_no_socket_can_be_opened(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not FOUND["seccomp"], reason="seccomp is not available here")
-def test_no_program_can_be_executed(tmp_path: Path) -> None:
+@pytest.mark.skipif(not FOUND["landlock"], reason="Landlock is what limits exec to Python")
+def test_no_program_but_the_interpreter_can_be_executed(tmp_path: Path) -> None:
     out = _selftest(tmp_path, what="exec", path="/bin/sh")
     assert out == {"exec": False, "error": "PermissionError"}
+    # The interpreter runs (the engine measures peak memory in a fresh one), confined as well.
+    probe = (
+        "import socket\n"
+        "try:\n    socket.socket(socket.AF_INET); print('socket')\n"
+        "except OSError:\n    print('refused')"
+    )
+    out = _selftest(tmp_path, what="exec", path=sys.executable, args=["-I", "-c", probe])
+    assert out["exec"] and out["returncode"] == 0 and out["stdout"] == "refused", out
 
 
 def test_a_missing_required_protection_fails_the_job(tmp_path: Path) -> None:

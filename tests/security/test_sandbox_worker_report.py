@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Stack, sqlite_stack, wait_for  # noqa: F401 (fixture)
+from tests.conftest import Stack, wait_for
 from tests.security.model_code_files import CANARY_TEXT, evil_torchscript
 
 pytestmark = pytest.mark.integration
 
 
 def test_torchscript_upload_is_refused_and_readyz_shows_protections(
-    sqlite_stack: Stack,  # noqa: F811 (the fixture imported above)
+    sqlite_stack: Stack,
     tmp_path: Path,
 ) -> None:
     secret, canary = tmp_path / "secret.txt", tmp_path / "canary.txt"

@@ -15,6 +15,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.security.limits_support import Embedded, embedded
 
+pytestmark = pytest.mark.slow
+
 # Examples per operation and mode: 19 operations × 2 modes × 50 took 26 s here (100: 92 s).
 EXAMPLES = int(os.environ.get("COMPAAS_SCHEMATHESIS_EXAMPLES", "50"))
 UPLOADS = ("/v1/models", "/v1/datasets")

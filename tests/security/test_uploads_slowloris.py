@@ -62,11 +62,21 @@ def _database(kind: str) -> Iterator[dict[str, str]]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     with (
         _database(request.param) as database,
-        api_server(tmp_path, upload_idle_timeout_s=str(IDLE_TIMEOUT_S), **database) as server,
+        api_server(
+            tmp_path,
+            upload_idle_timeout_s=str(IDLE_TIMEOUT_S),
+            # Caps lifted so that all 50 uploads are really held: the API itself must hold up.
+            team_max_inflight_uploads=str(HELD + 14),
+            team_max_inflight_requests=str(2 * HELD),
+            **database,
+        ) as server,
     ):
         yield server
 

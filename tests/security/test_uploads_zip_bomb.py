@@ -23,6 +23,8 @@ from tests.security.uploads_support import (
     write_zip_bomb,
 )
 
+pytestmark = pytest.mark.slow
+
 GiB = 1 << 30
 MiB = 1 << 20
 

@@ -229,45 +229,64 @@ def static_metrics(path: Path, batch: int | None = None) -> dict[str, Any]:
 
 
 _PEAK_MEMORY_PROBE = """
+import os
+import resource
 import sys
 import numpy as np
 import onnxruntime as ort
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+def peak():  # bytes (KiB on Linux); getrusage needs no /proc, which the sandbox hides
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 feed = dict(np.load(sys.argv[2], allow_pickle=False))
-before = status("VmRSS")
-options = ort.SessionOptions()
-options.intra_op_num_threads = int(sys.argv[3])
-options.inter_op_num_threads = 1
-options.log_severity_level = 3
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-session.run(None, feed)
-print(status("VmHWM") - before)
+# A forked child's peak starts at its resident size at the fork; this process's own peak may
+# still hold what its exec'ing parent had resident.
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    before = peak()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(sys.argv[3])
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    os.write(write_end, str(peak() - before).encode())
+    os._exit(0)
+os.close(write_end)
+answer = os.read(read_end, 64).decode()
+_, status = os.waitpid(pid, 0)
+sys.exit(1) if status or not answer else print(answer)
 """
 
 
 def peak_memory(path: Path, feed: Feed, threads: int) -> int | None:
     """Peak resident memory a fresh process adds to load the model in onnxruntime and run it once.
 
-    Measured in a new interpreter (after importing onnxruntime, before creating the session) so
-    that memory this process already holds does not hide it; None where it cannot be measured.
+    Measured in a new interpreter (forked after importing onnxruntime, before creating the
+    session) so that memory this process already holds does not hide it; None where it cannot
+    be measured.
     """
     import subprocess
     import sys
     import tempfile
 
-    if not Path("/proc/self/status").exists():
+    if sys.platform != "linux":  # ru_maxrss is in KiB on Linux only
         return None
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         feed_path = Path(scratch) / "feed.npz"
         np.savez(feed_path, **feed)  # type: ignore[arg-type]
         try:
             done = subprocess.run(
-                [sys.executable, "-c", _PEAK_MEMORY_PROBE, str(path), str(feed_path), str(threads)],
+                [
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    _PEAK_MEMORY_PROBE,
+                    str(path),
+                    str(feed_path),
+                    str(threads),
+                ],
                 capture_output=True,
                 text=True,
                 timeout=120,
