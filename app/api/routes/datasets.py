@@ -3,27 +3,37 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
-from app.api.deps import (
-    CurrentTeam,
-    PageDep,
-    SessionDep,
-    SettingsDep,
-    StorageDep,
-    open_session,
-)
-from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
+from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
+from app.api.idempotency import IdempotencyKeyHeader
 from app.api.routes.models import UPLOAD_BODY
+from app.api.upload_flow import UploadKind, accept_upload
 from app.config import Settings
+from app.db.models import Dataset
 from app.schemas.common import Page
 from app.schemas.datasets import DatasetRead
 from app.services import datasets as dataset_service
-from app.services.idempotency import save_response
-from app.services.uploads import Upload, receive_upload
+from app.services.idempotency import IdempotentRequest
+from app.services.uploads import Upload
 from app.storage import BlobStore
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def _create(
+    session: Session,
+    storage: BlobStore,
+    _settings: Settings,
+    team_id: str,
+    upload: Upload,
+    name: str | None,
+    idem: IdempotentRequest | None,
+) -> Dataset:
+    return dataset_service.create(session, storage, team_id, upload, name, idem)
+
+
+DATASETS = UploadKind("/v1/datasets", _create, dataset_service.get_or_raise, DatasetRead)
 
 
 @router.post("", status_code=201, response_model=DatasetRead, openapi_extra=UPLOAD_BODY)
@@ -36,48 +46,9 @@ async def upload_dataset(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     """Upload a .npz or .safetensors dataset: one array per model input plus optional labels."""
-    upload = await receive_upload(
-        request,
-        settings.tmp_dir,
-        settings.max_upload_bytes,
-        idle_timeout_s=settings.upload_idle_timeout_s,
-        deadline_s=settings.upload_deadline_s,
+    return await accept_upload(
+        DATASETS, request, response, team.id, storage, settings, idempotency_key
     )
-    try:
-        body, location = await run_in_threadpool(
-            _store, storage, settings, team.id, upload, idempotency_key
-        )
-    finally:
-        upload.discard()
-    if location:
-        response.headers["Location"] = location
-    return body
-
-
-def _store(
-    storage: BlobStore,
-    settings: Settings,
-    team_id: str,
-    upload: Upload,
-    idempotency_key: str | None,
-) -> tuple[Any, str | None]:
-    """Sniff, store and record the upload (blocking work, run in a worker thread)."""
-    name = upload.fields.get("name")
-    idem = request_for(idempotency_key, "POST /v1/datasets", upload.sha256, name)
-    with open_session(settings) as session:
-        replayed = replay(session, team_id, idem, lambda i: _read(session, team_id, i))
-        if replayed is not None:
-            return replayed, None
-        dataset = dataset_service.create(session, storage, team_id, upload, name, idem)
-        body = DatasetRead.model_validate(dataset)
-        if idem is not None:
-            save_response(session, team_id, idem, body.model_dump(mode="json"))
-        return body, f"/v1/datasets/{dataset.id}"
-
-
-def _read(session: SessionDep, team_id: str, dataset_id: str) -> dict[str, Any]:
-    dataset = dataset_service.get_or_raise(session, team_id, dataset_id)
-    return DatasetRead.model_validate(dataset).model_dump(mode="json")
 
 
 @router.get("", response_model=Page[DatasetRead])
