@@ -67,6 +67,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def create_team(env: dict[str, str], name: str) -> tuple[str, dict[str, str]]:
+    """A team made by the real CLI against the settings in `env`: its id and auth header."""
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "admin", "create-team", name, "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    return data["team_id"], {"Authorization": f"Bearer {data['api_key']}"}
+
+
 # ----------------------------------------------------------------------------- private services
 
 
@@ -258,16 +272,7 @@ class Stack:
         )
 
     def new_team(self, name: str = "team") -> tuple[str, dict[str, str]]:
-        out = subprocess.run(
-            [sys.executable, "-m", "app.cli", "admin", "create-team", name, "--json"],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        data = json.loads(out.stdout)
-        return data["team_id"], {"Authorization": f"Bearer {data['api_key']}"}
+        return create_team(self.env, name)
 
     def upload(self, route: str, path: Path, headers: dict[str, str], **fields: str) -> Any:
         with path.open("rb") as fh:

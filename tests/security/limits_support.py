@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.conftest import create_team, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,15 +31,7 @@ class Embedded:
 
     def new_team(self, name: str = "team") -> dict[str, str]:
         """A team made by the real CLI (same data dir, same pepper); its auth header."""
-        out = subprocess.run(
-            [sys.executable, "-m", "app.cli", "admin", "create-team", name, "--json"],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return {"Authorization": f"Bearer {json.loads(out.stdout)['api_key']}"}
+        return create_team(self.env, name)[1]
 
 
 def embedded_env(data_dir: Path, **limits: Any) -> dict[str, str]:
@@ -91,12 +81,6 @@ def tiny_onnx() -> bytes:
     buf = io.BytesIO()
     onnx.save(model, buf)
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

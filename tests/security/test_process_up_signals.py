@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.integration  # starts `compaas up` with its Celery worker
 
 ROOT = Path(__file__).resolve().parents[2]
 # generous: the worker's warm shutdown of an idle pool takes ~1-3 s, the SIGKILL fallback
 # comes after app.cli.WORKER_STOP_GRACE_S (10 s), and two loaded cores slow everything down
 GONE_WITHIN_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def stat_fields(pid: int) -> list[str] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tests.conftest import create_team, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUNDARY = "compaas-test-boundary"
@@ -38,16 +39,7 @@ class Server:
         return self.env.get("COMPAAS_DATABASE_URL") or f"sqlite:///{self.data_dir / 'compaas.db'}"
 
     def new_team(self, name: str) -> tuple[str, dict[str, str]]:
-        out = subprocess.run(
-            [sys.executable, "-m", "app.cli", "admin", "create-team", name, "--json"],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        data = json.loads(out.stdout)
-        return data["team_id"], {"Authorization": f"Bearer {data['api_key']}"}
+        return create_team(self.env, name)
 
     def spool_files(self) -> list[Path]:
         return sorted((self.data_dir / "tmp").glob("upload-*.part"))
@@ -57,13 +49,6 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmRSS for the API process")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -83,7 +68,7 @@ def api_server(tmp: Path, **settings: str) -> Iterator[Server]:
     subprocess.run(
         [sys.executable, "-m", "app.cli", "migrate"], env=env, cwd=ROOT, check=True, timeout=120
     )
-    port = _free_port()
+    port = free_port()
     log = tmp / "api.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
