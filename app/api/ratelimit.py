@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -18,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.deps import CurrentTeam
 from app.api.problems import Problem, problem_response
 from app.config import Settings
+
+log = logging.getLogger(__name__)
+STORAGE_RETRY_S = 5.0
 
 
 def storage_url(settings: Settings) -> str:
@@ -50,20 +54,34 @@ class Limiter:
         self.settings = settings
         self.inflight: Counter[str] = Counter()
         self.uploads: Counter[str] = Counter()
+        self.storage_down_until = 0.0
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        # A Redis round trip must not block the event loop; memory counters are cheap.
-        return await run_in_threadpool(fn, *args) if self.blocking else fn(*args)
+    async def _run(self, fn: Callable[..., Any], *args: Any, unavailable: Any) -> Any:
+        """fn's answer; `unavailable` (fail open) while the counters' storage is down.
+
+        Rate limits protect the service; they must not take it down with them: when Redis is
+        away, jobs are still accepted (the reconciler publishes them later), so requests go
+        through uncounted, and the storage is tried again after STORAGE_RETRY_S.
+        """
+        if time.monotonic() < self.storage_down_until:
+            return unavailable
+        try:
+            # A Redis round trip must not block the event loop; memory counters are cheap.
+            return await run_in_threadpool(fn, *args) if self.blocking else fn(*args)
+        except Exception as exc:
+            self.storage_down_until = time.monotonic() + STORAGE_RETRY_S
+            log.warning("rate-limit storage unavailable (%s); requests are not counted", exc)
+            return unavailable
 
     async def retry_after(self, item: RateLimitItem, *ids: str) -> int:
-        stats = await self._run(self.window.get_window_stats, item, *ids)
-        return max(1, math.ceil(stats.reset_time - time.time()))
+        stats = await self._run(self.window.get_window_stats, item, *ids, unavailable=None)
+        return 1 if stats is None else max(1, math.ceil(stats.reset_time - time.time()))
 
     async def hit(self, item: RateLimitItem, *ids: str) -> bool:
-        return bool(await self._run(self.window.hit, item, *ids))
+        return bool(await self._run(self.window.hit, item, *ids, unavailable=True))
 
     async def allowed(self, item: RateLimitItem, *ids: str) -> bool:
-        return bool(await self._run(self.window.test, item, *ids))
+        return bool(await self._run(self.window.test, item, *ids, unavailable=True))
 
 
 def too_many(code: str, detail: str, retry_after: int) -> Problem:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from app.storage import get_blob_store
+from tests.conftest import free_port
 from tests.security.limits_support import Embedded, embedded, hold_upload, served, tiny_onnx
 from worker.runner import inspect_model
 
@@ -197,3 +198,14 @@ def test_api_processes_share_team_counters_through_redis(tmp_path: Path) -> None
                 assert client.get("/v1/models", headers=team).status_code == 200
             _problem(second.get("/v1/models", headers=team), 429, "rate_limited")
             _problem(first.client.get("/v1/models", headers=team), 429, "rate_limited")
+
+
+def test_counters_fail_open_while_their_redis_is_down(tmp_path: Path) -> None:
+    """Rate limits must not take the API down with Redis: requests go through uncounted."""
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with embedded(tmp_path, rate_limit_storage_url=closed, team_requests_per_window=1) as stack:
+        team = stack.new_team("redis-down")
+        for _ in range(3):  # over the limit of 1, but nothing can count them
+            assert stack.client.get("/v1/models", headers=team).status_code == 200
+        bad = {"Authorization": "Bearer cmp_not-a-real-key"}
+        _problem(stack.client.get("/v1/models", headers=bad), 401, "invalid_api_key")
