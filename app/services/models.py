@@ -25,6 +25,7 @@ from app.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
+# "torchscript" names only rows uploaded before TorchScript was refused (still downloadable).
 EXTENSIONS = {"onnx": "onnx", "pt2": "pt2", "torchscript": "pt"}
 
 

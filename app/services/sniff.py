@@ -40,7 +40,7 @@ def _check_model_zip(path: Path) -> None:
 
 
 def sniff_model(path: Path) -> str:
-    """'onnx' | 'pt2' | 'torchscript' from the content, or a 422 saying what to upload instead.
+    """'onnx' | 'pt2' from the content, or a 422 saying what to upload instead (TorchScript too).
 
     The engine's detection reads only zip listings, protobuf field headers and pickle opcodes
     (standard library, nothing executed), so the API can run it without torch.
