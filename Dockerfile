@@ -19,6 +19,9 @@ COPY migrations ./migrations
 RUN pip install .
 
 FROM base AS worker
+# libseccomp: the sandbox child's syscall filter (pyseccomp loads it with ctypes).
+RUN apt-get update && apt-get install -y --no-install-recommends libseccomp2 \
+ && rm -rf /var/lib/apt/lists/*
 # CPU torch first, from the CPU index: with the pin already satisfied, `.[worker]` never pulls
 # a CUDA build from PyPI.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
