@@ -1,4 +1,4 @@
-"""Measurements on an ONNX file, named as in DESIGN.md §4, taken on the exact bytes delivered."""
+"""Measurements on an ONNX file, named as in docs/metrics.md, taken on the exact bytes delivered."""
 
 from __future__ import annotations
 
