@@ -60,7 +60,9 @@ def test_deep_compression_archive_is_small_and_decodes_exactly(
     ratio = metrics["archive_compression_ratio"]
     # 90% global sparsity with the classifier left dense: ~6.3 KB of a 209 KB fp32 ONNX.
     assert ratio >= 30, step["details"]
-    assert ratio == pytest.approx(step["details"]["reference_size_bytes"] / packed.stat().st_size)
+    # Ratios are reported with 4 decimals.
+    exact = step["details"]["reference_size_bytes"] / packed.stat().st_size
+    assert ratio == pytest.approx(exact, abs=5e-5)
     # The archive is delivered with the final artifacts.
     assert any(a["format"] == "cpz" for a in mlp_shared["artifacts"])
 
