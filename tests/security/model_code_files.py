@@ -41,8 +41,9 @@ def evil_torchscript(path: Path, secret: Path, canary: Path) -> Path:
     return path
 
 
-def small_pt2(path: Path, with_cond: bool = False) -> Path:
-    """A real exported Linear (optionally with a torch.cond whose branches are subgraphs)."""
+def small_pt2(path: Path, with_cond: bool = False, dynamic: bool = False) -> Path:
+    """A real exported Linear (optionally with a torch.cond whose branches are subgraphs, or a
+    dynamic batch dimension, which the program stores as sympy expressions)."""
     import torch
 
     class Net(torch.nn.Module):
@@ -56,7 +57,9 @@ def small_pt2(path: Path, with_cond: bool = False) -> Path:
                 return torch.cond(y.sum() > 0, lambda a: a + 1, lambda a: a - 1, (y,))
             return y
 
-    torch.export.save(torch.export.export(Net(), (torch.randn(3, 4),)), str(path))
+    shapes = ({0: torch.export.Dim("batch", min=2, max=64)},) if dynamic else None
+    program = torch.export.export(Net(), (torch.randn(3, 4),), dynamic_shapes=shapes)
+    torch.export.save(program, str(path))
     return path
 
 

@@ -114,3 +114,53 @@ def test_non_compute_targets_are_refused(tmp_path: Path, target: str) -> None:
         inspect_model(edit_program(real, tmp_path / "bad.pt2", swap))
     assert err.value.code == "unsupported_op" and target in err.value.detail
     json.dumps(err.value.detail)
+
+
+def _expressions(value: Any) -> list[dict[str, Any]]:
+    """The dicts holding an `expr_str` anywhere in a serialized program."""
+    if isinstance(value, dict):
+        found = [value] if isinstance(value.get("expr_str"), str) else []
+        return found + [d for item in value.values() for d in _expressions(item)]
+    if isinstance(value, list):
+        return [d for item in value for d in _expressions(item)]
+    return []
+
+
+def test_a_symbolic_shape_that_runs_python_is_refused(
+    tmp_path: Path, canary: tuple[Path, Path]
+) -> None:
+    """torch.export.load hands every `expr_str` to sympy.sympify, which evaluates Python."""
+    _, target = canary
+    real = small_pt2(tmp_path / "dynamic.pt2", dynamic=True)
+    assert inspect_model(real)["inputs"][0]["shape"][0] == "batch"
+
+    def payload(file: Path) -> str:
+        return f"__import__('pathlib').Path({str(file)!r}).write_bytes(b'pwned')"
+
+    def poison_with(file: Path) -> Any:
+        def poison(program: dict[str, Any]) -> None:
+            holders = _expressions(program)
+            assert holders, "a dynamic export stores symbolic shapes"
+            holders[0]["expr_str"] = payload(file)
+
+        return poison
+
+    # The attack is real: torch's own loader runs it.
+    proof = tmp_path / "proof.txt"
+    unguarded = edit_program(real, tmp_path / "unguarded.pt2", poison_with(proof))
+    import torch
+
+    with pytest.raises(Exception):  # noqa: B017 - whatever it raises, the code already ran
+        torch.export.load(str(unguarded))
+    assert proof.read_bytes() == b"pwned"
+
+    job = tmp_path / "job"
+    job.mkdir()
+    hostile = edit_program(real, job / "model.pt2", poison_with(target))
+    refused = _inspect_in_sandbox(hostile, job)
+    assert refused.code == "unsupported_op" and refused.field == "file"
+    assert "symbolic shape expression" in refused.detail and "__import__" in refused.detail
+    with pytest.raises(EngineError) as err:  # refused before torch, outside the sandbox too
+        inspect_model(hostile)
+    assert err.value.code == "unsupported_op"
+    assert target.read_bytes() == CANARY_TEXT
