@@ -44,6 +44,8 @@ MAC_OPS = {
     "MatMulNBits",
 }
 LATENCY_WARMUP = 10
+# A measured speedup under this is called slower (and warned about); above it is noise.
+SLOWER = 0.95
 LATENCY_MIN_RUNS = 50
 LATENCY_MIN_SECONDS = 0.5
 LATENCY_MAX_RUNS = 5000

@@ -49,7 +49,6 @@ LATENCY_SAMPLES = 16
 TASKS = ("classification", "embedding", "generic")
 EXPORTS = ("onnx", "pt2", "torchscript")
 DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step trains
-SLOWER_THAN_ORIGINAL = 0.9  # a measured speedup under this is reported, above it is noise
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -419,7 +418,7 @@ def compress(
         )
         ratios["speedup"] = round(before_ms / after_ms, 4)
         side_by_side = {"original_ms_p50": before_ms, "final_ms_p50": after_ms}
-    if steps and ratios["speedup"] < SLOWER_THAN_ORIGINAL:
+    if steps and ratios["speedup"] < m.SLOWER:
         warnings.append(
             f"The result ran slower than the original here (speedup {ratios['speedup']:.2f}× at "
             f"batch {batch or 1}, {latency_threads} thread(s)). Integer kernels pay off on CPUs "

@@ -26,7 +26,6 @@ SENSITIVITY_MAX_LAYERS = 40
 LATENCY_FEEDS = 16
 LATENCY_THREADS = 1
 SPEED_DEFAULT_TARGET = QuantizeTarget(min_sqnr_db=20.0)
-SLOWER = 0.95  # a measured speedup under this is called slower; above it is noise
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
@@ -338,7 +337,7 @@ def _speed_report(q: Quantizer, float_ms: float, chosen: Candidate, tried: list[
             f"here ({float_ms:.3f} ms); delivered the fastest that meets the target "
             f"({chosen.variant.name}, speedup {speedup:.2f}×)."
         )
-    if speedup >= SLOWER:
+    if speedup >= m.SLOWER:
         return
     if chosen.variant.mode == "weight_only":
         cause = (
