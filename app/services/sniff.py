@@ -8,7 +8,6 @@ opened, and the members read are capped at a few bytes.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,9 @@ from app.api.problems import Problem
 from worker.engine.arrayheaders import HeaderError, read_headers
 from worker.engine.errors import EngineError
 from worker.engine.formats import detect_format
-from worker.engine.safezip import ZipLimits, open_zip, read_member
+from worker.engine.safezip import ZipLimits
 
 UPLOAD_ZIP_LIMITS = ZipLimits()
-# A .pt2's `archive_format` member holds the 3 bytes "pt2".
-ARCHIVE_FORMAT_MAX_BYTES = 64
 
 
 def _problem(exc: EngineError) -> Problem:
@@ -31,23 +28,14 @@ def _problem(exc: EngineError) -> Problem:
     return problem
 
 
-def _check_model_zip(path: Path) -> None:
-    """Bound the archive and the `archive_format` member before format detection reads it."""
-    with open_zip(path, UPLOAD_ZIP_LIMITS, field="file") as zf:
-        for name in zf.namelist():
-            if name.endswith("archive_format"):
-                read_member(zf, name, ARCHIVE_FORMAT_MAX_BYTES, field="file")
-
-
 def sniff_model(path: Path) -> str:
     """'onnx' | 'pt2' from the content, or a 422 saying what to upload instead (TorchScript too).
 
-    The engine's detection reads only zip listings, protobuf field headers and pickle opcodes
-    (standard library, nothing executed), so the API can run it without torch.
+    The engine's detection reads only bounded zip listings (safezip), a capped `archive_format`
+    member, protobuf field headers and pickle opcodes (standard library, nothing executed), so
+    the API can run it without torch.
     """
     try:
-        if zipfile.is_zipfile(path):
-            _check_model_zip(path)
         return detect_format(path)
     except EngineError as exc:
         raise _problem(exc) from exc

@@ -90,12 +90,18 @@ def _torchscript_refused() -> EngineError:
     )
 
 
+# A .pt2's `archive_format` member holds the 3 bytes "pt2"; detection reads no more than this.
+ARCHIVE_FORMAT_MAX_BYTES = 64
+
+
 def _zip_format(path: Path) -> ModelFormat:
     with open_zip(path, ZipLimits()) as archive:
         names = archive.namelist()
         rel = {_rel(name) for name in names}
         fmt_name = next((n for n in names if _rel(n) == "archive_format"), None)
-        if fmt_name is not None and read_member(archive, fmt_name, 64).strip() == b"pt2":
+        if fmt_name is not None and (
+            read_member(archive, fmt_name, ARCHIVE_FORMAT_MAX_BYTES).strip() == b"pt2"
+        ):
             return "pt2"
     if any(r.startswith("models/") and r.endswith(".json") for r in rel) or (
         "serialized_exported_program.json" in rel
