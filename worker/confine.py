@@ -155,6 +155,12 @@ def private_tmp(tmp: Path) -> bool:
     return Path(tempfile.gettempdir()).resolve() == tmp.resolve()
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when the process that started it dies (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def set_rlimits(memory_mb: int, cpu_s: int, nproc: int, nofile: int) -> None:
     """Address space, CPU, core, file size (the memory limit), processes and open files."""
     mem = memory_mb * 1024 * 1024
@@ -227,8 +233,7 @@ def drop_privileges(reads: list[Path], writes: list[Path]) -> tuple[bool, bool]:
         os.setresuid(uid, uid, uid)
     else:  # root that nobody can't stand in for, or a user namespace's own capabilities
         _clear_capabilities(libc)
-    # Any change of effective ids (the probe above too) clears the parent-death signal.
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()  # any change of effective ids (the probe above too) cleared it
     if os.getppid() != parent:
         os._exit(1)
     return os.getuid() != 0, _capabilities() == (0, 0)

@@ -30,6 +30,7 @@ from worker.confine import (
     SYSTEM_WRITE,
     child_env,
     deny_syscalls,
+    die_with_parent,
     drop_privileges,
     enter_netns,
     env_scrubbed,
@@ -81,17 +82,9 @@ class Limits:
     memory_mb: int
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def _limit_child(memory_mb: int, cpu_s: int) -> Callable[[], None]:
     def apply() -> None:
-        try:  # die with the worker process that started us (Linux)
-            import ctypes
-
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+        die_with_parent()  # the worker process that started us
         set_rlimits(memory_mb, cpu_s, NPROC_LIMIT, NOFILE_LIMIT)
 
     return apply
