@@ -13,6 +13,7 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/com
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY app ./app
+COPY engine ./engine
 COPY worker ./worker
 COPY migrations ./migrations
 # Core dependencies only: no torch here, so the api image stays small.

@@ -327,7 +327,7 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 
 def cmd_example(args: argparse.Namespace) -> int:
-    from worker.engine import examples
+    from engine import examples
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     """Rebuild the ONNX model a weight_share `cpz` archive holds (numpy + onnx + zstandard)."""
     try:
-        from worker.engine.archive import ArchiveError, decode_file
+        from engine.io.cpz import ArchiveError, decode_file
     except ImportError as exc:  # the API image has no onnx/zstandard
         print(f"compaas decode needs onnx and zstandard installed ({exc})", file=sys.stderr)
         return 2

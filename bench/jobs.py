@@ -59,7 +59,7 @@ def main() -> None:
     upgrade(settings.database_url)
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        from worker.engine.examples import write_digits_example
+        from engine.examples import write_digits_example
 
         files = write_digits_example(tmp / "ex")
         team = subprocess.run(

@@ -3,7 +3,7 @@ at the engine level (compress(), temp dirs, no API): size, storage, MACs, latenc
 
     .venv/bin/python -m bench.pipelines [--out table.md]
 
-Presets come from worker.engine.config.preset_pipeline(name). Every row uses holdout 0.3, so all
+Presets come from engine.config.preset_pipeline(name). Every row uses holdout 0.3, so all
 rows of a model are measured on the same held-out samples. Ratios are result/original (smaller
 is better): size = the final ONNX file; storage = what is stored or sent (the cpz archive of a
 weight_share step, the packed file of binary/ternary, else the zstd-compressed ONNX) over the
@@ -24,9 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.engine.config import preset_pipeline  # noqa: E402
-from worker.engine.errors import EngineError  # noqa: E402
-from worker.engine.pipeline import compress  # noqa: E402
+from engine.config import preset_pipeline  # noqa: E402
+from engine.errors import EngineError  # noqa: E402
+from engine.pipeline import compress  # noqa: E402
 
 HOLDOUT = 0.3
 GRADUAL = {"kind": "gradual", "steps": 3, "epochs_per_step": 3}
@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    from worker.engine import examples
+    from engine import examples
 
     tmp = Path(tempfile.mkdtemp(prefix="compaas-plbench-"))
     models = {

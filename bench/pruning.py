@@ -27,8 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.engine.errors import EngineError  # noqa: E402
-from worker.engine.pipeline import compress  # noqa: E402
+from engine.errors import EngineError  # noqa: E402
+from engine.pipeline import compress  # noqa: E402
 
 CRITERIA = ("magnitude", "gradient", "entropy", "random")
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only 50%% and 90%% sparsity")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    from worker.engine.examples import write_digits_example
+    from engine.examples import write_digits_example
 
     tmp = Path(tempfile.mkdtemp(prefix="compaas-pbench-"))
     files = write_digits_example(tmp / "cnn")

@@ -20,8 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.engine.errors import EngineError  # noqa: E402
-from worker.engine.pipeline import compress  # noqa: E402
+from engine.errors import EngineError  # noqa: E402
+from engine.pipeline import compress  # noqa: E402
 
 STEPS: list[tuple[str, dict[str, Any]]] = [
     ("static int8", {"mode": "static", "dtype": "int8"}),
@@ -51,7 +51,7 @@ STEPS: list[tuple[str, dict[str, Any]]] = [
 
 
 def _models(tmp: Path) -> dict[str, dict[str, Any]]:
-    from worker.engine import examples
+    from engine import examples
 
     return {
         "digits CNN": examples.write_digits_example(tmp / "cnn"),

@@ -404,7 +404,7 @@ def short_latency_window() -> Iterator[None]:
     measured and reported consistently; the speed numbers the issues ask for are asserted
     through the worker, which measures with the defaults. The timing loops were a third of
     the fast set's time."""
-    from worker.engine import metrics
+    from engine.onnxgraph import metrics
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(metrics, "LATENCY_MIN_SECONDS", 0.1)
@@ -417,7 +417,7 @@ def short_latency_window() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The `compaas example digits` files: a CNN trained on sklearn's digits, exported twice."""
-    from worker.engine.examples import write_digits_example
+    from engine.examples import write_digits_example
 
     out = tmp_path_factory.mktemp("digits")
     write_digits_example(out)
@@ -431,7 +431,7 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The digits MLP 64-300-100-10 (flat [N, 64] inputs) as .pt2 and .onnx, and its .npz."""
-    from worker.engine.examples import write_digits_mlp
+    from engine.examples import write_digits_mlp
 
     written = write_digits_mlp(tmp_path_factory.mktemp("mlp"))
     return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}
@@ -440,7 +440,7 @@ def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 2-block transformer encoder trained on a token-order task (ONNX/.pt2 + tokens.npz)."""
-    from worker.engine.examples import write_token_transformer
+    from engine.examples import write_token_transformer
 
     return write_token_transformer(tmp_path_factory.mktemp("transformer"))
 
@@ -448,6 +448,6 @@ def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def separable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A depthwise-separable CNN trained on digits (ONNX/.pt2 + npz)."""
-    from worker.engine.examples import write_separable_cnn
+    from engine.examples import write_separable_cnn
 
     return write_separable_cnn(tmp_path_factory.mktemp("separable"))

@@ -46,15 +46,17 @@ from worker.confine import (
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-# The child imports the `worker` package from ROOT by file location: nothing from its working
-# directory, PYTHONPATH or the parent's cwd is ever on sys.path (`-I`), and ROOT itself is not
-# on sys.path either, so a module planted next to the code is not importable.
+# The child imports the `worker` and `engine` packages from ROOT by file location: nothing from its
+# working directory, PYTHONPATH or the parent's cwd is ever on sys.path (`-I`), and ROOT itself is
+# not on sys.path either, so a module planted next to the code is not importable.
+PACKAGES = ("engine", "worker")
 BOOTSTRAP = (
-    "import sys, importlib.util as u; root = sys.argv[1]; "
-    "spec = u.spec_from_file_location('worker', root + '/worker/__init__.py', "
-    "submodule_search_locations=[root + '/worker']); "
-    "module = u.module_from_spec(spec); sys.modules['worker'] = module; "
-    "spec.loader.exec_module(module); "
+    "import sys, importlib.util as u; root = sys.argv[1]\n"
+    "for name in ('engine', 'worker'):\n"
+    "    spec = u.spec_from_file_location(name, f'{root}/{name}/__init__.py', "
+    "submodule_search_locations=[f'{root}/{name}'])\n"
+    "    module = u.module_from_spec(spec); sys.modules[name] = module\n"
+    "    spec.loader.exec_module(module)\n"
     "from worker.sandbox import main; sys.exit(main(int(sys.argv[2])))"
 )
 NPROC_LIMIT = 512
@@ -275,7 +277,7 @@ def confine(box: dict[str, Any]) -> dict[str, bool]:
     """Apply every protection this host allows, in the order the kernel needs; report each."""
     preload_seccomp()
     cwd, tmp = Path(box["cwd"]), Path(box["tmp"])
-    reads = [*interpreter_paths(), ROOT / "worker", *map(Path, box["read"])]
+    reads = [*interpreter_paths(), *(ROOT / name for name in PACKAGES), *map(Path, box["read"])]
     writes = [Path(p) for p in box["write"]]
     report = {
         "env_scrubbed": env_scrubbed(),
@@ -362,7 +364,7 @@ def main(event_fd: int) -> int:
         if spec["action"] == "protections":
             emit({"type": "result", "result": report})
             return 0
-        from worker.engine.errors import EngineError
+        from engine.errors import EngineError
 
         try:
             result = _dispatch(spec, emit)
@@ -395,11 +397,11 @@ def main(event_fd: int) -> int:
 def _dispatch(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     action = spec["action"]
     if action == "inspect_model":
-        from worker.engine.formats import inspect_model
+        from engine.io.formats import inspect_model
 
         return inspect_model(Path(spec["model_path"]))
     if action == "compress":
-        from worker.engine.pipeline import compress
+        from engine.pipeline import compress
 
         return compress(
             spec["model_path"],

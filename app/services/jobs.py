@@ -32,7 +32,7 @@ from app.services import models as model_service
 from app.services.common import page_or_422
 from app.services.idempotency import IdempotentRequest
 from app.storage import BlobStore
-from worker.engine.config import (
+from engine.config import (
     OPS,
     PRESETS,
     OpConfig,

@@ -2,7 +2,7 @@
 
 The worker does the full inspection in a sandbox; this only refuses what is clearly not a model
 or dataset, so that the uploader gets an immediate, actionable 422. Only headers are read: zip
-archives are bounded from their central directory (worker/engine/safezip) before any member is
+archives are bounded from their central directory (engine/safezip) before any member is
 opened, and the members read are capped at a few bytes.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from app.api.problems import Problem
-from worker.engine.arrayheaders import HeaderError, read_headers
-from worker.engine.errors import EngineError
-from worker.engine.formats import detect_format
-from worker.engine.safezip import ZipLimits
+from engine.errors import EngineError
+from engine.io.arrayheaders import HeaderError, read_headers
+from engine.io.formats import detect_format
+from engine.io.safezip import ZipLimits
 
 UPLOAD_ZIP_LIMITS = ZipLimits()
 

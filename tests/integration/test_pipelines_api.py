@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from engine.io.datasets import Samples
 from tests.integration.conftest import ROOT, Stack
 from tests.integration.methods import Client, load_npz, ratio, run_onnx
-from worker.engine.datasets import Samples
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +154,7 @@ def test_distill_into_an_uploaded_student(
 ) -> None:
     import torch
 
-    from worker.engine.examples import export_model
+    from engine.examples import export_model
 
     torch.manual_seed(1)
     small = torch.nn.Sequential(

@@ -28,7 +28,7 @@ def residual_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
     from torch import nn
 
-    from worker.engine.examples import _digits, export_model, train
+    from engine.examples import _digits, export_model, train
 
     class Residual(nn.Module):
         def __init__(self) -> None:

@@ -140,6 +140,6 @@ def test_ternary_with_distillation_on_the_mlp(
     packed = tmp_path / "model.cbin"
     packed.write_bytes(api.artifact(job, "cbin"))
     assert len(packed.read_bytes()) == final["packed_size_bytes"]
-    from worker.engine.lowbit import unpack
+    from engine.ops.quantize.lowbit import unpack
 
     assert unpack(packed, tmp_path / "model.onnx").read_bytes() == api.artifact(job, "onnx")

@@ -69,7 +69,7 @@ def slow_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An MLP 64-2048-2048-2048-10 (35 MB): its static int8 job takes several seconds."""
     import torch
 
-    from worker.engine.examples import export_model
+    from engine.examples import export_model
 
     torch.manual_seed(0)
     width = 2048

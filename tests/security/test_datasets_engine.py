@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.errors import EngineError
+from engine.io.datasets import load_dataset, match_inputs
+from engine.io.formats import TensorSpec
 from tests.security.uploads_support import npy_header
-from worker.engine.datasets import load_dataset, match_inputs
-from worker.engine.errors import EngineError
-from worker.engine.formats import TensorSpec
 
 IMAGE = TensorSpec("input", ("batch", 4), "float32")
 LOGITS = TensorSpec("logits", ("batch", 3), "float32")

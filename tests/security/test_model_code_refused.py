@@ -10,10 +10,10 @@ import pytest
 
 from app.api.problems import Problem
 from app.services.sniff import sniff_model
+from engine.errors import EngineError
+from engine.io.formats import detect_format, inspect_model
 from tests.security.model_code_files import CANARY_TEXT, edit_program, evil_torchscript, small_pt2
 from worker import sandbox
-from worker.engine.errors import EngineError
-from worker.engine.formats import detect_format, inspect_model
 
 LIMITS = sandbox.Limits(wall_time_s=120, memory_mb=4096)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import EngineError
+from engine.io.formats import detect_format
 from tests.security.model_code_files import rewrite, small_pt2
 from worker import sandbox
-from worker.engine.errors import EngineError
-from worker.engine.formats import detect_format
 
 BOMB_BYTES = 600 * 1024 * 1024
 # Below the bomb's size: inflating it in memory would end in memory_limit_exceeded instead.

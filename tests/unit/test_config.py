@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
-from worker.engine.config import OPS, PRESETS, QuantizeConfig, op_schemas, parse_op, parse_pipeline
+from engine.config import OPS, PRESETS, QuantizeConfig, op_schemas, parse_op, parse_pipeline
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_every_op_round_trips_through_json(data: dict[str, object]) -> None:
 
 
 def test_preset_overrides_merge_and_name_the_steps() -> None:
-    from worker.engine.config import PipelineError, preset_pipeline
+    from engine.config import PipelineError, preset_pipeline
 
     steps = preset_pipeline("tiny", {"prune": {"schedule": {"steps": 5}}, "2": {"dtype": "uint8"}})
     assert steps[0]["schedule"] == {"kind": "gradual", "steps": 5, "epochs_per_step": 3}

@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from worker.engine.config import OPS, PRESETS
+from engine.config import OPS, PRESETS
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 

@@ -10,8 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from worker.engine.errors import EngineError
-from worker.engine.pipeline import compress
+from engine.errors import EngineError
+from engine.pipeline import compress
 
 CHANNELS = {"op": "prune", "granularity": "channels"}
 
@@ -109,7 +109,7 @@ def _residual_model() -> Any:
 def residual_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import torch
 
-    from worker.engine.examples import _digits, accuracy, export_model, train
+    from engine.examples import _digits, accuracy, export_model, train
 
     out = tmp_path_factory.mktemp("residual")
     x_tr, x_te, y_tr, y_te = _digits(flat=False)

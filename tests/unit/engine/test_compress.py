@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine.errors import EngineError
-from worker.engine.metrics import sha256_file
-from worker.engine.pipeline import compress
+from engine.errors import EngineError
+from engine.onnxgraph.metrics import sha256_file
+from engine.pipeline import compress
 
 STATIC_INT8 = [{"op": "quantize", "mode": "static", "dtype": "int8"}]
 METRICS = {
@@ -269,7 +269,7 @@ def test_resume_continues_after_a_checkpoint(mlp_files: dict[str, Path], tmp_pat
 def test_old_opset_is_upgraded_for_per_channel(mlp_files: dict[str, Path], tmp_path: Path) -> None:
     import warnings
 
-    from worker.engine.examples import _digits, digits_mlp, train
+    from engine.examples import _digits, digits_mlp, train
 
     x_tr, _, y_tr, _ = _digits(flat=True)
     model = train(digits_mlp(), x_tr, y_tr, epochs=10)
@@ -301,7 +301,7 @@ def test_torchscript_is_refused(tmp_path: Path) -> None:
 def test_a_fixed_batch_program_is_evaluated_in_its_batches(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from worker.engine.examples import _digits, digits_mlp, train
+    from engine.examples import _digits, digits_mlp, train
 
     x_tr, _, y_tr, _ = _digits(flat=True)
     model = train(digits_mlp(), x_tr, y_tr, epochs=10)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.engine.datasets import inspect_dataset, load_dataset, match_inputs, synthetic
-from worker.engine.errors import EngineError
-from worker.engine.formats import TensorSpec
+from engine.errors import EngineError
+from engine.io.datasets import inspect_dataset, load_dataset, match_inputs, synthetic
+from engine.io.formats import TensorSpec
 
 IMAGE = TensorSpec("input", ("batch", 1, 8, 8), "float32")
 
@@ -116,7 +116,7 @@ def test_synthetic_inputs_follow_the_spec_and_the_seed() -> None:
 
 
 def test_holdout_split_is_stratified_seeded_and_disjoint() -> None:
-    from worker.engine.datasets import Samples
+    from engine.io.datasets import Samples
 
     labels = np.repeat(np.arange(4), [10, 20, 30, 40])
     x = np.arange(100, dtype=np.float32)[:, None]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from worker.engine.formats import inspect_model
+from engine.io.formats import inspect_model
 
 
 def test_digits_cnn_files(digits_files: dict[str, Path]) -> None:
@@ -23,7 +23,7 @@ def test_digits_cnn_files(digits_files: dict[str, Path]) -> None:
 def test_digits_mlp_is_accurate_and_deterministic(
     tmp_path: Path, mlp_files: dict[str, Path]
 ) -> None:
-    from worker.engine.examples import write_digits_mlp
+    from engine.examples import write_digits_mlp
 
     again = write_digits_mlp(tmp_path)
     assert again["accuracy"] >= 0.95

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine.errors import EngineError
-from worker.engine.formats import detect_format, inspect_model
+from engine.errors import EngineError
+from engine.io.formats import detect_format, inspect_model
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "upload.bin") -> Path:

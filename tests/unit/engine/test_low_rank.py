@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from worker.engine.config import LowRankConfig, parse_op, plan_pipeline
-from worker.engine.errors import EngineError
-from worker.engine.low_rank import choose_rank
-from worker.engine.pipeline import compress
+from engine.config import LowRankConfig, parse_op, plan_pipeline
+from engine.errors import EngineError
+from engine.ops.low_rank import choose_rank
+from engine.pipeline import compress
 
 
 def test_energy_on_the_mlp_shrinks_params_and_reports_each_layer(

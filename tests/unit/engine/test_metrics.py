@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.engine.metrics import count_macs, quality, static_metrics, weight_metrics
+from engine.onnxgraph.metrics import count_macs, quality, static_metrics, weight_metrics
 
 
 def _mlp(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:

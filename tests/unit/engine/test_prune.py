@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from worker.engine.errors import EngineError
-from worker.engine.pipeline import compress
+from engine.errors import EngineError
+from engine.pipeline import compress
 
 
 def _weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -106,8 +106,8 @@ def test_everything_ignored_is_a_clear_error(digits_files: dict[str, Path], tmp_
 
 
 def test_masks_prune_exactly_the_requested_share_even_with_tied_scores() -> None:
-    from worker.engine.config import PruneConfig
-    from worker.engine.prune import make_masks
+    from engine.config import PruneConfig
+    from engine.ops.prune.onnx_weights import make_masks
 
     scores = {"a": np.zeros((10, 10)), "b": np.r_[np.zeros(50), np.arange(1, 51)].reshape(10, 10)}
     for scope in ("layer", "global"):

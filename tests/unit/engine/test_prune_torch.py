@@ -10,8 +10,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from worker.engine.pipeline import compress
-from worker.engine.prune_torch import _entropy, _ramp
+from engine.ops.prune.torch_model import _entropy, _ramp
+from engine.pipeline import compress
 
 
 def _weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -110,8 +110,8 @@ def test_gradual_unstructured_holds_pruned_weights_at_zero_while_training(
 def test_preflight_names_the_op_and_weight_before_any_compute(tmp_path: Path) -> None:
     from torch import nn
 
-    from worker.engine.errors import EngineError
-    from worker.engine.examples import export_model
+    from engine.errors import EngineError
+    from engine.examples import export_model
 
     class RawMatmul(nn.Module):
         def __init__(self) -> None:
@@ -148,7 +148,7 @@ def test_preflight_names_the_op_and_weight_before_any_compute(tmp_path: Path) ->
 def test_a_dataset_too_small_to_hold_out_is_refused(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from worker.engine.errors import EngineError
+    from engine.errors import EngineError
 
     data = np.load(mlp_files["npz"])
     np.savez(tmp_path / "two.npz", x=data["x"][:2], labels=data["labels"][:2])

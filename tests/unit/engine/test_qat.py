@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.engine.config import PipelineError, parse_op, plan_pipeline
-from worker.engine.lowbit import unpack
-from worker.engine.pipeline import compress
+from engine.config import PipelineError, parse_op, plan_pipeline
+from engine.ops.quantize.lowbit import unpack
+from engine.pipeline import compress
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def outlier_cnn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     per-tensor range is dominated by 4 channels, which is what static int8 PTQ trips on."""
     import torch
 
-    from worker.engine import examples as ex
+    from engine import examples as ex
 
     x_tr, x_te, y_tr, y_te = ex._digits(flat=False)
     torch.manual_seed(0)

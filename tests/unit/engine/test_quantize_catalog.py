@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from worker.engine.config import PipelineError, QuantizeConfig, parse_op, plan_pipeline
-from worker.engine.lowbit import unpack
-from worker.engine.pipeline import compress
-from worker.engine.runtime import make_session
+from engine.config import PipelineError, QuantizeConfig, parse_op, plan_pipeline
+from engine.onnxgraph.runtime import make_session
+from engine.ops.quantize.lowbit import unpack
+from engine.pipeline import compress
 
 
 def _run(model: Path, step: dict[str, Any], data: Path, workdir: Path) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import pytest
 from onnx import numpy_helper
 
 from app.cli import main as cli_main
-from worker.engine import archive
-from worker.engine.pipeline import compress
-from worker.engine.runtime import make_session
+from engine.io import cpz as archive
+from engine.onnxgraph.runtime import make_session
+from engine.pipeline import compress
 
 DEEP_COMPRESSION = [
     {"op": "prune", "granularity": "unstructured", "sparsity": 0.9, "scope": "global"},
@@ -122,7 +122,7 @@ def test_grouped_and_depthwise_convs_round_trip(tmp_path: Path) -> None:
     import torch
     from torch import nn
 
-    from worker.engine.examples import export_model
+    from engine.examples import export_model
 
     torch.manual_seed(0)
     model = nn.Sequential(

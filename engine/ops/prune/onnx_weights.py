@@ -1,7 +1,7 @@
 """`prune` on ONNX weight initializers: unstructured or N:M, by magnitude (L1/L2) or at random.
 
 Everything that needs the torch graph (channels, gradient/entropy criteria, schedules with
-training) runs in worker.engine.structured on the pipeline's .pt2.
+training) runs in engine.torchgraph.lift on the pipeline's .pt2.
 
 Unstructured sparsity leaves a dense file the same size and speed; what it buys is a smaller
 compressed download (size_zstd_bytes) and a start for weight sharing. The job reports that
@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine.config import PruneConfig
-from worker.engine.errors import EngineError
-from worker.engine.registry import StepContext, register
+from engine.config import PruneConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.ops.registry import register
 
 WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 

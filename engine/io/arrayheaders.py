@@ -2,7 +2,7 @@
 
 One rule for the API's upload check and the sandbox's loader: every array's shape, dtype and
 byte size must agree with the bytes the file really holds, before anything is loaded or
-recorded. Only headers are read; zip bounds come from worker/engine/safezip.
+recorded. Only headers are read; zip bounds come from engine/safezip.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from numpy.lib import format as npy_format
 
-from worker.engine.errors import EngineError
-from worker.engine.safezip import ZipLimits, open_zip
+from engine.errors import EngineError
+from engine.io.safezip import ZipLimits, open_zip
 
 DatasetFormat = Literal["npz", "safetensors"]
 NUMERIC_KINDS = "biuf"

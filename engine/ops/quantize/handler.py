@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.config import QuantizeConfig
-from worker.engine.datasets import Samples
-from worker.engine.errors import EngineError
-from worker.engine.export import quiet, sort_nodes, strip_debug_metadata
-from worker.engine.formats import onnx_opset
-from worker.engine.registry import StepContext, register
-from worker.engine.runtime import feeds
+from engine.config import QuantizeConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.io.datasets import Samples
+from engine.io.formats import onnx_opset
+from engine.onnxgraph.convert import quiet, sort_nodes, strip_debug_metadata
+from engine.onnxgraph.runtime import feeds
+from engine.ops.registry import register
 
 if TYPE_CHECKING:
     import onnx
@@ -500,7 +501,7 @@ class Quantizer:
         """quantize_dynamic; if onnxruntime lacks an integer kernel it made, keep MatMul/Gemm."""
         from onnxruntime.quantization import quantize_dynamic
 
-        from worker.engine.runtime import make_session
+        from engine.onnxgraph.runtime import make_session
 
         ops = None if self.dynamic_conv_ok else ["MatMul", "Gemm"]
         with quiet():
@@ -691,10 +692,10 @@ def quantize(config: QuantizeConfig, model: Path, ctx: StepContext) -> Path:
             return _bf16(model, ctx)
         _refuse_quantized(model)
         if config.dtype in ("binary", "ternary"):
-            from worker.engine.lowbit import lowbit
+            from engine.ops.quantize.lowbit import lowbit
 
             return lowbit(config, model, ctx)
-        from worker.engine.quant_search import search
+        from engine.ops.quantize.search import search
 
         per_channel_ok = True
         source = model

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.config import LowRankConfig
-from worker.engine.errors import EngineError
-from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat, weight_layers
-from worker.engine.train import load_lifted
+from engine.config import LowRankConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.ops.registry import register
+from engine.torchgraph.lift import _example_args, _export, _flat, weight_layers
+from engine.torchgraph.train import load_lifted
 
 if TYPE_CHECKING:
     from torch import nn

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.errors import EngineError
-from worker.engine.export import quiet
-from worker.engine.formats import load_exported_program
-from worker.engine.registry import StepContext
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.io.formats import load_exported_program
+from engine.onnxgraph.convert import quiet
 
 if TYPE_CHECKING:
     import torch

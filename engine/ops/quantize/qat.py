@@ -19,12 +19,13 @@ import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.config import QuantizeConfig
-from worker.engine.errors import EngineError
-from worker.engine.export import pt2_to_onnx
-from worker.engine.registry import StepContext, handler_for, register
-from worker.engine.structured import _example_args, _export, weight_layers
-from worker.engine.train import epoch_progress, fit, job_data, load_lifted, recovery_loss
+from engine.config import QuantizeConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.onnxgraph.convert import pt2_to_onnx
+from engine.ops.registry import handler_for, register
+from engine.torchgraph.lift import _example_args, _export, weight_layers
+from engine.torchgraph.train import epoch_progress, fit, job_data, load_lifted, recovery_loss
 
 if TYPE_CHECKING:
     import torch

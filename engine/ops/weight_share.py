@@ -5,7 +5,7 @@ on its nonzero weights; zeros (pruned positions) stay exactly zero. Centroids ar
 float16 (float32 if fp16 cannot hold them) and those rounded values are what the dense ONNX
 holds, so the archive decodes bit-exactly. Biases of the shared layers become `bias_bits`
 linear levels. The step delivers two files: the dense ONNX (runs anywhere; the job measures
-it) and the compact `cpz` archive (worker.engine.archive; docs/archive-format.md).
+it) and the compact `cpz` archive (engine.io.cpz; docs/archive-format.md).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine import archive
-from worker.engine.config import WeightShareConfig
-from worker.engine.errors import EngineError
-from worker.engine.registry import StepContext, register
+from engine.config import WeightShareConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.io import cpz as archive
+from engine.ops.registry import register
 
 WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 BIAS_INPUT = {"Conv": 2, "Gemm": 2}

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.engine.errors import EngineError
+from engine.errors import EngineError
 
 MiB = 1024 * 1024
 

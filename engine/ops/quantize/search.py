@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine import metrics as m
-from worker.engine.config import QuantizeTarget
-from worker.engine.errors import EngineError
-from worker.engine.quantize import Quantizer, Variant
-from worker.engine.runtime import Feed, eval_threads, feeds, make_session, run_all
+from engine.config import QuantizeTarget
+from engine.errors import EngineError
+from engine.onnxgraph import metrics as m
+from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
+from engine.ops.quantize.handler import Quantizer, Variant
 
 EVAL_SAMPLES = 2000  # as the pipeline's evaluation, so target checks match the step metrics
 SENSITIVITY_SAMPLES = 256

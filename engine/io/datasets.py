@@ -9,10 +9,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from worker.engine.arrayheaders import read_headers
-from worker.engine.errors import EngineError
-from worker.engine.formats import TensorSpec
-from worker.engine.safezip import ZipLimits
+from engine.errors import EngineError
+from engine.io.arrayheaders import read_headers
+from engine.io.formats import TensorSpec
+from engine.io.safezip import ZipLimits
 
 LABELS = "labels"
 SINGLE_INPUT_ALIASES = ("inputs", "x")

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.engine.errors import EngineError
-from worker.engine.formats import (
+from engine.errors import EngineError
+from engine.io.formats import (
     ModelFormat,
     load_exported_program,
     load_onnx,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from worker.engine.errors import ACCEPTED_FORMATS, EXPORT_HOWTO, EngineError
-from worker.engine.pt2_ops import check_program
-from worker.engine.safezip import ZipLimits, open_zip, read_member
+from engine.errors import ACCEPTED_FORMATS, EXPORT_HOWTO, EngineError
+from engine.io.pt2_ops import check_program
+from engine.io.safezip import ZipLimits, open_zip, read_member
 
 if TYPE_CHECKING:
     import onnx
@@ -284,7 +284,7 @@ def onnx_float_params(model: onnx.ModelProto) -> int:
 
 def check_onnx_runs(path: str | Path) -> None:
     """Create a CPU onnxruntime session; raises invalid_model when onnxruntime cannot load it."""
-    from worker.engine.runtime import make_session
+    from engine.onnxgraph.runtime import make_session
 
     try:
         make_session(path)

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.config import PruneConfig
-from worker.engine.errors import EngineError
-from worker.engine.prune import make_masks
-from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat, weight_layers
-from worker.engine.train import (
+from engine.config import PruneConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.ops.prune.onnx_weights import make_masks
+from engine.ops.registry import register
+from engine.torchgraph.lift import _example_args, _export, _flat, weight_layers
+from engine.torchgraph.train import (
     Data,
     Loss,
     epoch_progress,

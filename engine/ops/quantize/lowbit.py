@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.config import QuantizeConfig
-from worker.engine.errors import EngineError
-from worker.engine.export import sort_nodes, strip_debug_metadata
-from worker.engine.registry import StepContext
+from engine.config import QuantizeConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.onnxgraph.convert import sort_nodes, strip_debug_metadata
 
 if TYPE_CHECKING:
     import onnx
@@ -210,7 +210,7 @@ def lowbit(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
 
     import onnx
 
-    from worker.engine.quantize import name_nodes
+    from engine.ops.quantize.handler import name_nodes
 
     kind = config.dtype
     model = sort_nodes(strip_debug_metadata(name_nodes(onnx.load(str(model_path)))))

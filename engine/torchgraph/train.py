@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.errors import EngineError
+from engine.errors import EngineError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from worker.engine.registry import StepContext
+    from engine.context import StepContext
 
 EVAL_LIMIT = 2000
 
@@ -239,8 +239,8 @@ def epoch_progress(
 
 def load_lifted(path: Any) -> tuple[torch.fx.GraphModule, list[str]]:
     """A .pt2 as a trainable GraphModule with real layers (see structured.lift_modules)."""
-    from worker.engine.formats import load_exported_program
-    from worker.engine.structured import lift_modules
+    from engine.io.formats import load_exported_program
+    from engine.torchgraph.lift import lift_modules
 
     gm, outputs = lift_modules(load_exported_program(path))
     return gm.eval(), outputs

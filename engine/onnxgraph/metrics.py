@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-    from worker.engine.runtime import Feed
+    from engine.onnxgraph.runtime import Feed
 
 # Inputs of quantization ops that are scales or zero points, not weights.
 QUANT_PARAM_INPUTS: dict[str, tuple[int, ...]] = {
@@ -147,7 +147,7 @@ def count_macs(model: onnx.ModelProto, batch: int | None = None) -> int | None:
     """Multiply-accumulates for one sample (batch 1): Conv/Gemm/MatMul and their integer forms."""
     import onnx
 
-    from worker.engine.export import sort_nodes
+    from engine.onnxgraph.convert import sort_nodes
 
     model = sort_nodes(onnx.ModelProto.FromString(model.SerializeToString()))
     del model.graph.value_info[:]
@@ -302,7 +302,7 @@ def peak_memory(path: Path, feed: Feed, threads: int) -> int | None:
 
 def latency(path: Path, samples: Sequence[Feed], threads: int) -> dict[str, Any]:
     """p50/p95 of one inference (onnxruntime CPU, fixed threads, after warm-up) in ms."""
-    from worker.engine.runtime import make_session
+    from engine.onnxgraph.runtime import make_session
 
     session = make_session(path, threads)
     for i in range(LATENCY_WARMUP):
@@ -334,7 +334,7 @@ def latency_side_by_side(
     cancels the load and clock changes of a shared machine that separate measurements, taken
     minutes apart, would put into the ratio.
     """
-    from worker.engine.runtime import make_session
+    from engine.onnxgraph.runtime import make_session
 
     sessions = [make_session(path, threads) for path in paths]
     for session in sessions:

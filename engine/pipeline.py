@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine import metrics as m
-from worker.engine.config import (
+from engine.config import (
     Backend,
     DistillConfig,
     OpConfig,
@@ -21,10 +20,10 @@ from worker.engine.config import (
     parse_op,
     plan_pipeline,
 )
-from worker.engine.datasets import Samples, load_dataset, match_inputs, synthetic
-from worker.engine.errors import EngineError
-from worker.engine.export import pt2_to_onnx, to_onnx
-from worker.engine.formats import (
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.io.datasets import Samples, load_dataset, match_inputs, synthetic
+from engine.io.formats import (
     ModelFormat,
     TensorSpec,
     check_onnx_runs,
@@ -32,8 +31,9 @@ from worker.engine.formats import (
     load_onnx,
     onnx_io,
 )
-from worker.engine.registry import Handler, StepContext, handler_for
-from worker.engine.runtime import (
+from engine.onnxgraph import metrics as m
+from engine.onnxgraph.convert import pt2_to_onnx, to_onnx
+from engine.onnxgraph.runtime import (
     Feed,
     eval_threads,
     feeds,
@@ -43,6 +43,7 @@ from worker.engine.runtime import (
     run_all,
     session_outputs_finite,
 )
+from engine.ops.registry import Handler, handler_for
 
 EVAL_SAMPLES = 2000
 LATENCY_SAMPLES = 16
@@ -228,7 +229,7 @@ def compress(
     fmt = detect_format(model_path)
     plan, handlers = _validate(configs, fmt, export, evaluation_task, dataset_path is not None)
     if fmt == "pt2" and "torch" in plan:
-        from worker.engine.structured import preflight
+        from engine.torchgraph.lift import preflight
 
         preflight(Path(model_path), any(_reshapes_channels(c) for c in configs))
 

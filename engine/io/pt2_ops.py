@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from worker.engine.errors import EXPORT_HOWTO, EngineError
+from engine.errors import EXPORT_HOWTO, EngineError
 
 # Namespaces whose operators are tensor compute (minus REFUSED_OPS below).
 COMPUTE_NAMESPACES = frozenset({"aten", "prims", "quantized", "quantized_decomposed"})

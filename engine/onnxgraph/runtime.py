@@ -12,8 +12,8 @@ import numpy as np
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-    from worker.engine.datasets import Samples
-    from worker.engine.formats import TensorSpec
+    from engine.io.datasets import Samples
+    from engine.io.formats import TensorSpec
 
 EVAL_BATCH = 64
 

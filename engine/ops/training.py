@@ -6,11 +6,12 @@ import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.config import DistillConfig, FineTuneConfig
-from worker.engine.errors import EngineError
-from worker.engine.registry import StepContext, register
-from worker.engine.structured import _example_args, _export, _flat, weight_layers
-from worker.engine.train import (
+from engine.config import DistillConfig, FineTuneConfig
+from engine.context import StepContext
+from engine.errors import EngineError
+from engine.ops.registry import register
+from engine.torchgraph.lift import _example_args, _export, _flat, weight_layers
+from engine.torchgraph.train import (
     Data,
     Loss,
     epoch_progress,

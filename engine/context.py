@@ -1,0 +1,42 @@
+"""What a handler may use while it runs one step: the StepContext."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.io.datasets import Samples
+from engine.io.formats import TensorSpec
+
+
+@dataclass
+class StepContext:
+    """What a handler may use: its data, the model's inputs, a scratch dir, an output path."""
+
+    index: int
+    workdir: Path
+    output: Path
+    inputs: list[TensorSpec]
+    samples: Samples
+    batch: int | None
+    seed: int = 0
+    report: Callable[[float, str], None] = lambda fraction, message: None
+    warnings: list[str] = field(default_factory=list)
+    # The job's uploaded model (the teacher for distillation when it is a .pt2).
+    source_model: Path | None = None
+    source_format: str | None = None
+    # Other uploaded models the pipeline names (e.g. a distillation student), by model id.
+    models: dict[str, Path] = field(default_factory=dict)
+    # What a handler adds besides its model file:
+    # extra files delivered with the step's model, as (path, format) — e.g. a packed archive;
+    extras: list[tuple[Path, str]] = field(default_factory=list)
+    # extra metrics merged into the step's measured metrics (e.g. archive_size_bytes);
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # an op-specific report stored with the step (GET /v1/jobs/{id} → steps[].details).
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def calibration(self, limit: int) -> Samples:
+        """At most `limit` samples, drawn reproducibly from the job's data."""
+        return self.samples.subset(limit, self.seed)
