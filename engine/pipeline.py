@@ -22,6 +22,7 @@ from engine.config import (
 )
 from engine.context import StepContext
 from engine.errors import EngineError
+from engine.evaluation import EVAL_SAMPLES
 from engine.io.datasets import Samples, load_dataset, match_inputs, synthetic
 from engine.io.formats import (
     ModelFormat,
@@ -45,7 +46,6 @@ from engine.onnxgraph.runtime import (
 )
 from engine.ops.registry import Handler, handler_for
 
-EVAL_SAMPLES = 2000
 LATENCY_SAMPLES = 16
 TASKS = ("classification", "embedding", "generic")
 EXPORTS = ("onnx", "pt2", "torchscript")

@@ -16,11 +16,11 @@ import numpy as np
 
 from engine.config import QuantizeTarget
 from engine.errors import EngineError
+from engine.evaluation import EVAL_SAMPLES
 from engine.onnxgraph import metrics as m
 from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
 from engine.ops.quantize.handler import Quantizer, Variant
 
-EVAL_SAMPLES = 2000  # as the pipeline's evaluation, so target checks match the step metrics
 SENSITIVITY_SAMPLES = 256
 SENSITIVITY_MAX_LAYERS = 40
 LATENCY_FEEDS = 16
