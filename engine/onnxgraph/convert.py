@@ -18,6 +18,7 @@ from engine.io.formats import (
     load_onnx,
     pt2_dim_names,
 )
+from engine.onnxgraph.graph import strip_debug_metadata
 
 if TYPE_CHECKING:
     import onnx
@@ -35,35 +36,6 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def strip_debug_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop per-node debug metadata (exporter stack traces with the exporting machine's paths)."""
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    return model
-
-
-def sort_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Order the graph's nodes topologically (some converters append nodes out of order)."""
-    graph = model.graph
-    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            return model  # a cycle or an outer-scope name: leave the order as it was
-        for node in ready:
-            available.update(node.output)
-        ordered += ready
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-    nodes = [type(n).FromString(n.SerializeToString()) for n in ordered]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return model
 
 
 def _rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> None:

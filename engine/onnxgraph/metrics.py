@@ -147,7 +147,7 @@ def count_macs(model: onnx.ModelProto, batch: int | None = None) -> int | None:
     """Multiply-accumulates for one sample (batch 1): Conv/Gemm/MatMul and their integer forms."""
     import onnx
 
-    from engine.onnxgraph.convert import sort_nodes
+    from engine.onnxgraph.graph import sort_nodes
 
     model = sort_nodes(onnx.ModelProto.FromString(model.SerializeToString()))
     del model.graph.value_info[:]

@@ -11,7 +11,6 @@ step after this one to recover accuracy).
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,10 @@ import numpy as np
 from engine.config import LowRankConfig
 from engine.context import StepContext
 from engine.errors import EngineError
+from engine.onnxgraph.graph import matches
 from engine.ops.registry import register
-from engine.torchgraph.lift import _example_args, _export, _flat, weight_layers
+from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import load_lifted
 
 if TYPE_CHECKING:
@@ -93,9 +94,9 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
             "The model has no conv2d/linear layers with constant weights to factorize.",
             field="pipeline",
         )
-    example = _example_args(ctx)
+    example = example_args(ctx)
     with torch.no_grad():
-        before = _flat(gm(*example))
+        before = flatten(gm(*example))
     report: dict[str, dict[str, Any]] = {}
     replaced = 0
     params_before = sum(_params(m) for m in layers.values())
@@ -106,7 +107,7 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
         if name in output_layers and not config.include_last_layer:
             entry["skipped"] = "output layer (set include_last_layer to factorize it)"
             continue
-        if any(fnmatch.fnmatch(name, pat) for pat in config.ignore):
+        if matches([name], config.ignore):
             entry["skipped"] = "matched 'ignore'"
             continue
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
@@ -156,7 +157,7 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
         )
     gm.recompile()
     with torch.no_grad():
-        after = _flat(gm(*example))
+        after = flatten(gm(*example))
     errors = [
         float((a - b).abs().max())
         for a, b in zip(before, after, strict=True)
@@ -165,14 +166,14 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
     if errors:
         ctx.details["max_abs_output_change"] = round(max(errors), 6)
     ctx.report(0.8, "exporting")
-    try:
-        _export(gm, example, ctx)
-    except EngineError as exc:
-        raise EngineError(
-            "low_rank_failed",
-            exc.detail.replace("pruned model", "factorized model"),
-            field="pipeline",
-        ) from exc
+    save_program(
+        gm,
+        example,
+        ctx.output,
+        batch=ctx.batch,
+        error_code="low_rank_failed",
+        what="factorized model",
+    )
     if replaced:
         ctx.warnings.append(
             f"Factorized {replaced} layer(s) by truncated SVD: conv/linear parameters "

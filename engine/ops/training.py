@@ -10,13 +10,14 @@ from engine.config import DistillConfig, FineTuneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.ops.registry import register
-from engine.torchgraph.lift import _example_args, _export, _flat, weight_layers
+from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
     Loss,
     epoch_progress,
     evaluate,
-    first,
+    first_output,
     fit,
     frozen,
     job_data,
@@ -46,7 +47,14 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
     )
     ctx.details.update({"before": before, "epochs": history.epochs})
-    return _export(gm, _example_args(ctx), ctx)
+    return save_program(
+        gm,
+        example_args(ctx),
+        ctx.output,
+        batch=ctx.batch,
+        error_code="training_failed",
+        what="fine-tuned model",
+    )
 
 
 def _fresh_width_student(
@@ -58,7 +66,7 @@ def _fresh_width_student(
     import torch_pruning as tp
 
     gm, outputs = load_lifted(teacher_path)
-    example = _example_args(ctx)
+    example = example_args(ctx)
     if width < 1:
         layers = weight_layers(gm)
         pruner = tp.pruner.MagnitudePruner(
@@ -153,7 +161,7 @@ class _Features:
 
     def _hook(self, module: nn.Module, key: str) -> None:
         def save(_m: Any, _args: Any, output: Any) -> None:
-            self.captured[key] = first(output)
+            self.captured[key] = first_output(output)
 
         self.hooks.append(module.register_forward_hook(save))
 
@@ -181,11 +189,11 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     teacher_gm = teacher_module(ctx)
     teacher = frozen(teacher_gm)
     student = _student(config, model_path, ctx)
-    example = _example_args(ctx)
+    example = example_args(ctx)
     with torch.no_grad():
         t_out, s_out = teacher(*example), student(*example)
-    t_shapes = [list(t.shape) for t in _flat(t_out)]
-    s_shapes = [list(getattr(s, "shape", [])) for s in _flat(s_out)]
+    t_shapes = [list(t.shape) for t in flatten(t_out)]
+    s_shapes = [list(getattr(s, "shape", [])) for s in flatten(s_out)]
     if t_shapes != s_shapes:
         raise EngineError(
             "invalid_pipeline",
@@ -244,4 +252,11 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
         ctx.warnings.append(
             "The dataset has no labels: distilled on the teacher's soft targets only (alpha = 1)."
         )
-    return _export(student, example, ctx)
+    return save_program(
+        student,
+        example,
+        ctx.output,
+        batch=ctx.batch,
+        error_code="training_failed",
+        what="distilled model",
+    )

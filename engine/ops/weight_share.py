@@ -10,7 +10,6 @@ it) and the compact `cpz` archive (engine.io.cpz; docs/archive-format.md).
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,9 @@ from engine.config import WeightShareConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.io import cpz as archive
+from engine.onnxgraph.graph import bias_of, matches, weight_layers
 from engine.ops.registry import register
 
-WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
-BIAS_INPUT = {"Conv": 2, "Gemm": 2}
 FP16_MAX = 65504.0
 
 
@@ -95,24 +93,21 @@ def _targets(model: Any, config: WeightShareConfig) -> tuple[list[tuple[int, str
     """(initializer index, node name) of every weight to share, and indices of their biases."""
     from onnx import TensorProto
 
-    position = {init.name: i for i, init in enumerate(model.graph.initializer)}
+    inits = model.graph.initializer
+    position = {init.name: i for i, init in enumerate(inits)}
     weights: dict[int, str] = {}
     biases: list[int] = []
-    for node in model.graph.node:
-        slot = WEIGHT_INPUT.get(node.op_type)
-        if slot is None or len(node.input) <= slot or node.input[slot] not in position:
+    for layer in weight_layers(model):
+        i = position[layer.weight]
+        if inits[i].data_type != TensorProto.FLOAT:
             continue
-        i = position[node.input[slot]]
-        init = model.graph.initializer[i]
-        if len(init.dims) < 2 or init.data_type != TensorProto.FLOAT:
+        if matches((layer.weight, layer.name), config.ignore):
             continue
-        if any(fnmatch.fnmatch(n, p) for p in config.ignore for n in (init.name, node.name)):
-            continue
-        weights.setdefault(i, node.name)
-        b = BIAS_INPUT.get(node.op_type)
-        if b is not None and len(node.input) > b and node.input[b] in position:
-            j = position[node.input[b]]
-            if model.graph.initializer[j].data_type == TensorProto.FLOAT and j not in biases:
+        weights.setdefault(i, layer.name)
+        bias = bias_of(layer.node)
+        if bias is not None and bias in position:
+            j = position[bias]
+            if inits[j].data_type == TensorProto.FLOAT and j not in biases:
                 biases.append(j)
     biases = [j for j in biases if j not in weights]
     return sorted(weights.items()), biases

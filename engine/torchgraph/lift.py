@@ -1,9 +1,9 @@
-"""A torch.export .pt2 as a model torch ops can train and reshape, and back to a .pt2.
+"""A torch.export .pt2 lifted to a model torch ops can train and reshape (real layers).
 
 The exported graph calls functional aten ops (aten.conv2d, aten.linear, aten.batch_norm) on
 get_attr weights, which Torch-Pruning's dependency graph and optimisers cannot see as layers;
 lift_modules turns them back into nn.Conv2d / nn.Linear / nn.BatchNorm2d modules on an fx
-GraphModule (at their original names), and _export re-exports the result with torch.export.
+GraphModule (at their original names); engine.torchgraph.program saves the result as a .pt2.
 """
 
 from __future__ import annotations
@@ -11,18 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from engine.context import StepContext
 from engine.errors import EngineError
 from engine.io.formats import load_exported_program
-from engine.onnxgraph.convert import quiet
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-EXAMPLE_BATCH = 4
 
 
 def _attr(gm: torch.fx.GraphModule, node: Any) -> Any:
@@ -280,47 +274,6 @@ def _output_layers(gm: torch.fx.GraphModule, lifted: dict[str, nn.Module]) -> li
             continue
         stack.extend(node.all_input_nodes)
     return found
-
-
-def _example_args(ctx: StepContext) -> tuple[torch.Tensor, ...]:
-    import torch
-
-    size = ctx.batch or EXAMPLE_BATCH
-    arrays = []
-    for spec in ctx.inputs:
-        data = ctx.samples.inputs[spec.name]
-        if len(data) < size:
-            data = np.concatenate([data] * (size // len(data) + 1))
-        arrays.append(torch.from_numpy(np.ascontiguousarray(data[:size])))
-    return tuple(arrays)
-
-
-def _flat(value: Any) -> list[Any]:
-    if isinstance(value, (tuple, list)):
-        return [v for item in value for v in _flat(item)]
-    return [value]
-
-
-def _export(gm: torch.fx.GraphModule, example: tuple[Any, ...], ctx: StepContext) -> Path:
-    import torch
-
-    dynamic: Any = None
-    if ctx.batch is None:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        dynamic = tuple({0: batch} for _ in example)
-    out = ctx.output
-    try:
-        with quiet():
-            program = torch.export.export(gm, example, dynamic_shapes=dynamic)
-            torch.export.save(program, str(out))
-    except Exception as exc:
-        raise EngineError(
-            "prune_failed",
-            f"The pruned model could not be re-exported with torch.export ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}).",
-            field="pipeline",
-        ) from exc
-    return out
 
 
 def _layer_of(node: Any) -> str:

@@ -84,7 +84,7 @@ def job_data(ctx: StepContext, limit: int | None = None) -> Data:
     return Data(xs, labels, ctx.batch)
 
 
-def first(outputs: Any) -> torch.Tensor:
+def first_output(outputs: Any) -> torch.Tensor:
     """The model's first output (exported graphs may return a tuple)."""
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
@@ -132,13 +132,13 @@ def evaluate(
             if total >= EVAL_LIMIT:
                 break
             xs = [x[idx] for x in data.inputs]
-            out = first(model(*xs))
+            out = first_output(model(*xs))
             if not is_logits(out):
                 return {}
             if data.labels is not None:
                 correct += int((out.argmax(1) == data.labels[idx]).sum())
             if teacher is not None:
-                agree += int((out.argmax(1) == first(teacher(*xs)).argmax(1)).sum())
+                agree += int((out.argmax(1) == first_output(teacher(*xs)).argmax(1)).sum())
             total += len(idx)
     row = {}
     if total and data.labels is not None:
@@ -189,10 +189,10 @@ def fit(
                 target = None
                 if loss.teacher is not None:
                     with torch.no_grad():
-                        target = first(loss.teacher(*xs)).detach()
+                        target = first_output(loss.teacher(*xs)).detach()
                 labels = data.labels[idx] if data.labels is not None else None
                 opt.zero_grad()
-                value = loss_value(first(model(*xs)), loss, labels, target)
+                value = loss_value(first_output(model(*xs)), loss, labels, target)
                 if extra_loss is not None:
                     value = value + extra_loss()
                 if not torch.isfinite(value):
@@ -238,7 +238,7 @@ def epoch_progress(
 
 
 def load_lifted(path: Any) -> tuple[torch.fx.GraphModule, list[str]]:
-    """A .pt2 as a trainable GraphModule with real layers (see structured.lift_modules)."""
+    """A .pt2 as a trainable GraphModule with real layers (lift.lift_modules)."""
     from engine.io.formats import load_exported_program
     from engine.torchgraph.lift import lift_modules
 

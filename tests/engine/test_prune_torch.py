@@ -10,7 +10,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from engine.ops.prune.torch_model import _entropy, _ramp
+from engine.ops.prune.scores import entropy_bits
+from engine.ops.prune.torch_model import _ramp
 from engine.pipeline import compress
 
 
@@ -35,7 +36,7 @@ def test_entropy_is_zero_for_a_constant_channel_and_grows_with_spread() -> None:
         ],
         dim=1,
     )
-    h = _entropy(values)
+    h = entropy_bits(values)
     assert h[0] == 0.0 and h[1] == 0.0
     assert 1.0 < h[2] < h[3] <= 5.0  # 32 bins: at most 5 bits
 

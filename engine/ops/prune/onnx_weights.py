@@ -1,7 +1,7 @@
 """`prune` on ONNX weight initializers: unstructured or N:M, by magnitude (L1/L2) or at random.
 
 Everything that needs the torch graph (channels, gradient/entropy criteria, schedules with
-training) runs in engine.torchgraph.lift on the pipeline's .pt2.
+training) runs on the pipeline's .pt2 (engine.ops.prune.torch_model).
 
 Unstructured sparsity leaves a dense file the same size and speed; what it buys is a smaller
 compressed download (size_zstd_bytes) and a start for weight sharing. The job reports that
@@ -10,7 +10,6 @@ honestly instead of claiming a speedup.
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +18,14 @@ import numpy as np
 from engine.config import PruneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
+from engine.onnxgraph.graph import matches, weight_layers
 from engine.ops.registry import register
-
-WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 
 
 def _prunable(model: Any, config: PruneConfig) -> list[tuple[Any, Any, int]]:
     """(initializer, consuming node, reduction axis) for every weight the op may prune."""
     inits = {init.name: init for init in model.graph.initializer}
-    found = []
-    for node in model.graph.node:
-        slot = WEIGHT_INPUT.get(node.op_type)
-        if slot is None or len(node.input) <= slot or node.input[slot] not in inits:
-            continue
-        init = inits[node.input[slot]]
-        if len(init.dims) < 2:
-            continue
-        if node.op_type == "Conv":
-            axis = 1  # [out, in/groups, kh, kw]: groups run over in·kh·kw of each output
-        elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axis = 1 if trans_b else 0
-        else:
-            axis = len(init.dims) - 2  # MatMul B is [..., K, N]: reduce over K
-        found.append((init, node, axis))
+    found = [(inits[x.weight], x.node, x.in_axis) for x in weight_layers(model)]
     if not found:
         raise EngineError(
             "nothing_to_prune",
@@ -52,8 +35,7 @@ def _prunable(model: Any, config: PruneConfig) -> list[tuple[Any, Any, int]]:
     last_weight = found[-1][0].name
     kept = []
     for init, node, axis in found:
-        names = (init.name, node.name)
-        if any(fnmatch.fnmatch(n, pat) for pat in config.ignore for n in names):
+        if matches((init.name, node.name), config.ignore):
             continue
         if init.name == last_weight and not config.include_last_layer:
             continue  # the classifier keeps every weight unless asked otherwise

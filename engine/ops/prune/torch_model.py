@@ -1,11 +1,11 @@
 """`prune` on the pipeline's torch model: every criterion, granularity and schedule.
 
-The .pt2 is lifted to real Conv/Linear/BatchNorm modules (structured.lift_modules), scored,
+The .pt2 is lifted to real Conv/Linear/BatchNorm modules (lift.lift_modules), scored,
 pruned — zero masks for `unstructured` / `n:m`, real channel removal with Torch-Pruning's
 dependency graph for `channels` — optionally trained between rounds and at the end, and
 re-exported as a .pt2.
 
-Criteria (scores: higher = keep):
+Criteria (scores: higher = keep; computed in engine.ops.prune.scores):
 - magnitude: |w| (l1) or w² (l2); for channels, Torch-Pruning's group L1/L2 norm.
 - random: uniform scores from the job's seed (the baseline the others must beat).
 - gradient: first-order Taylor, Σ_batches |w ⊙ ∂L/∂w| over `samples` samples of the dataset;
@@ -27,7 +27,6 @@ at zero. `fine_tune_epochs` trains once more at the end.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,31 +34,26 @@ from typing import TYPE_CHECKING, Any
 from engine.config import PruneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
+from engine.onnxgraph.graph import matches
 from engine.ops.prune.onnx_weights import make_masks
+from engine.ops.prune.scores import channel_importance, weight_scores
 from engine.ops.registry import register
-from engine.torchgraph.lift import _example_args, _export, _flat, weight_layers
+from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
     Loss,
     epoch_progress,
-    first,
     fit,
-    is_logits,
     job_data,
     load_lifted,
     recovery_loss,
-    teacher_model,
 )
 
 if TYPE_CHECKING:
-    from typing import TypeAlias
-
     import torch
-    from torch import nn
 
-    Layer: TypeAlias = nn.Conv2d | nn.Linear
-
-ENTROPY_BINS = 32
+    from engine.ops.prune.scores import Layer
 
 
 # ----------------------------------------------------------------------------- layers
@@ -81,7 +75,7 @@ def _targets(gm: torch.fx.GraphModule, outputs: list[str], config: PruneConfig) 
     for name, mod in layers.items():
         if keep_outputs and name in outputs:
             continue
-        if any(fnmatch.fnmatch(name, pat) for pat in config.ignore):
+        if matches([name], config.ignore):
             continue
         targets[name] = mod
     if not targets:
@@ -92,218 +86,6 @@ def _targets(gm: torch.fx.GraphModule, outputs: list[str], config: PruneConfig) 
             field="pipeline",
         )
     return targets
-
-
-# ----------------------------------------------------------------------------- scores
-
-
-def _gradient_scores(
-    gm: torch.fx.GraphModule,
-    layers: dict[str, Layer],
-    data: Data,
-    ctx: StepContext,
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    """Σ over batches of |w ⊙ ∂L/∂w| per weight (Molchanov et al.'s first-order Taylor)."""
-    import torch
-    import torch.nn.functional as F
-
-    labels = data.labels
-    if labels is None:
-        teacher = teacher_model(ctx)
-        labels = torch.cat(
-            [
-                first(teacher(*(x[idx] for x in data.inputs))).argmax(1)
-                for idx in data.batches(batch_size, None)
-            ]
-        )
-    scores = {name: torch.zeros_like(mod.weight) for name, mod in layers.items()}
-    gm.eval()  # BatchNorm in inference mode: score the model as it will run
-    for idx in data.batches(batch_size, None):
-        gm.zero_grad()
-        out = first(gm(*(x[idx] for x in data.inputs)))
-        if not is_logits(out):
-            raise EngineError(
-                "unsupported_op",
-                "The gradient criterion needs a classifier output [batch, classes] (it scores "
-                "weights by the classification loss); use magnitude or entropy.",
-                field="pipeline",
-            )
-        F.cross_entropy(out, labels[idx], reduction="sum").backward()
-        with torch.no_grad():
-            for name, mod in layers.items():
-                if mod.weight.grad is not None:
-                    scores[name] += (mod.weight * mod.weight.grad).abs()
-    gm.zero_grad()
-    return scores
-
-
-def _entropy(values: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of each column of [N, C] values, quantized with one 32-bin grid spanning
-    the whole layer's range, so a channel with small activations carries little information."""
-    import torch
-
-    out = torch.zeros(values.shape[1])
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        return out  # a constant layer carries no information
-    for c in range(values.shape[1]):
-        counts = torch.histc(values[:, c], bins=ENTROPY_BINS, min=lo, max=hi)
-        p = counts[counts > 0] / counts.sum()
-        out[c] = float(-(p * p.log2()).sum())
-    return out
-
-
-def _pooled(t: torch.Tensor) -> torch.Tensor:
-    """[N, C, ...] conv activations or [N, ..., C] linear ones → [N, C] per-sample means."""
-    if t.dim() == 2:
-        return t
-    return t.mean(dim=tuple(range(2, t.dim())))
-
-
-def _activation_entropy(
-    gm: torch.fx.GraphModule,
-    layers: dict[str, Layer],
-    data: Data,
-    side: str,
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    """Per-channel entropy of each layer's output (side "out") or input (side "in")."""
-    import torch
-    from torch import nn
-
-    pooled: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    hooks = []
-    for name, mod in layers.items():
-
-        def hook(module: Any, args: Any, output: Any, name: str = name) -> None:
-            t = output if side == "out" else args[0]
-            if isinstance(module, nn.Linear) and t.dim() > 2:  # [N, ..., C] → [N, C]
-                t = t.mean(dim=tuple(range(1, t.dim() - 1)))
-            pooled[name].append(_pooled(t.detach()))
-
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        gm.eval()
-        with torch.no_grad():
-            for idx in data.batches(batch_size, None):
-                gm(*(x[idx] for x in data.inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: _entropy(torch.cat(parts)) for name, parts in pooled.items()}
-
-
-def _input_channel_index(mod: Layer) -> torch.Tensor:
-    """For every [out, in/groups] weight position, the input channel it reads."""
-    import torch
-    from torch import nn
-
-    w = mod.weight
-    out_ch, in_per_group = w.shape[0], w.shape[1]
-    groups = mod.groups if isinstance(mod, nn.Conv2d) else 1
-    group_of_out = torch.arange(out_ch) // (out_ch // groups)
-    return group_of_out[:, None] * in_per_group + torch.arange(in_per_group)[None, :]
-
-
-def weight_scores(
-    gm: torch.fx.GraphModule,
-    layers: dict[str, Layer],
-    config: PruneConfig,
-    ctx: StepContext,
-    data: Data,
-    round_: int,
-) -> dict[str, torch.Tensor]:
-    """Per-weight importance of each layer (same shape as its weight); higher = keep."""
-    import torch
-
-    if config.criterion == "magnitude":
-        return {
-            n: (m.weight.detach().abs() if config.norm == "l1" else m.weight.detach() ** 2)
-            for n, m in layers.items()
-        }
-    if config.criterion == "random":
-        gen = torch.Generator().manual_seed(ctx.seed * 1000 + round_)
-        return {n: torch.rand(m.weight.shape, generator=gen) for n, m in layers.items()}
-    if config.criterion == "gradient":
-        return _gradient_scores(gm, layers, data, ctx, config.batch_size)
-    entropy = _activation_entropy(gm, layers, data, "in", config.batch_size)
-    scores = {}
-    for name, mod in layers.items():
-        w = mod.weight.detach()
-        h = entropy[name][_input_channel_index(mod)]
-        scores[name] = w.abs() * h.reshape(*h.shape, *([1] * (w.dim() - 2)))
-    return scores
-
-
-class _ChannelScores:
-    """A Torch-Pruning importance from precomputed per-channel scores.
-
-    `out_scores` score a Conv/Linear layer's output channels (gradient); `in_scores` score the
-    input channels of the layers that consume a channel (entropy: the activation a channel
-    actually passes on, after its BatchNorm and nonlinearity). A group's channel importance is
-    the mean over the scored layers it touches, divided by the group's mean (Torch-Pruning's
-    default normalisation), so global pruning compares channels across layers on one scale.
-    """
-
-    def __init__(
-        self,
-        out_scores: dict[Layer, torch.Tensor] | None = None,
-        in_scores: dict[Layer, torch.Tensor] | None = None,
-    ) -> None:
-        self.out_scores = out_scores or {}
-        self.in_scores = in_scores or {}
-
-    def __call__(self, group: Any) -> torch.Tensor | None:
-        import torch
-        import torch_pruning as tp
-
-        outs = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
-        ins = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
-        total: torch.Tensor | None = None
-        hits: torch.Tensor | None = None
-        for i, (dep, idxs) in enumerate(group):
-            layer = dep.target.module
-            if dep.handler in outs and layer in self.out_scores:
-                values = self.out_scores[layer][list(idxs)]
-            elif dep.handler in ins and layer in self.in_scores:
-                values = self.in_scores[layer][list(idxs)]
-            else:
-                continue
-            root = torch.tensor(group[i].root_idxs)
-            if total is None or hits is None:
-                size = len(group[0].root_idxs)
-                total, hits = torch.zeros(size), torch.zeros(size)
-            total.scatter_add_(0, root, values.float())
-            hits.scatter_add_(0, root, torch.ones(len(root)))
-        if total is None or hits is None:
-            return None
-        total = total / hits.clamp(min=1)
-        return total / (total.mean() + 1e-12)
-
-
-def _channel_importance(
-    gm: torch.fx.GraphModule,
-    layers: dict[str, Layer],
-    config: PruneConfig,
-    ctx: StepContext,
-    data: Data,
-) -> Any:
-    import torch_pruning as tp
-
-    if config.criterion == "random":
-        return tp.importance.RandomImportance()
-    if config.criterion == "magnitude":
-        return tp.importance.MagnitudeImportance(p=1 if config.norm == "l1" else 2)
-    # Every conv/linear is scored: Torch-Pruning couples layers (e.g. a residual add), and a
-    # coupled layer's scores count for the group even if it is not itself a target.
-    if config.criterion == "gradient":
-        per_weight = _gradient_scores(gm, layers, data, ctx, config.batch_size)
-        return _ChannelScores(
-            out_scores={layers[n]: s.flatten(1).sum(1) for n, s in per_weight.items()}
-        )
-    entropy = _activation_entropy(gm, layers, data, "in", config.batch_size)
-    return _ChannelScores(in_scores={layers[n]: h for n, h in entropy.items()})
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -366,7 +148,7 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
     import torch
 
     gm, outputs = load_lifted(model_path)
-    example = _example_args(ctx)
+    example = example_args(ctx)
     with torch.no_grad():
         before = gm(*example)
     needs_data = config.criterion in ("gradient", "entropy") or config.trains()
@@ -401,12 +183,14 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
         ctx.warnings.append(f"Trained with {how}.")
     with torch.no_grad():
         after = gm(*example)
-    shapes = [getattr(t, "shape", None) for t in _flat(before)]
-    if shapes != [getattr(t, "shape", None) for t in _flat(after)]:
+    shapes = [getattr(t, "shape", None) for t in flatten(before)]
+    if shapes != [getattr(t, "shape", None) for t in flatten(after)]:
         raise EngineError("prune_failed", "Pruning changed the model's output shapes.")
     ctx.details.update(run.details)
     ctx.report(0.9, "exporting")
-    return _export(gm, example, ctx)
+    return save_program(
+        gm, example, ctx.output, batch=ctx.batch, error_code="prune_failed", what="pruned model"
+    )
 
 
 def _prune_weights(run: _Run) -> None:
@@ -502,7 +286,7 @@ def _prune_channels(run: _Run) -> None:
         )
         for r in range(run.rounds):
             lo = 0.05 + span * r
-            pruner.importance = _channel_importance(gm, all_layers, config, ctx, run.score_data)  # type: ignore[arg-type]
+            pruner.importance = channel_importance(gm, all_layers, config, ctx, run.score_data)  # type: ignore[arg-type]
             pruner.step()
             gm.eval()
             macs, params = tp.utils.count_ops_and_params(gm, example)

@@ -34,14 +34,20 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from engine.config import QuantizeConfig
 from engine.context import StepContext
 from engine.errors import EngineError
-from engine.onnxgraph.convert import sort_nodes, strip_debug_metadata
+from engine.onnxgraph.graph import (
+    matches,
+    name_nodes,
+    sort_nodes,
+    strip_debug_metadata,
+    weight_layers,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -50,6 +56,14 @@ MAGIC = b"CBIN"
 VERSION = 2  # 2: ternary in base 3 (five weights per byte); 1: two bits per weight
 TWN_DELTA = 0.7
 FORMAT = "cbin"
+
+T = TypeVar("T")
+
+
+def ternary_threshold(mean_abs: T) -> T:
+    """TWN's Δ per output channel from its mean |w| (numpy or torch): weights with |w| ≤ Δ
+    become 0, the rest ±α. The one rule lowbit's packer and QAT's training share."""
+    return TWN_DELTA * mean_abs  # type: ignore[operator,return-value]
 
 
 def binarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +78,7 @@ def ternarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """TWN: codes in {−1, 0, +1} (int8) and α per output channel (float16)."""
     moved = np.moveaxis(w.astype(np.float32), axis, 0).reshape(w.shape[axis], -1)
     absw = np.abs(moved)
-    delta = TWN_DELTA * absw.mean(1, keepdims=True)
+    delta = ternary_threshold(absw.mean(1, keepdims=True))
     mask = absw > delta
     counts = mask.sum(1)
     alpha = np.where(counts > 0, (absw * mask).sum(1) / np.maximum(counts, 1), 0.0)
@@ -108,14 +122,6 @@ def unpack_codes(data: bytes, kind: str, shape: list[int], version: int = 2) -> 
     else:
         digits = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], 1).reshape(-1)[:n]
     return np.where(digits == 1, 1, np.where(digits == 2, -1, 0)).astype(np.int8).reshape(shape)
-
-
-def _axis(node: onnx.NodeProto, ndim: int) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
-    return ndim - 1
 
 
 def write_packed(
@@ -203,26 +209,14 @@ def unpack(packed: Path, out: Path) -> Path:
     return out
 
 
-def lowbit(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
+def quantize_lowbit(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
     """Binary/ternary weights: the dequantized ONNX as the step's model, the packed file as an
     extra (format "cbin")."""
-    import fnmatch
-
     import onnx
-
-    from engine.ops.quantize.handler import name_nodes
 
     kind = config.dtype
     model = sort_nodes(strip_debug_metadata(name_nodes(onnx.load(str(model_path)))))
-    inits = {t.name: t for t in model.graph.initializer}
-    layers = [
-        n
-        for n in model.graph.node
-        if n.op_type in ("Conv", "Gemm", "MatMul")
-        and len(n.input) > 1
-        and n.input[1] in inits
-        and len(inits[n.input[1]].dims) >= 2
-    ]
+    layers = weight_layers(model)
     if not layers:
         raise EngineError(
             "quantization_failed",
@@ -231,24 +225,18 @@ def lowbit(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
         )
     keep: dict[str, str] = {}
     if config.keep_first_last:
-        first_conv = next((n for n in layers if n.op_type == "Conv"), None)
+        first_conv = next((x for x in layers if x.node.op_type == "Conv"), None)
         if first_conv is not None:
             keep[first_conv.name] = "first conv"
         last = layers[-1]
-        if last.op_type in ("Gemm", "MatMul"):
+        if last.node.op_type in ("Gemm", "MatMul"):
             keep[last.name] = "last classifier layer"
-    for node in layers:
-        names = (node.name, node.input[1])
-        if any(fnmatch.fnmatchcase(n, p) for n in names for p in config.exclude):
-            keep.setdefault(node.name, "exclude")
-    shared = {}  # a weight used by a kept layer stays float everywhere
-    for node in layers:
-        if node.name in keep:
-            shared[node.input[1]] = True
+    for layer in layers:
+        if matches((layer.name, layer.weight), config.exclude):
+            keep.setdefault(layer.name, "exclude")
+    shared = {x.weight for x in layers if x.name in keep}  # kept by one layer: float everywhere
     weights = {
-        n.input[1]: _axis(n, len(inits[n.input[1]].dims))
-        for n in layers
-        if n.name not in keep and n.input[1] not in shared
+        x.weight: x.out_axis for x in layers if x.name not in keep and x.weight not in shared
     }
     if not weights:
         raise EngineError(
@@ -271,7 +259,7 @@ def lowbit(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
             "kind": kind,
             "packed_format": f"{FORMAT} v{VERSION}",
             "bits_per_weight": header["bits"],
-            "quantized_layers": [n.name for n in layers if n.input[1] in weights],
+            "quantized_layers": [x.name for x in layers if x.weight in weights],
             "quantized_weights": quantized,
             "kept_float": [{"layer": k, "why": v} for k, v in keep.items()],
         }

@@ -3,19 +3,18 @@
 Each Conv/Linear weight is replaced, through a torch parametrization, by its quantized value
 with a straight-through estimator (the forward sees quantized weights, the gradient updates the
 float ones): int8/uint8 symmetric per output channel; TWN ternary α·{−1, 0, +1} with
-Δ = 0.7·mean|w|; XNOR binary α·{−1, +1} (α per output channel, rounded to float16 as the packed
-format stores it). For int8/uint8 the inputs of those layers also pass torch.ao's FakeQuantize
-(moving-average min/max), as static QDQ will quantize them. The model trains with the job's
-recovery loss (labels → cross-entropy, none → distillation from the original), the weights are
-baked onto their grid, and the result goes through the ONNX quantizer of the same dtype — static
-QDQ for int8 (it reproduces the trained grid: max|w| is unchanged) or the binary/ternary packer —
-so a QAT artifact is an ordinary QDQ (or packed) ONNX.
+Δ = lowbit.ternary_threshold (0.7·mean|w|); XNOR binary α·{−1, +1} (α per output channel,
+rounded to float16 as the packed format stores it). For int8/uint8 the inputs of those layers
+also pass torch.ao's FakeQuantize (moving-average min/max), as static QDQ will quantize them.
+The model trains with the job's recovery loss (labels → cross-entropy, none → distillation from
+the original), the weights are baked onto their grid, and the result goes through the ONNX
+quantizer of the same dtype — static QDQ for int8 (it reproduces the trained grid: max|w| is
+unchanged) or the binary/ternary packer — so a QAT artifact is an ordinary QDQ (or packed) ONNX.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,15 +22,16 @@ from engine.config import QuantizeConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.onnxgraph.convert import pt2_to_onnx
+from engine.onnxgraph.graph import matches
+from engine.ops.quantize.lowbit import ternary_threshold
 from engine.ops.registry import handler_for, register
-from engine.torchgraph.lift import _example_args, _export, weight_layers
+from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.program import example_args, save_program
 from engine.torchgraph.train import epoch_progress, fit, job_data, load_lifted, recovery_loss
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-TWN_DELTA = 0.7
 
 
 def _per_channel(w: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def quantized_weight(w: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "binary":
         alpha = absw.mean(1).half().float().reshape(shape)
         return alpha * torch.where(w >= 0, 1.0, -1.0)
-    delta = (TWN_DELTA * absw.mean(1)).reshape(shape)
+    delta = ternary_threshold(absw.mean(1)).reshape(shape)
     mask = (w.abs() > delta).to(w.dtype)
     kept = mask.reshape(w.shape[0], -1)
     alpha = (absw * kept).sum(1) / kept.sum(1).clamp(min=1)
@@ -75,7 +75,7 @@ def _targets(gm: Any, outputs: list[str], config: QuantizeConfig) -> dict[str, A
         convs = [n for n, m in layers.items() if type(m).__name__ == "Conv2d"]
         keep.update(convs[:1])
         keep.update(n for n in outputs if type(layers.get(n)).__name__ == "Linear")
-    keep.update(n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in config.exclude))
+    keep.update(n for n in layers if matches([n], config.exclude))
     return {n: m for n, m in layers.items() if n not in keep}
 
 
@@ -151,8 +151,13 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
     )
     ctx.warnings.append(f"Quantization-aware training: {epochs} epoch(s) with {how}.")
     ctx.report(0.7, "exporting the trained model")
-    trained = _export(
-        gm, _example_args(ctx), dataclasses.replace(ctx, output=ctx.workdir / "qat.pt2")
+    trained = save_program(
+        gm,
+        example_args(ctx),
+        ctx.workdir / "qat.pt2",
+        batch=ctx.batch,
+        error_code="quantization_failed",
+        what="quantization-aware trained model",
     )
     onnx_path = pt2_to_onnx(trained, ctx.workdir / "qat.onnx")
     # Same dtype through the ONNX quantizer: static QDQ for int8, the packer for binary/ternary.

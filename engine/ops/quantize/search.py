@@ -19,7 +19,7 @@ from engine.errors import EngineError
 from engine.evaluation import EVAL_SAMPLES
 from engine.onnxgraph import metrics as m
 from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
-from engine.ops.quantize.handler import Quantizer, Variant
+from engine.ops.quantize.integer import Quantizer, Variant
 
 SENSITIVITY_SAMPLES = 256
 SENSITIVITY_MAX_LAYERS = 40
@@ -141,7 +141,7 @@ class Candidate:
     size_bytes: int = 0
 
 
-def fit(
+def build_to_target(
     q: Quantizer,
     variant: Variant,
     ev: Evaluator,
@@ -220,7 +220,7 @@ def search(q: Quantizer, float_model: Path) -> Path:
     tried: list[Candidate] = []
     for i, variant in enumerate(variants):
         try:
-            cand = fit(q, variant, ev, target, order, i)
+            cand = build_to_target(q, variant, ev, target, order, i)
         except Exception as exc:
             if len(variants) == 1:
                 raise

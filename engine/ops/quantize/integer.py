@@ -1,0 +1,379 @@
+"""Integer `quantize` on ONNX: int8/uint8 static (QDQ or QOperator, streamed calibration) or
+dynamic, and weight-only int8/int4 (engine.ops.quantize.weight_only).
+
+`prepare_quantizer` readies the float model once (opset for per-channel, onnxruntime's
+pre-processing, named nodes); a `Quantizer` then builds one file per `Variant`, calibrating at
+most once. Which variants are built and kept is engine.ops.quantize.search's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.config import QuantizeConfig
+from engine.context import StepContext
+from engine.io.datasets import Samples
+from engine.io.formats import onnx_opset
+from engine.onnxgraph.convert import quiet
+from engine.onnxgraph.graph import WEIGHT_OPS, matches, name_nodes, weight_layers
+from engine.onnxgraph.runtime import feeds
+from engine.ops.quantize.memory import PeakRss
+from engine.ops.quantize.weight_only import int4_blockwise, weight_only_int8
+
+if TYPE_CHECKING:
+    import onnx
+
+CALIBRATION_BATCH = 32
+CALIBRATION_CHUNK = 4  # batches per histogram update (entropy/percentile) or range merge (minmax)
+PER_CHANNEL_MIN_OPSET = 13
+INT4_BLOCK = 32
+
+
+class CalibrationReader:
+    """Streams calibration batches to onnxruntime's calibrator (fixed batch sizes padded).
+
+    With `chunk`, get_next() stops after that many batches (None) and the next call to
+    `more()` continues, so a histogram calibrator can fold each chunk into its histograms
+    instead of holding every intermediate output of the whole dataset.
+    """
+
+    def __init__(self, samples: Samples, batch: int, fixed: bool, chunk: int | None = None) -> None:
+        self.samples = samples
+        self.batch = batch
+        self.fixed = fixed
+        self.chunk = chunk
+        self._given = 0
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(())
+        self._next: dict[str, np.ndarray] | None = None
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.chunk is not None and self._given >= self.chunk:
+            return None
+        item, self._next = self._next, next(self._batches, None)
+        if item is not None:
+            self._given += 1
+        return item
+
+    def more(self) -> bool:
+        """Start the next chunk; False when the data is exhausted."""
+        self._given = 0
+        return self._next is not None
+
+    def rewind(self) -> None:
+        self._given = 0
+        self._batches = (f for f, _ in feeds(self.samples, self.batch, pad=self.fixed))
+        self._next = next(self._batches, None)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A quantizable compute node: its name, op type and constant weight input (if any)."""
+
+    name: str
+    op_type: str
+    weight: str | None
+    depthwise: bool = False
+
+
+def layers(model: onnx.ModelProto) -> list[Layer]:
+    """Conv/Gemm/MatMul nodes in graph order, with their constant weight where they have one."""
+    weights = {x.index: x.weight for x in weight_layers(model, min_ndim=0)}
+    out = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        depthwise = node.op_type == "Conv" and group > 1
+        out.append(Layer(node.name, node.op_type, weights.get(index), depthwise))
+    return out
+
+
+def excluded(all_layers: list[Layer], patterns: list[str]) -> set[str]:
+    """Names of the layers whose node name or weight name matches one of the patterns."""
+    return {
+        x.name for x in all_layers if matches([x.name, *([x.weight] if x.weight else [])], patterns)
+    }
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def prepare_quantizer(config: QuantizeConfig, model: Path, ctx: StepContext) -> Quantizer:
+    """The float model made ready once for every build: opset >= 13 where per-channel needs
+    it, onnxruntime's pre-processing, every node named (so nodes can be excluded by name)."""
+    import onnx
+
+    per_channel_ok = True
+    source = model
+    needs_axis = config.mode in ("static", "dynamic") or (
+        config.mode == "weight_only" and config.dtype == "int8"
+    )
+    if config.per_channel and needs_axis:
+        upgraded = _upgrade_opset(model, ctx.workdir / "opset13.onnx", ctx)
+        per_channel_ok = upgraded is not None
+        source = upgraded or model
+    ctx.report(0.1, "pre-processing (shape inference, fusion)")
+    prepared = _preprocess(source, ctx.workdir / "preprocessed.onnx", ctx)
+    named = name_nodes(onnx.load(str(prepared)))
+    prepared = ctx.workdir / "prepared.onnx"
+    onnx.save(named, str(prepared))
+    return Quantizer(config, prepared, ctx, per_channel_ok)
+
+
+def _upgrade_opset(src: Path, dst: Path, ctx: StepContext) -> Path | None:
+    """Per-channel QDQ needs opset >= 13 (older opsets make an invalid file): convert, or None."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(src))
+    opset = onnx_opset(model) or 0
+    if opset >= PER_CHANNEL_MIN_OPSET:
+        return src
+    try:
+        converted = version_converter.convert_version(model, PER_CHANNEL_MIN_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        ctx.warnings.append(
+            f"The model uses opset {opset} and could not be upgraded to opset "
+            f"{PER_CHANNEL_MIN_OPSET} ({type(exc).__name__}), so weights were quantized "
+            "per-tensor instead of per-channel. Re-export with opset >= 13 for per-channel."
+        )
+        return None
+    onnx.save(converted, str(dst))
+    ctx.warnings.append(
+        f"Upgraded the model from opset {opset} to {PER_CHANNEL_MIN_OPSET} for per-channel "
+        "quantization."
+    )
+    return dst
+
+
+def _preprocess(src: Path, dst: Path, ctx: StepContext) -> Path:
+    """quant_pre_process (optimization + shape inference); retry without symbolic shapes."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for skip_symbolic in (False, True):
+        try:
+            with quiet():
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            return dst
+        except Exception:
+            continue
+    ctx.warnings.append(
+        "onnxruntime's quantization pre-processing (shape inference and fusion) failed on this "
+        "model; it was quantized without it, which can leave some operators unquantized."
+    )
+    return src
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one quantized candidate is built."""
+
+    name: str
+    mode: str  # static | dynamic | weight_only
+    per_channel: bool = True
+    fmt: str = "qdq"  # qdq | qoperator
+    exclude_depthwise: bool = False
+    block_size: int = INT4_BLOCK
+
+
+@dataclass
+class Quantizer:
+    """Builds quantized files from one prepared float model (calibrating at most once)."""
+
+    config: QuantizeConfig
+    prepared: Path
+    ctx: StepContext
+    per_channel_ok: bool
+    all_layers: list[Layer] = field(default_factory=list)
+    base_exclude: set[str] = field(default_factory=set)
+    dynamic_conv_ok: bool = True
+    _cache: Path | None = None
+    builds: int = 0
+
+    def __post_init__(self) -> None:
+        import onnx
+
+        self.all_layers = layers(onnx.load(str(self.prepared)))
+        self.base_exclude = excluded(self.all_layers, self.config.exclude)
+
+    # ---- what a variant quantizes
+    def candidates(self, variant: Variant) -> list[Layer]:
+        """Layers the variant would quantize (sensitivity and fallback work on these)."""
+        if variant.mode == "weight_only" and self.config.dtype == "int4":
+            keep = [x for x in self.all_layers if x.op_type in ("MatMul", "Gemm") and x.weight]
+        elif variant.mode in ("weight_only", "dynamic"):
+            keep = [x for x in self.all_layers if x.weight]
+            if variant.mode == "dynamic":
+                keep = [x for x in keep if x.op_type != "Conv" or self.dynamic_conv_ok]
+        else:
+            keep = list(self.all_layers)
+        return [x for x in keep if x.name not in self.base_exclude]
+
+    def qtype(self) -> Any:
+        from onnxruntime.quantization import QuantType
+
+        return QuantType.QUInt8 if self.config.dtype == "uint8" else QuantType.QInt8
+
+    def extra_options(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.config.symmetric is not None:
+            extra["ActivationSymmetric"] = self.config.symmetric
+            extra["WeightSymmetric"] = self.config.symmetric
+        return extra
+
+    # ---- calibration (static)
+    def calibration_method(self) -> Any:
+        from onnxruntime.quantization import CalibrationMethod
+
+        return {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.config.calibration.method]
+
+    def calibration_cache(self) -> Path:
+        """Streams the calibration samples once; the ranges are cached for every later build."""
+        if self._cache is not None:
+            return self._cache
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        cfg = self.config.calibration
+        samples = self.ctx.calibration(cfg.samples)
+        method = self.calibration_method()
+        self.ctx.report(
+            0.2, f"calibrating ({cfg.method}) on {len(samples)} {samples.source} samples"
+        )
+        options: dict[str, Any] = {}
+        if cfg.method == "percentile":
+            options["percentile"] = cfg.percentile
+        if self.config.symmetric:
+            options["symmetric"] = True
+        reader = CalibrationReader(
+            samples,
+            self.ctx.batch or CALIBRATION_BATCH,
+            fixed=self.ctx.batch is not None,
+            chunk=CALIBRATION_CHUNK,
+        )
+        ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        with quiet(), PeakRss() as memory:
+            calibrator = create_calibrator(
+                self.prepared,
+                ops,
+                augmented_model_path=str(self.ctx.workdir / "augmented.onnx"),
+                calibrate_method=method,
+                extra_options=options,
+            )
+            # One chunk of batches per call: minmax merges each chunk's min/max into its
+            # running range, entropy/percentile fold it into their histograms, so memory
+            # holds one chunk's activations, not the dataset's.
+            calibrator.collect_data(reader)
+            while reader.more():
+                calibrator.collect_data(reader)
+            ranges = calibrator.compute_data()
+            del calibrator
+        self._cache = self.ctx.workdir / "calibration.json"
+        save_tensors_data(ranges, self._cache)
+        self.ctx.metrics["calibration_peak_memory_bytes"] = int(memory.peak)
+        self.ctx.metrics["calibration_samples"] = len(samples)
+        self.ctx.details["calibration"] = {
+            "method": cfg.method,
+            "samples": len(samples),
+            "batch": reader.batch,
+            "peak_memory_bytes": int(memory.peak),
+        }
+        return self._cache
+
+    # ---- one build
+    def build(
+        self,
+        variant: Variant,
+        dst: Path,
+        *,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        only: list[str] | None = None,
+    ) -> Path:
+        """Quantize with `variant`, keeping `exclude` (plus the config's patterns) float;
+        `only` quantizes just those nodes (sensitivity)."""
+        self.builds += 1
+        skip = sorted(self.base_exclude | set(exclude))
+        per_channel = variant.per_channel and self.per_channel_ok
+        if variant.exclude_depthwise:
+            skip += [x.name for x in self.all_layers if x.depthwise]
+        if variant.mode == "weight_only":
+            if self.config.dtype == "int4":
+                int4_blockwise(
+                    self.prepared, dst, variant.block_size, self.config.symmetric, skip, only
+                )
+            else:
+                weight_only_int8(self.prepared, dst, per_channel, skip, only)
+            return dst
+        if variant.mode == "dynamic":
+            self._dynamic(dst, per_channel, skip, only)
+            return dst
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        method = self.calibration_method()
+        fmt = QuantFormat.QOperator if variant.fmt == "qoperator" else QuantFormat.QDQ
+        with quiet():
+            quantize_static(
+                str(self.prepared),
+                str(dst),
+                None,
+                quant_format=fmt,
+                per_channel=per_channel,
+                activation_type=self.qtype(),
+                weight_type=self.qtype(),
+                calibrate_method=method,
+                nodes_to_exclude=skip,
+                nodes_to_quantize=only,
+                extra_options=self.extra_options(),
+                calibration_cache_path=self.calibration_cache(),
+            )
+        return dst
+
+    def _dynamic(
+        self, dst: Path, per_channel: bool, skip: list[str], only: list[str] | None
+    ) -> None:
+        """quantize_dynamic; if onnxruntime lacks an integer kernel it made, keep MatMul/Gemm."""
+        from onnxruntime.quantization import quantize_dynamic
+
+        from engine.onnxgraph.runtime import make_session
+
+        ops = None if self.dynamic_conv_ok else ["MatMul", "Gemm"]
+        with quiet():
+            quantize_dynamic(
+                str(self.prepared),
+                str(dst),
+                per_channel=per_channel,
+                weight_type=self.qtype(),
+                nodes_to_exclude=skip,
+                nodes_to_quantize=only,
+                op_types_to_quantize=ops,
+                extra_options=self.extra_options(),
+            )
+        if ops is not None:
+            return
+        try:
+            make_session(dst)
+        except Exception as exc:
+            self.dynamic_conv_ok = False
+            self._dynamic(dst, per_channel, skip, only)
+            self.ctx.warnings.append(
+                "onnxruntime has no CPU kernel for some dynamically quantized operators here "
+                f"({type(exc).__name__}); only MatMul/Gemm were quantized, convolutions stay "
+                "float. Use mode 'static' to quantize convolutions."
+            )
