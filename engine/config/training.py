@@ -9,19 +9,23 @@ from pydantic import Field, model_validator
 from engine.config.base import Backend, OpConfig
 
 
-class FineTuneConfig(OpConfig):
-    """Supervised recovery training on the dataset's labels (Adam, cross-entropy)."""
-
-    op: Literal["fine_tune"] = "fine_tune"
-    epochs: int = Field(5, ge=1, le=200)
-    lr: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(64, ge=1, le=4096)
+class _TrainsTorch(OpConfig):
+    """An op that trains the torch model on the job's dataset."""
 
     def backends(self) -> tuple[Backend, ...]:
         return ("torch",)
 
     def trains(self) -> bool:
         return True
+
+
+class FineTuneConfig(_TrainsTorch):
+    """Supervised recovery training on the dataset's labels (Adam, cross-entropy)."""
+
+    op: Literal["fine_tune"] = "fine_tune"
+    epochs: int = Field(5, ge=1, le=200)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, le=4096)
 
     def needs_dataset(self) -> str | None:
         return "fine_tune trains on it"
@@ -30,7 +34,7 @@ class FineTuneConfig(OpConfig):
         return "fine_tune is supervised (use distill to train without labels)"
 
 
-class DistillConfig(OpConfig):
+class DistillConfig(_TrainsTorch):
     """Teacher–student distillation; the teacher is the job's original model.
 
     Loss α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(y, z_s); without labels α = 1
@@ -62,12 +66,6 @@ class DistillConfig(OpConfig):
                 "give student_model_id exactly when student is 'model' (an uploaded .pt2)"
             )
         return self
-
-    def backends(self) -> tuple[Backend, ...]:
-        return ("torch",)
-
-    def trains(self) -> bool:
-        return True
 
     def torch_field(self) -> str | None:
         return "student"
