@@ -14,11 +14,9 @@ from engine.config import (
     Backend,
     DistillConfig,
     OpConfig,
-    PipelineError,
     PruneConfig,
-    keeps_torch_model,
     parse_op,
-    plan_pipeline,
+    validate_request,
 )
 from engine.context import StepContext
 from engine.errors import EngineError
@@ -47,8 +45,6 @@ from engine.onnxgraph.runtime import (
 from engine.ops.registry import Handler, handler_for
 
 LATENCY_SAMPLES = 16
-TASKS = ("classification", "embedding", "generic")
-EXPORTS = ("onnx", "pt2", "torchscript")
 DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step trains
 Progress = Callable[[dict[str, Any]], None]
 
@@ -83,47 +79,8 @@ def _validate(
     has_dataset: bool,
 ) -> tuple[list[Backend], list[Handler]]:
     """Refuse what cannot be done before any compute is spent; where each step runs."""
-    if task not in TASKS:
-        raise EngineError(
-            "invalid_evaluation_task",
-            f"Unknown evaluation task {task!r}; use one of {', '.join(TASKS)}.",
-            field="evaluation.task",
-        )
-    try:
-        plan = plan_pipeline(configs, fmt, has_dataset=has_dataset)
-    except PipelineError as exc:
-        code = "unsupported_op" if "upload a torch.export" in exc.detail else "invalid_pipeline"
-        raise EngineError(code, exc.detail, field=exc.field) from exc
-    handlers = [handler_for(c, b) for c, b in zip(configs, plan, strict=True)]
-    unknown = [e for e in export if e not in EXPORTS]
-    if unknown or not export:
-        raise EngineError(
-            "export_unsupported",
-            f"Unknown export format(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"use {', '.join(EXPORTS)}.",
-            field="export",
-        )
-    if "torchscript" in export:
-        raise EngineError(
-            "export_unsupported",
-            "TorchScript export is not available; request 'onnx' (or 'pt2' for pipelines that "
-            "keep a torch model).",
-            field="export",
-        )
-    if "pt2" in export and not keeps_torch_model(configs, plan, fmt):
-        reason = (
-            "a step runs on ONNX (onnxruntime quantization writes QDQ/integer ONNX operators "
-            "that have no torch.export equivalent)"
-            if fmt == "pt2"
-            else f"the model was uploaded as {fmt}, not as a .pt2"
-        )
-        raise EngineError(
-            "export_unsupported",
-            f"A .pt2 export is not available for this job: {reason}. Request export "
-            "['onnx']; the ONNX artifact runs in onnxruntime on CPU, GPU and mobile.",
-            field="export",
-        )
-    return plan, handlers
+    plan = validate_request(configs, fmt, export=export, task=task, has_dataset=has_dataset)
+    return plan, [handler_for(c, b) for c, b in zip(configs, plan, strict=True)]
 
 
 def _reshapes_channels(config: OpConfig) -> bool:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -32,22 +29,25 @@ from app.services import models as model_service
 from app.services.common import page_or_422
 from app.services.idempotency import IdempotentRequest
 from app.storage import BlobStore
-from engine.config import (
-    OPS,
-    PRESETS,
-    OpConfig,
-    PipelineError,
-    keeps_torch_model,
-    parse_op,
-    plan_pipeline,
-    preset_pipeline,
-)
-
-SINGLE_INPUT_ALIASES = ("inputs", "x")
+from engine.config import OpConfig, PipelineError, parse_steps, preset_pipeline, validate_request
+from engine.io.datasets import DatasetMismatch, arrays_for_inputs
+from engine.io.formats import TensorSpec
 
 
 def _repo(session: Session, team_id: str) -> TeamRepository[Job]:
     return TeamRepository(session, Job, team_id)
+
+
+def _problem(exc: PipelineError | DatasetMismatch) -> Problem:
+    """The 422 for a request the engine refuses, with its code, field and extra members.
+
+    A step that needs the torch model of a non-.pt2 upload is `unsupported_op` to the engine;
+    the API has always answered it as a pipeline the request cannot run: `invalid_pipeline`.
+    """
+    if isinstance(exc, DatasetMismatch):
+        return Problem(422, exc.code, exc.detail, field=exc.field, input=exc.input)
+    code = "invalid_pipeline" if exc.code == "unsupported_op" else exc.code
+    return Problem(422, code, exc.detail, field=exc.field, **exc.extra)
 
 
 def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
@@ -59,107 +59,44 @@ def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
             "and not neither.",
             field="pipeline",
         )
-    if body.preset is not None:
-        if body.preset not in PRESETS:
-            raise Problem(
-                422,
-                "unknown_preset",
-                f"Unknown preset {body.preset!r}; valid presets: {', '.join(sorted(PRESETS))}.",
-                field="preset",
-            )
-        try:
-            steps: list[dict[str, Any]] = preset_pipeline(body.preset, body.overrides)
-        except PipelineError as exc:
-            raise Problem(422, "invalid_overrides", exc.detail, field=exc.field) from exc
-    else:
-        if body.overrides:
-            raise Problem(
-                422,
-                "validation_error",
-                "'overrides' changes a preset's steps; with an explicit 'pipeline', put the "
-                "values in the steps themselves.",
-                field="overrides",
-            )
-        steps = body.pipeline or []
-    if not steps:
-        raise Problem(422, "invalid_pipeline", "The pipeline has no ops.", field="pipeline")
-    if len(steps) > max_steps:
+    if body.overrides and body.preset is None:
         raise Problem(
             422,
-            "pipeline_too_long",
-            f"The pipeline has {len(steps)} steps; at most {max_steps} are allowed. Combine "
-            "steps (one gradual prune instead of many one-shot ones) or run several jobs.",
-            field="pipeline",
-            max_steps=max_steps,
+            "validation_error",
+            "'overrides' changes a preset's steps; with an explicit 'pipeline', put the "
+            "values in the steps themselves.",
+            field="overrides",
         )
-    configs = []
-    for i, step in enumerate(steps):
-        where = f"pipeline[{i}]"
-        op = step.get("op") if isinstance(step, dict) else None
-        if op not in OPS:
+    try:
+        steps = (
+            preset_pipeline(body.preset, body.overrides)
+            if body.preset is not None
+            else body.pipeline or []
+        )
+        if not steps:
+            raise Problem(422, "invalid_pipeline", "The pipeline has no ops.", field="pipeline")
+        if len(steps) > max_steps:
             raise Problem(
                 422,
-                "invalid_pipeline",
-                f"{where}: unknown op {op!r}. Valid ops: {', '.join(sorted(OPS))} "
-                "(GET /v1/methods lists each with its JSON schema).",
-                field=f"{where}.op",
-                valid_ops=sorted(OPS),
+                "pipeline_too_long",
+                f"The pipeline has {len(steps)} steps; at most {max_steps} are allowed. Combine "
+                "steps (one gradual prune instead of many one-shot ones) or run several jobs.",
+                field="pipeline",
+                max_steps=max_steps,
             )
-        try:
-            configs.append(parse_op(step))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first.get("loc", ()))
-            raise Problem(
-                422,
-                "invalid_pipeline",
-                f"{where} ({op}): "
-                + "; ".join(
-                    f"{'.'.join(str(p) for p in e.get('loc', ())) or 'config'}: {e['msg']}"
-                    for e in exc.errors()
-                ),
-                field=f"{where}.{loc}" if loc else where,
-            ) from exc
-    return configs
+        return parse_steps(steps)
+    except PipelineError as exc:
+        raise _problem(exc) from exc
 
 
 def check_dataset_fits(model: Model, dataset: Dataset) -> None:
     """Every model input needs an array of matching rank and fixed dims; say which does not."""
-    arrays = {k: v for k, v in dataset.arrays.items() if k != "labels"}
-    inputs = model.inputs or []
-    alias_hint = " (or x/inputs for a single-input model)" if len(inputs) == 1 else ""
-    for spec in inputs:
-        name = spec["name"]
-        array_name = name if name in arrays else None
-        if array_name is None and len(inputs) == 1:
-            array_name = next((a for a in SINGLE_INPUT_ALIASES if a in arrays), None)
-            if array_name is None and len(arrays) == 1:
-                array_name = next(iter(arrays))
-        if array_name is None:
-            raise Problem(
-                422,
-                "dataset_mismatch",
-                f"Model input {name!r} has no array in the dataset (arrays: "
-                f"{', '.join(sorted(arrays)) or 'none'}). Save one array per model input, named "
-                f"like the input{alias_hint}.",
-                field="dataset_id",
-                input=name,
-            )
-        got = arrays[array_name]["shape"]
-        want = spec["shape"]
-        fits = len(got) == len(want) and all(
-            not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:], strict=True)
-        )
-        if not fits:
-            expected = ["N", *("?" if not isinstance(w, int) else w for w in want[1:])]
-            raise Problem(
-                422,
-                "dataset_mismatch",
-                f"Array {array_name!r} has shape {got} but model input {name!r} expects "
-                f"{expected} (N samples first).",
-                field="dataset_id",
-                input=name,
-            )
+    inputs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in model.inputs or []]
+    shapes = {name: array["shape"] for name, array in dataset.arrays.items()}
+    try:
+        arrays_for_inputs(inputs, shapes)
+    except DatasetMismatch as exc:
+        raise _problem(exc) from exc
 
 
 def create(
@@ -188,7 +125,7 @@ def create(
         check_dataset_fits(model, dataset)
     configs = _resolve_pipeline(body, settings.max_pipeline_steps)
     check_active_jobs(session, settings, team_id)
-    _check_plan(model.format, configs, dataset, list(body.export))
+    _check_plan(model.format, configs, dataset, body)
     _check_students(session, team_id, configs)
     job = _repo(session, team_id).create(
         model_id=model.id,
@@ -227,31 +164,20 @@ def check_active_jobs(session: Session, settings: Settings, team_id: str) -> Non
 
 
 def _check_plan(
-    model_format: str, configs: list[OpConfig], dataset: Dataset | None, export: list[str]
+    model_format: str, configs: list[OpConfig], dataset: Dataset | None, body: JobCreate
 ) -> None:
-    """Each op can run where the pipeline puts it, and has the data it needs."""
+    """Each op can run where the pipeline puts it, has the data it needs, and the export exists."""
     try:
-        plan = plan_pipeline(
+        validate_request(
             configs,
             model_format,
+            export=body.export,
+            task=body.evaluation.task,
             has_dataset=dataset is not None,
             has_labels=dataset is not None and dataset.has_labels,
         )
     except PipelineError as exc:
-        raise Problem(422, "invalid_pipeline", exc.detail, field=exc.field) from exc
-    if "pt2" in export and not keeps_torch_model(configs, plan, model_format):
-        reason = (
-            f"the model was uploaded as {model_format}, not as a .pt2"
-            if model_format != "pt2"
-            else "a step runs on ONNX (e.g. quantize writes QDQ operators with no torch.export "
-            "equivalent)"
-        )
-        raise Problem(
-            422,
-            "export_unsupported",
-            f"A .pt2 export is not available for this job: {reason}. Request export ['onnx'].",
-            field="export",
-        )
+        raise _problem(exc) from exc
 
 
 def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -154,6 +154,60 @@ def _castable(src: np.dtype[Any], dst: np.dtype[Any]) -> bool:
     return dst.kind == "b" and src.kind == "b"
 
 
+class DatasetMismatch(EngineError):
+    """A dataset that does not fit the model; `input` names the model input at fault."""
+
+    def __init__(self, input_name: str, detail: str) -> None:
+        super().__init__("dataset_mismatch", detail, field="dataset_id")
+        self.input = input_name
+
+
+def arrays_for_inputs(
+    inputs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, str]:
+    """The dataset array (by name) that feeds each model input, checked for rank and fixed dims.
+
+    The API checks a request with the shapes it recorded, the worker the arrays it loaded. An
+    input takes the array named like it or, for a single-input model, `inputs` / `x`.
+    """
+    candidates = [name for name in shapes if name != LABELS]
+    found: dict[str, str] = {}
+    for spec in inputs:
+        name = spec.name if spec.name in candidates else None
+        if name is None and len(inputs) == 1:
+            name = next((a for a in SINGLE_INPUT_ALIASES if a in candidates), None)
+        if name is None:
+            hint = (
+                f"an array named {spec.name!r} (or 'inputs' / 'x', since the model has one input)"
+                if len(inputs) == 1
+                else f"one array per model input, named {', '.join(repr(s.name) for s in inputs)}"
+            )
+            raise DatasetMismatch(
+                spec.name,
+                f"Model input {spec.name!r} has no array in the dataset (it has: "
+                f"{', '.join(sorted(shapes)) or 'nothing'}). Add {hint}, shaped "
+                f"{_expected(spec)}.",
+            )
+        got = shapes[name]
+        # An input with no recorded shape (shape ()) takes any array.
+        shape_ok = (
+            not spec.shape
+            or len(got) == len(spec.shape)
+            and all(
+                not isinstance(want, int) or want == dim
+                for want, dim in zip(spec.shape[1:], got[1:], strict=False)
+            )
+        )
+        if not shape_ok:
+            raise DatasetMismatch(
+                spec.name,
+                f"The dataset array for model input {spec.name!r} has shape "
+                f"{list(got)}, but the model expects {_expected(spec)} (N samples).",
+            )
+        found[spec.name] = name
+    return found
+
+
 def match_inputs(
     arrays: dict[str, np.ndarray],
     inputs: Sequence[TensorSpec],
@@ -167,49 +221,16 @@ def match_inputs(
     refused, naming the array and the first bad sample). Labels must be class indices of the
     model: non-negative and below the class count of its first output, when that is fixed.
     """
-    candidates = {k: v for k, v in arrays.items() if k != LABELS}
+    names = arrays_for_inputs(inputs, {name: array.shape for name, array in arrays.items()})
     matched: dict[str, np.ndarray] = {}
     for spec in inputs:
-        array = candidates.get(spec.name)
-        if array is None and len(inputs) == 1:
-            alias = next((a for a in SINGLE_INPUT_ALIASES if a in candidates), None)
-            array = candidates.get(alias) if alias else None
-        if array is None:
-            hint = (
-                f"an array named {spec.name!r} (or 'inputs' / 'x', since the model has one input)"
-                if len(inputs) == 1
-                else f"one array per model input, named {', '.join(repr(s.name) for s in inputs)}"
-            )
-            raise EngineError(
-                "dataset_mismatch",
-                f"Model input {spec.name!r} has no array in the dataset (it has: "
-                f"{', '.join(sorted(arrays)) or 'nothing'}). Add {hint}, shaped "
-                f"{_expected(spec)}.",
-                field="dataset_id",
-            )
-        # An input with no recorded shape (shape ()) takes any array.
-        shape_ok = (
-            not spec.shape
-            or array.ndim == len(spec.shape)
-            and all(
-                not isinstance(want, int) or want == got
-                for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
-            )
-        )
-        if not shape_ok:
-            raise EngineError(
-                "dataset_mismatch",
-                f"The dataset array for model input {spec.name!r} has shape "
-                f"{list(array.shape)}, but the model expects {_expected(spec)} (N samples).",
-                field="dataset_id",
-            )
+        array = arrays[names[spec.name]]
         want = np.dtype(spec.dtype)
         if not _castable(array.dtype, want):
-            raise EngineError(
-                "dataset_mismatch",
+            raise DatasetMismatch(
+                spec.name,
                 f"The dataset array for model input {spec.name!r} has dtype {array.dtype}, "
                 f"which does not convert safely to the model's {want}. Save it as {want}.",
-                field="dataset_id",
             )
         matched[spec.name] = _finite(spec.name, np.ascontiguousarray(array, dtype=want))
     labels = _labels(arrays.get(LABELS), num_classes(outputs)) if use_labels else None

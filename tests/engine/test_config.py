@@ -8,7 +8,20 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
-from engine.config import OPS, PRESETS, QuantizeConfig, op_schemas, parse_op, parse_pipeline
+from engine.config import (
+    OPS,
+    PRESETS,
+    PipelineError,
+    QuantizeConfig,
+    op_schemas,
+    parse_op,
+    parse_pipeline,
+    parse_steps,
+    preset_pipeline,
+    validate_request,
+)
+from engine.io.datasets import DatasetMismatch, arrays_for_inputs
+from engine.io.formats import TensorSpec
 
 
 @pytest.mark.parametrize(
@@ -58,16 +71,83 @@ def test_every_op_round_trips_through_json(data: dict[str, object]) -> None:
 
 
 def test_preset_overrides_merge_and_name_the_steps() -> None:
-    from engine.config import PipelineError, preset_pipeline
-
     steps = preset_pipeline("tiny", {"prune": {"schedule": {"steps": 5}}, "2": {"dtype": "uint8"}})
     assert steps[0]["schedule"] == {"kind": "gradual", "steps": 5, "epochs_per_step": 3}
     assert steps[2]["dtype"] == "uint8"
     assert PRESETS["tiny"]["pipeline"][0]["schedule"]["steps"] == 3  # the preset is unchanged
     with pytest.raises(PipelineError, match="0 \\(prune\\), 1 \\(distill\\)"):
         preset_pipeline("tiny", {"9": {"bits": 1}})
-    with pytest.raises(PipelineError, match="cannot change a step's op"):
+    with pytest.raises(PipelineError, match="cannot change a step's op") as err:
         preset_pipeline("tiny", {"prune": {"op": "distill"}})
+    assert (err.value.code, err.value.field) == ("invalid_overrides", "overrides.prune.op")
+    with pytest.raises(PipelineError) as err:
+        preset_pipeline("huge")
+    assert (err.value.code, err.value.field) == ("unknown_preset", "preset")
+
+
+def test_request_steps_name_the_field_at_fault() -> None:
+    with pytest.raises(PipelineError) as err:
+        parse_steps([{"op": "fp16"}, {"op": "shrink"}])
+    assert (err.value.code, err.value.field) == ("invalid_pipeline", "pipeline[0].op")
+    assert "quantize" in err.value.extra["valid_ops"]
+    with pytest.raises(PipelineError) as err:
+        parse_steps([{"op": "prune"}, {"op": "quantize", "dtype": "int3"}])
+    assert (err.value.code, err.value.field) == ("invalid_pipeline", "pipeline[1].dtype")
+
+
+@pytest.mark.parametrize(
+    ("steps", "fmt", "given", "code", "field"),
+    [
+        (
+            [{"op": "prune", "granularity": "channels"}],
+            "onnx",
+            {},
+            "unsupported_op",
+            "pipeline[0].granularity",
+        ),
+        ([{"op": "quantize"}, {"op": "distill"}], "pt2", {}, "invalid_pipeline", "pipeline[1]"),
+        ([{"op": "fine_tune"}], "pt2", {"has_dataset": False}, "invalid_pipeline", "pipeline[0]"),
+        ([{"op": "fine_tune"}], "pt2", {"has_labels": False}, "invalid_pipeline", "pipeline[0]"),
+        ([{"op": "quantize"}], "pt2", {"export": ["pt2"]}, "export_unsupported", "export"),
+        ([], "onnx", {"export": ["pt2"]}, "export_unsupported", "export"),
+        ([], "pt2", {"export": ["torchscript"]}, "export_unsupported", "export"),
+        ([], "pt2", {"export": ["tflite"]}, "export_unsupported", "export"),
+        ([], "pt2", {"task": "detection"}, "invalid_evaluation_task", "evaluation.task"),
+    ],
+)
+def test_requests_that_cannot_run_are_refused_with_a_code_and_field(
+    steps: list[dict[str, object]], fmt: str, given: dict[str, object], code: str, field: str
+) -> None:
+    args = {"export": ["onnx"], "task": "classification", "has_dataset": True, **given}
+    with pytest.raises(PipelineError) as err:
+        validate_request(parse_pipeline(steps), fmt, **args)  # type: ignore[arg-type]
+    assert (err.value.code, err.value.field) == (code, field)
+
+
+def test_a_pt2_pipeline_that_keeps_torch_can_export_pt2() -> None:
+    configs = parse_pipeline([{"op": "prune", "granularity": "channels"}, {"op": "fine_tune"}])
+    plan = validate_request(
+        configs, "pt2", export=["onnx", "pt2"], task="classification", has_dataset=True
+    )
+    assert plan == ["torch", "torch"]
+
+
+def test_dataset_arrays_match_inputs_by_name_or_single_input_alias() -> None:
+    image = TensorSpec("input", ("batch", 1, 8, 8), "float32")
+    assert arrays_for_inputs([image], {"x": [5, 1, 8, 8], "labels": [5]}) == {"input": "x"}
+    assert arrays_for_inputs([image], {"input": [5, 1, 8, 8], "x": [5]}) == {"input": "input"}
+    with pytest.raises(DatasetMismatch) as err:
+        arrays_for_inputs([image], {"images": [5, 1, 8, 8]})  # no third alias: only inputs/x
+    assert (err.value.code, err.value.field, err.value.input) == (
+        "dataset_mismatch",
+        "dataset_id",
+        "input",
+    )
+    with pytest.raises(DatasetMismatch, match=r"\[5, 64\]"):
+        arrays_for_inputs([image], {"x": [5, 64]})
+    pair = [TensorSpec("a", ("batch", 4), "float32"), TensorSpec("b", ("batch", 2), "int64")]
+    with pytest.raises(DatasetMismatch, match="'b'"):
+        arrays_for_inputs(pair, {"a": [5, 4], "x": [5, 2]})
 
 
 def test_int8_defaults_to_static_and_fp16_takes_no_mode() -> None:

@@ -1,0 +1,60 @@
+"""What every op config shares: the base class, the backends an op runs on, the request error."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.errors import EngineError
+
+Backend = Literal["onnx", "torch"]
+
+
+class PipelineError(EngineError):
+    """A request that cannot run as asked: a stable code, the field at fault (a step, an
+    override, the export), and `extra` members for the API's problem body (e.g. valid_ops)."""
+
+    def __init__(self, code: str, detail: str, field: str, **extra: Any) -> None:
+        super().__init__(code, detail, field=field)
+        self.extra = extra
+
+
+class OpConfig(BaseModel):
+    """Base for op configs: strict keys, a type tag (`op`) and a schema version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str
+    version: Literal[1] = Field(1, description="config schema version; 1 is the only one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def backends(self) -> tuple[Backend, ...]:
+        """Where this op can run: on the ONNX graph, on the torch model (a .pt2), or either.
+
+        Ops that train, or that change layer shapes, need the torch model; the pipeline keeps
+        one only while the upload is a .pt2 and every earlier step ran on torch.
+        """
+        return ("onnx",)
+
+    def keeps_torch(self) -> bool:
+        """Whether running on torch still leaves a torch model for later steps."""
+        return True
+
+    def torch_field(self) -> str | None:
+        """The config field that makes this op need the torch model, for error messages."""
+        return None
+
+    def trains(self) -> bool:
+        """Whether the op trains on the job's dataset (then part of it is held out)."""
+        return False
+
+    def needs_labels(self) -> str | None:
+        """Why this op needs a dataset with labels (None: it does not)."""
+        return None
+
+    def needs_dataset(self) -> str | None:
+        """Why this op needs a dataset at all (None: synthetic inputs do)."""
+        return None

@@ -1,0 +1,94 @@
+"""The prune op's config: criterion, granularity, sparsity and schedule."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.config.base import Backend, OpConfig
+
+
+class Schedule(BaseModel):
+    """One-shot pruning, or `steps` rounds to the target sparsity with training in between."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["one_shot", "gradual"] = "one_shot"
+    steps: int = Field(4, ge=1, le=50, description="rounds (gradual)")
+    epochs_per_step: int = Field(1, ge=0, le=50, description="training epochs after each round")
+
+
+class PruneConfig(OpConfig):
+    """Zero the least important weights (unstructured, N:M) or remove whole channels.
+
+    Criteria: `magnitude` (L1/L2 norm of the weights), `gradient` (first-order Taylor,
+    |w·∂L/∂w| accumulated over the dataset; task loss with labels, KL to the original's
+    outputs without), `entropy` (of each output channel's activation distribution over the
+    dataset; unstructured/N:M spread a channel's score over its weights by magnitude) and
+    `random` (baseline). A `gradual` schedule prunes in `steps` rounds with a cubic ramp and
+    trains `epochs_per_step` epochs after each (labels → cross-entropy, no labels →
+    distillation from the original); `fine_tune_epochs` trains once more at the end.
+    """
+
+    op: Literal["prune"] = "prune"
+    criterion: Literal["magnitude", "gradient", "entropy", "random"] = "magnitude"
+    norm: Literal["l1", "l2"] = "l1"
+    granularity: Literal["unstructured", "n:m", "channels"] = "unstructured"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    scope: Literal["layer", "global"] = "layer"
+    schedule: Schedule = Schedule()
+    n: int = Field(2, ge=1, description="zeros per group of m (n:m granularity)")
+    m: int = Field(4, ge=2, le=16)
+    ignore: list[str] = Field(default_factory=list, description="layer/weight name patterns")
+    include_last_layer: bool = False
+    fine_tune_epochs: int = Field(0, ge=0, le=100, description="recovery epochs at the end")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate for training")
+    batch_size: int = Field(64, ge=1, le=4096)
+    samples: int = Field(1024, ge=1, le=100_000, description="samples scored (gradient/entropy)")
+    round_to: int | None = Field(
+        8,
+        ge=1,
+        le=256,
+        description=(
+            "channels: kept channel counts are rounded down to a multiple of this (onnxruntime's "
+            "blocked CPU conv kernels run odd counts slower); null keeps the exact ratio"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> PruneConfig:
+        if self.n >= self.m:
+            raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
+        if self.granularity == "n:m" and self.schedule.kind == "gradual":
+            raise ValueError("an n:m pattern is reached in one step: use schedule one_shot")
+        return self
+
+    def trains(self) -> bool:
+        gradual = self.schedule.kind == "gradual" and self.schedule.epochs_per_step > 0
+        return gradual or self.fine_tune_epochs > 0
+
+    def backends(self) -> tuple[Backend, ...]:
+        torch_only = (
+            self.granularity == "channels"
+            or self.criterion in ("gradient", "entropy")
+            or self.schedule.kind == "gradual"
+            or self.fine_tune_epochs > 0
+        )
+        return ("torch",) if torch_only else ("onnx", "torch")
+
+    def torch_field(self) -> str | None:
+        if self.granularity == "channels":
+            return "granularity"
+        if self.criterion in ("gradient", "entropy"):
+            return "criterion"
+        if self.schedule.kind == "gradual":
+            return "schedule"
+        return "fine_tune_epochs" if self.fine_tune_epochs else None
+
+    def needs_dataset(self) -> str | None:
+        if self.criterion in ("gradient", "entropy"):
+            return f"the {self.criterion} criterion scores weights on the dataset's samples"
+        if self.trains():
+            return "pruning with training (gradual schedule or fine_tune_epochs) trains on it"
+        return None

@@ -1,0 +1,74 @@
+"""The training ops' configs: fine_tune (supervised) and distill (teacher-student)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from engine.config.base import Backend, OpConfig
+
+
+class _TrainsTorch(OpConfig):
+    """An op that trains the torch model on the job's dataset."""
+
+    def backends(self) -> tuple[Backend, ...]:
+        return ("torch",)
+
+    def trains(self) -> bool:
+        return True
+
+
+class FineTuneConfig(_TrainsTorch):
+    """Supervised recovery training on the dataset's labels (Adam, cross-entropy)."""
+
+    op: Literal["fine_tune"] = "fine_tune"
+    epochs: int = Field(5, ge=1, le=200)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, le=4096)
+
+    def needs_dataset(self) -> str | None:
+        return "fine_tune trains on it"
+
+    def needs_labels(self) -> str | None:
+        return "fine_tune is supervised (use distill to train without labels)"
+
+
+class DistillConfig(_TrainsTorch):
+    """Teacher–student distillation; the teacher is the job's original model.
+
+    Loss α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(y, z_s); without labels α = 1
+    (soft targets only). The student is the pipeline's current model (`student: "current"`),
+    the original with every hidden layer's width scaled by `width` and freshly initialised
+    (`student: "width"`), or another uploaded .pt2 (`student_model_id`).
+    `feature_layers` pairs [student layer, teacher layer] add an MSE loss between their outputs
+    after a learned 1×1 projection, weighted by `feature_weight`.
+    """
+
+    op: Literal["distill"] = "distill"
+    student: Literal["current", "width", "model"] = "current"
+    width: float = Field(0.5, gt=0, le=1, description="student: width — kept fraction of channels")
+    student_model_id: str | None = Field(None, description="student: model — an uploaded .pt2")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (teacher) term")
+    epochs: int = Field(10, ge=1, le=500)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, le=4096)
+    feature_layers: list[tuple[str, str]] = Field(
+        default_factory=list, description="[student layer, teacher layer] pairs"
+    )
+    feature_weight: float = Field(1.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _student_source(self) -> DistillConfig:
+        if (self.student == "model") != (self.student_model_id is not None):
+            raise ValueError(
+                "give student_model_id exactly when student is 'model' (an uploaded .pt2)"
+            )
+        return self
+
+    def torch_field(self) -> str | None:
+        return "student"
+
+    def needs_dataset(self) -> str | None:
+        return "the student learns the teacher's outputs on its samples"
