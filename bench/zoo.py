@@ -115,13 +115,14 @@ def _crop(rng: np.random.Generator, photo: np.ndarray, h: int, w: int) -> np.nda
     return np.asarray(image_cls.fromarray(np.ascontiguousarray(part)).resize((w, h)))
 
 
-WORDS = (
+WORDS_TEXT = (
     "invoice total amount due date customer order number shipping address payment "
     "receipt tax subtotal quantity price item description account balance reference "
     "station platform departure arrival gate ticket seat coach window aisle return "
     "warning keep door closed exit only emergency stairs floor level parking entrance "
     "2026 14:35 No.4471 $129.90 EUR 7.5% 03/11 A-17 ID:88213 www.example.org"
-).split()  # noqa: SIM905
+)
+WORDS = WORDS_TEXT.split()
 
 
 def _font(size: int) -> Any:
