@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -808,16 +809,17 @@ class Service:
             )
         return resp.json()
 
-    def submit(self, spec: Spec, model: Path, calib: Path) -> str:
+    def upload(self, spec: Spec, model: Path, calib: Path) -> tuple[str, str]:
         with model.open("rb") as f:
-            m = self._ok(
-                self.http.post(
-                    "/v1/models", files={"file": (model.name, f)}, data={"name": spec.key}
-                )
-            )
+            files = {"file": (model.name, f)}
+            m = self._ok(self.http.post("/v1/models", files=files, data={"name": spec.key}))
         with calib.open("rb") as f:
             d = self._ok(self.http.post("/v1/datasets", files={"file": (calib.name, f)}))
-        while (status := self._ok(self.http.get(f"/v1/models/{m['id']}"))["status"]) not in (
+        return str(m["id"]), str(d["id"])
+
+    def submit(self, spec: Spec, model_id: str, dataset_id: str) -> str:
+        """The quantize job, once the model's inspection says it is ready."""
+        while (status := self._ok(self.http.get(f"/v1/models/{model_id}"))["status"]) not in (
             "ready",
             "invalid",
         ):
@@ -825,13 +827,24 @@ class Service:
         if status == "invalid":
             raise RuntimeError(f"model {spec.key} invalid")
         body = {
-            "model_id": m["id"],
-            "dataset_id": d["id"],
+            "model_id": model_id,
+            "dataset_id": dataset_id,
             "pipeline": [{"op": "quantize", "mode": spec.mode, "dtype": "int8"}],
             "evaluation": {"task": spec.task},
             "export": ["onnx"],
         }
         return str(self._ok(self.http.post("/v1/jobs", json=body))["id"])
+
+    def submit_all(self, specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Every upload first (their inspections queue ahead of the jobs), then every job."""
+        ids = {s.key: self.upload(s, prepared[s.key]["src"], prepared[s.key]["npz"]) for s in specs}
+        jobs: dict[str, Any] = {}
+        for s in specs:
+            try:
+                jobs[s.key] = self.submit(s, *ids[s.key])
+            except RuntimeError as exc:
+                jobs[s.key] = exc
+        return jobs
 
     def wait(self, job_id: str, dst: Path, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -892,6 +905,7 @@ def main() -> None:
     rounds, block = (4, 5) if args.quick else (8, 10)
     tmp = Path(tempfile.mkdtemp(prefix="compaas-zoo-"))
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `compaas up` is stopped too
 
     prepared: dict[str, dict[str, Any]] = {}
     for spec in specs:
@@ -913,11 +927,13 @@ def main() -> None:
     service = None if args.no_service else Service(tmp)
     rows: list[dict[str, Any]] = []
     try:
-        jobs = {}
-        if service:
-            for spec in specs:
-                p = prepared[spec.key]
-                jobs[spec.key] = service.submit(spec, p["src"], p["npz"])
+        submitted: dict[str, Any] = {}
+        submitter = None
+        if service:  # uploads and jobs go in from a thread while the plain calls run here
+            submitter = threading.Thread(
+                target=lambda: submitted.update(service.submit_all(specs, prepared)), daemon=True
+            )
+            submitter.start()
         for spec in specs:  # the plain call runs here while the service's worker runs
             p = prepared[spec.key]
             t0 = time.monotonic()
@@ -932,13 +948,18 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+        if submitter:
+            submitter.join()
         for spec in specs:
             p = prepared[spec.key]
             p["service"], p["job"] = None, None
             if service:
                 dst = tmp / f"{spec.key}-service.onnx"
                 try:
-                    job = service.wait(jobs[spec.key], dst, timeout_s=1500)
+                    job_id = submitted.get(spec.key, RuntimeError("upload failed"))
+                    if isinstance(job_id, Exception):
+                        raise RuntimeError(str(job_id))
+                    job = service.wait(job_id, dst, timeout_s=1500)
                     p["job"] = job
                     if job["status"] == "succeeded":
                         p["service"] = dst
