@@ -83,6 +83,17 @@ def fetch(spec: Spec) -> Path:
     return dest
 
 
+def disjoint(calib: Feeds, held: Feeds) -> Feeds:
+    """The held-out rows, less any that repeat a calibration row in every input."""
+    seen = {
+        b"".join(calib[k][i].tobytes() for k in calib)
+        for i in range(len(next(iter(calib.values()))))
+    }
+    n = len(next(iter(held.values())))
+    keep = [i for i in range(n) if b"".join(held[k][i].tobytes() for k in held) not in seen]
+    return {k: v[keep] for k, v in held.items()}
+
+
 def model_file(spec: Spec) -> Path:
     path = fetch(spec)
     return spec.prepare(path) if spec.prepare else path
@@ -913,7 +924,7 @@ def main() -> None:
         src = model_file(spec)
         # calibration and held-out inputs from disjoint seeds (and disjoint crops/sentences)
         calib = spec.inputs(n_calib, SEED + 1)
-        held = spec.inputs(n_held, SEED + 2)
+        held = disjoint(calib, spec.inputs(n_held, SEED + 2))
         npz = tmp / f"{spec.key}-calib.npz"
         np.savez(npz, **calib)
         prepared[spec.key] = {"src": src, "calib": calib, "held": held, "npz": npz}
