@@ -677,15 +677,21 @@ def fidelity(spec: Spec, ref: list[np.ndarray], test: list[np.ndarray]) -> dict[
 
 
 def latency_ratios(
-    paths: dict[str, Path], feed: Feeds, rounds: int, block: int
+    paths: dict[str, Path], feed: Feeds, rounds: int, budget_s: float
 ) -> dict[str, float]:
     """Median per-call latency of each model / fp32's, batch 1, 1 thread, run interleaved in
-    blocks (rotating order each round) so drift in machine load hits every model alike."""
+    blocks (rotating order each round) so drift in machine load hits every model alike. The
+    block length is sized from fp32's first calls so one model takes about budget_s."""
     sessions = {k: _session(p) for k, p in paths.items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for sess in sessions.values():
         for _ in range(3):
             sess.run(None, feed)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        sessions["fp32"].run(None, feed)
+    per_call = (time.perf_counter() - t0) / 3
+    block = int(np.clip(budget_s / (rounds * len(sessions) * per_call), 2, 20))
     keys = list(sessions)
     for r in range(rounds):
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
@@ -906,6 +912,9 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=None, help="held-out samples per model")
     parser.add_argument("--no-service", action="store_true", help="plain call and fp32 only")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the files, job JSONs and rows.json here"
+    )
     args = parser.parse_args()
     specs = [s for s in ZOO if (s.quick or not args.quick)]
     if args.models:
@@ -913,8 +922,9 @@ def main() -> None:
         specs = [s for s in ZOO if s.key in wanted]
     n_calib = args.calib or (16 if args.quick else 64)
     n_held = args.held_out or (8 if args.quick else 32)
-    rounds, block = (4, 5) if args.quick else (8, 10)
-    tmp = Path(tempfile.mkdtemp(prefix="compaas-zoo-"))
+    rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `compaas up` is stopped too
 
@@ -972,6 +982,7 @@ def main() -> None:
                         raise RuntimeError(str(job_id))
                     job = service.wait(job_id, dst, timeout_s=1500)
                     p["job"] = job
+                    (tmp / f"{spec.key}-job.json").write_text(json.dumps(job, indent=1))
                     if job["status"] == "succeeded":
                         p["service"] = dst
                 except RuntimeError as exc:
@@ -1007,11 +1018,13 @@ def main() -> None:
                 }
             )
         feed = {k: v[: spec.chunk] for k, v in p["held"].items()}
-        ratios = latency_ratios(paths, feed, rounds, block)
+        ratios = latency_ratios(paths, feed, rounds, budget_s)
         for row in rows:
             if row["spec"] is spec and row["side"] in ratios:
                 row["latency"] = ratios[row["side"]]
         print(f"[zoo] {spec.key}: measured", file=sys.stderr, flush=True)
+        saved = [{**r, "spec": r["spec"].key} for r in rows]
+        (tmp / "rows.json").write_text(json.dumps(saved, indent=1, default=str))
 
     table = render(rows, n_calib, n_held) + "\n\n" + service_warnings(specs, prepared)
     footer = (
@@ -1021,7 +1034,8 @@ def main() -> None:
     print("\n" + table + footer)
     if args.out:
         args.out.write_text(table + footer)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def service_warnings(specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> str:
@@ -1032,9 +1046,11 @@ def service_warnings(specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> 
         if not job:
             continue
         warnings = list(job.get("warnings") or [])
-        warnings += [w for s in job.get("steps", []) for w in s.get("warnings", [])]
+        warnings += [w for s in job.get("steps") or [] for w in s.get("warnings") or []]
         speedup = ((job.get("metrics") or {}).get("ratios") or {}).get("speedup")
-        said = "; ".join(dict.fromkeys(str(w)[:160] for w in warnings)) or "no warning"
+        said = "; ".join(dict.fromkeys(str(w)[:200] for w in warnings)) or "no warning"
+        if job.get("error"):
+            said = f"error {json.dumps(job['error'])[:300]}; {said}"
         lines.append(f"- {spec.key}: {job['status']}, speedup {_fmt(speedup, '.2f')}: {said}")
     return "\n".join(lines)
 
