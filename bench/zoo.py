@@ -473,7 +473,6 @@ ZOO: list[Spec] = [
         "static",
         "generic",
         ocr_det_inputs,
-        quick=True,
         note="dense predictor, opset 12, dynamic H/W (fed 480×640 pages), output a 0..1 text "
         "probability map",
     ),
@@ -497,6 +496,7 @@ ZOO: list[Spec] = [
         "static",
         "classification",
         ocr_cls_inputs,
+        quick=True,
         note="opset 11, dynamic H/W (fed 48×192 lines), 2 classes 0°/180°",
     ),
     Spec(
@@ -509,7 +509,6 @@ ZOO: list[Spec] = [
         "embedding",
         minilm_inputs,
         prepare=export_minilm,
-        quick=True,
         note="6-layer BERT exported here with mean pooling + L2 norm (opset 17), 32 tokens",
     ),
     Spec(
@@ -521,6 +520,7 @@ ZOO: list[Spec] = [
         "static",
         "embedding",
         wakeword_inputs,
+        quick=True,
         note="audio CNN (Google speech_embedding, LeakyReLU/Max), 76×32 mel frames → 96-d",
     ),
 ]
@@ -906,7 +906,11 @@ def _task(value: Any) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 models, fewer samples (≤ 5 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 small models (orientation, yolov8n, ocr-cls, wakeword-emb), 16/8 samples",
+    )
     parser.add_argument("--models", default="", help="comma-separated keys (default: all)")
     parser.add_argument("--calib", type=int, default=None, help="calibration samples per model")
     parser.add_argument("--held-out", type=int, default=None, help="held-out samples per model")
