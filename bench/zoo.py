@@ -924,8 +924,8 @@ def main() -> None:
     if args.models:
         wanted = args.models.split(",")
         specs = [s for s in ZOO if s.key in wanted]
-    n_calib = args.calib or (16 if args.quick else 64)
-    n_held = args.held_out or (8 if args.quick else 32)
+    n_calib = args.calib or (16 if args.quick else 32)
+    n_held = args.held_out or (8 if args.quick else 16)
     rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))
     tmp.mkdir(parents=True, exist_ok=True)
