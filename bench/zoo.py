@@ -1052,7 +1052,8 @@ def service_warnings(specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> 
         warnings = list(job.get("warnings") or [])
         warnings += [w for s in job.get("steps") or [] for w in s.get("warnings") or []]
         speedup = ((job.get("metrics") or {}).get("ratios") or {}).get("speedup")
-        said = "; ".join(dict.fromkeys(str(w)[:200] for w in warnings)) or "no warning"
+        cut = [str(w) if len(str(w)) <= 200 else str(w)[:200].rstrip() + "…" for w in warnings]
+        said = "; ".join(dict.fromkeys(cut)) or "no warning"
         if job.get("error"):
             said = f"error {json.dumps(job['error'])[:300]}; {said}"
         lines.append(f"- {spec.key}: {job['status']}, speedup {_fmt(speedup, '.2f')}: {said}")
