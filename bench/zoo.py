@@ -13,6 +13,7 @@ hub. The MiniLM row needs `transformers` (export only) and every image row needs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -729,6 +730,11 @@ def plain_quantize(spec: Spec, src: Path, calib: Feeds, dst: Path) -> str:
     """What a team does with onnxruntime alone: quant_pre_process, then quantize_static
     (QDQ, int8 activations and per-channel int8 weights, minmax) or quantize_dynamic
     (per-channel int8). Returns a note on what had to change for the call to go through."""
+    with contextlib.chdir(dst.parent):  # shape inference writes temp files into the cwd
+        return _plain_quantize(spec, src, calib, dst)
+
+
+def _plain_quantize(spec: Spec, src: Path, calib: Feeds, dst: Path) -> str:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -927,7 +933,7 @@ def main() -> None:
     n_calib = args.calib or (16 if args.quick else 32)
     n_held = args.held_out or (8 if args.quick else 16)
     rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
-    tmp = args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))
+    tmp = (args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))).resolve()
     tmp.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `compaas up` is stopped too
