@@ -1036,7 +1036,9 @@ def main() -> None:
         saved = [{**r, "spec": r["spec"].key} for r in rows]
         (tmp / "rows.json").write_text(json.dumps(saved, indent=1, default=str))
 
-    table = render(rows, n_calib, n_held) + "\n\n" + service_warnings(specs, prepared)
+    table = render(rows, n_calib, n_held)
+    if not args.no_service:
+        table += "\n\n" + service_warnings(specs, prepared)
     footer = (
         f"\n{len(specs)} models, {n_calib} calibration / {n_held} held-out samples each, "
         f"{time.monotonic() - started:.0f} s wall.\n"
