@@ -515,18 +515,38 @@ def short_latency_window() -> Iterator[None]:
 # ----------------------------------------------------------------------------- trained models
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]]
+) -> dict[str, Any]:
+    """`build(out_dir)` once per test run, not once per process: under pytest-xdist the workers
+    share the directory of the run, and the first to get its lock builds while the others wait
+    and reuse what it wrote (the builds are seeded, so any worker would write the same files).
+    Paths in the result come back as Paths."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above each worker's own
+    out = base / f"built-{name}"
+    manifest = out / "built.json"
+    with (base / f"built-{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not manifest.exists():
+            result = build(out)
+            paths = {k: str(v) for k, v in result.items() if isinstance(v, Path)}
+            values = {k: v for k, v in result.items() if not isinstance(v, Path)}
+            manifest.write_text(json.dumps({"paths": paths, "values": values}))
+        built = json.loads(manifest.read_text())
+    return {**built["values"], **{k: Path(v) for k, v in built["paths"].items()}}
+
+
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The `compaas example digits` files: a CNN trained on sklearn's digits, exported twice."""
     from engine.examples import write_digits_example
 
-    out = tmp_path_factory.mktemp("digits")
-    write_digits_example(out)
-    return {
-        "pt2": out / "digits_cnn.pt2",
-        "onnx": out / "digits_cnn.onnx",
-        "npz": out / "digits.npz",
-    }
+    written = built_once(tmp_path_factory, "digits", write_digits_example)
+    return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}
 
 
 @pytest.fixture(scope="session")
@@ -534,7 +554,7 @@ def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The digits MLP 64-300-100-10 (flat [N, 64] inputs) as .pt2 and .onnx, and its .npz."""
     from engine.examples import write_digits_mlp
 
-    written = write_digits_mlp(tmp_path_factory.mktemp("mlp"))
+    written = built_once(tmp_path_factory, "mlp", write_digits_mlp)
     return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}
 
 
@@ -543,7 +563,7 @@ def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 2-block transformer encoder trained on a token-order task (ONNX/.pt2 + tokens.npz)."""
     from engine.examples import write_token_transformer
 
-    return write_token_transformer(tmp_path_factory.mktemp("transformer"))
+    return built_once(tmp_path_factory, "transformer", write_token_transformer)
 
 
 @pytest.fixture(scope="session")
@@ -551,4 +571,4 @@ def separable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A depthwise-separable CNN trained on digits (ONNX/.pt2 + npz)."""
     from engine.examples import write_separable_cnn
 
-    return write_separable_cnn(tmp_path_factory.mktemp("separable"))
+    return built_once(tmp_path_factory, "separable", write_separable_cnn)

@@ -245,7 +245,7 @@ def test_other_teams_objects_are_404(
     digits_files: dict[str, Path],
 ) -> None:
     """Models, datasets and jobs; another team's artifacts are in
-    tests/integration/test_errors.py, since an artifact needs a job that ran."""
+    tests/integration/test_artifacts_scoped.py, since an artifact needs a job that ran."""
     client, other = api_stack.client, api_other_team
     model_id = api_digits["onnx"]["id"]
     problem(client.get(f"/v1/models/{model_id}", headers=other), 404, "not_found")

@@ -1,6 +1,6 @@
 """Operator endpoints on the embedded default (SQLite, filesystem broker): liveness, readiness
 naming each dependency, Prometheus metrics. The same on Postgres and Redis is in
-tests/integration/test_health.py."""
+tests/integration/test_health_postgres.py."""
 
 from __future__ import annotations
 
