@@ -184,28 +184,22 @@ def test_distill_student_of_another_team_or_in_onnx_is_refused(
     digits_files: dict[str, Path],
 ) -> None:
     """The uploaded-student distillation that runs is in tests/integration/test_pipelines_api."""
-    student_id = api_digits["pt2"]["id"]
+
+    def distill_into(student_id: str) -> Any:
+        return _submit(
+            api_stack,
+            api_team,
+            model_id=api_digits["pt2"]["id"],
+            dataset_id=datasets["labels"],
+            pipeline=[{"op": "distill", "student": "model", "student_model_id": student_id}],
+        )
+
     # another team's model is not found
-    upload = api_stack.upload("models", digits_files["pt2"], api_other_team)
-    teacher = api_stack.inspect_here(upload.json()["id"], api_other_team)
-    assert teacher["status"] == "ready", teacher
-    npz = api_stack.upload("datasets", digits_files["npz"], api_other_team).json()
-    resp = _submit(
-        api_stack,
-        api_other_team,
-        model_id=teacher["id"],
-        dataset_id=npz["id"],
-        pipeline=[{"op": "distill", "student": "model", "student_model_id": student_id}],
-    )
+    stranger = api_stack.upload("models", digits_files["pt2"], api_other_team)
+    assert stranger.status_code == 201, stranger.text
+    resp = distill_into(stranger.json()["id"])
     assert resp.status_code == 422 and resp.json()["code"] == "student_not_found"
+    assert "in your team" in resp.json()["detail"]
     # an ONNX student is refused
-    resp = _submit(
-        api_stack,
-        api_team,
-        model_id=api_digits["pt2"]["id"],
-        dataset_id=datasets["labels"],
-        pipeline=[
-            {"op": "distill", "student": "model", "student_model_id": api_digits["onnx"]["id"]}
-        ],
-    )
+    resp = distill_into(api_digits["onnx"]["id"])
     assert resp.status_code == 422 and resp.json()["code"] == "student_invalid"
