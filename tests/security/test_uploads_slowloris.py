@@ -25,6 +25,7 @@ import pytest
 
 from app.db.models import Job
 from app.db.session import session_scope
+from tests.conftest import wait_for
 from tests.security.uploads_support import (
     Server,
     api_server,
@@ -71,8 +72,8 @@ def test_held_uploads_do_not_starve_other_teams(server: Server) -> None:
         sock.sendall(request_head("/v1/models", attacker, 50 * 1024 * 1024) + body_start)
         held.append(sock)
     try:
-        time.sleep(1)
-        assert len(server.spool_files()) == HELD
+        # every held upload has reached its spool file (a wait on that, not on a clock)
+        wait_for(lambda: len(server.spool_files()) == HELD, timeout=60, interval=0.1)
 
         latencies: list[float] = []
         statuses: list[int] = []
