@@ -1,7 +1,8 @@
-"""Shared fixtures: models trained once per session, and deployments built from real services
-that the tests start themselves (a private redis-server, a throwaway Postgres database or a
-private cluster, worker processes). Nothing here changes the machine's Redis or Postgres beyond
-the database it creates and drops."""
+"""Shared fixtures: models trained once per session, the API in this process on SQLite with no
+worker (`api_stack`, for tests/api), and deployments built from real services that the tests
+start themselves (a private redis-server, a throwaway Postgres database or a private cluster,
+worker processes). Nothing here changes the machine's Redis or Postgres beyond the database it
+creates and drops."""
 
 from __future__ import annotations
 
@@ -42,12 +43,26 @@ INTEGRATION_FIXTURES = frozenset(
 )
 
 
+def _uses_a_stack_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses one of this file's server fixtures: by definition, not by name, so
+    a module's own fixture that happens to be called `stack` does not make it an integration
+    test."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for name in INTEGRATION_FIXTURES & set(info.names_closure):
+        defs = info.name2fixturedefs.get(name, ())
+        if defs and getattr(defs[-1].func, "__module__", None) == __name__:
+            return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark integration tests by what they use, so `-m "not integration"` never starts a server."""
     for item in items:
         in_integration = ROOT / "tests" / "integration" in item.path.parents
-        if in_integration or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if in_integration or _uses_a_stack_fixture(item):
             item.add_marker(pytest.mark.integration)
 
 
@@ -79,6 +94,32 @@ def create_team(env: dict[str, str], name: str) -> tuple[str, dict[str, str]]:
     )
     data = json.loads(out.stdout)
     return data["team_id"], {"Authorization": f"Bearer {data['api_key']}"}
+
+
+PROBLEM = "application/problem+json"
+
+
+def problem(resp: Any, status: int, code: str) -> dict[str, Any]:
+    """Assert an RFC 9457 problem answer with this status and code; its body."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith(PROBLEM)
+    body: dict[str, Any] = resp.json()
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"].endswith("/" + code)
+    assert body["detail"]
+    return body
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    """An .npz file of these arrays, in memory."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- private services
@@ -226,7 +267,8 @@ class PostgresCluster:
 
 @dataclass
 class Stack:
-    """One deployment: database + broker + blob dir, a worker process and an API client."""
+    """One deployment: database + broker + blob dir, an API client in this process and the
+    worker processes it started (none for `api_stack`)."""
 
     name: str
     settings: Settings
@@ -279,6 +321,19 @@ class Stack:
             return self.client.post(
                 f"/v1/{route}", files={"file": (path.name, fh)}, data=fields, headers=headers
             )
+
+    def post_file(self, route: str, name: str, data: bytes, headers: dict[str, str]) -> Any:
+        """Upload `data` as the `file` part, under the file name `name`."""
+        return self.client.post(f"/v1/{route}", files={"file": (name, data)}, headers=headers)
+
+    def inspect_here(self, model_id: str, headers: dict[str, str]) -> dict[str, Any]:
+        """Inspect a pending model in this process with the worker's own code (which runs the
+        sandbox child), as a worker would; the model as the API now shows it."""
+        from app.storage import get_blob_store
+        from worker.runner import inspect_model
+
+        inspect_model(model_id, self.settings, get_blob_store(self.settings))
+        return dict(self.client.get(f"/v1/models/{model_id}", headers=headers).json())
 
     def wait_model(self, model_id: str, headers: dict[str, str]) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
@@ -373,25 +428,71 @@ def pg_stack(
     yield from start_stack("postgres", env, tmp)
 
 
-@pytest.fixture(scope="session")
-def sqlite_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The embedded default: SQLite, local blobs, Celery's filesystem transport."""
-    tmp = tmp_path_factory.mktemp("sqlite-stack")
-    env = {
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    """The embedded default (`compaas up`): SQLite, local blobs, Celery's filesystem transport,
+    all under `data_dir`."""
+    return {
         "COMPAAS_MODE": "embedded",
-        "COMPAAS_DATA_DIR": str(tmp),
+        "COMPAAS_DATA_DIR": str(data_dir),
         "COMPAAS_DATABASE_URL": "",
         "COMPAAS_BROKER_URL": "",
         "COMPAAS_WORKER_QUEUES": "default",
         "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
     }
-    yield from start_stack("sqlite", env, tmp)
+
+
+@pytest.fixture(scope="session")
+def sqlite_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The embedded default with a worker process."""
+    tmp = tmp_path_factory.mktemp("sqlite-stack")
+    yield from start_stack("sqlite", embedded_env(tmp), tmp)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def stack(request: pytest.FixtureRequest) -> Stack:
+    """`pg_stack` or `sqlite_stack`: for the few tests where the backend matters, parametrized
+    indirectly (`indirect=["stack"]`) with "postgres" and/or "sqlite"."""
     name = {"postgres": "pg_stack", "sqlite": "sqlite_stack"}[request.param]
     return request.getfixturevalue(name)
+
+
+# ----------------------------------------------------------------------------- in-process API
+
+
+@pytest.fixture(scope="session")
+def api_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The embedded default served in this process, with no worker and no reconciler: no server
+    to start, so tests/api is in the fast set. Created jobs stay queued; a model becomes ready
+    or invalid through `Stack.inspect_here`."""
+    tmp = tmp_path_factory.mktemp("api-stack")
+    env = {**embedded_env(tmp), "COMPAAS_RUN_RECONCILER": "false"}
+    yield from start_stack("api", env, tmp, workers=0)
+
+
+@pytest.fixture(scope="session")
+def api_team(api_stack: Stack) -> dict[str, str]:
+    """The auth header of one team on `api_stack`."""
+    return api_stack.new_team("api")[1]
+
+
+@pytest.fixture(scope="session")
+def api_other_team(api_stack: Stack) -> dict[str, str]:
+    """A second team on `api_stack`: another team's objects are a 404 to it."""
+    return api_stack.new_team("api-other")[1]
+
+
+@pytest.fixture(scope="session")
+def api_digits(
+    api_stack: Stack, api_team: dict[str, str], digits_files: dict[str, Path]
+) -> dict[str, dict[str, Any]]:
+    """The digits CNN uploaded by `api_team` as .onnx and .pt2, inspected: the ready models."""
+    ready = {}
+    for fmt in ("onnx", "pt2"):
+        resp = api_stack.upload("models", digits_files[fmt], api_team, name=f"digits-{fmt}")
+        assert resp.status_code == 201, resp.text
+        ready[fmt] = api_stack.inspect_here(resp.json()["id"], api_team)
+        assert ready[fmt]["status"] == "ready", ready[fmt]
+    return ready
 
 
 # ----------------------------------------------------------------------------- engine runs
@@ -414,18 +515,38 @@ def short_latency_window() -> Iterator[None]:
 # ----------------------------------------------------------------------------- trained models
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]]
+) -> dict[str, Any]:
+    """`build(out_dir)` once per test run, not once per process: under pytest-xdist the workers
+    share the directory of the run, and the first to get its lock builds while the others wait
+    and reuse what it wrote (the builds are seeded, so any worker would write the same files).
+    Paths in the result come back as Paths."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above each worker's own
+    out = base / f"built-{name}"
+    manifest = out / "built.json"
+    with (base / f"built-{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not manifest.exists():
+            result = build(out)
+            paths = {k: str(v) for k, v in result.items() if isinstance(v, Path)}
+            values = {k: v for k, v in result.items() if not isinstance(v, Path)}
+            manifest.write_text(json.dumps({"paths": paths, "values": values}))
+        built = json.loads(manifest.read_text())
+    return {**built["values"], **{k: Path(v) for k, v in built["paths"].items()}}
+
+
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The `compaas example digits` files: a CNN trained on sklearn's digits, exported twice."""
     from engine.examples import write_digits_example
 
-    out = tmp_path_factory.mktemp("digits")
-    write_digits_example(out)
-    return {
-        "pt2": out / "digits_cnn.pt2",
-        "onnx": out / "digits_cnn.onnx",
-        "npz": out / "digits.npz",
-    }
+    written = built_once(tmp_path_factory, "digits", write_digits_example)
+    return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}
 
 
 @pytest.fixture(scope="session")
@@ -433,7 +554,7 @@ def mlp_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The digits MLP 64-300-100-10 (flat [N, 64] inputs) as .pt2 and .onnx, and its .npz."""
     from engine.examples import write_digits_mlp
 
-    written = write_digits_mlp(tmp_path_factory.mktemp("mlp"))
+    written = built_once(tmp_path_factory, "mlp", write_digits_mlp)
     return {"pt2": written["pt2"], "onnx": written["onnx"], "npz": written["npz"]}
 
 
@@ -442,7 +563,7 @@ def transformer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 2-block transformer encoder trained on a token-order task (ONNX/.pt2 + tokens.npz)."""
     from engine.examples import write_token_transformer
 
-    return write_token_transformer(tmp_path_factory.mktemp("transformer"))
+    return built_once(tmp_path_factory, "transformer", write_token_transformer)
 
 
 @pytest.fixture(scope="session")
@@ -450,4 +571,4 @@ def separable(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A depthwise-separable CNN trained on digits (ONNX/.pt2 + npz)."""
     from engine.examples import write_separable_cnn
 
-    return write_separable_cnn(tmp_path_factory.mktemp("separable"))
+    return built_once(tmp_path_factory, "separable", write_separable_cnn)

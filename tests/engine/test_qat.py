@@ -65,6 +65,9 @@ def test_qat_int8_beats_static_ptq_where_ptq_loses(
     assert step["details"]["calibration"]  # then static QDQ on the trained model
 
 
+# slow: two more engine runs; the fast set keeps QAT int8 in the test above, whose drop bound
+# (0.015) on a model that trips PTQ is the stronger form of "QAT does not lose accuracy".
+@pytest.mark.slow
 def test_qat_int8_matches_ptq_where_ptq_is_lossless(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -18,12 +18,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("model_format", ["pt2", "onnx"])
+# Both formats on Postgres + Redis; on the embedded default (SQLite file and filesystem transport
+# shared by the API and the worker process) the README's flow, from a .pt2.
+@pytest.mark.parametrize(
+    ("stack", "model_format"),
+    [("postgres", "pt2"), ("postgres", "onnx"), ("sqlite", "pt2")],
+    indirect=["stack"],
+)
 def test_static_int8_job_end_to_end(
     stack: Stack, digits_files: dict[str, Path], model_format: str
 ) -> None:
-    if stack.name == "sqlite" and model_format == "onnx":
-        pytest.skip("the embedded stack runs the pt2 flow; onnx runs on postgres")
     client = stack.client
     _, headers = stack.new_team("flow")
     raw = digits_files[model_format].read_bytes()
@@ -131,9 +135,10 @@ def test_static_int8_job_end_to_end(
     assert original.headers["x-checksum-sha256"] == model["sha256"]
 
 
-def test_dynamic_int8_and_fp16_without_dataset(stack: Stack, digits_files: dict[str, Path]) -> None:
-    if stack.name == "sqlite":
-        pytest.skip("covered on postgres; the embedded stack runs the main flow")
+def test_dynamic_int8_and_fp16_without_dataset(
+    pg_stack: Stack, digits_files: dict[str, Path]
+) -> None:
+    stack = pg_stack
     client = stack.client
     _, headers = stack.new_team("nodata")
     model = stack.upload("models", digits_files["onnx"], headers).json()

@@ -1,9 +1,9 @@
-"""Issue #3 through the REST API: every pruning variant on real trained models."""
+"""Issue #3 through the REST API: every pruning variant on real trained models. Pruning that an
+ONNX upload cannot have is refused at creation: tests/api/test_pipelines.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -179,23 +179,3 @@ def test_onnx_upload_unstructured_end_to_end(api: Client, mlp_files: dict[str, P
     data = load_npz(mlp_files["npz"])
     logits = run_onnx(api.artifact(job), data["x"])
     assert (logits.argmax(1) == data["labels"]).mean() >= 0.9
-
-
-@pytest.mark.parametrize(
-    "step, field, text",
-    [
-        ({"granularity": "channels"}, "pipeline[0].granularity", "upload a torch.export .pt2"),
-        ({"criterion": "gradient"}, "pipeline[0].criterion", "upload a torch.export .pt2"),
-        ({"schedule": GRADUAL}, "pipeline[0].schedule", "upload a torch.export .pt2"),
-    ],
-)
-def test_onnx_upload_asked_for_torch_pruning_gets_422(
-    api: Client, digits_files: dict[str, Path], step: dict[str, Any], field: str, text: str
-) -> None:
-    resp = api.submit(digits_files["onnx"], digits_files["npz"], pipeline=[{"op": "prune", **step}])
-    assert resp.status_code == 422, resp.text
-    problem = resp.json()
-    assert resp.headers["content-type"].startswith("application/problem+json")
-    assert problem["field"] == field
-    assert text in problem["detail"]
-    assert "unstructured" in problem["detail"]  # says what works on ONNX
