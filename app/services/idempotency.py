@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.api.problems import Problem
 from app.db.base import utcnow
 from app.db.models import IdempotencyKey
+from app.errors import Conflict, Invalid
 
 TTL = timedelta(hours=24)
 
@@ -43,8 +43,7 @@ def find(session: Session, team_id: str, request: IdempotentRequest) -> Idempote
         session.commit()
         return None
     if row.route != request.route or row.fingerprint != request.fingerprint:
-        raise Problem(
-            422,
+        raise Invalid(
             "idempotency_key_reused",
             f"Idempotency-Key {request.key!r} was already used with a different request "
             f"({row.route}). Use a new key for a new request.",
@@ -87,11 +86,10 @@ def save_response(
     session.commit()
 
 
-def in_use() -> Problem:
-    return Problem(
-        409,
+def in_use() -> Conflict:
+    return Conflict(
         "idempotency_key_in_use",
         "A request with this Idempotency-Key is being processed; retry in a moment.",
         field="Idempotency-Key",
-        headers={"Retry-After": "1"},
+        retry_after=1,
     )
