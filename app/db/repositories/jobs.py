@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
@@ -38,6 +38,30 @@ class JobRepository:
             .where(Job.id == job_id, Job.status == JobStatus.queued)
             .values(enqueued_at=utcnow())
         )
+
+    def lock_expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
+        """Running jobs whose lease ran out, locked (rows another process holds are skipped)."""
+        stmt = (
+            select(Job)
+            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+        return self.session.scalars(stmt).all()
+
+    def lock_unpublished(self, published_before: datetime, limit: int) -> list[str]:
+        """Ids of queued jobs never published or published before then, locked, oldest first."""
+        stmt = (
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.queued,
+                or_(Job.enqueued_at.is_(None), Job.enqueued_at < published_before),
+            )
+            .order_by(Job.id)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt).all())
 
     def claim(self, job_id: str, owner: str, lease_until: datetime) -> int | None:
         """Take a queued job (or one whose lease expired); return the new fencing token."""
