@@ -20,11 +20,4 @@ def download_model(
 ) -> Response:
     """The original upload, byte for byte (Range, ETag and sha256 headers)."""
     model = uploaded.get_or_raise(session, MODELS, team.id, model_id)
-    return blob_response(
-        request,
-        storage,
-        key=model.blob_key,
-        size=model.size_bytes,
-        sha256=model.sha256,
-        filename=f"{model.name}.{EXTENSIONS[model.format]}",
-    )
+    return blob_response(request, storage, model, f"{model.name}.{EXTENSIONS[model.format]}")

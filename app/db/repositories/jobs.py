@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
@@ -214,25 +214,30 @@ class TeamJobRepository(TeamRepository[Job]):
 
     def steps_of(self, job_ids: list[str]) -> dict[str, list[JobStep]]:
         """The steps of these jobs of the team, in order, by job id."""
-        steps: Sequence[JobStep] = self.session.scalars(
+        steps = self.session.scalars(
             select(JobStep)
             .join(Job, JobStep.job_id == Job.id)
             .where(Job.team_id == self.team_id, JobStep.job_id.in_(job_ids))
             .order_by(JobStep.index)
         ).all()
-        by_job: dict[str, list[JobStep]] = {job_id: [] for job_id in job_ids}
-        for step in steps:
-            by_job[step.job_id].append(step)
-        return by_job
+        return _by_job(job_ids, steps)
 
     def artifacts_of(self, job_ids: list[str]) -> dict[str, list[Artifact]]:
         """The artifacts of these jobs of the team, oldest first, by job id."""
-        rows = self.session.scalars(
+        artifacts = self.session.scalars(
             select(Artifact)
             .where(Artifact.team_id == self.team_id, Artifact.job_id.in_(job_ids))
             .order_by(Artifact.id)
         ).all()
-        by_job: dict[str, list[Artifact]] = {job_id: [] for job_id in job_ids}
-        for row in rows:
-            by_job[row.job_id].append(row)
-        return by_job
+        return _by_job(job_ids, artifacts)
+
+
+R = TypeVar("R", JobStep, Artifact)
+
+
+def _by_job(job_ids: list[str], rows: Sequence[R]) -> dict[str, list[R]]:
+    """Rows grouped by their job id, every asked-for job present (an empty list if none)."""
+    by_job: dict[str, list[R]] = {job_id: [] for job_id in job_ids}
+    for row in rows:
+        by_job[row.job_id].append(row)
+    return by_job
