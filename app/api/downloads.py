@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from typing import Protocol
 from urllib.parse import quote
 
 from fastapi import Request
@@ -13,6 +14,19 @@ from app.api.problems import Problem
 from app.storage import BlobStore
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class StoredBlob(Protocol):
+    """A row that points at a blob: a model, a dataset, an artifact."""
+
+    @property
+    def blob_key(self) -> str: ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
 
 
 def content_disposition(filename: str) -> str:
@@ -44,13 +58,12 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 def blob_response(
     request: Request,
     storage: BlobStore,
-    *,
-    key: str,
-    size: int,
-    sha256: str,
+    blob: StoredBlob,
     filename: str,
     media_type: str = "application/octet-stream",
 ) -> Response:
+    """The row's blob as a download named `filename` (304, 206 and 416 as HTTP says)."""
+    key, size, sha256 = blob.blob_key, blob.size_bytes, blob.sha256
     etag = f'"{sha256}"'
     b64 = base64.b64encode(bytes.fromhex(sha256)).decode()
     headers = {

@@ -1,4 +1,4 @@
-"""RFC 9457 problem+json errors: one exception type, handlers for everything else."""
+"""RFC 9457 problem+json: the API's `Problem`, domain errors mapped to it, other handlers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.errors import AppError, Conflict, Invalid, LimitReached, NotFound
 from app.redact import relative_paths
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,20 @@ class ProblemRead(BaseModel):
     instance: str | None = None
 
 
-def not_found(kind: str, object_id: str) -> Problem:
+STATUS: dict[type[AppError], int] = {
+    Invalid: 422,
+    NotFound: 404,
+    Conflict: 409,
+    LimitReached: 429,
+}
+
+
+def problem_for(error: AppError) -> Problem:
+    """The problem+json a domain error is answered with (its kind gives the status)."""
+    status = next((STATUS[k] for k in type(error).__mro__ if k in STATUS), 500)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
     return Problem(
-        404,
-        "not_found",
-        f"No {kind} with id {object_id!r} in your team. List yours with GET /v1/{kind}s.",
-        title="Not found",
+        status, error.code, error.detail, field=error.field, headers=headers, **error.extra
     )
 
 
@@ -132,6 +141,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc, request)
+
+    @app.exception_handler(AppError)
+    async def _domain(request: Request, exc: AppError) -> JSONResponse:
+        return problem_response(problem_for(exc), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

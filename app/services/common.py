@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from app.api.problems import Problem
 from app.db.base import Base
 from app.db.repositories.base import InvalidCursor, Page
+from app.errors import Invalid
 
 T = TypeVar("T", bound=Base)
 
@@ -14,8 +14,7 @@ def page_or_422(fetch: Callable[[], Page[T]]) -> Page[T]:
     try:
         return fetch()
     except InvalidCursor as exc:
-        raise Problem(
-            422,
+        raise Invalid(
             "invalid_cursor",
             "The cursor is not one this API returned; pass next_cursor from the previous page.",
             field="cursor",

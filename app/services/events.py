@@ -5,24 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import JobEvent
+from app.db.repositories.events import JobEventRepository
 
 TERMINAL_EVENT = "done"
 
 
 def record(session: Session, job_id: str, type_: str, **data: Any) -> None:
     """Add an event to the session; it commits with the state change it reports."""
-    session.add(JobEvent(job_id=job_id, type=type_, data=data))
+    JobEventRepository(session).add(job_id, type_, data)
 
 
-def after(session: Session, job_id: str, last_id: int, limit: int = 500) -> Sequence[JobEvent]:
-    stmt = (
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.id > last_id)
-        .order_by(JobEvent.id)
-        .limit(limit)
-    )
-    return session.scalars(stmt).all()
+def after(
+    session: Session, team_id: str, job_id: str, last_id: int, limit: int = 500
+) -> Sequence[JobEvent]:
+    return JobEventRepository(session).after(team_id, job_id, last_id, limit)

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.api.problems import Problem
 from app.db.base import utcnow
 from app.db.models import IdempotencyKey
+from app.db.repositories.idempotency import IdempotencyKeyRepository
+from app.errors import Conflict, Invalid
 
 TTL = timedelta(hours=24)
 
@@ -31,20 +31,16 @@ def fingerprint(*parts: Any) -> str:
 
 def find(session: Session, team_id: str, request: IdempotentRequest) -> IdempotencyKey | None:
     """The stored first response for this key, or None; a different body with it is a 422."""
-    row = session.scalars(
-        select(IdempotencyKey).where(
-            IdempotencyKey.team_id == team_id, IdempotencyKey.key == request.key
-        )
-    ).first()
+    keys = IdempotencyKeyRepository(session, team_id)
+    row = keys.get(request.key)
     if row is None:
         return None
     if row.created_at.replace(tzinfo=row.created_at.tzinfo or utcnow().tzinfo) < utcnow() - TTL:
-        session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
+        keys.delete(row)
         session.commit()
         return None
     if row.route != request.route or row.fingerprint != request.fingerprint:
-        raise Problem(
-            422,
+        raise Invalid(
             "idempotency_key_reused",
             f"Idempotency-Key {request.key!r} was already used with a different request "
             f"({row.route}). Use a new key for a new request.",
@@ -62,16 +58,13 @@ def remember(
     location: str,
 ) -> None:
     """Record the key in the same transaction as the object it created."""
-    session.add(
-        IdempotencyKey(
-            team_id=team_id,
-            key=request.key,
-            route=request.route,
-            fingerprint=request.fingerprint,
-            status_code=status_code,
-            response={"id": object_id},
-            location=location,
-        )
+    IdempotencyKeyRepository(session, team_id).add(
+        request.key,
+        route=request.route,
+        fingerprint=request.fingerprint,
+        status_code=status_code,
+        response={"id": object_id},
+        location=location,
     )
 
 
@@ -79,19 +72,14 @@ def save_response(
     session: Session, team_id: str, request: IdempotentRequest, body: dict[str, Any]
 ) -> None:
     """Store the exact first response body, so replays return it byte for byte."""
-    session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.team_id == team_id, IdempotencyKey.key == request.key)
-        .values(response=body)
-    )
+    IdempotencyKeyRepository(session, team_id).set_response(request.key, body)
     session.commit()
 
 
-def in_use() -> Problem:
-    return Problem(
-        409,
+def in_use() -> Conflict:
+    return Conflict(
         "idempotency_key_in_use",
         "A request with this Idempotency-Key is being processed; retry in a moment.",
         field="Idempotency-Key",
-        headers={"Retry-After": "1"},
+        retry_after=1,
     )

@@ -2,66 +2,61 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app.api.problems import Problem, not_found
 from app.config import Settings
-from app.db.base import utcnow
 from app.db.models import (
     Artifact,
     Dataset,
     Job,
     JobStatus,
-    JobStep,
     Model,
     ModelStatus,
     StepStatus,
 )
-from app.db.repositories import JobRepository, Page, TeamRepository
+from app.db.repositories import JobRepository, Page, TeamJobRepository, TeamRepository
+from app.errors import Conflict, Invalid, LimitReached, not_found
 from app.queue import TASK_RUN_JOB, publish
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
-from app.services import datasets as dataset_service
-from app.services import events, idempotency
-from app.services import models as model_service
+from app.services import events, idempotency, uploaded
 from app.services.common import page_or_422
+from app.services.datasets import DATASETS
 from app.services.idempotency import IdempotentRequest
+from app.services.models import MODELS
 from app.storage import BlobStore
 from engine.config import OpConfig, PipelineError, parse_steps, preset_pipeline, validate_request
 from engine.io.datasets import DatasetMismatch, arrays_for_inputs
 from engine.io.formats import TensorSpec
 
 
-def _repo(session: Session, team_id: str) -> TeamRepository[Job]:
-    return TeamRepository(session, Job, team_id)
+def _repo(session: Session, team_id: str) -> TeamJobRepository:
+    return TeamJobRepository(session, team_id)
 
 
-def _problem(exc: PipelineError | DatasetMismatch) -> Problem:
+def _problem(exc: PipelineError | DatasetMismatch) -> Invalid:
     """The 422 for a request the engine refuses, with its code, field and extra members.
 
     A step that needs the torch model of a non-.pt2 upload is `unsupported_op` to the engine;
     the API has always answered it as a pipeline the request cannot run: `invalid_pipeline`.
     """
     if isinstance(exc, DatasetMismatch):
-        return Problem(422, exc.code, exc.detail, field=exc.field, input=exc.input)
+        return Invalid(exc.code, exc.detail, field=exc.field, input=exc.input)
     code = "invalid_pipeline" if exc.code == "unsupported_op" else exc.code
-    return Problem(422, code, exc.detail, field=exc.field, **exc.extra)
+    return Invalid(code, exc.detail, field=exc.field, **exc.extra)
 
 
 def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
     if (body.preset is None) == (body.pipeline is None):
-        raise Problem(
-            422,
+        raise Invalid(
             "validation_error",
             "Give either 'preset' (see GET /v1/presets) or 'pipeline' (a list of ops), not both "
             "and not neither.",
             field="pipeline",
         )
     if body.overrides and body.preset is None:
-        raise Problem(
-            422,
+        raise Invalid(
             "validation_error",
             "'overrides' changes a preset's steps; with an explicit 'pipeline', put the "
             "values in the steps themselves.",
@@ -74,10 +69,9 @@ def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
             else body.pipeline or []
         )
         if not steps:
-            raise Problem(422, "invalid_pipeline", "The pipeline has no ops.", field="pipeline")
+            raise Invalid("invalid_pipeline", "The pipeline has no ops.", field="pipeline")
         if len(steps) > max_steps:
-            raise Problem(
-                422,
+            raise Invalid(
                 "pipeline_too_long",
                 f"The pipeline has {len(steps)} steps; at most {max_steps} are allowed. Combine "
                 "steps (one gradual prune instead of many one-shot ones) or run several jobs.",
@@ -106,28 +100,28 @@ def create(
     body: JobCreate,
     idem: IdempotentRequest | None = None,
 ) -> Job:
-    model = model_service.get_or_raise(session, team_id, body.model_id)
+    model = uploaded.get_or_raise(session, MODELS, team_id, body.model_id)
     if model.status == ModelStatus.pending:
-        raise Problem(
-            409,
+        raise Conflict(
             "model_not_ready",
             "The model is still being inspected; poll GET /v1/models/{id} until status is "
             "'ready', then create the job.",
             field="model_id",
-            headers={"Retry-After": "2"},
+            retry_after=2,
         )
     if model.status == ModelStatus.invalid:
         err = (model.error or {}).get("detail", "")
-        raise Problem(422, "model_invalid", f"The model failed inspection: {err}", field="model_id")
+        raise Invalid("model_invalid", f"The model failed inspection: {err}", field="model_id")
     dataset = None
     if body.dataset_id is not None:
-        dataset = dataset_service.get_or_raise(session, team_id, body.dataset_id)
+        dataset = uploaded.get_or_raise(session, DATASETS, team_id, body.dataset_id)
         check_dataset_fits(model, dataset)
     configs = _resolve_pipeline(body, settings.max_pipeline_steps)
     check_active_jobs(session, settings, team_id)
     _check_plan(model.format, configs, dataset, body)
     _check_students(session, team_id, configs)
-    job = _repo(session, team_id).create(
+    jobs = _repo(session, team_id)
+    job = jobs.create(
         model_id=model.id,
         dataset_id=dataset.id if dataset else None,
         status=JobStatus.queued,
@@ -136,7 +130,7 @@ def create(
         export=list(body.export),
     )
     for index, config in enumerate(configs):
-        session.add(JobStep(job_id=job.id, index=index, op=config.op, config=config.to_dict()))
+        jobs.add_step(job.id, index, config.op, config.to_dict())
     events.record(session, job.id, "status", status="queued")
     if idem is not None:
         idempotency.remember(session, team_id, idem, 202, job.id, f"/v1/jobs/{job.id}")
@@ -153,13 +147,12 @@ def check_active_jobs(session: Session, settings: Settings, team_id: str) -> Non
     """A team may have at most `team_max_active_jobs` queued or running jobs (429)."""
     active = JobRepository(session).count_active(team_id)
     if active >= settings.team_max_active_jobs:
-        raise Problem(
-            429,
+        raise LimitReached(
             "too_many_active_jobs",
             f"Your team has {active} queued or running jobs, the most allowed "
             f"({settings.team_max_active_jobs}). Wait for some to finish (or cancel them with "
             "POST /v1/jobs/{id}/cancel), then retry.",
-            headers={"Retry-After": "30"},
+            retry_after=30,
         )
 
 
@@ -189,12 +182,11 @@ def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> 
         where = f"pipeline[{index}].student_model_id"
         student = TeamRepository(session, Model, team_id).get(student_id)
         if student is None:
-            raise Problem(
-                422, "student_not_found", f"No model {student_id!r} in your team.", field=where
+            raise Invalid(
+                "student_not_found", f"No model {student_id!r} in your team.", field=where
             )
         if student.format != "pt2" or student.status != ModelStatus.ready:
-            raise Problem(
-                422,
+            raise Invalid(
                 "student_invalid",
                 f"The student model must be a ready torch.export .pt2 (it is {student.format}, "
                 f"{student.status}): distillation trains it.",
@@ -205,11 +197,7 @@ def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> 
 def _publish(session: Session, settings: Settings, job: Job) -> None:
     """After commit: a failed publish leaves the job queued for the reconciler to publish."""
     if publish(settings, TASK_RUN_JOB, job.id):
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.queued)
-            .values(enqueued_at=utcnow())
-        )
+        JobRepository(session).mark_enqueued(job.id)
         session.commit()
 
 
@@ -218,33 +206,16 @@ def cancel(session: Session, storage: BlobStore, team_id: str, job_id: str) -> N
     job = get_or_raise(session, team_id, job_id)
     if job.status == JobStatus.canceled:
         return
-    now = utcnow()
+    jobs = _repo(session, team_id)
     error = {"code": "canceled", "detail": "The job was canceled by request.", "step": None}
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_([JobStatus.queued, JobStatus.running]))
-        .values(status=JobStatus.canceled, finished_at=now, lease_expires_at=None, error=error)
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
+    if not jobs.cancel(job.id, error):
         session.rollback()
-        raise Problem(
-            409,
+        raise Conflict(
             "job_not_cancelable",
             f"The job already {job.status}; only queued or running jobs can be canceled.",
         )
-    checkpoints = session.scalars(
-        select(Artifact).where(Artifact.job_id == job.id, Artifact.role == "checkpoint")
-    ).all()
-    keys = [a.blob_key for a in checkpoints]
-    for artifact in checkpoints:
-        session.delete(artifact)
-    session.execute(
-        update(JobStep)
-        .where(JobStep.job_id == job.id, JobStep.status != StepStatus.succeeded)
-        .values(status=StepStatus.pending, started_at=None, finished_at=None)
-    )
-    session.execute(update(JobStep).where(JobStep.job_id == job.id).values(artifact_id=None))
+    keys = jobs.delete_checkpoints(job.id)
+    jobs.reset_unfinished_steps(job.id)
     events.record(session, job.id, "status", status="canceled")
     events.record(session, job.id, events.TERMINAL_EVENT, status="canceled")
     session.commit()
@@ -256,35 +227,17 @@ def retry(session: Session, settings: Settings, team_id: str, job_id: str) -> Jo
     """Queue a failed or canceled job again; steps with a stored checkpoint are not redone."""
     job = get_or_raise(session, team_id, job_id)
     if job.status not in (JobStatus.failed, JobStatus.canceled):
-        raise Problem(
-            409,
+        raise Conflict(
             "job_not_retryable",
             f"The job is {job.status}; only failed or canceled jobs can be retried.",
         )
     check_active_jobs(session, settings, team_id)
     done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
-    session.execute(
-        update(JobStep)
-        .where(JobStep.job_id == job.id, JobStep.index >= len(done))
-        .values(status=StepStatus.pending, started_at=None, finished_at=None, artifact_id=None)
-    )
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_([JobStatus.failed, JobStatus.canceled]))
-        .values(
-            status=JobStatus.queued,
-            error=None,
-            finished_at=None,
-            current_step=None,
-            attempts=0,
-            enqueued_at=None,
-            progress=len(done) / max(len(job.steps), 1),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
+    jobs = _repo(session, team_id)
+    jobs.reset_steps_from(job.id, len(done))
+    if not jobs.requeue(job.id, progress=len(done) / max(len(job.steps), 1)):
         session.rollback()
-        raise Problem(409, "job_not_retryable", "The job changed state; read it and try again.")
+        raise Conflict("job_not_retryable", "The job changed state; read it and try again.")
     events.record(session, job.id, "status", status="queued", reason="retry", resume_from=len(done))
     session.commit()
     session.refresh(job)
@@ -293,9 +246,7 @@ def retry(session: Session, settings: Settings, team_id: str, job_id: str) -> Jo
 
 
 def get_or_raise(session: Session, team_id: str, job_id: str) -> Job:
-    job = session.scalars(
-        select(Job).where(Job.team_id == team_id, Job.id == job_id).options(selectinload(Job.steps))
-    ).first()
+    job = _repo(session, team_id).get_with_steps(job_id)
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -305,18 +256,6 @@ def get_page(
     session: Session, team_id: str, limit: int, cursor: str | None, status: str | None
 ) -> Page[Job]:
     return page_or_422(lambda: _repo(session, team_id).get_page(limit, cursor, status=status))
-
-
-def artifacts_for(session: Session, team_id: str, job_ids: list[str]) -> dict[str, list[Artifact]]:
-    rows = session.scalars(
-        select(Artifact)
-        .where(Artifact.team_id == team_id, Artifact.job_id.in_(job_ids))
-        .order_by(Artifact.id)
-    ).all()
-    out: dict[str, list[Artifact]] = {job_id: [] for job_id in job_ids}
-    for row in rows:
-        out[row.job_id].append(row)
-    return out
 
 
 def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
@@ -344,7 +283,7 @@ def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
 
 def read(session: Session, team_id: str, job_id: str) -> JobRead:
     job = get_or_raise(session, team_id, job_id)
-    return to_read(job, artifacts_for(session, team_id, [job.id])[job.id])
+    return to_read(job, _repo(session, team_id).artifacts_of([job.id])[job.id])
 
 
 def read_page(
@@ -352,15 +291,11 @@ def read_page(
 ) -> tuple[list[JobRead], str | None]:
     page = get_page(session, team_id, limit, cursor, status)
     ids = [job.id for job in page.items]
-    arts = artifacts_for(session, team_id, ids)
-    steps = session.scalars(
-        select(JobStep).where(JobStep.job_id.in_(ids)).order_by(JobStep.index)
-    ).all()
-    by_job: dict[str, list[JobStep]] = {i: [] for i in ids}
-    for step in steps:
-        by_job[step.job_id].append(step)
+    jobs = _repo(session, team_id)
+    arts = jobs.artifacts_of(ids)
+    steps = jobs.steps_of(ids)
     for job in page.items:
-        set_committed_value(job, "steps", by_job[job.id])
+        set_committed_value(job, "steps", steps[job.id])
     return [to_read(job, arts[job.id]) for job in page.items], page.next_cursor
 
 

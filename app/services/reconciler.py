@@ -12,18 +12,17 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import delete, or_, select, update
-
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import IdempotencyKey, Job, JobStatus, JobStep, StepStatus
+from app.db.models import JobStatus, StepStatus
+from app.db.repositories import JobRepository
+from app.db.repositories.idempotency import purge_created_before
 from app.db.session import session_scope
 from app.queue import TASK_RUN_JOB, publish
-from app.services import events
+from app.services import events, idempotency
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_TTL = timedelta(hours=24)
 BATCH = 100
 
 
@@ -32,13 +31,8 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "published": 0, "purged_keys": 0}
     with session_scope(settings.database_url) as session:
-        expired = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
-            .with_for_update(skip_locked=True)
-            .limit(BATCH)
-        ).all()
-        for job in expired:
+        jobs = JobRepository(session)
+        for job in jobs.lock_expired_leases(now, BATCH):
             if job.attempts >= settings.max_attempts:
                 detail = (
                     f"The job stopped responding on {job.attempts} attempts (the worker process "
@@ -56,10 +50,8 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
                 job.finished_at = now
                 job.lease_expires_at = None
                 if job.current_step is not None:
-                    session.execute(
-                        update(JobStep)
-                        .where(JobStep.job_id == job.id, JobStep.index == job.current_step)
-                        .values(status=StepStatus.failed, finished_at=now)
+                    jobs.update_step(
+                        job.id, job.current_step, status=StepStatus.failed, finished_at=now
                     )
                 events.record(session, job.id, "status", status="failed", error=error)
                 events.record(session, job.id, events.TERMINAL_EVENT, status="failed")
@@ -78,31 +70,12 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
                 )
                 counts["requeued"] += 1
         stale = utcnow() - timedelta(seconds=settings.requeue_after_s)
-        to_publish = list(
-            session.scalars(
-                select(Job.id)
-                .where(
-                    Job.status == JobStatus.queued,
-                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
-                )
-                .order_by(Job.id)
-                .with_for_update(skip_locked=True)
-                .limit(BATCH)
-            ).all()
-        )
-        for job_id in to_publish:
+        for job_id in jobs.lock_unpublished(stale, BATCH):
             if not publish(settings, TASK_RUN_JOB, job_id):
                 break  # broker down: the rest wait for the next pass
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.queued)
-                .values(enqueued_at=utcnow())
-            )
+            jobs.mark_enqueued(job_id)
             counts["published"] += 1
-        result = session.execute(
-            delete(IdempotencyKey).where(IdempotencyKey.created_at < now - IDEMPOTENCY_TTL)
-        )
-        counts["purged_keys"] = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        counts["purged_keys"] = purge_created_before(session, now - idempotency.TTL)
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts

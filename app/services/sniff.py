@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.api.problems import Problem
+from app.errors import Invalid
 from engine.errors import EngineError
 from engine.io.arrayheaders import HeaderError, read_headers
 from engine.io.formats import detect_format
@@ -20,12 +20,10 @@ from engine.io.safezip import ZipLimits
 UPLOAD_ZIP_LIMITS = ZipLimits()
 
 
-def _problem(exc: EngineError) -> Problem:
+def _invalid(exc: EngineError) -> Invalid:
     location = exc.location if isinstance(exc, HeaderError) else None
-    problem = Problem(422, exc.code, exc.detail, field=exc.field or "file")
-    if location:
-        problem.extra["location"] = location
-    return problem
+    extra: dict[str, Any] = {"location": location} if location else {}
+    return Invalid(exc.code, exc.detail, field=exc.field or "file", **extra)
 
 
 def sniff_model(path: Path) -> str:
@@ -38,11 +36,11 @@ def sniff_model(path: Path) -> str:
     try:
         return detect_format(path)
     except EngineError as exc:
-        raise _problem(exc) from exc
+        raise _invalid(exc) from exc
 
 
-def _dataset_problem(detail: str) -> Problem:
-    return Problem(422, "dataset_invalid", detail, field="file")
+def _dataset_invalid(detail: str) -> Invalid:
+    return Invalid("dataset_invalid", detail, field="file")
 
 
 def sniff_dataset(path: Path) -> dict[str, Any]:
@@ -50,19 +48,19 @@ def sniff_dataset(path: Path) -> dict[str, Any]:
     try:
         fmt, headers = read_headers(path, UPLOAD_ZIP_LIMITS, field="file")
     except EngineError as exc:
-        raise _problem(exc) from exc
+        raise _invalid(exc) from exc
     arrays = {name: header.to_dict() for name, header in headers.items()}
     if not arrays:
-        raise _dataset_problem("The dataset has no arrays.")
+        raise _dataset_invalid("The dataset has no arrays.")
     counts = {name: spec["shape"][0] if spec["shape"] else None for name, spec in arrays.items()}
     if None in counts.values() or len(set(counts.values())) != 1:
-        raise _dataset_problem(
+        raise _dataset_invalid(
             "Every array must have the sample count as its first dimension and all must agree; "
             f"got first dimensions {counts}."
         )
     num_samples = next(iter(counts.values()))
     if num_samples == 0:
-        raise _dataset_problem("The dataset has zero samples.")
+        raise _dataset_invalid("The dataset has zero samples.")
     if "labels" in arrays:
         labels = arrays["labels"]
         if (
@@ -70,12 +68,12 @@ def sniff_dataset(path: Path) -> dict[str, Any]:
             and labels["dtype"] != "bool"
             or len(labels["shape"]) != 1
         ):
-            raise _dataset_problem(
+            raise _dataset_invalid(
                 "'labels' must be a 1-D integer array of class indices, one per sample; got "
                 f"shape {labels['shape']} dtype {labels['dtype']}."
             )
         if len(arrays) == 1:
-            raise _dataset_problem("The dataset has 'labels' but no input arrays.")
+            raise _dataset_invalid("The dataset has 'labels' but no input arrays.")
     return {
         "format": fmt,
         "arrays": arrays,

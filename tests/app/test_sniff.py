@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.api.problems import Problem
+from app.api.problems import problem_for
+from app.errors import Invalid
 from app.services.sniff import sniff_dataset, sniff_model
 
 
@@ -34,14 +35,14 @@ def test_torchscript_is_refused(tmp_path: Path) -> None:
 
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), path)
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_model(path)
-    assert err.value.status == 422 and err.value.code == "torchscript_refused"
+    assert problem_for(err.value).status == 422 and err.value.code == "torchscript_refused"
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_raw_pickles_are_refused(tmp_path: Path, protocol: int) -> None:
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_model(_write(tmp_path, pickle.dumps([1, 2], protocol=protocol)))
     assert err.value.code == "pickle_refused"
 
@@ -51,7 +52,7 @@ def test_truncated_onnx_is_reported_as_truncated(
 ) -> None:
     data = digits_files["onnx"].read_bytes()
     for cut in (len(data) // 3, len(data) - 10):
-        with pytest.raises(Problem) as err:
+        with pytest.raises(Invalid) as err:
             sniff_model(_write(tmp_path, data[:cut]))
         assert err.value.code == "invalid_model"
         assert "truncated" in err.value.detail
@@ -93,7 +94,7 @@ def _zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_STORED
 def test_pt2_archive_format_is_read_through_a_tiny_cap(tmp_path: Path) -> None:
     # Stored (no compression ratio to catch): the member's declared size alone is refused.
     path = _zip(tmp_path / "m.pt2", {"m/archive_format": b"pt2" + bytes(1 << 20)})
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_model(path)
     assert err.value.code == "archive_too_large"
     assert err.value.field == "file"
@@ -105,7 +106,7 @@ def test_deflate_bomb_in_a_model_zip_is_refused_before_reading(tmp_path: Path) -
         {"m/archive_format": b"pt2", "m/data/0": bytes(64 << 20)},
         zipfile.ZIP_DEFLATED,
     )
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_model(path)
     assert err.value.code == "archive_too_large"
     assert "m/data/0" in err.value.detail
@@ -114,7 +115,7 @@ def test_deflate_bomb_in_a_model_zip_is_refused_before_reading(tmp_path: Path) -
 def test_npz_bomb_is_refused_before_reading(tmp_path: Path) -> None:
     header = _npy((16 << 20,), "<f4")
     path = _zip(tmp_path / "d.npz", {"x.npy": header + bytes(64 << 20)}, zipfile.ZIP_DEFLATED)
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_dataset(path)
     assert err.value.code == "archive_too_large"
 
@@ -138,7 +139,7 @@ def test_npz_header_lies(
     tmp_path: Path, shape: tuple[int, ...], descr: str, data_bytes: int, location: str
 ) -> None:
     path = _zip(tmp_path / "d.npz", {"x.npy": _npy(shape, descr) + bytes(data_bytes)})
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_dataset(path)
     assert err.value.code == "dataset_invalid"
     assert err.value.extra["location"] == location
@@ -174,7 +175,7 @@ def _st(header: object, data: bytes) -> bytes:
     ],
 )
 def test_safetensors_header_lies(tmp_path: Path, header: object, data: int, location: str) -> None:
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Invalid) as err:
         sniff_dataset(_write(tmp_path, _st(header, bytes(data))))
     assert err.value.code == "dataset_invalid"
     assert err.value.extra["location"] == location

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from app.api.problems import Problem
+from app.api.problems import problem_for
+from app.errors import Invalid
 from app.services.sniff import sniff_model
 from engine.errors import EngineError
 from engine.io.formats import detect_format, inspect_model
@@ -42,9 +43,9 @@ def test_torchscript_with_setstate_is_refused_everywhere(
     job.mkdir()
     model = evil_torchscript(job / "model.pt", secret, target)
     target.write_bytes(CANARY_TEXT)  # scripting ran __setstate__ once in this process
-    with pytest.raises(Problem) as problem:
+    with pytest.raises(Invalid) as problem:
         sniff_model(model)
-    assert problem.value.status == 422 and problem.value.code == "torchscript_refused"
+    assert problem_for(problem.value).status == 422 and problem.value.code == "torchscript_refused"
     assert ".pt2" in problem.value.detail and "onnx" in problem.value.detail.lower()
     with pytest.raises(EngineError) as err:
         inspect_model(model)

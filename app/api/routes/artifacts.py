@@ -30,11 +30,4 @@ def download_artifact(
     stem = f"{artifact.job_id[:8]}-{artifact.role}"
     if artifact.step_index is not None and artifact.role == "checkpoint":
         stem += f"-step{artifact.step_index}"
-    return blob_response(
-        request,
-        storage,
-        key=artifact.blob_key,
-        size=artifact.size_bytes,
-        sha256=artifact.sha256,
-        filename=f"{stem}.{artifact.format}",
-    )
+    return blob_response(request, storage, artifact, f"{stem}.{artifact.format}")

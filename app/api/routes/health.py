@@ -4,12 +4,12 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, select, text
 
 from app.api.deps import SettingsDep
 from app.api.ops import OPS_TOKEN_RESPONSES, OpsTokenDep
 from app.config import Settings
-from app.db.models import Job, JobStatus, Model, ModelStatus
+from app.db.models import JobStatus, ModelStatus
+from app.db.repositories.operations import OperationsRepository
 from app.db.session import get_sessionmaker
 from app.queue import get_publisher
 from app.services import worker_hosts
@@ -33,13 +33,11 @@ def metrics(settings: SettingsDep) -> str:
     """Prometheus text format: jobs and models by status (for operators, across teams)."""
     lines = ["# TYPE compaas_jobs gauge"]
     with get_sessionmaker(settings.database_url)() as session:
-        jobs = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-        models = session.execute(select(Model.status, func.count()).group_by(Model.status)).all()
-    counts = dict(jobs)
-    lines += [f'compaas_jobs{{status="{s}"}} {counts.get(s, 0)}' for s in JobStatus]
+        counts = OperationsRepository(session)
+        jobs, models = counts.jobs_by_status(), counts.models_by_status()
+    lines += [f'compaas_jobs{{status="{s}"}} {jobs.get(s, 0)}' for s in JobStatus]
     lines.append("# TYPE compaas_models gauge")
-    counts = dict(models)
-    lines += [f'compaas_models{{status="{s}"}} {counts.get(s, 0)}' for s in ModelStatus]
+    lines += [f'compaas_models{{status="{s}"}} {models.get(s, 0)}' for s in ModelStatus]
     return "\n".join(lines) + "\n"
 
 
@@ -49,7 +47,7 @@ def readyz(settings: SettingsDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:
         with get_sessionmaker(settings.database_url)() as session:
-            session.execute(text("SELECT 1"))
+            OperationsRepository(session).ping()
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"

@@ -109,7 +109,7 @@ async def job_events(
 
     def fetch(last: int) -> list[tuple[int, str, dict[str, Any]]]:
         with maker() as s:
-            return [(e.id, e.type, e.data) for e in events.after(s, job_id, last)]
+            return [(e.id, e.type, e.data) for e in events.after(s, team.id, job_id, last)]
 
     async def stream() -> AsyncIterator[str]:
         last, quiet_since = start, time.monotonic()

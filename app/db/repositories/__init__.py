@@ -1,7 +1,7 @@
 """Every query lives here, and every query on team-owned rows is scoped to one team."""
 
 from app.db.repositories.base import Page, TeamRepository
-from app.db.repositories.jobs import JobRepository
+from app.db.repositories.jobs import JobRepository, TeamJobRepository
 from app.db.repositories.teams import TeamAdminRepository
 
-__all__ = ["JobRepository", "Page", "TeamAdminRepository", "TeamRepository"]
+__all__ = ["JobRepository", "Page", "TeamAdminRepository", "TeamJobRepository", "TeamRepository"]

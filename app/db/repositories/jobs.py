@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
-from app.db.models import Artifact, Job, JobStatus, JobStep
+from app.db.models import Artifact, Job, JobStatus, JobStep, StepStatus
+from app.db.models.job import TERMINAL_STATUSES
+from app.db.repositories.base import TeamRepository
+
+ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running)
+RETRYABLE_STATUSES = (JobStatus.failed, JobStatus.canceled)
 
 
 class JobRepository:
@@ -22,10 +28,40 @@ class JobRepository:
 
     def count_active(self, team_id: str) -> int:
         """The team's queued and running jobs."""
-        stmt = select(func.count()).where(
-            Job.team_id == team_id, Job.status.in_([JobStatus.queued, JobStatus.running])
-        )
+        stmt = select(func.count()).where(Job.team_id == team_id, Job.status.in_(ACTIVE_STATUSES))
         return int(self.session.scalar(stmt) or 0)
+
+    def mark_enqueued(self, job_id: str) -> None:
+        """Note that the job's run message was just published (while it is still queued)."""
+        self.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(enqueued_at=utcnow())
+        )
+
+    def lock_expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
+        """Running jobs whose lease ran out, locked (rows another process holds are skipped)."""
+        stmt = (
+            select(Job)
+            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+        return self.session.scalars(stmt).all()
+
+    def lock_unpublished(self, published_before: datetime, limit: int) -> list[str]:
+        """Ids of queued jobs never published or published before then, locked, oldest first."""
+        stmt = (
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.queued,
+                or_(Job.enqueued_at.is_(None), Job.enqueued_at < published_before),
+            )
+            .order_by(Job.id)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt).all())
 
     def claim(self, job_id: str, owner: str, lease_until: datetime) -> int | None:
         """Take a queued job (or one whose lease expired); return the new fencing token."""
@@ -76,3 +112,132 @@ class JobRepository:
         self.session.add(artifact)
         self.session.flush()
         return artifact
+
+
+class TeamJobRepository(TeamRepository[Job]):
+    """The API's queries on one team's jobs, their steps and artifacts."""
+
+    def __init__(self, session: Session, team_id: str) -> None:
+        super().__init__(session, Job, team_id)
+
+    def _job_id(self, job_id: str) -> Select[Any]:
+        """The job's id if it is this team's (for statements on its steps)."""
+        return select(Job.id).where(Job.team_id == self.team_id, Job.id == job_id)
+
+    def get_with_steps(self, job_id: str) -> Job | None:
+        stmt = self._scoped().where(Job.id == job_id).options(selectinload(Job.steps))
+        return self.session.scalars(stmt).first()
+
+    def add_step(self, job_id: str, index: int, op: str, config: dict[str, Any]) -> None:
+        self.session.add(JobStep(job_id=job_id, index=index, op=op, config=config))
+
+    def first_active_using(self, **refs: str) -> str | None:
+        """The id of an unfinished job that uses this model or dataset (model_id=... etc.)."""
+        stmt = select(Job.id).where(
+            Job.team_id == self.team_id, Job.status.not_in(TERMINAL_STATUSES)
+        )
+        for column, value in refs.items():
+            stmt = stmt.where(getattr(Job, column) == value)
+        return self.session.scalars(stmt).first()
+
+    def cancel(self, job_id: str, error: dict[str, Any]) -> bool:
+        """Cancel the job if it is still queued or running; False if it was not."""
+        result = self.session.execute(
+            update(Job)
+            .where(Job.team_id == self.team_id, Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+            .values(
+                status=JobStatus.canceled, finished_at=utcnow(), lease_expires_at=None, error=error
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def delete_checkpoints(self, job_id: str) -> list[str]:
+        """Delete the job's checkpoint artifact rows; return their blob keys."""
+        checkpoints = self.session.scalars(
+            select(Artifact).where(
+                Artifact.team_id == self.team_id,
+                Artifact.job_id == job_id,
+                Artifact.role == "checkpoint",
+            )
+        ).all()
+        for artifact in checkpoints:
+            self.session.delete(artifact)
+        return [a.blob_key for a in checkpoints]
+
+    def reset_unfinished_steps(self, job_id: str) -> None:
+        """Steps that did not succeed go back to pending; no step keeps its artifact."""
+        of_job = JobStep.job_id.in_(self._job_id(job_id))
+        self.session.execute(
+            update(JobStep)
+            .where(of_job, JobStep.status != StepStatus.succeeded)
+            .values(status=StepStatus.pending, started_at=None, finished_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        self.session.execute(
+            update(JobStep)
+            .where(of_job)
+            .values(artifact_id=None)
+            .execution_options(synchronize_session=False)
+        )
+
+    def reset_steps_from(self, job_id: str, index: int) -> None:
+        """Steps at `index` and after go back to pending, without their artifacts."""
+        self.session.execute(
+            update(JobStep)
+            .where(JobStep.job_id.in_(self._job_id(job_id)), JobStep.index >= index)
+            .values(status=StepStatus.pending, started_at=None, finished_at=None, artifact_id=None)
+            .execution_options(synchronize_session=False)
+        )
+
+    def requeue(self, job_id: str, progress: float) -> bool:
+        """Queue a failed or canceled job again; False if it is neither any more."""
+        result = self.session.execute(
+            update(Job)
+            .where(
+                Job.team_id == self.team_id,
+                Job.id == job_id,
+                Job.status.in_(RETRYABLE_STATUSES),
+            )
+            .values(
+                status=JobStatus.queued,
+                error=None,
+                finished_at=None,
+                current_step=None,
+                attempts=0,
+                enqueued_at=None,
+                progress=progress,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def steps_of(self, job_ids: list[str]) -> dict[str, list[JobStep]]:
+        """The steps of these jobs of the team, in order, by job id."""
+        steps = self.session.scalars(
+            select(JobStep)
+            .join(Job, JobStep.job_id == Job.id)
+            .where(Job.team_id == self.team_id, JobStep.job_id.in_(job_ids))
+            .order_by(JobStep.index)
+        ).all()
+        return _by_job(job_ids, steps)
+
+    def artifacts_of(self, job_ids: list[str]) -> dict[str, list[Artifact]]:
+        """The artifacts of these jobs of the team, oldest first, by job id."""
+        artifacts = self.session.scalars(
+            select(Artifact)
+            .where(Artifact.team_id == self.team_id, Artifact.job_id.in_(job_ids))
+            .order_by(Artifact.id)
+        ).all()
+        return _by_job(job_ids, artifacts)
+
+
+R = TypeVar("R", JobStep, Artifact)
+
+
+def _by_job(job_ids: list[str], rows: Sequence[R]) -> dict[str, list[R]]:
+    """Rows grouped by their job id, every asked-for job present (an empty list if none)."""
+    by_job: dict[str, list[R]] = {job_id: [] for job_id in job_ids}
+    for row in rows:
+        by_job[row.job_id].append(row)
+    return by_job

@@ -1,10 +1,7 @@
-"""Stream a multipart upload to a local spool file while hashing, enforcing size and time limits."""
+"""Parse a multipart/form-data request body into a spool file, enforcing size and time limits."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,22 +12,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.api.problems import Problem
+from app.services.spool import Spool, Upload
 
 MAX_FIELD_BYTES = 4096
-
-
-@dataclass
-class Upload:
-    """A received file: spooled on local disk, hashed while it streamed in."""
-
-    path: Path
-    filename: str | None
-    size: int
-    sha256: str
-    fields: dict[str, str] = field(default_factory=dict)
-
-    def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -94,14 +78,10 @@ async def receive_upload(
     if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
         raise _too_large(max_bytes)
 
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=spool_dir, prefix="upload-", suffix=".part")
-    out = os.fdopen(fd, "wb")
-    digest = hashlib.sha256()
+    spool = Spool(spool_dir)
     state = _PartState()
     fields: dict[str, str] = {}
     text_parts: dict[str, bytearray] = {}
-    size = 0
     file_parts = 0
     filename: str | None = None
     problem: Problem | None = None
@@ -134,18 +114,16 @@ async def receive_upload(
             text_parts[name] = bytearray()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        nonlocal size, problem
+        nonlocal problem
         chunk = data[start:end]
         part = state.part
         if part == "file":
             if file_parts > 1:
                 return
-            size += len(chunk)
-            if size > max_bytes:
+            if spool.size + len(chunk) > max_bytes:
                 problem = problem or _too_large(max_bytes)
                 return
-            digest.update(chunk)
-            out.write(chunk)
+            spool.write(chunk)
         elif isinstance(part, str):
             buf = text_parts[part]
             if len(buf) + len(chunk) > MAX_FIELD_BYTES:
@@ -166,10 +144,8 @@ async def receive_upload(
             "on_part_data": on_part_data,
         },
     )
-    received = False
     try:
         await _feed(parser, request, idle_timeout_s, deadline_s, lambda: problem is not None)
-        out.close()
         for name, buf in text_parts.items():
             fields[name] = buf.decode("utf-8", "replace")
         if problem is None and file_parts != 1:
@@ -182,12 +158,10 @@ async def receive_upload(
             )
         if problem is not None:
             raise problem
-        received = True
-    finally:
-        if not received:
-            out.close()
-            os.unlink(tmp_name)
-    return Upload(Path(tmp_name), filename, size, digest.hexdigest(), fields)
+    except BaseException:
+        spool.discard()
+        raise
+    return spool.finish(filename, fields)
 
 
 async def _feed(
