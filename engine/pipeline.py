@@ -49,6 +49,76 @@ Progress = Callable[[dict[str, Any]], None]
 Report = Callable[[float, str], None]
 
 
+def _validate(
+    configs: list[OpConfig],
+    fmt: ModelFormat,
+    export: Sequence[str],
+    task: str,
+    has_dataset: bool,
+) -> tuple[list[Backend], list[Handler]]:
+    """Refuse what cannot be done before any compute is spent; where each step runs."""
+    if task not in TASKS:
+        raise EngineError(
+            "invalid_evaluation_task",
+            f"Unknown evaluation task {task!r}; use one of {', '.join(TASKS)}.",
+            field="evaluation.task",
+        )
+    try:
+        plan = plan_pipeline(configs, fmt, has_dataset=has_dataset)
+    except PipelineError as exc:
+        code = "unsupported_op" if "upload a torch.export" in exc.detail else "invalid_pipeline"
+        raise EngineError(code, exc.detail, field=exc.field) from exc
+    handlers = [handler_for(c, b) for c, b in zip(configs, plan, strict=True)]
+    unknown = [e for e in export if e not in EXPORTS]
+    if unknown or not export:
+        raise EngineError(
+            "export_unsupported",
+            f"Unknown export format(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"use {', '.join(EXPORTS)}.",
+            field="export",
+        )
+    if "torchscript" in export:
+        raise EngineError(
+            "export_unsupported",
+            "TorchScript export is not available; request 'onnx' (or 'pt2' for pipelines that "
+            "keep a torch model).",
+            field="export",
+        )
+    if "pt2" in export and not keeps_torch_model(configs, plan, fmt):
+        reason = (
+            "a step runs on ONNX (onnxruntime quantization writes QDQ/integer ONNX operators "
+            "that have no torch.export equivalent)"
+            if fmt == "pt2"
+            else f"the model was uploaded as {fmt}, not as a .pt2"
+        )
+        raise EngineError(
+            "export_unsupported",
+            f"A .pt2 export is not available for this job: {reason}. Request export "
+            "['onnx']; the ONNX artifact runs in onnxruntime on CPU, GPU and mobile.",
+            field="export",
+        )
+    return plan, handlers
+
+
+def _reshapes_channels(config: OpConfig) -> bool:
+    if isinstance(config, PruneConfig):
+        return config.granularity == "channels"
+    return isinstance(config, DistillConfig) and config.student == "width"
+
+
+def _samples(
+    dataset_path: str | Path | None,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    task: str,
+    seed: int,
+) -> Samples:
+    if dataset_path is None:
+        return synthetic(inputs, seed=seed)
+    arrays = load_dataset(dataset_path)
+    return match_inputs(arrays, inputs, use_labels=task == "classification", outputs=outputs)
+
+
 def compress(
     model_path: str | Path,
     pipeline: Sequence[dict[str, Any] | OpConfig],
@@ -403,73 +473,3 @@ def _scaled(report: Report, lo: float, hi: float) -> Report:
         report(lo + (hi - lo) * fraction, message)
 
     return step_report
-
-
-def _validate(
-    configs: list[OpConfig],
-    fmt: ModelFormat,
-    export: Sequence[str],
-    task: str,
-    has_dataset: bool,
-) -> tuple[list[Backend], list[Handler]]:
-    """Refuse what cannot be done before any compute is spent; where each step runs."""
-    if task not in TASKS:
-        raise EngineError(
-            "invalid_evaluation_task",
-            f"Unknown evaluation task {task!r}; use one of {', '.join(TASKS)}.",
-            field="evaluation.task",
-        )
-    try:
-        plan = plan_pipeline(configs, fmt, has_dataset=has_dataset)
-    except PipelineError as exc:
-        code = "unsupported_op" if "upload a torch.export" in exc.detail else "invalid_pipeline"
-        raise EngineError(code, exc.detail, field=exc.field) from exc
-    handlers = [handler_for(c, b) for c, b in zip(configs, plan, strict=True)]
-    unknown = [e for e in export if e not in EXPORTS]
-    if unknown or not export:
-        raise EngineError(
-            "export_unsupported",
-            f"Unknown export format(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"use {', '.join(EXPORTS)}.",
-            field="export",
-        )
-    if "torchscript" in export:
-        raise EngineError(
-            "export_unsupported",
-            "TorchScript export is not available; request 'onnx' (or 'pt2' for pipelines that "
-            "keep a torch model).",
-            field="export",
-        )
-    if "pt2" in export and not keeps_torch_model(configs, plan, fmt):
-        reason = (
-            "a step runs on ONNX (onnxruntime quantization writes QDQ/integer ONNX operators "
-            "that have no torch.export equivalent)"
-            if fmt == "pt2"
-            else f"the model was uploaded as {fmt}, not as a .pt2"
-        )
-        raise EngineError(
-            "export_unsupported",
-            f"A .pt2 export is not available for this job: {reason}. Request export "
-            "['onnx']; the ONNX artifact runs in onnxruntime on CPU, GPU and mobile.",
-            field="export",
-        )
-    return plan, handlers
-
-
-def _reshapes_channels(config: OpConfig) -> bool:
-    if isinstance(config, PruneConfig):
-        return config.granularity == "channels"
-    return isinstance(config, DistillConfig) and config.student == "width"
-
-
-def _samples(
-    dataset_path: str | Path | None,
-    inputs: list[TensorSpec],
-    outputs: list[TensorSpec],
-    task: str,
-    seed: int,
-) -> Samples:
-    if dataset_path is None:
-        return synthetic(inputs, seed=seed)
-    arrays = load_dataset(dataset_path)
-    return match_inputs(arrays, inputs, use_labels=task == "classification", outputs=outputs)
