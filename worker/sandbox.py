@@ -383,12 +383,20 @@ MEMORY_MARKERS = (
 
 
 def _is_memory_error(exc: BaseException | None) -> bool:
-    """MemoryError, or a native library's allocation failure, anywhere in the exception chain."""
+    """MemoryError, or a native library's allocation failure, anywhere in the exception chain.
+
+    A native library's failure has no code, so its message is all there is to go by; an
+    EngineError's code was chosen where it was raised, so its own message is not searched.
+    """
+    from engine.errors import EngineError
+
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, MemoryError):
             return True
-        if any(marker in str(exc).lower() for marker in MEMORY_MARKERS):
+        if not isinstance(exc, EngineError) and any(
+            marker in str(exc).lower() for marker in MEMORY_MARKERS
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
+from engine.spec import CompressSpec, InspectSpec, Resume
 from worker import sandbox
 
 
@@ -73,3 +75,24 @@ def test_parent_can_abort_the_child() -> None:
             sandbox.Limits(60, 1024),
             should_continue=lambda: False,
         )
+
+
+def test_the_spec_crosses_the_pipe_as_json_and_comes_back_typed(tmp_path: Path) -> None:
+    spec = CompressSpec(
+        model_path=str(tmp_path / "model.onnx"),
+        pipeline=[{"op": "quantize", "dtype": "fp16"}],
+        workdir=str(tmp_path / "out"),
+        holdout=0.2,
+        latency_threads=2,
+        models={"m1": str(tmp_path / "student.pt2")},
+        resume=Resume(start_index=1, model_path=str(tmp_path / "c.onnx"), original_metrics={}),
+    )
+    box = sandbox.Box(cwd="/c", tmp="/t", read=sandbox.input_paths(spec), write=[], require=[])
+    sent = sandbox.ChildInput(spec=spec, box=box, memory_limit_mb=512).model_dump_json()
+    received = sandbox.ChildInput.model_validate_json(sent)
+    assert received.spec == spec
+    assert box.read == [spec.model_path, str(tmp_path / "student.pt2"), str(tmp_path / "c.onnx")]
+    inspect = sandbox.ChildInput(spec=InspectSpec(model_path="/m.pt2"), box=box, memory_limit_mb=1)
+    assert isinstance(
+        sandbox.ChildInput.model_validate_json(inspect.model_dump_json()).spec, InspectSpec
+    )
