@@ -83,7 +83,7 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-class _JobProgress:
+class _EventRelay:
     """Relays engine events to the job row, its steps and its event history, fenced by the token.
 
     Every write to the job row also renews the lease, and only lands while this attempt's token
@@ -224,7 +224,7 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
         _fail(settings, job_id, token, "model_deleted", "The job's model was deleted.")
         return "failed"
     workdir = _workdir(settings, "jobs")
-    progress = _JobProgress(settings, storage, job_id, job.team_id, token)
+    relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     try:
         spec = _download(job, storage, workdir, settings.latency_threads)
         (workdir / "out").mkdir()
@@ -233,20 +233,20 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
             result = sandbox.run(
                 spec,
                 limits,
-                on_event=progress,
-                should_continue=progress.keep_going,
+                on_event=relay,
+                should_continue=relay.keep_going,
                 tick_s=min(1.0, settings.heartbeat_s),
                 workdir=workdir,
                 require=settings.sandbox_requirements,
             )
         except sandbox.SandboxAborted:
             log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)
-            _discard(settings, storage, job_id, progress.uploaded)
+            _discard(settings, storage, job_id, relay.uploaded)
             return "abandoned"
         except sandbox.SandboxError as exc:
             _fail(settings, job_id, token, exc.code, exc.detail, exc.field)
             return "failed"
-        return _finalize(settings, storage, job_id, job.team_id, token, result, progress)
+        return _finalize(settings, storage, job_id, job.team_id, token, result, relay)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -382,10 +382,10 @@ def _finalize(
     team_id: str,
     token: int,
     result: dict[str, Any],
-    progress: _JobProgress,
+    relay: _EventRelay,
 ) -> str:
     prefix = f"teams/{team_id}/jobs/{job_id}/attempt-{token}"
-    uploaded = progress.uploaded
+    uploaded = relay.uploaded
     finals = []
     for art in result["artifacts"]:
         key = f"{prefix}/final.{art['format']}"
@@ -432,7 +432,7 @@ def _finalize(
                 final_ids.append(row.id)
             last_index = max((s["index"] for s in result["steps"]), default=None)
             for step in result["steps"]:
-                if step["index"] in progress.checkpoints:
+                if step["index"] in relay.checkpoints:
                     continue
                 repo.update_step(
                     job_id,
