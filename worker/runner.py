@@ -8,6 +8,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from app.db.session import session_scope
 from app.services import events
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
+from engine.events import EventKind
+from engine.spec import CompressSpec, InspectSpec, Resume
 from worker import sandbox
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 PROGRESS_WRITE_S = 0.5
 
 
-def _owner() -> str:
+def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -51,7 +54,7 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     try:
         path = workdir / f"model.{ext}"
         storage.get_to_path(blob_key, path)
-        spec = {"action": "inspect_model", "model_path": str(path)}
+        spec = InspectSpec(model_path=str(path))
         limits = sandbox.Limits(settings.inspect_time_limit_s, settings.job_memory_limit_mb)
         try:
             info = sandbox.run(spec, limits, workdir=workdir, require=settings.sandbox_requirements)
@@ -80,8 +83,13 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-class _JobProgress:
-    """Relays engine events to the job row, its steps and its event history, fenced by the token."""
+class _EventRelay:
+    """Relays engine events to the job row, its steps and its event history, fenced by the token.
+
+    Every write to the job row also renews the lease, and only lands while this attempt's token
+    still owns the job; once it does not (canceled, or the lease expired and another worker
+    claimed the job) `lost` is set and the attempt is abandoned.
+    """
 
     def __init__(
         self, settings: Settings, storage: BlobStore, job_id: str, team_id: str, token: int
@@ -100,23 +108,26 @@ class _JobProgress:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         now = utcnow()
-        if kind == "step_finished" and event.get("artifact"):
+        if kind == EventKind.STEP_FINISHED and event.get("artifact"):
             self._store_checkpoint(event)
             return
         with session_scope(self.settings.database_url) as session:
             repo = JobRepository(session)
-            if kind == "step_started":
+            if kind == EventKind.STEP_STARTED:
                 repo.update_step(
                     self.job_id, event["index"], status=StepStatus.running, started_at=now
                 )
-                self._fenced(repo, current_step=event["index"])
+                self._update_if_owner(repo, current_step=event["index"])
                 events.record(session, self.job_id, "step", index=event["index"], status="running")
-            elif kind == "step_finished":
+            elif kind == EventKind.STEP_FINISHED:
                 self._finish_step(repo, event, artifact_id=None)
-            elif kind == "progress" and time.monotonic() - self.last_write >= PROGRESS_WRITE_S:
+            elif (
+                kind == EventKind.PROGRESS
+                and time.monotonic() - self.last_write >= PROGRESS_WRITE_S
+            ):
                 self.last_write = time.monotonic()
                 progress = round(min(float(event.get("progress", 0.0)), 0.99), 4)
-                self._fenced(repo, progress=progress)
+                self._update_if_owner(repo, progress=progress)
                 events.record(
                     session,
                     self.job_id,
@@ -124,9 +135,9 @@ class _JobProgress:
                     progress=progress,
                     message=event.get("message"),
                 )
-            elif kind == "original_measured":
-                self._fenced(repo, metrics={"original": event["metrics"]})
-            elif kind == "log":
+            elif kind == EventKind.ORIGINAL_MEASURED:
+                self._update_if_owner(repo, metrics={"original": event["metrics"]})
+            elif kind == EventKind.LOG:
                 events.record(
                     session,
                     self.job_id,
@@ -172,7 +183,7 @@ class _JobProgress:
         self.uploaded.append(key)
         with session_scope(self.settings.database_url) as session:
             repo = JobRepository(session)
-            self._fenced(repo)
+            self._update_if_owner(repo)
             if self.lost:
                 return
             row = repo.add_artifact(
@@ -188,7 +199,8 @@ class _JobProgress:
             self.checkpoints[event["index"]] = row.id
             self._finish_step(repo, event, artifact_id=row.id)
 
-    def _fenced(self, repo: JobRepository, **values: Any) -> None:
+    def _update_if_owner(self, repo: JobRepository, **values: Any) -> None:
+        """Write `values` and a renewed lease to the job row while this attempt owns it."""
         values["lease_expires_at"] = utcnow() + timedelta(seconds=self.settings.lease_s)
         if not repo.update_fenced(self.job_id, self.token, **values):
             self.lost = True
@@ -198,17 +210,79 @@ class _JobProgress:
         if time.monotonic() - self.last_heartbeat >= self.settings.heartbeat_s:
             self.last_heartbeat = time.monotonic()
             with session_scope(self.settings.database_url) as session:
-                self._fenced(JobRepository(session))
+                self._update_if_owner(JobRepository(session))
         return not self.lost
 
 
 def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     """Claim the job, run its pipeline in the sandbox, persist the results; finalize once."""
+    claimed = _claim(job_id, settings)
+    if claimed is None:
+        return "skipped"
+    token, job = claimed
+    if job.model is None:
+        _fail(settings, job_id, token, "model_deleted", "The job's model was deleted.")
+        return "failed"
+    workdir = _workdir(settings, "jobs")
+    relay = _EventRelay(settings, storage, job_id, job.team_id, token)
+    try:
+        spec = _download(job, storage, workdir, settings.latency_threads)
+        (workdir / "out").mkdir()
+        limits = sandbox.Limits(settings.job_time_limit_s, settings.job_memory_limit_mb)
+        try:
+            result = sandbox.run(
+                spec,
+                limits,
+                on_event=relay,
+                should_continue=relay.keep_going,
+                tick_s=min(1.0, settings.heartbeat_s),
+                workdir=workdir,
+                require=settings.sandbox_requirements,
+            )
+        except sandbox.SandboxAborted:
+            log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)
+            _discard(settings, storage, job_id, relay.uploaded)
+            return "abandoned"
+        except sandbox.SandboxError as exc:
+            _fail(settings, job_id, token, exc.code, exc.detail, exc.field)
+            return "failed"
+        return _finalize(settings, storage, job_id, job.team_id, token, result, relay)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class _Checkpoint:
+    """The stored output of the last step a crashed attempt finished."""
+
+    start_index: int  # the step to continue with
+    blob_key: str
+    format: str
+    original_metrics: dict[str, Any]
+
+
+@dataclass
+class _ClaimedJob:
+    """What a claimed job's row says to run: the request and the blobs it needs."""
+
+    team_id: str
+    model: tuple[str, str] | None  # (blob key, file extension); None once the model is deleted
+    dataset: tuple[str, str] | None  # (blob key, file extension)
+    students: dict[str, str]  # model id -> blob key, for the models a step names
+    checkpoint: _Checkpoint | None
+    pipeline: list[dict[str, Any]]
+    evaluation_task: str
+    holdout: float | None
+    export: list[str]
+
+
+def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
+    """Take the job's lease (None when another delivery holds it or it is done) and read it."""
     with session_scope(settings.database_url) as session:
         repo = JobRepository(session)
-        token = repo.claim(job_id, _owner(), utcnow() + timedelta(seconds=settings.lease_s))
+        token = repo.claim(job_id, _worker_id(), utcnow() + timedelta(seconds=settings.lease_s))
         if token is None:
-            return "skipped"
+            return None
         job = repo.get(job_id)
         assert job is not None
         events.record(session, job_id, "status", status="running", attempt=job.attempts)
@@ -216,82 +290,66 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         team_id = job.team_id
         pipeline = [step.config for step in job.steps]
-        resume = _resume_point(session, job)
-        evaluation_task = job.evaluation.get("task", "classification")
-        holdout = job.evaluation.get("holdout")
-        export = list(job.export)
+        checkpoint = _resume_point(session, job)
         # Other models a step names (a distillation student), only from the job's own team.
         wanted = {s.config.get("student_model_id") for s in job.steps} - {None}
-        extra_refs = {
+        students = {
             m.id: m.blob_key
             for m in session.query(Model).filter(Model.team_id == team_id, Model.id.in_(wanted))
         }
-        model_ref = (model.blob_key, EXTENSIONS[model.format]) if model else None
-        dataset_ref = (dataset.blob_key, dataset.format) if dataset else None
-
-    if model_ref is None:
-        _fail(settings, job_id, token, "model_deleted", "The job's model was deleted.")
-        return "failed"
-    workdir = _workdir(settings, "jobs")
-    progress = _JobProgress(settings, storage, job_id, team_id, token)
-    try:
-        model_path = workdir / f"model.{model_ref[1]}"
-        storage.get_to_path(model_ref[0], model_path)
-        dataset_path = None
-        if dataset_ref is not None:
-            dataset_path = workdir / f"dataset.{dataset_ref[1]}"
-            storage.get_to_path(dataset_ref[0], dataset_path)
-        spec: dict[str, Any] = {
-            "action": "compress",
-            "model_path": str(model_path),
-            "dataset_path": str(dataset_path) if dataset_path else None,
-            "pipeline": pipeline,
-            "evaluation_task": evaluation_task,
-            "evaluation_holdout": holdout,
-            "models": {},
-            "export": export,
-            "workdir": str(workdir / "out"),
-            "threads": settings.latency_threads,
-            "memory_limit_mb": settings.job_memory_limit_mb,
-        }
-        for model_id, key in extra_refs.items():
-            path = workdir / f"student-{model_id}.pt2"
-            storage.get_to_path(key, path)
-            spec["models"][model_id] = str(path)
-        if resume is not None:
-            start_index, blob_key, fmt, original = resume
-            checkpoint = workdir / f"checkpoint.{fmt}"
-            storage.get_to_path(blob_key, checkpoint)
-            spec["resume"] = {
-                "start_index": start_index,
-                "model_path": str(checkpoint),
-                "original_metrics": original,
-            }
-        (workdir / "out").mkdir()
-        limits = sandbox.Limits(settings.job_time_limit_s, settings.job_memory_limit_mb)
-        try:
-            result = sandbox.run(
-                spec,
-                limits,
-                on_event=progress,
-                should_continue=progress.keep_going,
-                tick_s=min(1.0, settings.heartbeat_s),
-                workdir=workdir,
-                require=settings.sandbox_requirements,
-            )
-        except sandbox.SandboxAborted:
-            log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)
-            _discard(settings, storage, job_id, progress.uploaded)
-            return "abandoned"
-        except sandbox.SandboxError as exc:
-            _fail(settings, job_id, token, exc.code, exc.detail, exc.field)
-            return "failed"
-        return _finalize(settings, storage, job_id, team_id, token, result, progress)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return token, _ClaimedJob(
+            team_id=team_id,
+            model=(model.blob_key, EXTENSIONS[model.format]) if model else None,
+            dataset=(dataset.blob_key, dataset.format) if dataset else None,
+            students=students,
+            checkpoint=checkpoint,
+            pipeline=pipeline,
+            evaluation_task=job.evaluation.get("task", "classification"),
+            holdout=job.evaluation.get("holdout"),
+            export=list(job.export),
+        )
 
 
-def _resume_point(session: Session, job: Job) -> tuple[int, str, str, dict[str, Any]] | None:
+def _download(
+    job: _ClaimedJob, storage: BlobStore, workdir: Path, latency_threads: int
+) -> CompressSpec:
+    """Fetch the job's blobs into its directory; the spec the sandboxed engine runs."""
+    assert job.model is not None
+    model_path = workdir / f"model.{job.model[1]}"
+    storage.get_to_path(job.model[0], model_path)
+    dataset_path = None
+    if job.dataset is not None:
+        dataset_path = workdir / f"dataset.{job.dataset[1]}"
+        storage.get_to_path(job.dataset[0], dataset_path)
+    models: dict[str, str] = {}
+    for model_id, key in job.students.items():
+        path = workdir / f"student-{model_id}.pt2"
+        storage.get_to_path(key, path)
+        models[model_id] = str(path)
+    resume = None
+    if job.checkpoint is not None:
+        saved = workdir / f"checkpoint.{job.checkpoint.format}"
+        storage.get_to_path(job.checkpoint.blob_key, saved)
+        resume = Resume(
+            start_index=job.checkpoint.start_index,
+            model_path=str(saved),
+            original_metrics=job.checkpoint.original_metrics,
+        )
+    return CompressSpec(
+        model_path=str(model_path),
+        dataset_path=str(dataset_path) if dataset_path else None,
+        pipeline=job.pipeline,
+        evaluation_task=job.evaluation_task,
+        holdout=job.holdout,
+        models=models,
+        export=job.export,
+        workdir=str(workdir / "out"),
+        latency_threads=latency_threads,
+        resume=resume,
+    )
+
+
+def _resume_point(session: Session, job: Job) -> _Checkpoint | None:
     """After a crash, continue after the last step whose checkpoint was stored."""
     done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
     original = (job.metrics or {}).get("original")
@@ -303,7 +361,7 @@ def _resume_point(session: Session, job: Job) -> tuple[int, str, str, dict[str, 
     artifact = session.get(Artifact, last.artifact_id)
     if artifact is None:
         return None
-    return last.index + 1, artifact.blob_key, artifact.format, original
+    return _Checkpoint(last.index + 1, artifact.blob_key, artifact.format, original)
 
 
 def _discard(settings: Settings, storage: BlobStore, job_id: str, keys: list[str]) -> None:
@@ -324,10 +382,10 @@ def _finalize(
     team_id: str,
     token: int,
     result: dict[str, Any],
-    progress: _JobProgress,
+    relay: _EventRelay,
 ) -> str:
     prefix = f"teams/{team_id}/jobs/{job_id}/attempt-{token}"
-    uploaded = progress.uploaded
+    uploaded = relay.uploaded
     finals = []
     for art in result["artifacts"]:
         key = f"{prefix}/final.{art['format']}"
@@ -374,7 +432,7 @@ def _finalize(
                 final_ids.append(row.id)
             last_index = max((s["index"] for s in result["steps"]), default=None)
             for step in result["steps"]:
-                if step["index"] in progress.checkpoints:
+                if step["index"] in relay.checkpoints:
                     continue
                 repo.update_step(
                     job_id,

@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,9 +21,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NoReturn
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.spec import CompressSpec, InspectSpec
 from worker.confine import (
     PROTECTIONS,
     REQUIREMENTS,
@@ -64,6 +69,59 @@ NOFILE_LIMIT = 1024
 DEFAULT_REQUIRE = ("network",)
 
 
+class ProtectionsSpec(BaseModel):
+    """Report which protections a child gets on this host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    action: Literal["protections"] = "protections"
+
+
+class SelfTestSpec(BaseModel):
+    """Probe a limit from inside the child (used by tests): see `_selftest`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    action: Literal["selftest"] = "selftest"
+    what: str = "ok"
+    mb: int = 0
+    seconds: float = 0.0
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    args: list[str] = Field(default_factory=lambda: ["-c", "true"])
+    family: int = socket.AF_INET
+
+
+Spec = Annotated[
+    InspectSpec | CompressSpec | ProtectionsSpec | SelfTestSpec, Field(discriminator="action")
+]
+
+
+class Box(BaseModel):
+    """The child's private directories and what it may read and write."""
+
+    cwd: str
+    tmp: str
+    read: list[str]
+    write: list[str]
+    require: list[str]
+
+
+class ChildInput(BaseModel):
+    """What the parent writes to the child's stdin (as JSON)."""
+
+    spec: Spec
+    box: Box
+    memory_limit_mb: int
+
+
+class Reply(StrEnum):
+    """The child's own messages on the event pipe; every other event is relayed to `on_event`."""
+
+    RESULT = "result"  # result
+    ERROR = "error"  # code, detail, field
+    PROTECTIONS = "protections"  # protections
+
+
 class SandboxError(Exception):
     """The child reported an error or was stopped by a limit; code/detail are user-facing."""
 
@@ -92,16 +150,15 @@ def _limit_child(memory_mb: int, cpu_s: int) -> Callable[[], None]:
     return apply
 
 
-def input_paths(spec: dict[str, Any]) -> list[str]:
+def input_paths(spec: Spec) -> list[str]:
     """The files a spec names for the child to read."""
-    paths = [spec.get("model_path"), spec.get("dataset_path")]
-    paths += list((spec.get("models") or {}).values())
-    paths.append((spec.get("resume") or {}).get("model_path"))
-    return [str(p) for p in paths if p]
+    if isinstance(spec, InspectSpec | CompressSpec):
+        return spec.input_paths()
+    return []
 
 
 def run(
-    spec: dict[str, Any],
+    spec: Spec,
     limits: Limits,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     should_continue: Callable[[], bool] | None = None,
@@ -125,7 +182,7 @@ def run(
 
 def _run_in(
     box: Path,
-    spec: dict[str, Any],
+    spec: Spec,
     limits: Limits,
     on_event: Callable[[dict[str, Any]], None] | None,
     should_continue: Callable[[], bool] | None,
@@ -137,26 +194,27 @@ def _run_in(
     if unknown:
         raise ValueError(f"unknown sandbox requirement(s) {unknown}; use {sorted(REQUIREMENTS)}")
     read_fd, write_fd = os.pipe()
+    threads = spec.latency_threads if isinstance(spec, CompressSpec) else 1
     env = child_env(
         {
             "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": str(spec.get("threads", 1)),
+            "OMP_NUM_THREADS": str(threads),
             "NO_PROXY": "*",
             "HOME": str(box / "cwd"),
             "TMPDIR": str(box / "tmp"),
         }
     )
-    spec = {
-        **spec,
-        "memory_limit_mb": limits.memory_mb,
-        "sandbox": {
-            "cwd": str(box / "cwd"),
-            "tmp": str(box / "tmp"),
-            "read": input_paths(spec),
-            "write": [str(workdir or box)],
-            "require": list(require),
-        },
-    }
+    child_input = ChildInput(
+        spec=spec,
+        box=Box(
+            cwd=str(box / "cwd"),
+            tmp=str(box / "tmp"),
+            read=input_paths(spec),
+            write=[str(workdir or box)],
+            require=list(require),
+        ),
+        memory_limit_mb=limits.memory_mb,
+    )
     cpu_s = int(limits.wall_time_s * max(os.cpu_count() or 1, 1)) + 30
     proc = subprocess.Popen(
         [sys.executable, "-I", "-c", BOOTSTRAP, str(ROOT), str(write_fd)],
@@ -171,7 +229,7 @@ def _run_in(
     )
     os.close(write_fd)
     assert proc.stdin is not None and proc.stderr is not None
-    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.write(child_input.model_dump_json().encode())
     proc.stdin.close()
     os.set_blocking(proc.stderr.fileno(), False)
     deadline = time.monotonic() + limits.wall_time_s
@@ -194,11 +252,11 @@ def _run_in(
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     event = json.loads(line)
-                    if event["type"] == "result":
+                    if event["type"] == Reply.RESULT:
                         result = event["result"]
-                    elif event["type"] == "error":
+                    elif event["type"] == Reply.ERROR:
                         error = event
-                    elif event["type"] == "protections":
+                    elif event["type"] == Reply.PROTECTIONS:
                         log.debug("sandbox protections: %s", event["protections"])
                     elif on_event is not None:
                         on_event(event)
@@ -224,12 +282,12 @@ def _run_in(
         raise SandboxError(error["code"], error["detail"], error.get("field"))
     if result is not None and proc.returncode == 0:
         return result
-    return _crash(proc.returncode, stderr_tail.decode("utf-8", "replace"), limits)
+    _raise_crash(proc.returncode, stderr_tail.decode("utf-8", "replace"), limits)
 
 
 def protections(require: Iterable[str] = ()) -> dict[str, bool]:
     """Which protections a child gets on this host (probed once at worker start)."""
-    return run({"action": "protections"}, Limits(wall_time_s=60, memory_mb=1024), require=require)
+    return run(ProtectionsSpec(), Limits(wall_time_s=60, memory_mb=1024), require=require)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -238,7 +296,8 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _crash(returncode: int | None, stderr: str, limits: Limits) -> dict[str, Any]:
+def _raise_crash(returncode: int | None, stderr: str, limits: Limits) -> NoReturn:
+    """The SandboxError for a child that ended without a result: which limit stopped it."""
     if "MemoryError" in stderr or "std::bad_alloc" in stderr or "out of memory" in stderr.lower():
         raise SandboxError(
             "memory_limit_exceeded",
@@ -273,12 +332,12 @@ def _crash(returncode: int | None, stderr: str, limits: Limits) -> dict[str, Any
 # ----------------------------------------------------------------------------- child side
 
 
-def confine(box: dict[str, Any]) -> dict[str, bool]:
+def confine(box: Box) -> dict[str, bool]:
     """Apply every protection this host allows, in the order the kernel needs; report each."""
     preload_seccomp()
-    cwd, tmp = Path(box["cwd"]), Path(box["tmp"])
-    reads = [*interpreter_paths(), *(ROOT / name for name in PACKAGES), *map(Path, box["read"])]
-    writes = [Path(p) for p in box["write"]]
+    cwd, tmp = Path(box.cwd), Path(box.tmp)
+    reads = [*interpreter_paths(), *(ROOT / name for name in PACKAGES), *map(Path, box.read)]
+    writes = [Path(p) for p in box.write]
     report = {
         "env_scrubbed": env_scrubbed(),
         "isolated_cwd": isolated_cwd(cwd),
@@ -301,10 +360,10 @@ def missing(report: dict[str, bool], require: Iterable[str]) -> list[str]:
     return [r for r in require if not any(report.get(p) for p in REQUIREMENTS[r])]
 
 
-def _unavailable(names: list[str], report: dict[str, bool]) -> dict[str, Any]:
+def _unavailable_event(names: list[str], report: dict[str, bool]) -> dict[str, Any]:
     off = ", ".join(k for k, v in report.items() if not v) or "none"
     return {
-        "type": "error",
+        "type": Reply.ERROR,
         "code": "sandbox_unavailable",
         "detail": f"The worker cannot apply the sandbox protection(s) it requires: "
         f"{', '.join(names)} (inactive here: {off}). Nothing was loaded. Ask your operator to "
@@ -324,24 +383,32 @@ MEMORY_MARKERS = (
 
 
 def _is_memory_error(exc: BaseException | None) -> bool:
-    """MemoryError, or a native library's allocation failure, anywhere in the exception chain."""
+    """MemoryError, or a native library's allocation failure, anywhere in the exception chain.
+
+    A native library's failure has no code, so its message is all there is to go by; an
+    EngineError's code was chosen where it was raised, so its own message is not searched.
+    """
+    from engine.errors import EngineError
+
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, MemoryError):
             return True
-        if any(marker in str(exc).lower() for marker in MEMORY_MARKERS):
+        if not isinstance(exc, EngineError) and any(
+            marker in str(exc).lower() for marker in MEMORY_MARKERS
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
 
 
-def _memory_event(spec: dict[str, Any]) -> dict[str, Any]:
+def _memory_event(memory_limit_mb: int) -> dict[str, Any]:
     return {
-        "type": "error",
+        "type": Reply.ERROR,
         "code": "memory_limit_exceeded",
         "detail": "The work needed more memory than its limit "
-        f"({spec.get('memory_limit_mb', '?')} MiB). Use a smaller model, dataset or calibration "
+        f"({memory_limit_mb} MiB). Use a smaller model, dataset or calibration "
         "sample count, or ask your operator to raise COMPAAS_JOB_MEMORY_LIMIT_MB.",
     }
 
@@ -353,37 +420,44 @@ def main(event_fd: int) -> int:
     def emit(event: dict[str, Any]) -> None:
         out.write(json.dumps(event, default=str) + "\n")
 
-    spec = json.loads(sys.stdin.read())
+    child = ChildInput.model_validate_json(sys.stdin.read())
     try:
-        report = confine(spec["sandbox"])
-        emit({"type": "protections", "protections": report})
-        absent = missing(report, spec["sandbox"]["require"])
+        report = confine(child.box)
+        emit({"type": Reply.PROTECTIONS, "protections": report})
+        absent = missing(report, child.box.require)
         if absent:
-            emit(_unavailable(absent, report))
+            emit(_unavailable_event(absent, report))
             return 1
-        if spec["action"] == "protections":
-            emit({"type": "result", "result": report})
+        if isinstance(child.spec, ProtectionsSpec):
+            emit({"type": Reply.RESULT, "result": report})
             return 0
         from engine.errors import EngineError
 
         try:
-            result = _dispatch(spec, emit)
+            result = _dispatch(child.spec, emit)
         except EngineError as exc:
             if _is_memory_error(exc):
-                emit(_memory_event(spec))
+                emit(_memory_event(child.memory_limit_mb))
             else:
-                emit({"type": "error", "code": exc.code, "detail": exc.detail, "field": exc.field})
+                emit(
+                    {
+                        "type": Reply.ERROR,
+                        "code": exc.code,
+                        "detail": exc.detail,
+                        "field": exc.field,
+                    }
+                )
             return 1
-        emit({"type": "result", "result": result})
+        emit({"type": Reply.RESULT, "result": result})
         return 0
     except Exception as exc:
         traceback.print_exc()
         if _is_memory_error(exc):
-            emit(_memory_event(spec))
+            emit(_memory_event(child.memory_limit_mb))
             return 1
         emit(
             {
-                "type": "error",
+                "type": Reply.ERROR,
                 "code": "internal_error",
                 "detail": f"Unexpected error while processing the model: {type(exc).__name__}: "
                 f"{exc}",
@@ -394,48 +468,32 @@ def main(event_fd: int) -> int:
         out.flush()
 
 
-def _dispatch(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    action = spec["action"]
-    if action == "inspect_model":
+def _dispatch(spec: Spec, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    if isinstance(spec, InspectSpec):
         from engine.io.formats import inspect_model
 
-        return inspect_model(Path(spec["model_path"]))
-    if action == "compress":
-        from engine.pipeline import compress
+        return inspect_model(Path(spec.model_path))
+    if isinstance(spec, CompressSpec):
+        from engine import pipeline
 
-        return compress(
-            spec["model_path"],
-            spec["pipeline"],
-            dataset_path=spec.get("dataset_path"),
-            evaluation_task=spec.get("evaluation_task", "classification"),
-            holdout=spec.get("evaluation_holdout"),
-            models=spec.get("models") or {},
-            export=spec.get("export", ["onnx"]),
-            workdir=spec["workdir"],
-            progress=emit,
-            seed=spec.get("seed", 0),
-            latency_threads=spec.get("threads", 1),
-            resume=spec.get("resume"),
-        )
-    if action == "selftest":
+        return pipeline.run(spec, progress=emit)
+    if isinstance(spec, SelfTestSpec):
         return _selftest(spec)
-    raise ValueError(f"unknown action {action!r}")
+    raise ValueError(f"unknown action {spec.action!r}")
 
 
-def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
+def _selftest(spec: SelfTestSpec) -> dict[str, Any]:
     """Probes the limits themselves (used by tests): allocate, spin, or open a socket."""
-    what = spec.get("what")
+    what = spec.what
     if what == "allocate":
-        block = bytearray(spec["mb"] * 1024 * 1024)
+        block = bytearray(spec.mb * 1024 * 1024)
         return {"allocated": len(block)}
     if what == "sleep":
-        time.sleep(spec["seconds"])
-        return {"slept": spec["seconds"]}
+        time.sleep(spec.seconds)
+        return {"slept": spec.seconds}
     if what == "connect":
-        import socket
-
         try:
-            socket.create_connection((spec["host"], spec["port"]), timeout=2).close()
+            socket.create_connection((spec.host, spec.port), timeout=2).close()
         except (PermissionError, OSError) as exc:
             return {"connected": False, "error": type(exc).__name__}
         return {"connected": True}
@@ -443,29 +501,25 @@ def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
         return {"environ": dict(os.environ)}
     if what == "read":
         try:
-            return {"read": len(Path(spec["path"]).read_bytes())}
+            return {"read": len(Path(spec.path).read_bytes())}
         except OSError as exc:
             return {"read": None, "error": type(exc).__name__}
     if what == "write":
         try:
-            with open(spec["path"], "ab") as fh:
+            with open(spec.path, "ab") as fh:
                 fh.write(b"written by the sandbox")
         except OSError as exc:
             return {"written": False, "error": type(exc).__name__}
         return {"written": True}
     if what == "socket":
-        import socket
-
         try:
-            socket.socket(spec.get("family", socket.AF_INET), socket.SOCK_STREAM).close()
+            socket.socket(spec.family, socket.SOCK_STREAM).close()
         except OSError as exc:
             return {"socket": False, "error": type(exc).__name__}
         return {"socket": True}
     if what == "exec":
         try:
-            done = subprocess.run(
-                [spec["path"], *spec.get("args", ["-c", "true"])], capture_output=True, text=True
-            )
+            done = subprocess.run([spec.path, *spec.args], capture_output=True, text=True)
         except OSError as exc:
             return {"exec": False, "error": type(exc).__name__}
         return {

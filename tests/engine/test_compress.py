@@ -310,3 +310,14 @@ def test_a_fixed_batch_program_is_evaluated_in_its_batches(
     result = _run(path, STATIC_INT8, tmp_path / "w", dataset_path=mlp_files["npz"])
     assert result["original"]["accuracy_top1"] >= 0.9
     assert any("fixed batch size of 8" in w for w in result["warnings"])
+
+
+def test_compress_takes_the_fields_of_the_spec_by_their_names() -> None:
+    """One name per field from the runner to the engine: compress()'s keywords are the spec's."""
+    import inspect
+
+    from engine.spec import CompressSpec
+
+    assert set(inspect.signature(compress).parameters) - {"progress"} == set(
+        CompressSpec.model_fields
+    ) - {"action"}

@@ -13,6 +13,7 @@ from app.errors import Invalid
 from app.services.sniff import sniff_model
 from engine.errors import EngineError
 from engine.io.formats import detect_format, inspect_model
+from engine.spec import InspectSpec
 from tests.security.model_code_files import CANARY_TEXT, edit_program, evil_torchscript, small_pt2
 from worker import sandbox
 
@@ -31,7 +32,7 @@ def canary(tmp_path: Path) -> tuple[Path, Path]:
 def _inspect_in_sandbox(model: Path, workdir: Path) -> sandbox.SandboxError:
     workdir.mkdir(exist_ok=True)
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run({"action": "inspect_model", "model_path": str(model)}, LIMITS, workdir=workdir)
+        sandbox.run(InspectSpec(model_path=str(model)), LIMITS, workdir=workdir)
     return err.value
 
 

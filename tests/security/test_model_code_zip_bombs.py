@@ -9,6 +9,7 @@ import pytest
 
 from engine.errors import EngineError
 from engine.io.formats import detect_format
+from engine.spec import InspectSpec
 from tests.security.model_code_files import rewrite, small_pt2
 from worker import sandbox
 
@@ -44,7 +45,7 @@ def test_member_bombs_are_refused_in_the_sandbox(
     job.mkdir()
     bomb = rewrite(real_pt2, job / "model.pt2", {member: ("bomb", BOMB_BYTES)})
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run({"action": "inspect_model", "model_path": str(bomb)}, LIMITS, workdir=job)
+        sandbox.run(InspectSpec(model_path=str(bomb)), LIMITS, workdir=job)
     assert err.value.code == "archive_too_large", err.value.detail
     assert member in err.value.detail
     # Nothing was unpacked: the job directory holds only the upload.
@@ -67,5 +68,5 @@ def test_a_lying_size_header_stops_at_the_declared_size(real_pt2: Path, tmp_path
     liar = job / "model.pt2"
     liar.write_bytes(bytes(data))
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run({"action": "inspect_model", "model_path": str(liar)}, LIMITS, workdir=job)
+        sandbox.run(InspectSpec(model_path=str(liar)), LIMITS, workdir=job)
     assert err.value.code in {"invalid_model", "archive_too_large"}, err.value.detail

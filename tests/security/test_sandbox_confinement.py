@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.spec import InspectSpec
 from tests.security.model_code_files import CANARY_TEXT, small_pt2
 from worker import sandbox
 from worker.confine import landlock_abi
@@ -18,7 +19,7 @@ FOUND = sandbox.protections()
 def _selftest(tmp_path: Path, **what: object) -> dict[str, object]:
     job = tmp_path / "job"
     job.mkdir(exist_ok=True)
-    return sandbox.run({"action": "selftest", **what}, LIMITS, workdir=job)
+    return sandbox.run(sandbox.SelfTestSpec(**what), LIMITS, workdir=job)
 
 
 def test_every_protection_is_reported() -> None:
@@ -91,7 +92,7 @@ def test_a_missing_required_protection_fails_the_job(tmp_path: Path) -> None:
     job = tmp_path / "job"
     job.mkdir()
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run({"action": "selftest"}, LIMITS, workdir=job, require=[absent[0]])
+        sandbox.run(sandbox.SelfTestSpec(), LIMITS, workdir=job, require=[absent[0]])
     assert err.value.code == "sandbox_unavailable" and absent[0] in err.value.detail
 
 
@@ -100,7 +101,7 @@ def test_a_real_model_is_inspected_under_every_protection(tmp_path: Path) -> Non
     job.mkdir()
     model = small_pt2(job / "model.pt2")
     info = sandbox.run(
-        {"action": "inspect_model", "model_path": str(model)},
+        InspectSpec(model_path=str(model)),
         LIMITS,
         workdir=job,
         require=[name for name, on in FOUND.items() if on],

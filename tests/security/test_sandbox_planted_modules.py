@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.spec import InspectSpec
 from tests.security.model_code_files import small_pt2
 from worker import sandbox
 
@@ -34,7 +35,7 @@ def test_planted_modules_are_never_imported(
     monkeypatch.setenv("PYTHONSTARTUP", str(worker_cwd / "json.py"))
     model = small_pt2(job / "model.pt2")
     info = sandbox.run(
-        {"action": "inspect_model", "model_path": str(model)},
+        InspectSpec(model_path=str(model)),
         sandbox.Limits(wall_time_s=120, memory_mb=4096),
         workdir=job,
     )

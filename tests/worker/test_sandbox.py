@@ -4,35 +4,33 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
+from engine.spec import CompressSpec, InspectSpec, Resume
 from worker import sandbox
 
 
 def test_result_comes_back_from_the_child() -> None:
-    assert sandbox.run({"action": "selftest"}, sandbox.Limits(60, 2048)) == {"ok": True}
+    assert sandbox.run(sandbox.SelfTestSpec(), sandbox.Limits(60, 2048)) == {"ok": True}
 
 
 def test_memory_limit_stops_an_allocation_past_it() -> None:
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run(
-            {"action": "selftest", "what": "allocate", "mb": 3000}, sandbox.Limits(60, 1024)
-        )
+        sandbox.run(sandbox.SelfTestSpec(what="allocate", mb=3000), sandbox.Limits(60, 1024))
     assert err.value.code == "memory_limit_exceeded"
     assert "1024 MiB" in err.value.detail
 
 
 def test_allocation_under_the_limit_succeeds() -> None:
-    out = sandbox.run(
-        {"action": "selftest", "what": "allocate", "mb": 100}, sandbox.Limits(60, 1024)
-    )
+    out = sandbox.run(sandbox.SelfTestSpec(what="allocate", mb=100), sandbox.Limits(60, 1024))
     assert out == {"allocated": 100 * 1024 * 1024}
 
 
 def test_wall_time_limit_kills_the_child() -> None:
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run({"action": "selftest", "what": "sleep", "seconds": 30}, sandbox.Limits(2, 1024))
+        sandbox.run(sandbox.SelfTestSpec(what="sleep", seconds=30), sandbox.Limits(2, 1024))
     assert err.value.code == "time_limit_exceeded"
 
 
@@ -54,7 +52,7 @@ def test_network_is_refused_inside_the_child() -> None:
     thread = threading.Thread(target=accept)
     thread.start()
     out = sandbox.run(
-        {"action": "selftest", "what": "connect", "host": "127.0.0.1", "port": port},
+        sandbox.SelfTestSpec(what="connect", host="127.0.0.1", port=port),
         sandbox.Limits(30, 1024),
     )
     thread.join()
@@ -65,7 +63,7 @@ def test_network_is_refused_inside_the_child() -> None:
 
 def test_a_crash_is_reported_with_the_signal() -> None:
     with pytest.raises(sandbox.SandboxError) as err:
-        sandbox.run({"action": "selftest", "what": "segfault"}, sandbox.Limits(30, 1024))
+        sandbox.run(sandbox.SelfTestSpec(what="segfault"), sandbox.Limits(30, 1024))
     assert err.value.code == "worker_crashed"
     assert "SIGSEGV" in err.value.detail
 
@@ -73,7 +71,28 @@ def test_a_crash_is_reported_with_the_signal() -> None:
 def test_parent_can_abort_the_child() -> None:
     with pytest.raises(sandbox.SandboxAborted):
         sandbox.run(
-            {"action": "selftest", "what": "sleep", "seconds": 30},
+            sandbox.SelfTestSpec(what="sleep", seconds=30),
             sandbox.Limits(60, 1024),
             should_continue=lambda: False,
         )
+
+
+def test_the_spec_crosses_the_pipe_as_json_and_comes_back_typed(tmp_path: Path) -> None:
+    spec = CompressSpec(
+        model_path=str(tmp_path / "model.onnx"),
+        pipeline=[{"op": "quantize", "dtype": "fp16"}],
+        workdir=str(tmp_path / "out"),
+        holdout=0.2,
+        latency_threads=2,
+        models={"m1": str(tmp_path / "student.pt2")},
+        resume=Resume(start_index=1, model_path=str(tmp_path / "c.onnx"), original_metrics={}),
+    )
+    box = sandbox.Box(cwd="/c", tmp="/t", read=sandbox.input_paths(spec), write=[], require=[])
+    sent = sandbox.ChildInput(spec=spec, box=box, memory_limit_mb=512).model_dump_json()
+    received = sandbox.ChildInput.model_validate_json(sent)
+    assert received.spec == spec
+    assert box.read == [spec.model_path, str(tmp_path / "student.pt2"), str(tmp_path / "c.onnx")]
+    inspect = sandbox.ChildInput(spec=InspectSpec(model_path="/m.pt2"), box=box, memory_limit_mb=1)
+    assert isinstance(
+        sandbox.ChildInput.model_validate_json(inspect.model_dump_json()).spec, InspectSpec
+    )

@@ -1,0 +1,13 @@
+"""The kinds of event `engine.pipeline` reports while it runs (the `type` of each event dict)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventKind(StrEnum):
+    PROGRESS = "progress"  # progress (0..1), message
+    ORIGINAL_MEASURED = "original_measured"  # metrics
+    STEP_STARTED = "step_started"  # index, op
+    STEP_FINISHED = "step_finished"  # index, metrics, warnings, details, artifact (a checkpoint)
+    LOG = "log"  # level, message

@@ -1,0 +1,60 @@
+"""What the worker asks of the engine: one typed spec, built by the runner, sent through the
+sandbox's pipe as JSON and received by the engine, with one name per field end to end.
+
+Torch-free, so the worker's parent process builds it without loading the engine's heavy parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resume(_Spec):
+    """Where a retried job continues: after step `start_index - 1`, whose output is `model_path`."""
+
+    start_index: int
+    model_path: str
+    original_metrics: dict[str, Any]
+
+
+class InspectSpec(_Spec):
+    """Read an uploaded model's inputs, outputs and size."""
+
+    action: Literal["inspect_model"] = "inspect_model"
+    model_path: str
+
+    def input_paths(self) -> list[str]:
+        return [self.model_path]
+
+
+class CompressSpec(_Spec):
+    """Run a pipeline on a model (the arguments of `engine.pipeline.compress`)."""
+
+    action: Literal["compress"] = "compress"
+    model_path: str
+    pipeline: list[dict[str, Any]]
+    workdir: str
+    dataset_path: str | None = None
+    evaluation_task: str = "classification"
+    # Fraction of the dataset kept out of training and used for every measurement;
+    # None: 0.3 when a step trains on the dataset, else 0.
+    holdout: float | None = None
+    export: list[str] = Field(default_factory=lambda: ["onnx"])
+    seed: int = 0
+    latency_threads: int = 1
+    # Other uploaded models a step names (a distillation student): model id -> file.
+    models: dict[str, str] = Field(default_factory=dict)
+    resume: Resume | None = None
+
+    def input_paths(self) -> list[str]:
+        """The files the engine reads."""
+        paths = [self.model_path, self.dataset_path, *self.models.values()]
+        if self.resume is not None:
+            paths.append(self.resume.model_path)
+        return [p for p in paths if p]
