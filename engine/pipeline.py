@@ -25,11 +25,11 @@ from engine.context import StepContext
 from engine.errors import EngineError
 from engine.evaluation import Evaluation, verify_artifact
 from engine.events import EventKind
+from engine.inspect import check_onnx_runs
 from engine.io.datasets import Samples, load_dataset, match_inputs, synthetic
 from engine.io.formats import (
     ModelFormat,
     TensorSpec,
-    check_onnx_runs,
     detect_format,
     load_onnx,
     onnx_io,

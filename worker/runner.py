@@ -13,13 +13,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import Artifact, Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
-from app.db.repositories import JobRepository
+from app.db.repositories import JobRepository, ModelInspectionRepository
 from app.db.session import session_scope
 from app.services import events
 from app.services.models import EXTENSIONS
@@ -46,8 +45,8 @@ def _workdir(settings: Settings, kind: str) -> Path:
 def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     """Inspect a pending model in the sandbox and mark it ready or invalid."""
     with session_scope(settings.database_url) as session:
-        model = session.get(Model, model_id)
-        if model is None or model.status != ModelStatus.pending:
+        model = ModelInspectionRepository(session).pending(model_id)
+        if model is None:
             return "skipped"
         blob_key, ext = model.blob_key, EXTENSIONS[model.format]
     workdir = _workdir(settings, "inspect")
@@ -73,11 +72,7 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
                 "error": {"code": exc.code, "detail": exc.detail, "field": exc.field},
             }
         with session_scope(settings.database_url) as session:
-            session.execute(
-                update(Model)
-                .where(Model.id == model_id, Model.status == ModelStatus.pending)
-                .values(updated_at=utcnow(), **values)
-            )
+            ModelInspectionRepository(session).record(model_id, **values)
         return str(values["status"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -292,11 +287,10 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
         pipeline = [step.config for step in job.steps]
         checkpoint = _resume_point(session, job)
         # Other models a step names (a distillation student), only from the job's own team.
-        wanted = {s.config.get("student_model_id") for s in job.steps} - {None}
-        students = {
-            m.id: m.blob_key
-            for m in session.query(Model).filter(Model.team_id == team_id, Model.id.in_(wanted))
+        wanted = {
+            str(s.config["student_model_id"]) for s in job.steps if s.config.get("student_model_id")
         }
+        students = ModelInspectionRepository(session).blob_keys_of_team(team_id, wanted)
         return token, _ClaimedJob(
             team_id=team_id,
             model=(model.blob_key, EXTENSIONS[model.format]) if model else None,
@@ -367,10 +361,7 @@ def _resume_point(session: Session, job: Job) -> _Checkpoint | None:
 def _discard(settings: Settings, storage: BlobStore, job_id: str, keys: list[str]) -> None:
     """Remove this attempt's blobs and their artifact rows (cancel or lost lease)."""
     with session_scope(settings.database_url) as session:
-        if keys:
-            session.execute(
-                delete(Artifact).where(Artifact.job_id == job_id, Artifact.blob_key.in_(keys))
-            )
+        JobRepository(session).delete_artifacts(job_id, keys)
     for key in keys:
         storage.delete(key)
 

@@ -470,7 +470,7 @@ def main(event_fd: int) -> int:
 
 def _dispatch(spec: Spec, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     if isinstance(spec, InspectSpec):
-        from engine.io.formats import inspect_model
+        from engine.inspect import inspect_model
 
         return inspect_model(Path(spec.model_path))
     if isinstance(spec, CompressSpec):

@@ -282,22 +282,7 @@ def onnx_float_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def check_onnx_runs(path: str | Path) -> None:
-    """Create a CPU onnxruntime session; raises invalid_model when onnxruntime cannot load it."""
-    from engine.onnxgraph.runtime import make_session
-
-    try:
-        make_session(path)
-    except Exception as exc:
-        raise EngineError(
-            "invalid_model",
-            f"onnxruntime could not load the model: {_short(exc)}. Check that it uses only "
-            "standard ONNX operators (no custom domains) and a supported opset.",
-            field="file",
-        ) from exc
-
-
-def _short(exc: BaseException, limit: int = 500) -> str:
+def short_error(exc: BaseException, limit: int = 500) -> str:
     text = " ".join(str(exc).split())
     return text[:limit] + ("…" if len(text) > limit else "")
 
@@ -393,7 +378,7 @@ def load_exported_program(path: str | Path) -> torch.export.ExportedProgram:
         except Exception as exc:
             raise EngineError(
                 "invalid_model",
-                f"torch.export.load could not read the .pt2 file: {_short(exc)}. Save it with "
+                f"torch.export.load could not read the .pt2 file: {short_error(exc)}. Save it with "
                 "`torch.export.save(...)` from a recent PyTorch.",
                 field="file",
             ) from exc
@@ -465,27 +450,3 @@ def pt2_params(ep: torch.export.ExportedProgram) -> int:
         c for c in ep.constants.values() if isinstance(c, torch.Tensor)
     ]
     return int(sum(t.numel() for t in tensors))
-
-
-# ----------------------------------------------------------------------------- inspection
-
-
-def inspect_model(path: str | Path) -> dict[str, Any]:
-    """Format, inputs, outputs, parameter count and opset; proves the model loads (and runs)."""
-    fmt = detect_format(path)
-    if fmt == "onnx":
-        model = load_onnx(path)
-        check_onnx_runs(path)
-        inputs, outputs = onnx_io(model)
-        params, opset = onnx_float_params(model), onnx_opset(model)
-    else:
-        ep = load_exported_program(path)
-        inputs, outputs = pt2_io(ep)
-        params, opset = pt2_params(ep), None
-    return {
-        "format": fmt,
-        "inputs": [s.to_dict() for s in inputs],
-        "outputs": [s.to_dict() for s in outputs],
-        "params": params,
-        "opset": opset,
-    }

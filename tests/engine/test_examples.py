@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from engine.io.formats import inspect_model
+from engine.inspect import inspect_model
 
 
 def test_digits_cnn_files(digits_files: dict[str, Path]) -> None:

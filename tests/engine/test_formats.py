@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.io.formats import detect_format, inspect_model
+from engine.inspect import inspect_model
+from engine.io.formats import detect_format
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "upload.bin") -> Path:

@@ -12,7 +12,8 @@ from app.api.problems import problem_for
 from app.errors import Invalid
 from app.services.sniff import sniff_model
 from engine.errors import EngineError
-from engine.io.formats import detect_format, inspect_model
+from engine.inspect import inspect_model
+from engine.io.formats import detect_format
 from engine.spec import InspectSpec
 from tests.security.model_code_files import CANARY_TEXT, edit_program, evil_torchscript, small_pt2
 from worker import sandbox

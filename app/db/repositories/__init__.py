@@ -2,6 +2,14 @@
 
 from app.db.repositories.base import Page, TeamRepository
 from app.db.repositories.jobs import JobRepository, TeamJobRepository
+from app.db.repositories.models import ModelInspectionRepository
 from app.db.repositories.teams import TeamAdminRepository
 
-__all__ = ["JobRepository", "Page", "TeamAdminRepository", "TeamJobRepository", "TeamRepository"]
+__all__ = [
+    "JobRepository",
+    "ModelInspectionRepository",
+    "Page",
+    "TeamAdminRepository",
+    "TeamJobRepository",
+    "TeamRepository",
+]

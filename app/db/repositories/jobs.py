@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
@@ -112,6 +112,13 @@ class JobRepository:
         self.session.add(artifact)
         self.session.flush()
         return artifact
+
+    def delete_artifacts(self, job_id: str, blob_keys: list[str]) -> None:
+        """Drop the artifact rows of blobs an attempt wrote and is discarding."""
+        if blob_keys:
+            self.session.execute(
+                delete(Artifact).where(Artifact.job_id == job_id, Artifact.blob_key.in_(blob_keys))
+            )
 
 
 class TeamJobRepository(TeamRepository[Job]):
