@@ -43,6 +43,15 @@ INTEGRATION_FIXTURES = frozenset(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist the workers share the machine's cores: one math thread each (torch,
+    OpenMP, BLAS; read when those libraries load, after this hook) instead of every worker
+    starting a thread per core and all of them oversubscribing the machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+
+
 def _uses_a_stack_fixture(item: pytest.Item) -> bool:
     """Whether the test uses one of this file's server fixtures: by definition, not by name, so
     a module's own fixture that happens to be called `stack` does not make it an integration

@@ -17,16 +17,38 @@ from app.errors import Invalid
 from app.services.sniff import sniff_dataset, sniff_model
 
 
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small real .pt2 (torch.export) and ONNX (a 64x64 Gemm): sniffing needs bytes, not
+    a trained model, so these tests never wait for the digits example to be trained."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.security.model_code_files import small_pt2
+
+    out = tmp_path_factory.mktemp("sniff")
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph), out / "m.onnx")
+    return {"onnx": out / "m.onnx", "pt2": small_pt2(out / "m.pt2")}
+
+
 def _write(tmp_path: Path, data: bytes, name: str = "f") -> Path:
     path = tmp_path / name
     path.write_bytes(data)
     return path
 
 
-def test_formats_are_detected_from_content(tmp_path: Path, digits_files: dict[str, Path]) -> None:
-    assert sniff_model(digits_files["onnx"]) == "onnx"
-    assert sniff_model(digits_files["pt2"]) == "pt2"
-    renamed = _write(tmp_path, digits_files["pt2"].read_bytes(), "model.onnx")
+def test_formats_are_detected_from_content(tmp_path: Path, small_files: dict[str, Path]) -> None:
+    assert sniff_model(small_files["onnx"]) == "onnx"
+    assert sniff_model(small_files["pt2"]) == "pt2"
+    renamed = _write(tmp_path, small_files["pt2"].read_bytes(), "model.onnx")
     assert sniff_model(renamed) == "pt2"
 
 
@@ -48,9 +70,9 @@ def test_raw_pickles_are_refused(tmp_path: Path, protocol: int) -> None:
 
 
 def test_truncated_onnx_is_reported_as_truncated(
-    tmp_path: Path, digits_files: dict[str, Path]
+    tmp_path: Path, small_files: dict[str, Path]
 ) -> None:
-    data = digits_files["onnx"].read_bytes()
+    data = small_files["onnx"].read_bytes()
     for cut in (len(data) // 3, len(data) - 10):
         with pytest.raises(Invalid) as err:
             sniff_model(_write(tmp_path, data[:cut]))
