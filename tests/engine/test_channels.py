@@ -67,6 +67,8 @@ def test_half_the_channels_of_the_digits_cnn(digits_files: dict[str, Path], tmp_
     assert result["evaluation"]["holdout"] == 0.3  # training data never measured
 
 
+# Slow set: channels and int8 each stay in the fast set; the REST pipeline tests combine them.
+@pytest.mark.slow
 def test_channels_then_quantize(digits_files: dict[str, Path], tmp_path: Path) -> None:
     result = compress(
         digits_files["pt2"],
@@ -176,6 +178,9 @@ def test_channels_after_an_onnx_only_op_is_refused(
     assert not (tmp_path / "original.onnx").exists()
 
 
+# Slow set: distilling without labels stays in the fast set through the ternary QAT and the
+# gradient-without-labels tests.
+@pytest.mark.slow
 def test_fine_tuning_without_labels_distills_from_the_original(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -101,13 +101,20 @@ def test_truncated_onnx_is_invalid(tmp_path: Path, digits_files: dict[str, Path]
 
 
 def test_onnx_with_external_data_is_refused(tmp_path: Path) -> None:
+    import numpy as np
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    model = torch.nn.Sequential(torch.nn.Linear(64, 300)).eval()
+    weight = numpy_helper.from_array(np.ones((64, 300), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 300])],
+        [weight],
+    )
     path = tmp_path / "ext.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 64),), str(path), dynamo=True)
-    proto = onnx.load(str(path))
-    onnx.save(proto, str(path), save_as_external_data=True, size_threshold=0)
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, size_threshold=0)
     with pytest.raises(EngineError) as err:
         inspect_model(path)
     assert err.value.code == "invalid_model"

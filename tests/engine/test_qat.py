@@ -47,7 +47,8 @@ def _run(files: dict[str, Any], step: dict[str, Any], workdir: Path, **kw: Any) 
     )
 
 
-@pytest.mark.slow  # ~14 s: QAT int8 training; binary/ternary QAT keep the fast set's QAT coverage
+# Slow set (QAT int8 training); the binary and ternary QAT runs keep QAT in the fast set.
+@pytest.mark.slow
 def test_qat_int8_beats_static_ptq_where_ptq_loses(
     outlier_cnn: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -1,7 +1,13 @@
-"""API keys end to end: the real `compaas admin` CLI against the API on one embedded data dir."""
+"""API keys end to end: the real `compaas admin` CLI against the API on one embedded data dir.
+
+The CLI runs in this process (`app.cli.main`, with the environment a fresh process would see)
+except where being another process is the point: the pepper shared by the CLI and the API, and
+concurrent first starts."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import stat
@@ -16,6 +22,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import update
 
+from app.cli import main as cli_main
 from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import ApiKey
@@ -35,18 +42,37 @@ class Embedded:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COMPAAS_")}
         self.env.update(COMPAAS_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT))
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app.cli", "admin", *args],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=check,
-        )
+    def cli(
+        self, *args: str, check: bool = True, own_process: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        command = ["compaas", "admin", *args]
+        if own_process:
+            return subprocess.run(
+                [sys.executable, "-m", "app.cli", "admin", *args],
+                env=self.env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=check,
+            )
+        data_dir_pepper.cache_clear()  # read from the data dir again, as a new process would
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.MonkeyPatch.context() as env:
+            for name in [k for k in os.environ if k.startswith("COMPAAS_")]:
+                env.delenv(name)
+            env.setenv("COMPAAS_DATA_DIR", str(self.data_dir))
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = cli_main(["admin", *args])
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+        result = subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
+        if check:
+            result.check_returncode()
+        return result
 
-    def cli_json(self, *args: str) -> Any:
-        return json.loads(self.cli(*args, "--json").stdout)
+    def cli_json(self, *args: str, own_process: bool = False) -> Any:
+        return json.loads(self.cli(*args, "--json", own_process=own_process).stdout)
 
     def settings(self) -> Settings:
         return Settings(
@@ -77,12 +103,12 @@ def embedded(tmp_path: Path) -> Embedded:
 def test_embedded_pepper_is_generated_once_private_and_shared_by_cli_and_api(
     embedded: Embedded,
 ) -> None:
-    first = embedded.cli_json("create-team", "alpha")
+    first = embedded.cli_json("create-team", "alpha", own_process=True)
     pepper_file = embedded.data_dir / PEPPER_FILE
     pepper = pepper_file.read_text()
     assert len(pepper) == 64 and int(pepper, 16) >= 0
     assert stat.S_IMODE(pepper_file.stat().st_mode) == 0o600
-    second = embedded.cli_json("create-team", "beta")
+    second = embedded.cli_json("create-team", "beta", own_process=True)
     assert pepper_file.read_text() == pepper  # not regenerated
 
     # two "restarts" of the API: keys made by the CLI before keep working
