@@ -108,6 +108,15 @@ def fidelity_warnings(values: dict[str, Any]) -> list[str]:
         out.append(
             f"Output cosine similarity to the original is {values['cosine_similarity']:.4f}."
         )
+    worst = values.get("sqnr_db_min")
+    if worst is not None and worst < m.SLICE_SQNR_WARN_DB and "[" in values["sqnr_db_min_slice"]:
+        out.append(
+            f"One output slice is badly reproduced: {values['sqnr_db_min_slice']} has SQNR "
+            f"{worst:.1f} dB (< {m.SLICE_SQNR_WARN_DB:.0f} dB) while the whole outputs have "
+            f"{values.get('sqnr_db')} dB. A channel of a small range next to channels of a large "
+            "one (e.g. class scores concatenated with box coordinates) is the usual cause; give "
+            "the quantize step a target (`min_sqnr_db` judges the worst slice)."
+        )
     return out
 
 

@@ -9,7 +9,7 @@ from engine.config.base import PipelineError
 PRESETS: dict[str, dict[str, Any]] = {
     "edge-int8": {
         "description": "Static INT8 QDQ, per-channel weights, calibrated on your dataset.",
-        "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8", "per_channel": True}],
+        "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8"}],
     },
     "fp16": {
         "description": "Float16 weights and activations; inputs/outputs stay float32.",
@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "schedule": {"kind": "gradual", "steps": 3, "epochs_per_step": 3},
             },
             {"op": "distill", "epochs": 10, "temperature": 4.0, "alpha": 0.5},
-            {"op": "quantize", "mode": "static", "dtype": "int8", "per_channel": True},
+            {"op": "quantize", "mode": "static", "dtype": "int8"},
         ],
     },
     "deep-compression": {

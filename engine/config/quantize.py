@@ -76,8 +76,16 @@ class QuantizeConfig(OpConfig):
       fake-quantized (straight-through estimator; int8 activations too), labels → cross-entropy,
       none → distillation from the original; then exported as above (static QDQ / packed).
     * `exclude`: node or weight-name patterns (fnmatch) kept float.
+    * `range_repairs` (static, default on): weightless nodes where one int8 scale would zero
+      part of a tensor stay float: a Concat whose inputs' calibrated ranges differ 16×+ (box
+      pixels next to class scores), the weightless tail between the last weight layers and
+      each output (score Sigmoid, box decode, Softmax). Weights stay int8; details.repairs
+      lists each node and why.
     * `sensitivity`: quantize one layer at a time and rank layers by fidelity
       (steps[].details.sensitivity); it also runs whenever a `target` is given.
+    * `smooth` (static/dynamic, default on): when a MatMul's input has channels 6×+ its
+      median, a SmoothQuant-rescaled copy (x/s, s·W) is quantized too; the one that measures
+      better is kept (details.smoothed, details.variants).
     * `target`: after quantizing, measure on the dataset; while it is missed, keep the most
       sensitive layers float one at a time (details.kept_float, details.target_met).
     * `prefer`: `quality` quantizes as asked; `speed` / `size` try variants (QDQ/QOperator,
@@ -88,7 +96,11 @@ class QuantizeConfig(OpConfig):
     op: Literal["quantize"] = "quantize"
     mode: QuantMode | None = None
     dtype: QuantDtype = "int8"
-    per_channel: bool = True
+    per_channel: bool | None = Field(
+        None,
+        description="weights per output channel (true) or per tensor (false); unset: per "
+        "channel, and for static int8 per tensor as well, keeping the one measured better",
+    )
     symmetric: bool | None = Field(
         None, description="symmetric activations and weights (default: onnxruntime's choice)"
     )
@@ -101,6 +113,18 @@ class QuantizeConfig(OpConfig):
     keep_first_last: bool = Field(
         True,
         description="binary/ternary: keep the first conv and the last classifier layer float",
+    )
+    range_repairs: bool = Field(
+        True,
+        description="static: keep float the weightless nodes where one int8 scale would zero "
+        "part of a tensor: Concats whose inputs' ranges differ 16×+, and the weightless tail "
+        "before each output (details.repairs)",
+    )
+    smooth: bool = Field(
+        True,
+        description="static/dynamic int8: also build a SmoothQuant-rescaled variant when a "
+        "MatMul input has outlier channels, and keep it when it measures better "
+        "(details.smoothed)",
     )
     sensitivity: bool = Field(
         False,

@@ -44,6 +44,10 @@ MAC_OPS = {
     "MatMulNBits",
 }
 LATENCY_WARMUP = 10
+# Outputs with 2..this many channels on axis 1 (and more axes after it) are judged per channel.
+SLICE_MAX_CHANNELS = 256
+# A worst slice under this many dB is warned about (int8 done well keeps 30+ dB).
+SLICE_SQNR_WARN_DB = 20.0
 # A measured speedup under this is called slower (and warned about); above it is noise.
 SLOWER = 0.95
 LATENCY_MIN_RUNS = 50
@@ -403,8 +407,50 @@ def quality(
     out["cosine_similarity"] = round(float(cos.mean()), 6)
     noise = float(((a - b) ** 2).sum())
     signal = float((a**2).sum())
-    out["sqnr_db"] = (
-        round(float(10 * np.log10(signal / noise)), 3) if noise > 0 and signal > 0 else None
-    )
+    out["sqnr_db"] = _db(signal, noise)
     out["max_abs_error"] = float(np.abs(a - b).max())
+    worst = worst_slice(reference, outputs)
+    if worst is not None:
+        out["sqnr_db_min"], out["sqnr_db_min_slice"] = worst
     return out
+
+
+def _db(signal: float, noise: float) -> float | None:
+    """10·log10(signal / noise), rounded; None when there is no noise (or no signal)."""
+    return round(float(10 * np.log10(signal / noise)), 3) if noise > 0 and signal > 0 else None
+
+
+def output_slices(shape: Sequence[int]) -> bool:
+    """Whether an output is judged per channel: [N, C, ...] with 2..SLICE_MAX_CHANNELS channels
+    and at least one more axis (a detector head, a segmentation map, a feature map)."""
+    return len(shape) >= 3 and 2 <= shape[1] <= SLICE_MAX_CHANNELS
+
+
+def slice_sqnr(
+    reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+) -> list[tuple[str, float | None]]:
+    """SQNR (dB) of each output as a whole, and of each axis-1 channel of the outputs that
+    `output_slices` picks: `("output 0", 32.5), ("output 0[:, 4]", 0.0), ...` (None: exact)."""
+    found: list[tuple[str, float | None]] = []
+    for i, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
+        r = np.asarray(ref, dtype=np.float64)
+        d = r - np.asarray(out, dtype=np.float64)
+        found.append((f"output {i}", _db(float((r**2).sum()), float((d**2).sum()))))
+        if output_slices(r.shape):
+            axes = (0, *range(2, r.ndim))
+            signal, noise = (r**2).sum(axis=axes), (d**2).sum(axis=axes)
+            found += [
+                (f"output {i}[:, {c}]", _db(float(signal[c]), float(noise[c])))
+                for c in range(r.shape[1])
+                if signal[c] > 0
+            ]
+    return found
+
+
+def worst_slice(
+    reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+) -> tuple[float, str] | None:
+    """The lowest SQNR over the outputs and their channel slices, with where it is; None when
+    every output and slice is exact. A zeroed slice shows here when the whole output hides it."""
+    measured = [(db, name) for name, db in slice_sqnr(reference, outputs) if db is not None]
+    return min(measured) if measured else None

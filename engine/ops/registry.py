@@ -44,4 +44,3 @@ def handler_for(config: OpConfig, backend: Backend) -> Handler:
             field="pipeline",
         )
     return handler
-

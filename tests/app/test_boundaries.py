@@ -25,9 +25,7 @@ def test_api_process_never_imports_torch_or_onnxruntime() -> None:
 
 
 def test_engine_imports_no_web_db_or_queue_code() -> None:
-    modules = _loaded_after(
-        "import engine.pipeline, engine.io.formats, engine.examples"
-    )
+    modules = _loaded_after("import engine.pipeline, engine.io.formats, engine.examples")
     for forbidden in ("fastapi", "celery", "sqlalchemy", "app", "worker.tasks"):
         assert not any(m == forbidden or m.startswith(forbidden + ".") for m in modules), forbidden
 

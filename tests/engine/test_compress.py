@@ -61,10 +61,13 @@ def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) ->
     assert static_int8["accuracy_measured"] is True
     assert static_int8["calibration_source"] == "dataset"
     # Bounded work instead of a stopwatch: calibration on the configured 256 samples, not the
-    # whole dataset, and one build: no variant search without a target.
+    # whole dataset, and two builds (weight granularity left to the service: per channel and
+    # per tensor, the better measured kept), no variant search without a target.
     details = static_int8["steps"][0]["details"]
     assert details["calibration"]["samples"] == 256
-    assert [v["name"] for v in details["variants"]] == ["static_int8"]
+    names = [v["name"] for v in details["variants"]]
+    assert names == ["static_int8", "static_int8_per_tensor"]
+    assert details["chosen"] in names
 
 
 def test_metrics_are_complete_and_consistent(static_int8: dict[str, Any]) -> None:
@@ -89,13 +92,15 @@ def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) ->
         "version": 1,
         "mode": "static",
         "dtype": "int8",
-        "per_channel": True,
+        "per_channel": None,
         "calibration": {"method": "minmax", "percentile": 99.999, "samples": 256},
         "symmetric": None,
         "exclude": [],
         "target": None,
         "prefer": "quality",
         "keep_first_last": True,
+        "range_repairs": True,
+        "smooth": True,
         "sensitivity": False,
         "epochs": 5,
         "lr": None,

@@ -23,6 +23,12 @@ from engine.onnxgraph.convert import quiet
 from engine.onnxgraph.graph import WEIGHT_OPS, matches, name_nodes, weight_layers
 from engine.onnxgraph.runtime import feeds
 from engine.ops.quantize.memory import PeakRss
+from engine.ops.quantize.repairs import (
+    Repair,
+    mixed_range_concats,
+    mixed_range_outputs,
+    output_tails,
+)
 from engine.ops.quantize.weight_only import int4_blockwise, weight_only_int8
 
 if TYPE_CHECKING:
@@ -30,6 +36,10 @@ if TYPE_CHECKING:
 
 CALIBRATION_BATCH = 32
 CALIBRATION_CHUNK = 4  # batches per histogram update (entropy/percentile) or range merge (minmax)
+# Input bytes per calibration chunk: every intermediate tensor of a chunk's samples is held at
+# once (often 50-200× the input), so a 480×640 page calibrates one sample at a time and
+# digits 32 per batch.
+CALIBRATION_CHUNK_INPUT_BYTES = 8 << 20
 PER_CHANNEL_MIN_OPSET = 13
 INT4_BLOCK = 32
 
@@ -69,6 +79,17 @@ class CalibrationReader:
         self._given = 0
         self._batches = (f for f, _ in feeds(self.samples, self.batch, pad=self.fixed))
         self._next = next(self._batches, None)
+
+
+def calibration_batching(samples: Samples, fixed_batch: int | None) -> tuple[int, int]:
+    """(batch, batches per chunk) so one chunk holds about CALIBRATION_CHUNK_INPUT_BYTES of
+    inputs: the calibrator keeps every intermediate output of a chunk in memory."""
+    per_sample = max(1, sum(v[:1].nbytes for v in samples.inputs.values()))
+    fits = max(1, CALIBRATION_CHUNK_INPUT_BYTES // per_sample)
+    if fixed_batch is not None:
+        return fixed_batch, max(1, min(CALIBRATION_CHUNK, fits // fixed_batch))
+    batch = max(1, min(CALIBRATION_BATCH, fits // CALIBRATION_CHUNK))
+    return batch, max(1, min(CALIBRATION_CHUNK, fits // batch))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -117,7 +138,7 @@ def prepare_quantizer(config: QuantizeConfig, model: Path, ctx: StepContext) -> 
     needs_axis = config.mode in ("static", "dynamic") or (
         config.mode == "weight_only" and config.dtype == "int8"
     )
-    if config.per_channel and needs_axis:
+    if config.per_channel is not False and needs_axis:
         upgraded = _upgrade_opset(model, ctx.workdir / "opset13.onnx", ctx)
         per_channel_ok = upgraded is not None
         source = upgraded or model
@@ -200,6 +221,7 @@ class Quantizer:
     all_layers: list[Layer] = field(default_factory=list)
     base_exclude: set[str] = field(default_factory=set)
     dynamic_conv_ok: bool = True
+    kept_float: set[str] = field(default_factory=set)  # mixed-range repairs (static only)
     _cache: Path | None = None
     builds: int = 0
 
@@ -262,18 +284,14 @@ class Quantizer:
             options["percentile"] = cfg.percentile
         if self.config.symmetric:
             options["symmetric"] = True
-        reader = CalibrationReader(
-            samples,
-            self.ctx.batch or CALIBRATION_BATCH,
-            fixed=self.ctx.batch is not None,
-            chunk=CALIBRATION_CHUNK,
-        )
+        batch, chunk = calibration_batching(samples, self.ctx.batch)
+        reader = CalibrationReader(samples, batch, fixed=self.ctx.batch is not None, chunk=chunk)
         ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
         with quiet(), PeakRss() as memory:
             calibrator = create_calibrator(
                 self.prepared,
                 ops,
-                augmented_model_path=str(self.ctx.workdir / "augmented.onnx"),
+                augmented_model_path=str(self.ctx.workdir / f"{self.prepared.stem}-augmented.onnx"),
                 calibrate_method=method,
                 extra_options=options,
             )
@@ -285,7 +303,7 @@ class Quantizer:
                 calibrator.collect_data(reader)
             ranges = calibrator.compute_data()
             del calibrator
-        self._cache = self.ctx.workdir / "calibration.json"
+        self._cache = self.ctx.workdir / f"{self.prepared.stem}-calibration.json"
         save_tensors_data(ranges, self._cache)
         self.ctx.metrics["calibration_peak_memory_bytes"] = int(memory.peak)
         self.ctx.metrics["calibration_samples"] = len(samples)
@@ -293,9 +311,30 @@ class Quantizer:
             "method": cfg.method,
             "samples": len(samples),
             "batch": reader.batch,
+            "batches_per_chunk": chunk,
             "peak_memory_bytes": int(memory.peak),
         }
         return self._cache
+
+    def range_repairs(self, reference: list[np.ndarray]) -> list[Repair]:
+        """Find the weightless nodes whose one int8 scale would zero part of a tensor
+        (engine.ops.quantize.repairs: mixed-range Concats and outputs, the weightless tail
+        before each output) from the calibrated ranges and the float outputs; static builds
+        keep them float from now on."""
+        import onnx
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        model = onnx.load(str(self.prepared))
+        ranges = {
+            name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
+            for name, data in load_tensors_data(self.calibration_cache()).items()
+        }
+        found = mixed_range_concats(model, ranges)
+        found += mixed_range_outputs(model, reference, {r.node for r in found})
+        found += output_tails(model, {r.node for r in found})
+        found = [r for r in found if r.node not in self.base_exclude]
+        self.kept_float = {r.node for r in found}
+        return found
 
     # ---- one build
     def build(
@@ -313,6 +352,8 @@ class Quantizer:
         per_channel = variant.per_channel and self.per_channel_ok
         if variant.exclude_depthwise:
             skip += [x.name for x in self.all_layers if x.depthwise]
+        if variant.mode == "static":
+            skip = sorted(set(skip) | self.kept_float)
         if variant.mode == "weight_only":
             if self.config.dtype == "int4":
                 int4_blockwise(

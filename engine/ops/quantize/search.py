@@ -8,7 +8,7 @@ batch), sizes from the written files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,14 @@ from engine.evaluation import EVAL_SAMPLES
 from engine.onnxgraph import metrics as m
 from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
 from engine.ops.quantize.integer import Quantizer, Variant
+from engine.ops.quantize.smooth import SMOOTH_ALPHAS, smooth
 
 SENSITIVITY_SAMPLES = 256
 SENSITIVITY_MAX_LAYERS = 40
 LATENCY_FEEDS = 16
 LATENCY_THREADS = 1
 SPEED_DEFAULT_TARGET = QuantizeTarget(min_sqnr_db=20.0)
+QUALITY_TIE_DB = 1.0
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
@@ -74,7 +76,14 @@ class Evaluator:
         values = m.quality(self._run(path, samples), ref, samples.labels, "classification")
         out = {
             k: values.get(k)
-            for k in ("cosine_similarity", "sqnr_db", "agreement_top1", "accuracy_top1")
+            for k in (
+                "cosine_similarity",
+                "sqnr_db",
+                "sqnr_db_min",
+                "sqnr_db_min_slice",
+                "agreement_top1",
+                "accuracy_top1",
+            )
         }
         if self.float_accuracy is not None and values.get("accuracy_top1") is not None:
             out["accuracy_drop"] = round(self.float_accuracy - values["accuracy_top1"], 6)
@@ -92,13 +101,20 @@ def meets(fidelity: dict[str, Any], target: QuantizeTarget | None) -> bool:
         return drop is not None and drop <= target.max_accuracy_drop + 1e-9
     if target.min_cosine is not None:
         return float(fidelity.get("cosine_similarity", -1.0)) >= target.min_cosine
-    sqnr = fidelity.get("sqnr_db")
+    sqnr = worst_sqnr(fidelity)
     assert target.min_sqnr_db is not None
-    return sqnr is None or float(sqnr) >= target.min_sqnr_db  # None: outputs exact
+    return sqnr is None or sqnr >= target.min_sqnr_db  # None: outputs exact
+
+
+def worst_sqnr(fidelity: dict[str, Any]) -> float | None:
+    """The SQNR a target or a warning judges: the worst output slice's where outputs have
+    slices (metrics.worst_slice), else the whole output's; None when the outputs are exact."""
+    value = fidelity.get("sqnr_db_min", fidelity.get("sqnr_db"))
+    return None if value is None else float(value)
 
 
 def _sqnr_key(entry: dict[str, Any]) -> tuple[float, float]:
-    sqnr = entry.get("sqnr_db")
+    sqnr = worst_sqnr(entry)
     return (math.inf if sqnr is None else float(sqnr), float(entry.get("cosine", 1.0)))
 
 
@@ -124,6 +140,7 @@ def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str,
                 "weight": layer.weight,
                 "cosine": fid.get("cosine_similarity"),
                 "sqnr_db": fid.get("sqnr_db"),
+                "sqnr_db_min": fid.get("sqnr_db_min"),
                 "agreement": fid.get("agreement_top1"),
             }
         )
@@ -198,15 +215,28 @@ def search(q: Quantizer, float_model: Path) -> Path:
     """Quantize as configured; returns the chosen file. Fills ctx.details/metrics/warnings."""
     cfg, ctx = q.config, q.ctx
     assert cfg.mode is not None
-    requested = Variant(f"{cfg.mode}_{cfg.dtype}", cfg.mode, per_channel=cfg.per_channel)
+    requested = Variant(
+        f"{cfg.mode}_{cfg.dtype}", cfg.mode, per_channel=cfg.per_channel is not False
+    )
     target = cfg.target
     if target is None and cfg.prefer == "speed":
         target = SPEED_DEFAULT_TARGET
     if target is not None:
         ctx.details["target"] = target.model_dump(exclude_none=True)
     ev = Evaluator(float_model, q)
-    if cfg.mode == "static":
-        q.calibration_cache()
+    variants = [requested] if cfg.prefer == "quality" else variants_for(q)
+    if (
+        cfg.prefer == "quality"
+        and cfg.mode == "static"
+        and q.per_channel_ok
+        and cfg.per_channel is None
+    ):
+        # Granularity left to us: build both, keep the one measured better (choose_quality).
+        variants.append(replace(requested, name=f"{requested.name}_per_tensor", per_channel=False))
+    if cfg.range_repairs and any(v.mode == "static" for v in variants):
+        repairs = q.range_repairs(ev.reference)
+        if repairs:
+            ctx.details["repairs"] = [r.as_dict() for r in repairs]
     ranking: list[dict[str, Any]] | None = None
     if cfg.sensitivity or cfg.target is not None:
         ranking = sensitivity(q, requested, ev)
@@ -215,14 +245,16 @@ def search(q: Quantizer, float_model: Path) -> Path:
     if target is not None and ranking is None:  # prefer speed's default target
         order = [x.name for x in reversed(q.candidates(requested))]
 
-    variants = [requested] if cfg.prefer == "quality" else variants_for(q)
-    ctx.report(0.65, f"building and measuring {len(variants)} variant(s)")
+    builds: list[tuple[Quantizer, Variant]] = [(q, v) for v in variants]
+    for alpha, smoothed in smoothed_quantizers(q):
+        builds.append((smoothed, replace(requested, name=f"{requested.name}_smoothquant{alpha}")))
+    ctx.report(0.65, f"building and measuring {len(builds)} variant(s)")
     tried: list[Candidate] = []
-    for i, variant in enumerate(variants):
+    for i, (quantizer, variant) in enumerate(builds):
         try:
-            cand = build_to_target(q, variant, ev, target, order, i)
+            cand = build_to_target(quantizer, variant, ev, target, order, i)
         except Exception as exc:
-            if len(variants) == 1:
+            if len(builds) == 1:
                 raise
             ctx.details.setdefault("variants_failed", []).append(
                 {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
@@ -272,6 +304,24 @@ def search(q: Quantizer, float_model: Path) -> Path:
     return chosen.path
 
 
+def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:
+    """(alpha, quantizer over the SmoothQuant-rescaled model) per strength in SMOOTH_ALPHAS
+    (engine.ops.quantize.smooth) when int8 MatMul inputs have outlier channels; [] when none."""
+    if not q.config.smooth or q.config.mode not in ("static", "dynamic"):
+        return []
+    out = []
+    for alpha in SMOOTH_ALPHAS:
+        dst = q.ctx.workdir / f"smoothed-{alpha}.onnx"
+        done = smooth(q.prepared, dst, q.ctx.samples, q.ctx.batch, alpha)
+        if not done:
+            return []
+        q.ctx.details.setdefault("smoothed", {})[str(alpha)] = [x.as_dict() for x in done]
+        other = Quantizer(q.config, dst, q.ctx, q.per_channel_ok)
+        other.kept_float = set(q.kept_float)
+        out.append((alpha, other))
+    return out
+
+
 def _choose(tried: list[Candidate], prefer: str) -> Candidate:
     if not tried:
         raise RuntimeError("no quantized variant could be built")
@@ -280,11 +330,20 @@ def _choose(tried: list[Candidate], prefer: str) -> Candidate:
         return min(ok, key=lambda c: c.latency_ms)
     if prefer == "size":
         return min(ok, key=lambda c: c.size_bytes)
-    return ok[0]
+    return choose_quality(ok)
+
+
+def choose_quality(ok: list[Candidate]) -> Candidate:
+    """The most faithful candidate (worst slice), or the smallest of those within
+    QUALITY_TIE_DB of it: per-channel scales are worth their bytes only when they measure
+    better (on a small model at opset < 13 per-tensor can be both smaller and closer)."""
+    best = max(worst_sqnr(c.fidelity) or math.inf for c in ok)
+    close = [c for c in ok if (worst_sqnr(c.fidelity) or math.inf) >= best - QUALITY_TIE_DB]
+    return min(close, key=lambda c: (c.size_bytes, c.latency_ms))
 
 
 def _fid_rank(fid: dict[str, Any]) -> tuple[float, float]:
-    sqnr = fid.get("sqnr_db")
+    sqnr = worst_sqnr(fid)
     return (-(math.inf if sqnr is None else float(sqnr)), -float(fid.get("cosine_similarity", 0)))
 
 
@@ -296,6 +355,8 @@ def _fid_text(fid: dict[str, Any]) -> str:
         parts.append(f"cosine {fid['cosine_similarity']:.4f}")
     if fid.get("sqnr_db") is not None:
         parts.append(f"SQNR {fid['sqnr_db']:.1f} dB")
+    if fid.get("sqnr_db_min") is not None and fid.get("sqnr_db_min") != fid.get("sqnr_db"):
+        parts.append(f"worst slice {fid['sqnr_db_min']:.1f} dB at {fid['sqnr_db_min_slice']}")
     if fid.get("agreement_top1") is not None:
         parts.append(f"top-1 agreement {fid['agreement_top1']:.3f}")
     return ", ".join(parts)
@@ -305,7 +366,12 @@ def _fidelity_warning(
     chosen: Candidate, ranking: list[dict[str, Any]] | None, warnings: list[str]
 ) -> None:
     fid = chosen.fidelity
-    if fid.get("agreement_top1", 1.0) >= 0.98 and fid.get("cosine_similarity", 1.0) >= 0.99:
+    worst_db = worst_sqnr(fid)
+    if (
+        fid.get("agreement_top1", 1.0) >= 0.98
+        and fid.get("cosine_similarity", 1.0) >= 0.99
+        and (worst_db is None or worst_db >= m.SLICE_SQNR_WARN_DB)
+    ):
         return
     if ranking:
         worst = ", ".join(
