@@ -40,6 +40,21 @@ Feeds = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- models
 
 
+# No zoo dataset has labels, so `max_accuracy_drop` is refused; every model gets a fidelity
+# floor instead, measured by the service against the float model on its dataset.
+SQNR_TARGET = {"min_sqnr_db": 20.0}
+SQNR_WHY = (
+    "min_sqnr_db 20 on the worst output slice: no labels, so a fidelity floor; 20 dB is the "
+    "service's own default floor for prefer speed, and on the worst slice a zeroed part of a "
+    "concatenated output (the detector's scores) cannot hide behind the rest"
+)
+COSINE_TARGET = {"min_cosine": 0.995}
+COSINE_WHY = (
+    "min_cosine 0.995: an embedding is used by its direction (nearest neighbours, thresholds "
+    "on cosine); 0.995 is just above what plain int8 gives here (about 0.993 mean)"
+)
+
+
 @dataclass(frozen=True)
 class Spec:
     key: str
@@ -55,6 +70,9 @@ class Spec:
     quick: bool = False
     chunk: int = 1  # rows per run: 1 (batch 1), or consecutive frames of one stream
     note: str = ""
+    # the quality floor of the `target` request, and why this one (see docs/zoo.md)
+    target: dict[str, float] = field(default_factory=lambda: dict(SQNR_TARGET))
+    target_why: str = SQNR_WHY
 
 
 def fetch(spec: Spec) -> Path:
@@ -448,7 +466,6 @@ ZOO: list[Spec] = [
         "static",
         "classification",
         orientation_inputs,
-        quick=True,
         note="CNN classifier (HardSwish), 4 classes 0/90/180/270°, 1×3×224×224",
     ),
     Spec(
@@ -511,6 +528,8 @@ ZOO: list[Spec] = [
         minilm_inputs,
         prepare=export_minilm,
         note="6-layer BERT exported here with mean pooling + L2 norm (opset 17), 32 tokens",
+        target=COSINE_TARGET,
+        target_why=COSINE_WHY,
     ),
     Spec(
         "wakeword-emb",
@@ -523,6 +542,8 @@ ZOO: list[Spec] = [
         wakeword_inputs,
         quick=True,
         note="audio CNN (Google speech_embedding, LeakyReLU/Max), 76×32 mel frames → 96-d",
+        target=COSINE_TARGET,
+        target_why=COSINE_WHY,
     ),
 ]
 
@@ -770,6 +791,28 @@ def _plain_quantize(spec: Spec, src: Path, calib: Feeds, dst: Path) -> str:
 # --------------------------------------------------------------------------- the service
 
 
+REQUESTS = ("default", "target", "speed")
+LABELS = {
+    "plain": "plain ORT",
+    "default": "service default",
+    "target": "service target",
+    "speed": "service speed",
+}
+
+
+def quantize_op(spec: Spec, request: str) -> dict[str, Any]:
+    """The pipeline step of one service request: the default int8 call (`default`), plus the
+    model's quality floor (`target`), or plus `prefer: speed` (the service picks its floor)."""
+    op: dict[str, Any] = {"op": "quantize", "mode": spec.mode, "dtype": "int8"}
+    if request == "target":
+        op["target"] = dict(spec.target)
+    elif request == "speed":
+        op["prefer"] = "speed"
+    elif request != "default":
+        raise ValueError(f"unknown request {request!r} (one of {', '.join(REQUESTS)})")
+    return op
+
+
 class Service:
     """`compaas up` in a scratch directory (the embedded default), driven over REST."""
 
@@ -840,8 +883,8 @@ class Service:
             d = self._ok(self.http.post("/v1/datasets", files={"file": (calib.name, f)}))
         return str(m["id"]), str(d["id"])
 
-    def submit(self, spec: Spec, model_id: str, dataset_id: str) -> str:
-        """The quantize job, once the model's inspection says it is ready."""
+    def wait_ready(self, spec: Spec, model_id: str) -> None:
+        """Until the model's inspection says it is ready (or refuses it)."""
         while (status := self._ok(self.http.get(f"/v1/models/{model_id}"))["status"]) not in (
             "ready",
             "invalid",
@@ -849,24 +892,45 @@ class Service:
             time.sleep(1)
         if status == "invalid":
             raise RuntimeError(f"model {spec.key} invalid")
+
+    def submit(self, spec: Spec, model_id: str, dataset_id: str, request: str) -> str:
         body = {
             "model_id": model_id,
             "dataset_id": dataset_id,
-            "pipeline": [{"op": "quantize", "mode": spec.mode, "dtype": "int8"}],
+            "pipeline": [quantize_op(spec, request)],
             "evaluation": {"task": spec.task},
             "export": ["onnx"],
         }
         return str(self._ok(self.http.post("/v1/jobs", json=body))["id"])
 
-    def submit_all(self, specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Every upload first (their inspections queue ahead of the jobs), then every job."""
-        ids = {s.key: self.upload(s, prepared[s.key]["src"], prepared[s.key]["npz"]) for s in specs}
-        jobs: dict[str, Any] = {}
+    def submit_all(
+        self, specs: list[Spec], prepared: dict[str, dict[str, Any]], requests: list[str]
+    ) -> dict[tuple[str, str], Any]:
+        """Every upload first (their inspections queue ahead of the jobs), then every job, one
+        request over all models at a time, so the default jobs finish first. Values are job
+        ids, or the exception that stopped a model's upload or a job's creation."""
+        ids: dict[str, Any] = {}
         for s in specs:
             try:
-                jobs[s.key] = self.submit(s, *ids[s.key])
-            except RuntimeError as exc:
-                jobs[s.key] = exc
+                ids[s.key] = self.upload(s, prepared[s.key]["src"], prepared[s.key]["npz"])
+            except Exception as exc:
+                ids[s.key] = exc
+        for s in specs:
+            if not isinstance(ids[s.key], Exception):
+                try:
+                    self.wait_ready(s, ids[s.key][0])
+                except Exception as exc:
+                    ids[s.key] = exc
+        jobs: dict[tuple[str, str], Any] = {}
+        for request in requests:
+            for s in specs:
+                if isinstance(ids[s.key], Exception):
+                    jobs[s.key, request] = ids[s.key]
+                    continue
+                try:
+                    jobs[s.key, request] = self.submit(s, *ids[s.key], request)
+                except Exception as exc:
+                    jobs[s.key, request] = exc
         return jobs
 
     def wait(self, job_id: str, dst: Path, timeout_s: float) -> dict[str, Any]:
@@ -890,6 +954,386 @@ class Service:
 # --------------------------------------------------------------------------- the run
 
 
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 small models (yolov8n, ocr-cls, wakeword-emb), 16/8 samples",
+    )
+    parser.add_argument("--models", default="", help="comma-separated keys (default: all)")
+    parser.add_argument(
+        "--requests",
+        default=",".join(REQUESTS),
+        help="service requests per model, comma-separated: default,target,speed (default: all)",
+    )
+    parser.add_argument("--calib", type=int, default=None, help="calibration samples per model")
+    parser.add_argument("--held-out", type=int, default=None, help="held-out samples per model")
+    parser.add_argument("--no-service", action="store_true", help="plain call and fp32 only")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the files, job JSONs and rows.json here"
+    )
+    args = parser.parse_args()
+    args.requests = [] if args.no_service else [r for r in args.requests.split(",") if r]
+    unknown = [r for r in args.requests if r not in REQUESTS]
+    if unknown:
+        parser.error(f"unknown request(s) {', '.join(unknown)}; choose from {', '.join(REQUESTS)}")
+    return args
+
+
+def _log(message: str) -> None:
+    print(f"[zoo] {message}", file=sys.stderr, flush=True)
+
+
+def prepare(specs: list[Spec], n_calib: int, n_held: int, tmp: Path) -> dict[str, dict[str, Any]]:
+    """Per model: the ONNX a team uploads, calibration and held-out inputs from disjoint seeds
+    (and disjoint crops/sentences), and the calibration .npz the service gets."""
+    prepared: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        t0 = time.monotonic()
+        src = model_file(spec)
+        calib = spec.inputs(n_calib, SEED + 1)
+        held = disjoint(calib, spec.inputs(n_held, SEED + 2))
+        npz = tmp / f"{spec.key}-calib.npz"
+        np.savez(npz, **calib)
+        prepared[spec.key] = {
+            "src": src,
+            "calib": calib,
+            "held": held,
+            "npz": npz,
+            "files": {"fp32": src},  # side -> ONNX file, None when that side failed
+            "notes": {},  # side -> a note on how the file came about, or why it failed
+            "jobs": {},  # request -> the job JSON
+        }
+        _log(
+            f"{spec.key}: {src.name} {src.stat().st_size / 2**20:.1f} MiB, inputs "
+            f"{time.monotonic() - t0:.1f} s"
+        )
+    return prepared
+
+
+def run_plain(spec: Spec, p: dict[str, Any], tmp: Path) -> None:
+    t0 = time.monotonic()
+    dst = tmp / f"{spec.key}-plain.onnx"
+    try:
+        p["notes"]["plain"] = plain_quantize(spec, p["src"], p["calib"], dst)
+        p["files"]["plain"] = dst
+    except Exception as exc:
+        p["notes"]["plain"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+        p["files"]["plain"] = None
+    _log(f"{spec.key}: plain call {time.monotonic() - t0:.1f} s {p['notes']['plain']}")
+
+
+def collect_job(
+    service: Service, spec: Spec, request: str, job_id: Any, p: dict[str, Any], tmp: Path
+) -> None:
+    """Wait for one job; keep its JSON and download its final ONNX when it succeeded."""
+    dst = tmp / f"{spec.key}-{request}.onnx"
+    try:
+        if isinstance(job_id, Exception):
+            raise RuntimeError(str(job_id))
+        job = service.wait(job_id, dst, timeout_s=1500)
+        (tmp / f"{spec.key}-{request}-job.json").write_text(json.dumps(job, indent=1))
+    except Exception as exc:
+        job = {"status": "error", "error": {"code": f"{type(exc).__name__}: {exc}"[:200]}}
+    p["jobs"][request] = job
+    p["files"][request] = dst if job["status"] == "succeeded" else None
+    p["notes"][request] = "" if job["status"] == "succeeded" else str(job.get("error"))
+    _log(f"{spec.key}: service {request} job {job['status']}")
+
+
+def quantize_all(
+    specs: list[Spec], prepared: dict[str, dict[str, Any]], requests: list[str], tmp: Path
+) -> None:
+    """The service's jobs go in from a thread while the plain calls run here; then every job
+    is waited for and the service is stopped before anything is measured."""
+    service = Service(tmp) if requests else None
+    try:
+        submitted: dict[tuple[str, str], Any] = {}
+        submitter = None
+        if service:
+            submitter = threading.Thread(
+                target=lambda: submitted.update(service.submit_all(specs, prepared, requests)),
+                daemon=True,
+            )
+            submitter.start()
+        for spec in specs:
+            run_plain(spec, prepared[spec.key], tmp)
+        if service and submitter:
+            submitter.join()
+            for request in requests:
+                for spec in specs:
+                    job_id = submitted.get((spec.key, request), RuntimeError("not submitted"))
+                    collect_job(service, spec, request, job_id, prepared[spec.key], tmp)
+    finally:
+        if service:
+            service.close()
+
+
+def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    """What a service row shows from its job: status and the quantize step's details. Every
+    key is read with .get: `repairs`, `rescaled` and the metrics' `sqnr_db_min` may or may not
+    be there, depending on the engine's version."""
+    steps = job.get("steps") or []
+    details: dict[str, Any] = next(
+        (s["details"] for s in steps if s.get("op") == "quantize" and s.get("details")), {}
+    )
+    metrics = job.get("metrics") or {}
+    final = metrics.get("final") or {}
+    variants = [
+        {k: v.get(k) for k in ("name", "speedup", "size_bytes", "meets_target")}
+        for v in details.get("variants") or []
+    ]
+    speedups = [v["speedup"] for v in variants if isinstance(v["speedup"], int | float)]
+    warnings = list(job.get("warnings") or [])
+    warnings += [w for s in steps for w in s.get("warnings") or []]
+    return {
+        "status": job.get("status"),
+        "error": job.get("error"),
+        "target": details.get("target"),
+        "target_met": details.get("target_met", final.get("target_met")),
+        "kept_float": details.get("kept_float"),
+        "chosen": details.get("chosen"),
+        "repairs": details.get("repairs"),
+        "rescaled": details.get("rescaled"),
+        "variants": variants,
+        "best_variant_speedup": max(speedups, default=None),
+        "service_sqnr_db_min": final.get("sqnr_db_min"),
+        "speedup": (metrics.get("ratios") or {}).get("speedup"),
+        "warnings": list(dict.fromkeys(str(w) for w in warnings)),
+    }
+
+
+def measure(
+    spec: Spec, p: dict[str, Any], sides: list[str], rounds: int, budget_s: float
+) -> list[dict[str, Any]]:
+    """One row per side (plain and each service request): size, fidelity on the held-out set,
+    and latency / fp32 with every file of the model in the same interleaved rotation."""
+    ref = run_all(p["src"], p["held"], spec.chunk)
+    size = p["src"].stat().st_size
+    n_held = len(next(iter(p["held"].values())))
+    rows = []
+    for side in sides:
+        row: dict[str, Any] = {
+            "model": spec.key,
+            "mode": spec.mode,
+            "kind": spec.kind,
+            "side": side,
+            "n_held": n_held,
+            "note": p["notes"].get(side, ""),
+        }
+        if side in p["jobs"]:
+            row["job"] = job_summary(p["jobs"][side])
+            if side == "target":
+                row["target"] = dict(spec.target)
+        q = p["files"].get(side)
+        if q is None:
+            row["failed"] = row.pop("note") or "no file"
+        else:
+            row["size"] = q.stat().st_size / size
+            row.update(fidelity(spec, ref, run_all(q, p["held"], spec.chunk)))
+        rows.append(row)
+    paths = {k: v for k, v in p["files"].items() if v is not None}
+    feed = {k: v[: spec.chunk] for k, v in p["held"].items()}
+    ratios = latency_ratios(paths, feed, rounds, budget_s)
+    for row in rows:
+        row["latency"] = ratios.get(row["side"])
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    specs = [s for s in ZOO if (s.quick or not args.quick)]
+    if args.models:
+        wanted = args.models.split(",")
+        specs = [s for s in ZOO if s.key in wanted]
+    n_calib = args.calib or (16 if args.quick else 32)
+    n_held = args.held_out or (8 if args.quick else 16)
+    rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
+    tmp = (args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))).resolve()
+    tmp.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `compaas up` is stopped too
+
+    prepared = prepare(specs, n_calib, n_held, tmp)
+    quantize_all(specs, prepared, args.requests, tmp)
+
+    rows: list[dict[str, Any]] = []
+    checks: list[dict[str, str]] = []
+    for spec in specs:
+        model_rows = measure(spec, prepared[spec.key], ["plain", *args.requests], rounds, budget_s)
+        rows += model_rows
+        checks += model_checks({r["side"]: r for r in model_rows})
+        _log(f"{spec.key}: measured")
+        saved = {"rows": rows, "checks": checks}
+        (tmp / "rows.json").write_text(json.dumps(saved, indent=1, default=str))
+
+    table = render(rows)
+    if args.requests:
+        table += "\n\n" + render_checks(checks) + "\n\n" + service_warnings(rows)
+    footer = (
+        f"\n{len(specs)} models × requests {','.join(args.requests) or '(none)'}, {n_calib} "
+        f"calibration / {n_held} held-out samples each, {time.monotonic() - started:.0f} s wall.\n"
+    )
+    print("\n" + table + footer)
+    if args.out:
+        args.out.write_text(table + footer)
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the checks
+# Issue #12's "must show", per model, from the rows alone (pure functions, unit-tested).
+
+SQNR_SLACK_DB = 0.1  # default: worst slice may be this much below the plain call's
+LATENCY_VS_PLAIN = 1.05  # default: latency at most this × the plain call's
+SIZE_VS_PLAIN = 1.10  # target: size at most this × the plain call's
+TASK_KINDS = ("classifier", "ctc", "embedding")  # default: task fidelity ≥ plain's as well
+
+
+def _failed(row: dict[str, Any] | None) -> bool:
+    return row is None or "failed" in row
+
+
+def _job_failure(row: dict[str, Any]) -> str:
+    job = row.get("job") or {}
+    error = job.get("error") or {}
+    code = error.get("code") if isinstance(error, dict) else error
+    return f"job {job.get('status', 'missing')}: {code or row.get('failed', '')}"[:160]
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _task_floor(plain: dict[str, Any]) -> tuple[str, float, float]:
+    """The plain call's task fidelity, and the floor one held-out sample's worth below it:
+    1/n for an agreement; for embeddings (cosine mean) the plain call's worst sample's loss,
+    1 − min, spread over the n samples."""
+    name, value = plain["task"][0], plain["task"][1]
+    n = max(1, int(plain.get("n_held") or 1))
+    if isinstance(value, list | tuple):  # cosine (mean, min)
+        return name, float(value[0]), float(value[0]) - (1.0 - float(value[1])) / n
+    return name, float(value), float(value) - 1.0 / n
+
+
+def check_default(rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """Fidelity ≥ the plain call's (worst slice, and the task's where there is one), latency
+    ≤ 1.05× the plain call's."""
+    svc, plain = rows["default"], rows.get("plain")
+    if _failed(svc):
+        return "FAIL", _job_failure(svc)
+    if plain is None or _failed(plain):
+        return "N-A", "the plain call gave no file to compare with"
+    parts, ok = [], True
+    a, b = svc["sqnr_db_min"], plain["sqnr_db_min"]
+    good = a >= b - SQNR_SLACK_DB
+    ok &= good
+    parts.append(f"worst slice {_fmt(a)} vs plain {_fmt(b)} dB (≥ −{SQNR_SLACK_DB}) {_mark(good)}")
+    if svc["kind"] in TASK_KINDS and svc.get("task") and plain.get("task"):
+        name, ref, floor = _task_floor(plain)
+        got = svc["task"][1]
+        got = float(got[0] if isinstance(got, list | tuple) else got)
+        good = got >= floor - 1e-9
+        ok &= good
+        parts.append(f"{name} {got:.4f} vs plain {ref:.4f} (floor {floor:.4f}) {_mark(good)}")
+    if svc.get("latency") and plain.get("latency"):
+        ratio = svc["latency"] / plain["latency"]
+        good = ratio <= LATENCY_VS_PLAIN
+        ok &= good
+        parts.append(f"latency {ratio:.2f}× plain (≤ {LATENCY_VS_PLAIN}) {_mark(good)}")
+    else:
+        ok = False
+        parts.append("latency not measured ✗")
+    return ("PASS" if ok else "FAIL"), "; ".join(parts)
+
+
+def check_target(rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """The job says target_met, the held-out set meets the target too (worst slice, or cosine
+    mean), and size ≤ 1.10× the plain call's; N-A when the job reports it could not be met."""
+    svc, plain = rows["target"], rows.get("plain")
+    if _failed(svc):
+        return "FAIL", _job_failure(svc)
+    job = svc.get("job") or {}
+    target = svc.get("target") or job.get("target") or {}
+    kept = len(job.get("kept_float") or [])
+    if job.get("target_met") is False:
+        said = next((w for w in job.get("warnings") or [] if "could not be met" in w), "")
+        why = f": {said[:160]}" if said else ""
+        return (
+            "N-A",
+            f"the job reports the target {target} not met, {kept} layer(s) kept float{why}",
+        )
+    parts, ok = [], True
+    met = job.get("target_met") is True
+    ok &= met
+    parts.append(f"job target_met {job.get('target_met')} ({kept} kept float) {_mark(met)}")
+    if "min_sqnr_db" in target:
+        floor, got = float(target["min_sqnr_db"]), svc["sqnr_db_min"]
+        good = got >= floor
+        parts.append(f"held-out worst slice {_fmt(got)} dB (≥ {floor:g}) {_mark(good)}")
+    elif "min_cosine" in target and isinstance(svc.get("task", [None, None])[1], list | tuple):
+        floor = float(target["min_cosine"])
+        mean, low = svc["task"][1]
+        good = mean >= floor
+        parts.append(f"held-out cosine mean {mean:.4f} (≥ {floor:g}; min {low:.4f}) {_mark(good)}")
+    else:
+        good = False
+        parts.append(f"target {target} not checkable on the held-out set ✗")
+    ok &= good
+    if plain is None or _failed(plain):
+        parts.append(f"size {svc['size']:.3f}× fp32 (no plain file to compare)")
+    else:
+        ratio = svc["size"] / plain["size"]
+        good = ratio <= SIZE_VS_PLAIN
+        ok &= good
+        parts.append(f"size {ratio:.2f}× plain (≤ {SIZE_VS_PLAIN}) {_mark(good)}")
+    return ("PASS" if ok else "FAIL"), "; ".join(parts)
+
+
+def check_speed(rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """Latency ≤ 1.0× fp32 on the held-out measurement, or every variant the job tried had a
+    speedup < 1 (its own measurement, details.variants)."""
+    svc = rows["speed"]
+    if _failed(svc):
+        return "FAIL", _job_failure(svc)
+    job = svc.get("job") or {}
+    variants = job.get("variants") or []
+    best = job.get("best_variant_speedup")
+    best_text = _fmt(best, ".2f")
+    tried = f"chosen {job.get('chosen')}, best of {len(variants)} variant(s) speedup {best_text}"
+    lat = svc.get("latency")
+    if lat is not None and lat <= 1.0:
+        return "PASS", f"latency {lat:.2f}× fp32 (≤ 1.0); {tried}"
+    speeds = [v.get("speedup") for v in variants]
+    none_faster = bool(speeds) and all(isinstance(s, int | float) and s < 1.0 for s in speeds)
+    verdict = "PASS" if none_faster else "FAIL"
+    why = "no variant was faster" if none_faster else "a faster variant was reported or none"
+    return verdict, f"latency {_fmt(lat, '.2f')}× fp32 (> 1.0), {why}; {tried}"
+
+
+CHECKS: dict[str, Callable[[dict[str, dict[str, Any]]], tuple[str, str]]] = {
+    "default": check_default,
+    "target": check_target,
+    "speed": check_speed,
+}
+
+
+def model_checks(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """One check per service request a model has a row for."""
+    model = next(iter(rows.values()))["model"]
+    out = []
+    for request, check in CHECKS.items():
+        if request in rows:
+            verdict, detail = check(rows)
+            out.append({"model": model, "check": request, "verdict": verdict, "detail": detail})
+    return out
+
+
+# --------------------------------------------------------------------------- printing
+
+
 def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None:
         return "—"
@@ -904,188 +1348,99 @@ def _task(value: Any) -> str:
     name, v = value[0], value[1]
     if v is None:
         return f"{name}: no fp32 detections"
-    if isinstance(v, tuple):
+    if isinstance(v, list | tuple):
         return f"{name} {v[0]:.4f}/{v[1]:.4f}"
     extra = f" (of {value[2]})" if len(value) > 2 else ""
     return f"{name} {v:.3f}{extra}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="4 small models (orientation, yolov8n, ocr-cls, wakeword-emb), 16/8 samples",
-    )
-    parser.add_argument("--models", default="", help="comma-separated keys (default: all)")
-    parser.add_argument("--calib", type=int, default=None, help="calibration samples per model")
-    parser.add_argument("--held-out", type=int, default=None, help="held-out samples per model")
-    parser.add_argument("--no-service", action="store_true", help="plain call and fp32 only")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    parser.add_argument(
-        "--keep", type=Path, default=None, help="keep the files, job JSONs and rows.json here"
-    )
-    args = parser.parse_args()
-    specs = [s for s in ZOO if (s.quick or not args.quick)]
-    if args.models:
-        wanted = args.models.split(",")
-        specs = [s for s in ZOO if s.key in wanted]
-    n_calib = args.calib or (16 if args.quick else 32)
-    n_held = args.held_out or (8 if args.quick else 16)
-    rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
-    tmp = (args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))).resolve()
-    tmp.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `compaas up` is stopped too
-
-    prepared: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        t0 = time.monotonic()
-        src = model_file(spec)
-        # calibration and held-out inputs from disjoint seeds (and disjoint crops/sentences)
-        calib = spec.inputs(n_calib, SEED + 1)
-        held = disjoint(calib, spec.inputs(n_held, SEED + 2))
-        npz = tmp / f"{spec.key}-calib.npz"
-        np.savez(npz, **calib)
-        prepared[spec.key] = {"src": src, "calib": calib, "held": held, "npz": npz}
-        print(
-            f"[zoo] {spec.key}: {src.name} {src.stat().st_size / 2**20:.1f} MiB, inputs "
-            f"{time.monotonic() - t0:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    service = None if args.no_service else Service(tmp)
-    rows: list[dict[str, Any]] = []
-    try:
-        submitted: dict[str, Any] = {}
-        submitter = None
-        if service:  # uploads and jobs go in from a thread while the plain calls run here
-            submitter = threading.Thread(
-                target=lambda: submitted.update(service.submit_all(specs, prepared)), daemon=True
-            )
-            submitter.start()
-        for spec in specs:  # the plain call runs here while the service's worker runs
-            p = prepared[spec.key]
-            t0 = time.monotonic()
-            p["plain"] = tmp / f"{spec.key}-plain.onnx"
-            try:
-                p["plain_note"] = plain_quantize(spec, p["src"], p["calib"], p["plain"])
-            except Exception as exc:
-                p["plain"], p["plain_note"] = None, f"failed: {type(exc).__name__}: {exc}"[:200]
-            p["plain_s"] = time.monotonic() - t0
-            print(
-                f"[zoo] {spec.key}: plain call {p['plain_s']:.1f} s {p['plain_note']}",
-                file=sys.stderr,
-                flush=True,
-            )
-        if submitter:
-            submitter.join()
-        for spec in specs:
-            p = prepared[spec.key]
-            p["service"], p["job"] = None, None
-            if service:
-                dst = tmp / f"{spec.key}-service.onnx"
-                try:
-                    job_id = submitted.get(spec.key, RuntimeError("upload failed"))
-                    if isinstance(job_id, Exception):
-                        raise RuntimeError(str(job_id))
-                    job = service.wait(job_id, dst, timeout_s=1500)
-                    p["job"] = job
-                    (tmp / f"{spec.key}-job.json").write_text(json.dumps(job, indent=1))
-                    if job["status"] == "succeeded":
-                        p["service"] = dst
-                except RuntimeError as exc:
-                    p["job"] = {"status": "error", "error": {"code": str(exc)[:200]}}
-                print(
-                    f"[zoo] {spec.key}: service job {p['job']['status']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        if service:
-            service.close()
-
-    for spec in specs:
-        p = prepared[spec.key]
-        ref = run_all(p["src"], p["held"], spec.chunk)
-        size = p["src"].stat().st_size
-        paths = {"fp32": p["src"]}
-        for side in ("plain",) if args.no_service else ("service", "plain"):
-            q = p.get(side)
-            if q is None:
-                note = p["plain_note"] if side == "plain" else (p["job"] or {}).get("error")
-                rows.append({"spec": spec, "side": side, "failed": str(note)})
-                continue
-            paths[side] = q
-            rows.append(
-                {
-                    "spec": spec,
-                    "side": side,
-                    "size": q.stat().st_size / size,
-                    **fidelity(spec, ref, run_all(q, p["held"], spec.chunk)),
-                    "note": p["plain_note"] if side == "plain" else "",
-                }
-            )
-        feed = {k: v[: spec.chunk] for k, v in p["held"].items()}
-        ratios = latency_ratios(paths, feed, rounds, budget_s)
-        for row in rows:
-            if row["spec"] is spec and row["side"] in ratios:
-                row["latency"] = ratios[row["side"]]
-        print(f"[zoo] {spec.key}: measured", file=sys.stderr, flush=True)
-        saved = [{**r, "spec": r["spec"].key} for r in rows]
-        (tmp / "rows.json").write_text(json.dumps(saved, indent=1, default=str))
-
-    table = render(rows, n_calib, n_held)
-    if not args.no_service:
-        table += "\n\n" + service_warnings(specs, prepared)
-    footer = (
-        f"\n{len(specs)} models, {n_calib} calibration / {n_held} held-out samples each, "
-        f"{time.monotonic() - started:.0f} s wall.\n"
-    )
-    print("\n" + table + footer)
-    if args.out:
-        args.out.write_text(table + footer)
-    if not args.keep:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _brief(value: Any, limit: int = 80) -> str:
+    """A list of repairs / rescaled entries, however the engine spells them: the count and
+    the first names."""
+    if not value:
+        return ""
+    if isinstance(value, dict):
+        value = [f"{k}: {v}" for k, v in value.items()]
+    if not isinstance(value, list):
+        return str(value)[:limit]
+    names = [
+        str(v.get("layer") or v.get("name") or v.get("node") or v)
+        if isinstance(v, dict)
+        else str(v)
+        for v in value
+    ]
+    text = ", ".join(names)
+    return f"{len(value)}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
-def service_warnings(specs: list[Spec], prepared: dict[str, dict[str, Any]]) -> str:
-    """The service's own words per model: job and step warnings, and its measured ratios."""
-    lines = ["Service job, per model (its warnings, and the speedup it measured itself):", ""]
-    for spec in specs:
-        job = prepared[spec.key].get("job")
-        if not job:
-            continue
-        warnings = list(job.get("warnings") or [])
-        warnings += [w for s in job.get("steps") or [] for w in s.get("warnings") or []]
-        speedup = ((job.get("metrics") or {}).get("ratios") or {}).get("speedup")
-        cut = [str(w) if len(str(w)) <= 200 else str(w)[:200].rstrip() + "…" for w in warnings]
-        said = "; ".join(dict.fromkeys(cut)) or "no warning"
-        if job.get("error"):
-            said = f"error {json.dumps(job['error'])[:300]}; {said}"
-        lines.append(f"- {spec.key}: {job['status']}, speedup {_fmt(speedup, '.2f')}: {said}")
-    return "\n".join(lines)
+def _job_cells(row: dict[str, Any]) -> list[str]:
+    """job, target_met, kept float, chosen, repairs / rescaled: the service's own details."""
+    job = row.get("job")
+    if job is None:
+        return ["—"] * 5
+    status = job["status"]
+    if job.get("service_sqnr_db_min") is not None:
+        status += f" (own worst slice {_fmt(job['service_sqnr_db_min'])} dB)"
+    kept = job.get("kept_float")
+    fixes = [f"{key} {_brief(job.get(key))}" for key in ("repairs", "rescaled") if job.get(key)]
+    return [
+        status,
+        _fmt(job.get("target_met"), ""),
+        "—" if kept is None else str(len(kept)),
+        job.get("chosen") or "—",
+        "; ".join(fixes) or "—",
+    ]
 
 
-def render(rows: list[dict[str, Any]], n_calib: int, n_held: int) -> str:
+def render(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | quantized by | size × | SQNR dB (whole) | sqnr_db_min (worst slice) "
-        "| slices dB | task fidelity | latency × fp32 | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| slices dB | task fidelity | latency × fp32 | job | target_met | kept float | chosen "
+        "| repairs / rescaled | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        spec = row["spec"]
-        label = f"{spec.key} ({spec.mode})"
-        who = "service" if row["side"] == "service" else "plain ORT"
+        label = f"{row['model']} ({row['mode']})"
+        who = LABELS[row["side"]]
+        job = " | ".join(_job_cells(row))
         if "failed" in row:
-            lines.append(f"| {label} | {who} | failed: {row['failed'][:120]} | | | | | | |")
+            cut = str(row["failed"])[:120].replace("|", "/")
+            lines.append(f"| {label} | {who} | failed: {cut} | | | | | | {job} | |")
             continue
         slices = ", ".join(f"{k} {_fmt(v)}" for k, v in row["slices"].items()) or "—"
         lines.append(
             f"| {label} | {who} | {_fmt(row['size'], '.3f')} | {_fmt(row['sqnr_db'])} "
             f"| {_fmt(row['sqnr_db_min'])} ({row['worst_slice']}) | {slices} "
-            f"| {_task(row.get('task'))} | {_fmt(row.get('latency'), '.2f')} | {row['note']} |"
+            f"| {_task(row.get('task'))} | {_fmt(row.get('latency'), '.2f')} | {job} "
+            f"| {row['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def render_checks(checks: list[dict[str, str]]) -> str:
+    counts = {v: sum(c["verdict"] == v for c in checks) for v in ("PASS", "FAIL", "N-A")}
+    lines = [
+        'Checks (issue #12 "must show"): ' + ", ".join(f"{n} {v}" for v, n in counts.items()),
+        "",
+    ]
+    lines += [f"- {c['model']} · {c['check']}: **{c['verdict']}** — {c['detail']}" for c in checks]
+    return "\n".join(lines)
+
+
+def service_warnings(rows: list[dict[str, Any]]) -> str:
+    """The service's own words per job: job and step warnings, and its measured speedup."""
+    lines = ["Service jobs (their warnings, and the speedup each measured itself):", ""]
+    for row in rows:
+        job = row.get("job")
+        if not job:
+            continue
+        cut = [w if len(w) <= 200 else w[:200].rstrip() + "…" for w in job["warnings"]]
+        said = "; ".join(cut) or "no warning"
+        if job.get("error"):
+            said = f"error {json.dumps(job['error'])[:300]}; {said}"
+        lines.append(
+            f"- {row['model']} {row['side']}: {job['status']}, speedup "
+            f"{_fmt(job.get('speedup'), '.2f')}: {said}"
         )
     return "\n".join(lines)
 
