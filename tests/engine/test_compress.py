@@ -61,12 +61,17 @@ def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) ->
     assert static_int8["accuracy_measured"] is True
     assert static_int8["calibration_source"] == "dataset"
     # Bounded work instead of a stopwatch: calibration on the configured 256 samples, not the
-    # whole dataset, and two builds (weight granularity left to the service: per channel and
-    # per tensor, the better measured kept), no variant search without a target.
+    # whole dataset, and four builds without a target: weights per channel / per tensor,
+    # activations int8 / uint8 (the most faithful, then fastest, kept; no variant search).
     details = static_int8["steps"][0]["details"]
     assert details["calibration"]["samples"] == 256
     names = [v["name"] for v in details["variants"]]
-    assert names == ["static_int8", "static_int8_per_tensor"]
+    assert names == [
+        "static_int8",
+        "static_int8_per_tensor",
+        "static_int8_u8act",
+        "static_int8_per_tensor_u8act",
+    ]
     assert details["chosen"] in names
 
 

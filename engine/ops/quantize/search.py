@@ -23,11 +23,16 @@ from engine.ops.quantize.integer import Quantizer, Variant
 from engine.ops.quantize.smooth import SMOOTH_ALPHAS, smooth
 
 SENSITIVITY_SAMPLES = 256
-SENSITIVITY_MAX_LAYERS = 40
+SENSITIVITY_MAX_LAYERS = 40  # measured one by one; the rest are ranked by weight noise
 LATENCY_FEEDS = 16
 LATENCY_THREADS = 1
-SPEED_DEFAULT_TARGET = QuantizeTarget(min_sqnr_db=20.0)
+# prefer speed's guard against a broken result when no target is given (a whole-output
+# cosine: the worst-slice SQNR of a detector's 1e-5 scores is not what speed trades against).
+SPEED_DEFAULT_TARGET = QuantizeTarget(min_cosine=0.99)
 QUALITY_TIE_DB = 1.0
+LATENCY_TIE = 0.05  # latencies within 5% of the fastest are a tie (then the smaller file)
+# The target fallback keeps at most this share of the quantizable weights float.
+FALLBACK_MAX_FLOAT_SHARE = 0.25
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
@@ -119,32 +124,71 @@ def _sqnr_key(entry: dict[str, Any]) -> tuple[float, float]:
 
 
 def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str, Any]]:
-    """Quantize one layer at a time (the rest float) and rank by fidelity, most sensitive first."""
+    """Rank every quantizable layer, most sensitive first: all of them cheaply by the int8
+    rounding noise of their own weights (weight_noise_db), then the SENSITIVITY_MAX_LAYERS
+    noisiest measured for real (quantized alone, the rest float, output fidelity); measured
+    entries come first, the others follow in the cheap order (`measured: false`)."""
     layers = q.candidates(variant)
-    if len(layers) > SENSITIVITY_MAX_LAYERS:
-        import onnx
-
-        sizes = {t.name: int(np.prod(t.dims)) for t in onnx.load(str(q.prepared)).graph.initializer}
-        layers = sorted(layers, key=lambda x: -sizes.get(x.weight or "", 0))
-        layers = layers[:SENSITIVITY_MAX_LAYERS]
-        q.ctx.details["sensitivity_capped_to"] = SENSITIVITY_MAX_LAYERS
-    out = []
-    for i, layer in enumerate(layers):
-        q.ctx.report(0.3 + 0.3 * i / max(1, len(layers)), f"sensitivity {i + 1}/{len(layers)}")
+    noise = weight_noise_db(q.prepared, layers)
+    layers = sorted(layers, key=lambda x: noise.get(x.name, math.inf))
+    refine, rest = layers[:SENSITIVITY_MAX_LAYERS], layers[SENSITIVITY_MAX_LAYERS:]
+    measured = []
+    for i, layer in enumerate(refine):
+        q.ctx.report(0.3 + 0.3 * i / max(1, len(refine)), f"sensitivity {i + 1}/{len(refine)}")
         path = q.build(variant, q.ctx.workdir / "sensitivity.onnx", only=[layer.name])
         fid = ev.score(path, small=True)
-        out.append(
+        measured.append(
             {
                 "layer": layer.name,
                 "op_type": layer.op_type,
                 "weight": layer.weight,
+                "weight_noise_db": noise.get(layer.name),
+                "measured": True,
                 "cosine": fid.get("cosine_similarity"),
                 "sqnr_db": fid.get("sqnr_db"),
                 "sqnr_db_min": fid.get("sqnr_db_min"),
                 "agreement": fid.get("agreement_top1"),
             }
         )
-    return sorted(out, key=_sqnr_key)
+    cheap = [
+        {
+            "layer": x.name,
+            "op_type": x.op_type,
+            "weight": x.weight,
+            "weight_noise_db": noise.get(x.name),
+            "measured": False,
+        }
+        for x in rest
+    ]
+    return sorted(measured, key=_sqnr_key) + cheap
+
+
+def weight_noise_db(model_path: Path, layers: list[Any]) -> dict[str, float]:
+    """Per layer: SQNR (dB) of its weight against its own int8 per-output-channel rounding, a
+    cheap proxy of how much quantizing it costs (low = coarse). Layers without a constant
+    weight get none (they sort last)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from engine.onnxgraph.graph import weight_layers
+
+    model = onnx.load(str(model_path))
+    by_node = {x.node.name: x for x in weight_layers(model, min_ndim=1)}
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, float] = {}
+    for layer in layers:
+        found = by_node.get(layer.name)
+        if found is None or found.weight not in inits:
+            continue
+        w = numpy_helper.to_array(inits[found.weight]).astype(np.float64)
+        axis = found.out_axis % w.ndim if w.ndim else 0
+        reduce = tuple(a for a in range(w.ndim) if a != axis)
+        scale = np.abs(w).max(axis=reduce, keepdims=True) / 127.0 if w.ndim else abs(w) / 127
+        scale = np.where(scale > 0, scale, 1.0)
+        noise = float(((w - np.round(w / scale) * scale) ** 2).sum())
+        signal = float((w**2).sum())
+        out[layer.name] = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else 200.0
+    return out
 
 
 @dataclass
@@ -166,18 +210,57 @@ def build_to_target(
     order: list[str],
     index: int,
 ) -> Candidate:
-    """Build the variant; while the target is missed keep the next most sensitive layer float."""
-    names = {x.name for x in q.candidates(variant)}
-    queue = [name for name in order if name in names]
-    kept: list[str] = []
+    """Build the variant; while the target is missed, keep float first the weightless ops the
+    quantizer touches (free in size), then the most sensitive weight layers one at a time,
+    up to FALLBACK_MAX_FLOAT_SHARE of the weights. Unmet: the most faithful build tried."""
     dst = q.ctx.workdir / f"variant{index}.onnx"
     path = q.build(variant, dst)
     fid = ev.score(path)
-    while not meets(fid, target) and queue:
-        kept.append(queue.pop(0))
-        path = q.build(variant, dst, exclude=set(kept))
+    if meets(fid, target):
+        return Candidate(variant, path, fid, [], True)
+    tried: list[tuple[dict[str, Any], list[str]]] = [(fid, [])]
+    base: list[str] = []
+    weightless = q.weightless(variant)
+    if weightless:
+        path = q.build(variant, dst, exclude=set(weightless))
         fid = ev.score(path)
-    return Candidate(variant, path, fid, kept, meets(fid, target))
+        if meets(fid, target):
+            return Candidate(variant, path, fid, weightless, True)
+        tried.append((fid, weightless))
+        if _fid_rank(fid) < _fid_rank(tried[0][0]):  # better: keep them float from here on
+            base = weightless
+    params = q.weight_params(variant)
+    budget = FALLBACK_MAX_FLOAT_SHARE * sum(params.values())
+    names = set(params)
+    queue = [name for name in order if name in names]
+    kept: list[str] = []
+    while queue and sum(params[k] for k in [*kept, queue[0]]) <= budget:
+        kept.append(queue.pop(0))
+        path = q.build(variant, dst, exclude={*base, *kept})
+        fid = ev.score(path)
+        if meets(fid, target):
+            return Candidate(variant, path, fid, [*base, *kept], True)
+        tried.append((fid, [*base, *kept]))
+    fid, best = min(tried, key=lambda t: _fid_rank(t[0]))
+    if best != [*base, *kept]:
+        path = q.build(variant, dst, exclude=set(best))
+        fid = ev.score(path)
+    return Candidate(variant, path, fid, best, False)
+
+
+def quality_variants(q: Quantizer, requested: Variant) -> list[Variant]:
+    """What `prefer: quality` builds: the requested variant and, for static int8, the same with
+    uint8 activations (U8S8), and per tensor when `per_channel` is unset; choose_quality keeps
+    the most faithful, then the fastest."""
+    cfg = q.config
+    out = [requested]
+    if cfg.mode != "static":
+        return out
+    if cfg.per_channel is None and q.per_channel_ok:
+        out.append(replace(requested, name=f"{requested.name}_per_tensor", per_channel=False))
+    if cfg.dtype == "int8":
+        out += [replace(v, name=f"{v.name}_u8act", activations="uint8") for v in out]
+    return out
 
 
 def variants_for(q: Quantizer) -> list[Variant]:
@@ -202,6 +285,8 @@ def variants_for(q: Quantizer) -> list[Variant]:
     ]
     if has_depthwise:
         static.append(Variant("static_qdq_depthwise_float", "static", exclude_depthwise=True))
+    if cfg.dtype == "int8":
+        static += [replace(v, name=f"{v.name}_u8act", activations="uint8") for v in static]
     dynamic = [
         Variant("dynamic_per_channel", "dynamic"),
         Variant("dynamic_per_tensor", "dynamic", per_channel=False),
@@ -224,15 +309,7 @@ def search(q: Quantizer, float_model: Path) -> Path:
     if target is not None:
         ctx.details["target"] = target.model_dump(exclude_none=True)
     ev = Evaluator(float_model, q)
-    variants = [requested] if cfg.prefer == "quality" else variants_for(q)
-    if (
-        cfg.prefer == "quality"
-        and cfg.mode == "static"
-        and q.per_channel_ok
-        and cfg.per_channel is None
-    ):
-        # Granularity left to us: build both, keep the one measured better (choose_quality).
-        variants.append(replace(requested, name=f"{requested.name}_per_tensor", per_channel=False))
+    variants = quality_variants(q, requested) if cfg.prefer == "quality" else variants_for(q)
     if cfg.range_repairs and any(v.mode == "static" for v in variants):
         repairs = q.range_repairs(ev.reference)
         if repairs:
@@ -242,12 +319,17 @@ def search(q: Quantizer, float_model: Path) -> Path:
         ranking = sensitivity(q, requested, ev)
         ctx.details["sensitivity"] = ranking
     order = [entry["layer"] for entry in ranking or []]
-    if target is not None and ranking is None:  # prefer speed's default target
-        order = [x.name for x in reversed(q.candidates(requested))]
+    if target is not None and ranking is None:  # prefer speed's default target: cheap order
+        noise = weight_noise_db(q.prepared, q.candidates(requested))
+        order = sorted(noise, key=noise.__getitem__)
 
     builds: list[tuple[Quantizer, Variant]] = [(q, v) for v in variants]
     for alpha, smoothed in smoothed_quantizers(q):
-        builds.append((smoothed, replace(requested, name=f"{requested.name}_smoothquant{alpha}")))
+        builds += [
+            (smoothed, replace(v, name=f"{v.name}_smoothquant{alpha}"))
+            for v in variants
+            if v.per_channel == requested.per_channel and v.fmt == requested.fmt
+        ]
     ctx.report(0.65, f"building and measuring {len(builds)} variant(s)")
     tried: list[Candidate] = []
     for i, (quantizer, variant) in enumerate(builds):
@@ -289,9 +371,11 @@ def search(q: Quantizer, float_model: Path) -> Path:
         ctx.details["target_met"] = chosen.met
         if not chosen.met:
             ctx.warnings.append(
-                f"The quality target ({target.describe()}) could not be met even with "
-                f"{len(chosen.kept_float)} layer(s) kept float; delivered the closest result "
-                f"({_fid_text(chosen.fidelity)}). Try dtype fp16, or distillation/QAT."
+                f"The quality target ({target.describe()}) could not be met: keeping the "
+                "weightless ops and then the most sensitive layers float, up to "
+                f"{FALLBACK_MAX_FLOAT_SHARE:.0%} of the weights, did not reach it. Delivered the "
+                f"most faithful build tried ({len(chosen.kept_float)} node(s) float; "
+                f"{_fid_text(chosen.fidelity)}). Try dtype fp16, or distillation/QAT."
             )
         elif chosen.kept_float:
             ctx.warnings.append(
@@ -334,12 +418,21 @@ def _choose(tried: list[Candidate], prefer: str) -> Candidate:
 
 
 def choose_quality(ok: list[Candidate]) -> Candidate:
-    """The most faithful candidate (worst slice), or the smallest of those within
-    QUALITY_TIE_DB of it: per-channel scales are worth their bytes only when they measure
-    better (on a small model at opset < 13 per-tensor can be both smaller and closer)."""
-    best = max(worst_sqnr(c.fidelity) or math.inf for c in ok)
-    close = [c for c in ok if (worst_sqnr(c.fidelity) or math.inf) >= best - QUALITY_TIE_DB]
-    return min(close, key=lambda c: (c.size_bytes, c.latency_ms))
+    """The most faithful candidates (worst slice, within QUALITY_TIE_DB of the best), then the
+    fastest of those (within LATENCY_TIE), then the smallest: uint8 activations or per-tensor
+    weights are kept only when they measure as faithful, and then because they are faster or
+    smaller (per-channel scales and int32 biases weigh on a 0.6 MB model at opset < 13)."""
+    best = max(_quality_db(c) for c in ok)
+    close = [c for c in ok if _quality_db(c) >= best - QUALITY_TIE_DB]
+    fastest = min(c.latency_ms for c in close)
+    quick = [c for c in close if c.latency_ms <= fastest * (1 + LATENCY_TIE)]
+    return min(quick, key=lambda c: (c.size_bytes, c.latency_ms))
+
+
+def _quality_db(c: Candidate) -> float:
+    """Worst-slice SQNR in dB (infinite when the outputs are exact)."""
+    sqnr = worst_sqnr(c.fidelity)
+    return math.inf if sqnr is None else sqnr
 
 
 def _fid_rank(fid: dict[str, Any]) -> tuple[float, float]:
