@@ -756,6 +756,13 @@ def plain_quantize(spec: Spec, src: Path, calib: Feeds, dst: Path) -> str:
 
 
 def _plain_quantize(spec: Spec, src: Path, calib: Feeds, dst: Path) -> str:
+    # onnxruntime drops sym_shape_infer_temp.onnx into the working directory when symbolic
+    # shape inference is incomplete: run next to the output instead.
+    with contextlib.chdir(dst.parent):
+        return _plain_quantize_here(spec, src, calib, dst)
+
+
+def _plain_quantize_here(spec: Spec, src: Path, calib: Feeds, dst: Path) -> str:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

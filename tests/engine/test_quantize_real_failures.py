@@ -9,6 +9,7 @@ here and measured side by side with the plain onnxruntime call a team would make
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ def _plain_static(src: Path, x: np.ndarray, dst: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre))
+    with contextlib.chdir(dst.parent):  # onnxruntime may leave a temp file in the cwd
+        quant_pre_process(str(src), str(pre))
     quantize_static(
         str(pre),
         str(dst),

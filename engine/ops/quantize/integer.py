@@ -8,6 +8,7 @@ most once. Which variants are built and kept is engine.ops.quantize.search's job
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,9 @@ def _preprocess(src: Path, dst: Path, ctx: StepContext) -> Path:
 
     for skip_symbolic in (False, True):
         try:
-            with quiet():
+            # onnxruntime writes sym_shape_infer_temp.onnx (+ external data) into the working
+            # directory when symbolic inference is incomplete: keep it in the step's scratch.
+            with quiet(), contextlib.chdir(dst.parent):
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
             return dst
         except Exception:
