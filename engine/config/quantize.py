@@ -83,14 +83,17 @@ class QuantizeConfig(OpConfig):
       lists each node and why.
     * `sensitivity`: quantize one layer at a time and rank layers by fidelity
       (steps[].details.sensitivity); it also runs whenever a `target` is given.
-    * `smooth` (static/dynamic, default on): when a MatMul's input has channels 6×+ its
-      median, a SmoothQuant-rescaled copy (x/s, s·W) is quantized too; the one that measures
-      better is kept (details.smoothed, details.variants).
-    * `target`: after quantizing, measure on the dataset; while it is missed, keep the most
-      sensitive layers float one at a time (details.kept_float, details.target_met).
-    * `prefer`: `quality` quantizes as asked; `speed` / `size` try variants (QDQ/QOperator,
-      per-tensor/per-channel, depthwise convs float, dynamic) and keep the fastest / smallest
-      that meets the target (speed defaults to min_sqnr_db 20).
+    * `smooth` (static/dynamic, default on): when a MatMul's input has a channel 2×+ its
+      median, SmoothQuant-rescaled copies (x/s, s·W; alpha 0.5 and 0.75) are quantized too;
+      the one that measures best is kept (details.smoothed, details.variants).
+    * `target`: after quantizing, measure on the dataset (min_sqnr_db: the worst output
+      slice); while it is missed, keep float the weightless ops, then the most sensitive
+      layers one at a time, up to 25% of the weights (details.kept_float, target_met).
+    * `prefer`: `quality` builds the requested variant (static int8: also per tensor when
+      per_channel is unset, and with uint8 activations) and keeps the most faithful, then
+      fastest; `speed` / `size` try more variants (QDQ/QOperator, per-tensor/per-channel,
+      uint8 activations, depthwise convs float, dynamic) and keep the fastest / smallest that
+      meets the target (speed defaults to min_cosine 0.99).
     """
 
     op: Literal["quantize"] = "quantize"

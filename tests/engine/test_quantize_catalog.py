@@ -206,3 +206,19 @@ def test_exclude_keeps_matching_layers_float(digits_files: dict[str, Path], tmp_
     assert all(n.input[1] not in floats for n in convs)  # the convs' weights are int8 (DQ)
     layers = [e["layer"] for e in result["steps"][0]["details"]["sensitivity"]]
     assert layers and not any(name.startswith("node_linear") for name in layers)
+
+
+def test_calibration_batches_are_sized_by_input_bytes() -> None:
+    """One calibration chunk holds ~8 MiB of inputs (the calibrator keeps every intermediate
+    tensor of a chunk): digits go 32 at a time, a 480×640 page one at a time."""
+    from engine.io.datasets import Samples
+    from engine.ops.quantize.integer import CALIBRATION_CHUNK_INPUT_BYTES, calibration_batching
+
+    def batching(shape: tuple[int, ...], fixed: int | None = None) -> tuple[int, int]:
+        samples = Samples({"x": np.zeros((4, *shape), np.float32)}, None, "dataset")
+        return calibration_batching(samples, fixed)
+
+    assert batching((8, 8)) == (32, 4)
+    batch, chunk = batching((3, 480, 640))
+    assert batch == 1 and batch * chunk * 3 * 480 * 640 * 4 <= CALIBRATION_CHUNK_INPUT_BYTES
+    assert batching((3, 480, 640), fixed=4) == (4, 1)  # a fixed batch is kept, chunks shrink
