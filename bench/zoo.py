@@ -1316,7 +1316,12 @@ def check_speed(rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
     speeds = [v.get("speedup") for v in variants]
     none_faster = bool(speeds) and all(isinstance(s, int | float) and s < 1.0 for s in speeds)
     verdict = "PASS" if none_faster else "FAIL"
-    why = "no variant was faster" if none_faster else "a faster variant was reported or none"
+    if none_faster:
+        why = "no variant was faster"
+    elif speeds:
+        why = "yet the job reports a variant with speedup ≥ 1"
+    else:
+        why = "and the job lists no variants"
     return verdict, f"latency {_fmt(lat, '.2f')}× fp32 (> 1.0), {why}; {tried}"
 
 
