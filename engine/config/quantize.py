@@ -82,7 +82,7 @@ class QuantizeConfig(OpConfig):
       each output (score Sigmoid, box decode, Softmax). Weights stay int8; details.repairs
       lists each node and why.
     * `sensitivity`: quantize one layer at a time and rank layers by fidelity
-      (steps[].details.sensitivity); it also runs whenever a `target` is given.
+      (steps[].details.sensitivity); it also runs when a build misses its `target`.
     * `smooth` (static/dynamic, default on): when a MatMul's input has a channel 2×+ its
       median, SmoothQuant-rescaled copies (x/s, s·W; alpha 0.5 and 0.75) are quantized too;
       the one that measures best is kept (details.smoothed, details.variants).
@@ -131,7 +131,8 @@ class QuantizeConfig(OpConfig):
     )
     sensitivity: bool = Field(
         False,
-        description="rank layers by quantization sensitivity (always done when target is set)",
+        description="rank layers by quantization sensitivity (also done when a build misses "
+        "its target)",
     )
     epochs: int = Field(5, ge=1, le=200, description="qat: training epochs")
     lr: float | None = Field(

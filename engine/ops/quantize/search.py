@@ -202,12 +202,34 @@ class Candidate:
     size_bytes: int = 0
 
 
+class LayerOrder:
+    """The fallback's layer order, worked out the first time a build misses its target: the
+    measured sensitivity ranking (a target, or `sensitivity: true`; reported in
+    details.sensitivity), else the cheap weight-noise order (prefer speed's default guard)."""
+
+    def __init__(self, q: Quantizer, variant: Variant, ev: Evaluator, measure: bool) -> None:
+        self.q, self.variant, self.ev, self.measure = q, variant, ev, measure
+        self.ranking: list[dict[str, Any]] | None = None
+        self._names: list[str] | None = None
+
+    def __call__(self) -> list[str]:
+        if self._names is None:
+            if self.measure:
+                self.ranking = sensitivity(self.q, self.variant, self.ev)
+                self.q.ctx.details["sensitivity"] = self.ranking
+                self._names = [entry["layer"] for entry in self.ranking]
+            else:
+                noise = weight_noise_db(self.q.prepared, self.q.candidates(self.variant))
+                self._names = sorted(noise, key=noise.__getitem__)
+        return self._names
+
+
 def build_to_target(
     q: Quantizer,
     variant: Variant,
     ev: Evaluator,
     target: QuantizeTarget | None,
-    order: list[str],
+    order: LayerOrder,
     index: int,
 ) -> Candidate:
     """Build the variant; while the target is missed, keep float first the weightless ops the
@@ -232,7 +254,7 @@ def build_to_target(
     params = q.weight_params(variant)
     budget = FALLBACK_MAX_FLOAT_SHARE * sum(params.values())
     names = set(params)
-    queue = [name for name in order if name in names]
+    queue = [name for name in order() if name in names]
     kept: list[str] = []
     while queue and sum(params[k] for k in [*kept, queue[0]]) <= budget:
         kept.append(queue.pop(0))
@@ -314,14 +336,9 @@ def search(q: Quantizer, float_model: Path) -> Path:
         repairs = q.range_repairs(ev.reference)
         if repairs:
             ctx.details["repairs"] = [r.as_dict() for r in repairs]
-    ranking: list[dict[str, Any]] | None = None
-    if cfg.sensitivity or cfg.target is not None:
-        ranking = sensitivity(q, requested, ev)
-        ctx.details["sensitivity"] = ranking
-    order = [entry["layer"] for entry in ranking or []]
-    if target is not None and ranking is None:  # prefer speed's default target: cheap order
-        noise = weight_noise_db(q.prepared, q.candidates(requested))
-        order = sorted(noise, key=noise.__getitem__)
+    order = LayerOrder(q, requested, ev, measure=cfg.sensitivity or cfg.target is not None)
+    if cfg.sensitivity:
+        order()  # asked for: ranked even when no fallback needs it
 
     builds: list[tuple[Quantizer, Variant]] = [(q, v) for v in variants]
     for alpha, smoothed in smoothed_quantizers(q):
@@ -383,7 +400,7 @@ def search(q: Quantizer, float_model: Path) -> Path:
                 f"{', '.join(chosen.kept_float[:8])}{' …' if len(chosen.kept_float) > 8 else ''}."
             )
     else:
-        _fidelity_warning(chosen, ranking, ctx.warnings)
+        _fidelity_warning(chosen, order.ranking, ctx.warnings)
     _speed_report(q, float_ms, chosen, tried)
     return chosen.path
 
@@ -468,7 +485,7 @@ def _fidelity_warning(
         return
     if ranking:
         worst = ", ".join(
-            f"{e['layer']} ({e['op_type']}, SQNR {e['sqnr_db']} dB)" for e in ranking[:3]
+            f"{e['layer']} ({e['op_type']}, SQNR {e.get('sqnr_db')} dB)" for e in ranking[:3]
         )
         hint = f"The most sensitive layers are {worst}; add them to `exclude`"
     else:
