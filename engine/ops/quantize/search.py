@@ -369,7 +369,7 @@ def search(q: Quantizer, float_model: Path) -> Path:
     )
     for cand, ms in zip(tried, variant_ms, strict=True):
         cand.latency_ms = ms
-    chosen = _choose(tried, cfg.prefer)
+    chosen = _choose(tried, cfg.prefer, cfg.target)
     ctx.details["variants"] = [
         {
             "name": c.variant.name,
@@ -423,7 +423,11 @@ def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:
     return out
 
 
-def _choose(tried: list[Candidate], prefer: str) -> Candidate:
+def _choose(tried: list[Candidate], prefer: str, target: QuantizeTarget | None) -> Candidate:
+    """speed: the fastest that meets the target; size: the smallest; quality with a target:
+    the cheapest that meets it (fastest within LATENCY_TIE, then smallest) — the target says
+    how much fidelity is enough; quality without one: choose_quality. When none meets the
+    target, the most faithful."""
     if not tried:
         raise RuntimeError("no quantized variant could be built")
     ok = [c for c in tried if c.met] or sorted(tried, key=lambda c: _fid_rank(c.fidelity))[:1]
@@ -431,7 +435,15 @@ def _choose(tried: list[Candidate], prefer: str) -> Candidate:
         return min(ok, key=lambda c: c.latency_ms)
     if prefer == "size":
         return min(ok, key=lambda c: c.size_bytes)
+    if target is not None:
+        return _cheapest(ok)
     return choose_quality(ok)
+
+
+def _cheapest(ok: list[Candidate]) -> Candidate:
+    fastest = min(c.latency_ms for c in ok)
+    quick = [c for c in ok if c.latency_ms <= fastest * (1 + LATENCY_TIE)]
+    return min(quick, key=lambda c: (c.size_bytes, c.latency_ms))
 
 
 def choose_quality(ok: list[Candidate]) -> Candidate:
@@ -440,10 +452,7 @@ def choose_quality(ok: list[Candidate]) -> Candidate:
     weights are kept only when they measure as faithful, and then because they are faster or
     smaller (per-channel scales and int32 biases weigh on a 0.6 MB model at opset < 13)."""
     best = max(_quality_db(c) for c in ok)
-    close = [c for c in ok if _quality_db(c) >= best - QUALITY_TIE_DB]
-    fastest = min(c.latency_ms for c in close)
-    quick = [c for c in close if c.latency_ms <= fastest * (1 + LATENCY_TIE)]
-    return min(quick, key=lambda c: (c.size_bytes, c.latency_ms))
+    return _cheapest([c for c in ok if _quality_db(c) >= best - QUALITY_TIE_DB])
 
 
 def _quality_db(c: Candidate) -> float:
