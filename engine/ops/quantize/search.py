@@ -427,10 +427,10 @@ def _choose(tried: list[Candidate], prefer: str, target: QuantizeTarget | None) 
     """speed: the fastest that meets the target; size: the smallest; quality with a target:
     the cheapest that meets it (fastest within LATENCY_TIE, then smallest) — the target says
     how much fidelity is enough; quality without one: choose_quality. When none meets the
-    target, the most faithful."""
+    target: choose_quality over all (the most faithful, ties to the faster)."""
     if not tried:
         raise RuntimeError("no quantized variant could be built")
-    ok = [c for c in tried if c.met] or sorted(tried, key=lambda c: _fid_rank(c.fidelity))[:1]
+    ok = [c for c in tried if c.met] or [choose_quality(tried)]
     if prefer == "speed":
         return min(ok, key=lambda c: c.latency_ms)
     if prefer == "size":
