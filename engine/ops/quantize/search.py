@@ -8,6 +8,7 @@ batch), sizes from the written files.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from engine.ops.quantize.smooth import SMOOTH_ALPHAS, smooth
 
 SENSITIVITY_SAMPLES = 256
 SENSITIVITY_MAX_LAYERS = 40  # measured one by one; the rest are ranked by weight noise
+SENSITIVITY_BUDGET_S = 120.0  # ...within this time; the remainder keep the cheap order
 LATENCY_FEEDS = 16
 LATENCY_THREADS = 1
 # prefer speed's guard against a broken result when no target is given (a whole-output
@@ -132,8 +134,13 @@ def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str,
     noise = weight_noise_db(q.prepared, layers)
     layers = sorted(layers, key=lambda x: noise.get(x.name, math.inf))
     refine, rest = layers[:SENSITIVITY_MAX_LAYERS], layers[SENSITIVITY_MAX_LAYERS:]
-    measured = []
+    measured: list[dict[str, Any]] = []
+    started = time.monotonic()
     for i, layer in enumerate(refine):
+        if measured and time.monotonic() - started > SENSITIVITY_BUDGET_S:
+            rest = refine[i:] + rest  # out of time: the rest stay in the cheap order
+            q.ctx.details["sensitivity_time_budget_s"] = SENSITIVITY_BUDGET_S
+            break
         q.ctx.report(0.3 + 0.3 * i / max(1, len(refine)), f"sensitivity {i + 1}/{len(refine)}")
         path = q.build(variant, q.ctx.workdir / "sensitivity.onnx", only=[layer.name])
         fid = ev.score(path, small=True)
@@ -224,50 +231,56 @@ class LayerOrder:
         return self._names
 
 
-def build_to_target(
+def first_build(q: Quantizer, variant: Variant, ev: Evaluator, index: int) -> Candidate:
+    """The variant as is (nothing kept float beyond the config and the range repairs)."""
+    path = q.build(variant, q.ctx.workdir / f"variant{index}.onnx")
+    return Candidate(variant, path, ev.score(path), [], False)
+
+
+def fallback(
     q: Quantizer,
-    variant: Variant,
+    cand: Candidate,
     ev: Evaluator,
-    target: QuantizeTarget | None,
+    target: QuantizeTarget,
     order: LayerOrder,
     index: int,
 ) -> Candidate:
-    """Build the variant; while the target is missed, keep float first the weightless ops the
-    quantizer touches (free in size), then the most sensitive weight layers one at a time,
-    up to FALLBACK_MAX_FLOAT_SHARE of the weights. Unmet: the most faithful build tried."""
-    dst = q.ctx.workdir / f"variant{index}.onnx"
-    path = q.build(variant, dst)
-    fid = ev.score(path)
-    if meets(fid, target):
-        return Candidate(variant, path, fid, [], True)
-    tried: list[tuple[dict[str, Any], list[str]]] = [(fid, [])]
+    """Keep float first the weightless ops the quantizer touches (no bytes), then the most
+    sensitive weight layers — 1, 2, 4, 8, ... of them, up to FALLBACK_MAX_FLOAT_SHARE of the
+    weights — until the target is met. Unmet: the most faithful build tried."""
+    variant = cand.variant
+    dst = q.ctx.workdir / f"variant{index}-fallback.onnx"
+    tried: list[tuple[dict[str, Any], list[str]]] = [(cand.fidelity, [])]
+
+    def attempt(kept: list[str]) -> Candidate | None:
+        path = q.build(variant, dst, exclude=set(kept))
+        fid = ev.score(path)
+        tried.append((fid, kept))
+        return Candidate(variant, path, fid, kept, True) if meets(fid, target) else None
+
     base: list[str] = []
     weightless = q.weightless(variant)
     if weightless:
-        path = q.build(variant, dst, exclude=set(weightless))
-        fid = ev.score(path)
-        if meets(fid, target):
-            return Candidate(variant, path, fid, weightless, True)
-        tried.append((fid, weightless))
-        if _fid_rank(fid) < _fid_rank(tried[0][0]):  # better: keep them float from here on
+        if done := attempt(weightless):
+            return done
+        if _fid_rank(tried[-1][0]) < _fid_rank(cand.fidelity):  # better: keep them float
             base = weightless
     params = q.weight_params(variant)
     budget = FALLBACK_MAX_FLOAT_SHARE * sum(params.values())
-    names = set(params)
-    queue = [name for name in order() if name in names]
-    kept: list[str] = []
-    while queue and sum(params[k] for k in [*kept, queue[0]]) <= budget:
-        kept.append(queue.pop(0))
-        path = q.build(variant, dst, exclude={*base, *kept})
-        fid = ev.score(path)
-        if meets(fid, target):
-            return Candidate(variant, path, fid, [*base, *kept], True)
-        tried.append((fid, [*base, *kept]))
+    queue = [name for name in order() if name in params]
+    count = 1
+    while count <= len(queue):
+        layers = queue[:count]
+        if sum(params[k] for k in layers) > budget:
+            break
+        if done := attempt([*base, *layers]):
+            return done
+        count *= 2
     fid, best = min(tried, key=lambda t: _fid_rank(t[0]))
-    if best != [*base, *kept]:
-        path = q.build(variant, dst, exclude=set(best))
-        fid = ev.score(path)
-    return Candidate(variant, path, fid, best, False)
+    if not best:
+        return cand
+    path = q.build(variant, dst, exclude=set(best))
+    return Candidate(variant, path, ev.score(path), best, False)
 
 
 def quality_variants(q: Quantizer, requested: Variant) -> list[Variant]:
@@ -349,9 +362,10 @@ def search(q: Quantizer, float_model: Path) -> Path:
         ]
     ctx.report(0.65, f"building and measuring {len(builds)} variant(s)")
     tried: list[Candidate] = []
+    quantizer_of: dict[str, Quantizer] = {}
     for i, (quantizer, variant) in enumerate(builds):
         try:
-            cand = build_to_target(quantizer, variant, ev, target, order, i)
+            cand = first_build(quantizer, variant, ev, i)
         except Exception as exc:
             if len(builds) == 1:
                 raise
@@ -359,10 +373,20 @@ def search(q: Quantizer, float_model: Path) -> Path:
                 {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             )
             continue
-        cand.size_bytes = cand.path.stat().st_size
+        cand.met = meets(cand.fidelity, target)
+        quantizer_of[variant.name] = quantizer
         tried.append(cand)
     if not tried:
         raise EngineError("quantize_failed", "No quantized variant could be built.")
+    if target is not None and not any(c.met for c in tried):
+        for cand in _fallback_starts(tried, cfg.prefer, ev):
+            ctx.report(0.8, f"target missed: fallback on {cand.variant.name}")
+            i = tried.index(cand)
+            better = fallback(quantizer_of[cand.variant.name], cand, ev, target, order, i)
+            if better is not cand:
+                tried[i] = better
+    for cand in tried:
+        cand.size_bytes = cand.path.stat().st_size
     # The float model and every variant measured side by side (interleaved runs).
     float_ms, *variant_ms = m.latency_side_by_side(
         [float_model, *(c.path for c in tried)], ev.latency_feeds, LATENCY_THREADS
@@ -403,6 +427,18 @@ def search(q: Quantizer, float_model: Path) -> Path:
         _fidelity_warning(chosen, order.ranking, ctx.warnings)
     _speed_report(q, float_ms, chosen, tried)
     return chosen.path
+
+
+def _fallback_starts(tried: list[Candidate], prefer: str, ev: Evaluator) -> list[Candidate]:
+    """Which builds the target fallback works on (it costs builds): quality, the most faithful;
+    speed, the two fastest (measured now, side by side); size, the two smallest."""
+    if prefer == "quality":
+        return [choose_quality(tried)]
+    if prefer == "size":
+        return sorted(tried, key=lambda c: c.path.stat().st_size)[:2]
+    times = m.latency_side_by_side([c.path for c in tried], ev.latency_feeds, LATENCY_THREADS)
+    ranked = sorted(zip(times, range(len(tried)), strict=True))
+    return [tried[i] for _, i in ranked[:2]]
 
 
 def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:
