@@ -88,7 +88,7 @@ class QuantizeConfig(OpConfig):
       the one that measures best is kept (details.smoothed, details.variants).
     * `target`: after quantizing, measure on the dataset (min_sqnr_db: the worst output
       slice); while it is missed, keep float the weightless ops, then the most sensitive
-      layers one at a time, up to 25% of the weights (details.kept_float, target_met).
+      layers (1, 2, 4, ...), up to 25% of the weights (details.kept_float, target_met).
     * `prefer`: `quality` builds the requested variant (static int8: also per tensor when
       per_channel is unset, and with uint8 activations) and keeps the most faithful, then
       fastest; `speed` / `size` try more variants (QDQ/QOperator, per-tensor/per-channel,
