@@ -219,6 +219,7 @@ def test_calibration_batches_are_sized_by_input_bytes() -> None:
         return calibration_batching(samples, fixed)
 
     assert batching((8, 8)) == (32, 4)
-    batch, chunk = batching((3, 480, 640))
-    assert batch == 1 and batch * chunk * 3 * 480 * 640 * 4 <= CALIBRATION_CHUNK_INPUT_BYTES
-    assert batching((3, 480, 640), fixed=4) == (4, 1)  # a fixed batch is kept, chunks shrink
+    assert batching((3, 480, 640)) == (1, 1)  # larger than the budget: one sample per chunk
+    batch, chunk = batching((3, 48, 320))  # a text line: a few per chunk, within the budget
+    assert batch * chunk > 1 and batch * chunk * 3 * 48 * 320 * 4 <= CALIBRATION_CHUNK_INPUT_BYTES
+    assert batching((3, 48, 320), fixed=4) == (4, 1)  # a fixed batch is kept, chunks shrink
