@@ -378,8 +378,11 @@ def search(q: Quantizer, float_model: Path) -> Path:
         tried.append(cand)
     if not tried:
         raise EngineError("quantize_failed", "No quantized variant could be built.")
+    for cand in tried:
+        cand.size_bytes = cand.path.stat().st_size
     if target is not None and not any(c.met for c in tried):
-        for cand in _fallback_starts(tried, cfg.prefer, ev):
+        _measure_latency(tried, ev)  # the starts are picked by speed, too
+        for cand in _fallback_starts(tried, cfg.prefer):
             ctx.report(0.8, f"target missed: fallback on {cand.variant.name}")
             i = tried.index(cand)
             better = fallback(quantizer_of[cand.variant.name], cand, ev, target, order, i)
@@ -388,11 +391,7 @@ def search(q: Quantizer, float_model: Path) -> Path:
     for cand in tried:
         cand.size_bytes = cand.path.stat().st_size
     # The float model and every variant measured side by side (interleaved runs).
-    float_ms, *variant_ms = m.latency_side_by_side(
-        [float_model, *(c.path for c in tried)], ev.latency_feeds, LATENCY_THREADS
-    )
-    for cand, ms in zip(tried, variant_ms, strict=True):
-        cand.latency_ms = ms
+    float_ms = _measure_latency(tried, ev, float_model)
     chosen = _choose(tried, cfg.prefer, cfg.target)
     ctx.details["variants"] = [
         {
@@ -429,16 +428,28 @@ def search(q: Quantizer, float_model: Path) -> Path:
     return chosen.path
 
 
-def _fallback_starts(tried: list[Candidate], prefer: str, ev: Evaluator) -> list[Candidate]:
-    """Which builds the target fallback works on (it costs builds): quality, the most faithful;
-    speed, the two fastest (measured now, side by side); size, the two smallest."""
+def _measure_latency(
+    tried: list[Candidate], ev: Evaluator, float_model: Path | None = None
+) -> float:
+    """Set every candidate's latency_ms, measured side by side (interleaved runs) with the
+    float model when given; returns the float model's (0.0 without one)."""
+    paths = (
+        [c.path for c in tried] if float_model is None else [float_model, *(c.path for c in tried)]
+    )
+    times = m.latency_side_by_side(paths, ev.latency_feeds, LATENCY_THREADS)
+    float_ms = 0.0 if float_model is None else times.pop(0)
+    for cand, ms in zip(tried, times, strict=True):
+        cand.latency_ms = ms
+    return float_ms
+
+
+def _fallback_starts(tried: list[Candidate], prefer: str) -> list[Candidate]:
+    """Which builds the target fallback works on (it costs builds): quality, choose_quality's
+    pick (the most faithful, then fastest); speed, the two fastest; size, the two smallest."""
     if prefer == "quality":
         return [choose_quality(tried)]
-    if prefer == "size":
-        return sorted(tried, key=lambda c: c.path.stat().st_size)[:2]
-    times = m.latency_side_by_side([c.path for c in tried], ev.latency_feeds, LATENCY_THREADS)
-    ranked = sorted(zip(times, range(len(tried)), strict=True))
-    return [tried[i] for _, i in ranked[:2]]
+    key = (lambda c: c.size_bytes) if prefer == "size" else (lambda c: c.latency_ms)
+    return sorted(tried, key=key)[:2]
 
 
 def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:
