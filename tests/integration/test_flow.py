@@ -71,7 +71,9 @@ def test_static_int8_job_end_to_end(
     assert job["status"] == "queued"
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
     assert [s["op"] for s in job["steps"]] == ["quantize"]
-    assert job["steps"][0]["config"]["per_channel"] is True
+    config = job["steps"][0]["config"]  # stored with every default spelled out
+    assert config["per_channel"] is None  # unset: per channel and per tensor both measured
+    assert config["range_repairs"] is True and config["calibration"]["method"] == "minmax"
 
     job = stack.wait_job(job["id"], headers)
     assert job["status"] == "succeeded", job["error"]
