@@ -2,8 +2,9 @@
 
 - fp16 / bf16: engine.ops.quantize.float16
 - binary / ternary: engine.ops.quantize.lowbit (weights and their packed `.cbin` file)
-- int8 / uint8 static or dynamic, weight-only int8 / int4: engine.ops.quantize.integer builds,
-  engine.ops.quantize.search ranks sensitivity, falls back to a target and picks the variant
+- int8 / uint8 static or dynamic, weight-only int8 / int4: engine.ops.quantize.integer builds
+  (repairs.py: mixed ranges kept float; smooth.py: SmoothQuant), engine.ops.quantize.search
+  picks the variants and the one delivered, measure.py measures, fallback.py meets targets
 - qat (torch): engine.ops.quantize.qat
 """
 

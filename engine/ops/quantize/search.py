@@ -1,40 +1,38 @@
-"""Per-layer sensitivity, target fallback and the speed/size variant search for `quantize`.
+"""Which quantized variants `quantize` builds (granularity, int8/uint8 activations,
+SmoothQuant, the `prefer` variants), and which one it delivers.
 
 Everything here is measured, not assumed: fidelity against the step's float input on the
-job's samples, latency with metrics.latency on this worker (1 thread, batch 1 or the fixed
-batch), sizes from the written files.
+job's samples (engine.ops.quantize.measure), latency side by side with the float model on this
+worker (1 thread, batch 1 or the fixed batch), sizes from the written files. When no build
+meets a target, engine.ops.quantize.fallback keeps what it takes float.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.config import QuantizeTarget
 from engine.errors import EngineError
-from engine.evaluation import EVAL_SAMPLES
 from engine.onnxgraph import metrics as m
-from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
+from engine.ops.quantize.fallback import FALLBACK_MAX_FLOAT_SHARE, LayerOrder, fallback, first_build
 from engine.ops.quantize.integer import Quantizer, Variant
+from engine.ops.quantize.measure import (
+    LATENCY_THREADS,
+    Candidate,
+    Evaluator,
+    meets,
+    worst_sqnr,
+)
 from engine.ops.quantize.smooth import SMOOTH_ALPHAS, smooth
 
-SENSITIVITY_SAMPLES = 256
-SENSITIVITY_MAX_LAYERS = 40  # measured one by one; the rest are ranked by weight noise
-SENSITIVITY_BUDGET_S = 120.0  # ...within this time; the remainder keep the cheap order
-LATENCY_FEEDS = 16
-LATENCY_THREADS = 1
 # prefer speed's guard against a broken result when no target is given (a whole-output
 # cosine: the worst-slice SQNR of a detector's 1e-5 scores is not what speed trades against).
 SPEED_DEFAULT_TARGET = QuantizeTarget(min_cosine=0.99)
 QUALITY_TIE_DB = 1.0
 LATENCY_TIE = 0.05  # latencies within 5% of the fastest are a tie (then the smaller file)
-# The target fallback keeps at most this share of the quantizable weights float.
-FALLBACK_MAX_FLOAT_SHARE = 0.25
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
@@ -49,238 +47,6 @@ def cpu_int8_features() -> list[str]:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
     return [f for f in VNNI_FLAGS if f in flags]
-
-
-class Evaluator:
-    """Reference outputs of the float model on the job's samples, and latency feeds."""
-
-    def __init__(self, float_model: Path, quantizer: Quantizer) -> None:
-        ctx = quantizer.ctx
-        self.batch = ctx.batch
-        self.samples = ctx.samples.subset(EVAL_SAMPLES, ctx.seed)
-        self.small = ctx.samples.subset(SENSITIVITY_SAMPLES, ctx.seed)
-        self.reference = self._run(float_model, self.samples)
-        self.small_reference = self._run(float_model, self.small)
-        labels = self.samples.labels
-        base = m.quality(self.reference, None, labels, "classification")
-        self.float_accuracy: float | None = base.get("accuracy_top1")
-        size = self.batch or 1
-        take = self.samples.take(max(size, min(LATENCY_FEEDS, len(self.samples))))
-        self.latency_feeds: list[Feed] = [f for f, _ in feeds(take, size, pad=True)]
-
-    def _run(self, path: Path, samples: Any) -> list[np.ndarray]:
-        return run_all(make_session(path, eval_threads()), samples, self.batch)
-
-    def score(self, path: Path, small: bool = False) -> dict[str, Any]:
-        samples, ref = (
-            (self.small, self.small_reference)
-            if small
-            else (
-                self.samples,
-                self.reference,
-            )
-        )
-        values = m.quality(self._run(path, samples), ref, samples.labels, "classification")
-        out = {
-            k: values.get(k)
-            for k in (
-                "cosine_similarity",
-                "sqnr_db",
-                "sqnr_db_min",
-                "sqnr_db_min_slice",
-                "agreement_top1",
-                "accuracy_top1",
-            )
-        }
-        if self.float_accuracy is not None and values.get("accuracy_top1") is not None:
-            out["accuracy_drop"] = round(self.float_accuracy - values["accuracy_top1"], 6)
-        return {k: v for k, v in out.items() if v is not None or k == "sqnr_db"}
-
-    def latency_ms(self, path: Path) -> float:
-        return float(m.latency(path, self.latency_feeds, LATENCY_THREADS)["latency_ms_p50"])
-
-
-def meets(fidelity: dict[str, Any], target: QuantizeTarget | None) -> bool:
-    if target is None:
-        return True
-    if target.max_accuracy_drop is not None:
-        drop = fidelity.get("accuracy_drop")
-        return drop is not None and drop <= target.max_accuracy_drop + 1e-9
-    if target.min_cosine is not None:
-        return float(fidelity.get("cosine_similarity", -1.0)) >= target.min_cosine
-    sqnr = worst_sqnr(fidelity)
-    assert target.min_sqnr_db is not None
-    return sqnr is None or sqnr >= target.min_sqnr_db  # None: outputs exact
-
-
-def worst_sqnr(fidelity: dict[str, Any]) -> float | None:
-    """The SQNR a target or a warning judges: the worst output slice's where outputs have
-    slices (metrics.worst_slice), else the whole output's; None when the outputs are exact."""
-    value = fidelity.get("sqnr_db_min", fidelity.get("sqnr_db"))
-    return None if value is None else float(value)
-
-
-def _sqnr_key(entry: dict[str, Any]) -> tuple[float, float]:
-    sqnr = worst_sqnr(entry)
-    return (math.inf if sqnr is None else float(sqnr), float(entry.get("cosine", 1.0)))
-
-
-def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str, Any]]:
-    """Rank every quantizable layer, most sensitive first: all of them cheaply by the int8
-    rounding noise of their own weights (weight_noise_db), then the SENSITIVITY_MAX_LAYERS
-    noisiest measured for real (quantized alone, the rest float, output fidelity); measured
-    entries come first, the others follow in the cheap order (`measured: false`)."""
-    layers = q.candidates(variant)
-    noise = weight_noise_db(q.prepared, layers)
-    layers = sorted(layers, key=lambda x: noise.get(x.name, math.inf))
-    refine, rest = layers[:SENSITIVITY_MAX_LAYERS], layers[SENSITIVITY_MAX_LAYERS:]
-    measured: list[dict[str, Any]] = []
-    started = time.monotonic()
-    for i, layer in enumerate(refine):
-        if measured and time.monotonic() - started > SENSITIVITY_BUDGET_S:
-            rest = refine[i:] + rest  # out of time: the rest stay in the cheap order
-            q.ctx.details["sensitivity_time_budget_s"] = SENSITIVITY_BUDGET_S
-            break
-        q.ctx.report(0.3 + 0.3 * i / max(1, len(refine)), f"sensitivity {i + 1}/{len(refine)}")
-        path = q.build(variant, q.ctx.workdir / "sensitivity.onnx", only=[layer.name])
-        fid = ev.score(path, small=True)
-        measured.append(
-            {
-                "layer": layer.name,
-                "op_type": layer.op_type,
-                "weight": layer.weight,
-                "weight_noise_db": noise.get(layer.name),
-                "measured": True,
-                "cosine": fid.get("cosine_similarity"),
-                "sqnr_db": fid.get("sqnr_db"),
-                "sqnr_db_min": fid.get("sqnr_db_min"),
-                "agreement": fid.get("agreement_top1"),
-            }
-        )
-    cheap = [
-        {
-            "layer": x.name,
-            "op_type": x.op_type,
-            "weight": x.weight,
-            "weight_noise_db": noise.get(x.name),
-            "measured": False,
-        }
-        for x in rest
-    ]
-    return sorted(measured, key=_sqnr_key) + cheap
-
-
-def weight_noise_db(model_path: Path, layers: list[Any]) -> dict[str, float]:
-    """Per layer: SQNR (dB) of its weight against its own int8 per-output-channel rounding, a
-    cheap proxy of how much quantizing it costs (low = coarse). Layers without a constant
-    weight get none (they sort last)."""
-    import onnx
-    from onnx import numpy_helper
-
-    from engine.onnxgraph.graph import weight_layers
-
-    model = onnx.load(str(model_path))
-    by_node = {x.node.name: x for x in weight_layers(model, min_ndim=1)}
-    inits = {t.name: t for t in model.graph.initializer}
-    out: dict[str, float] = {}
-    for layer in layers:
-        found = by_node.get(layer.name)
-        if found is None or found.weight not in inits:
-            continue
-        w = numpy_helper.to_array(inits[found.weight]).astype(np.float64)
-        axis = found.out_axis % w.ndim if w.ndim else 0
-        reduce = tuple(a for a in range(w.ndim) if a != axis)
-        scale = np.abs(w).max(axis=reduce, keepdims=True) / 127.0 if w.ndim else abs(w) / 127
-        scale = np.where(scale > 0, scale, 1.0)
-        noise = float(((w - np.round(w / scale) * scale) ** 2).sum())
-        signal = float((w**2).sum())
-        out[layer.name] = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else 200.0
-    return out
-
-
-@dataclass
-class Candidate:
-    variant: Variant
-    path: Path
-    fidelity: dict[str, Any]
-    kept_float: list[str]
-    met: bool
-    latency_ms: float = 0.0
-    size_bytes: int = 0
-
-
-class LayerOrder:
-    """The fallback's layer order, worked out the first time a build misses its target: the
-    measured sensitivity ranking (a target, or `sensitivity: true`; reported in
-    details.sensitivity), else the cheap weight-noise order (prefer speed's default guard)."""
-
-    def __init__(self, q: Quantizer, variant: Variant, ev: Evaluator, measure: bool) -> None:
-        self.q, self.variant, self.ev, self.measure = q, variant, ev, measure
-        self.ranking: list[dict[str, Any]] | None = None
-        self._names: list[str] | None = None
-
-    def __call__(self) -> list[str]:
-        if self._names is None:
-            if self.measure:
-                self.ranking = sensitivity(self.q, self.variant, self.ev)
-                self.q.ctx.details["sensitivity"] = self.ranking
-                self._names = [entry["layer"] for entry in self.ranking]
-            else:
-                noise = weight_noise_db(self.q.prepared, self.q.candidates(self.variant))
-                self._names = sorted(noise, key=noise.__getitem__)
-        return self._names
-
-
-def first_build(q: Quantizer, variant: Variant, ev: Evaluator, index: int) -> Candidate:
-    """The variant as is (nothing kept float beyond the config and the range repairs)."""
-    path = q.build(variant, q.ctx.workdir / f"variant{index}.onnx")
-    return Candidate(variant, path, ev.score(path), [], False)
-
-
-def fallback(
-    q: Quantizer,
-    cand: Candidate,
-    ev: Evaluator,
-    target: QuantizeTarget,
-    order: LayerOrder,
-    index: int,
-) -> Candidate:
-    """Keep float first the weightless ops the quantizer touches (no bytes), then the most
-    sensitive weight layers — 1, 2, 4, 8, ... of them, up to FALLBACK_MAX_FLOAT_SHARE of the
-    weights — until the target is met. Unmet: the most faithful build tried."""
-    variant = cand.variant
-    dst = q.ctx.workdir / f"variant{index}-fallback.onnx"
-    tried: list[tuple[dict[str, Any], list[str]]] = [(cand.fidelity, [])]
-
-    def attempt(kept: list[str]) -> Candidate | None:
-        path = q.build(variant, dst, exclude=set(kept))
-        fid = ev.score(path)
-        tried.append((fid, kept))
-        return Candidate(variant, path, fid, kept, True) if meets(fid, target) else None
-
-    base: list[str] = []
-    weightless = q.weightless(variant)
-    if weightless:
-        if done := attempt(weightless):
-            return done
-        if _fid_rank(tried[-1][0]) < _fid_rank(cand.fidelity):  # better: keep them float
-            base = weightless
-    params = q.weight_params(variant)
-    budget = FALLBACK_MAX_FLOAT_SHARE * sum(params.values())
-    queue = [name for name in order() if name in params]
-    count = 1
-    while count <= len(queue):
-        layers = queue[:count]
-        if sum(params[k] for k in layers) > budget:
-            break
-        if done := attempt([*base, *layers]):
-            return done
-        count *= 2
-    fid, best = min(tried, key=lambda t: _fid_rank(t[0]))
-    if not best:
-        return cand
-    path = q.build(variant, dst, exclude=set(best))
-    return Candidate(variant, path, ev.score(path), best, False)
 
 
 def quality_variants(q: Quantizer, requested: Variant) -> list[Variant]:
@@ -506,11 +272,6 @@ def _quality_db(c: Candidate) -> float:
     """Worst-slice SQNR in dB (infinite when the outputs are exact)."""
     sqnr = worst_sqnr(c.fidelity)
     return math.inf if sqnr is None else sqnr
-
-
-def _fid_rank(fid: dict[str, Any]) -> tuple[float, float]:
-    sqnr = worst_sqnr(fid)
-    return (-(math.inf if sqnr is None else float(sqnr)), -float(fid.get("cosine_similarity", 0)))
 
 
 def _fid_text(fid: dict[str, Any]) -> str:

@@ -1,0 +1,111 @@
+"""How `quantize` measures a build: fidelity against the step's float input on the job's
+samples (the same draw the pipeline evaluates), and what a quality target judges."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import QuantizeTarget
+from engine.evaluation import EVAL_SAMPLES
+from engine.onnxgraph import metrics as m
+from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
+from engine.ops.quantize.integer import Quantizer, Variant
+
+SENSITIVITY_SAMPLES = 256
+LATENCY_FEEDS = 16
+LATENCY_THREADS = 1
+
+
+class Evaluator:
+    """Reference outputs of the float model on the job's samples, and latency feeds."""
+
+    def __init__(self, float_model: Path, quantizer: Quantizer) -> None:
+        ctx = quantizer.ctx
+        self.batch = ctx.batch
+        self.samples = ctx.samples.subset(EVAL_SAMPLES, ctx.seed)
+        self.small = ctx.samples.subset(SENSITIVITY_SAMPLES, ctx.seed)
+        self.reference = self._run(float_model, self.samples)
+        self.small_reference = self._run(float_model, self.small)
+        labels = self.samples.labels
+        base = m.quality(self.reference, None, labels, "classification")
+        self.float_accuracy: float | None = base.get("accuracy_top1")
+        size = self.batch or 1
+        take = self.samples.take(max(size, min(LATENCY_FEEDS, len(self.samples))))
+        self.latency_feeds: list[Feed] = [f for f, _ in feeds(take, size, pad=True)]
+
+    def _run(self, path: Path, samples: Any) -> list[np.ndarray]:
+        return run_all(make_session(path, eval_threads()), samples, self.batch)
+
+    def score(self, path: Path, small: bool = False) -> dict[str, Any]:
+        samples, ref = (
+            (self.small, self.small_reference)
+            if small
+            else (
+                self.samples,
+                self.reference,
+            )
+        )
+        values = m.quality(self._run(path, samples), ref, samples.labels, "classification")
+        out = {
+            k: values.get(k)
+            for k in (
+                "cosine_similarity",
+                "sqnr_db",
+                "sqnr_db_min",
+                "sqnr_db_min_slice",
+                "agreement_top1",
+                "accuracy_top1",
+            )
+        }
+        if self.float_accuracy is not None and values.get("accuracy_top1") is not None:
+            out["accuracy_drop"] = round(self.float_accuracy - values["accuracy_top1"], 6)
+        return {k: v for k, v in out.items() if v is not None or k == "sqnr_db"}
+
+    def latency_ms(self, path: Path) -> float:
+        return float(m.latency(path, self.latency_feeds, LATENCY_THREADS)["latency_ms_p50"])
+
+
+def meets(fidelity: dict[str, Any], target: QuantizeTarget | None) -> bool:
+    if target is None:
+        return True
+    if target.max_accuracy_drop is not None:
+        drop = fidelity.get("accuracy_drop")
+        return drop is not None and drop <= target.max_accuracy_drop + 1e-9
+    if target.min_cosine is not None:
+        return float(fidelity.get("cosine_similarity", -1.0)) >= target.min_cosine
+    sqnr = worst_sqnr(fidelity)
+    assert target.min_sqnr_db is not None
+    return sqnr is None or sqnr >= target.min_sqnr_db  # None: outputs exact
+
+
+def worst_sqnr(fidelity: dict[str, Any]) -> float | None:
+    """The SQNR a target or a warning judges: the worst output slice's where outputs have
+    slices (metrics.worst_slice), else the whole output's; None when the outputs are exact."""
+    value = fidelity.get("sqnr_db_min", fidelity.get("sqnr_db"))
+    return None if value is None else float(value)
+
+
+def sqnr_key(entry: dict[str, Any]) -> tuple[float, float]:
+    sqnr = worst_sqnr(entry)
+    return (math.inf if sqnr is None else float(sqnr), float(entry.get("cosine", 1.0)))
+
+
+@dataclass
+class Candidate:
+    variant: Variant
+    path: Path
+    fidelity: dict[str, Any]
+    kept_float: list[str]
+    met: bool
+    latency_ms: float = 0.0
+    size_bytes: int = 0
+
+
+def fid_rank(fid: dict[str, Any]) -> tuple[float, float]:
+    sqnr = worst_sqnr(fid)
+    return (-(math.inf if sqnr is None else float(sqnr)), -float(fid.get("cosine_similarity", 0)))
