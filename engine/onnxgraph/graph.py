@@ -62,6 +62,14 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads (after a rewrite replaced them)."""
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def save_clean(model: onnx.ModelProto, path: Path) -> None:
     """Save with the nodes in topological order and without debug metadata."""
     import onnx

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.config import QuantizeTarget
 from engine.ops.quantize.integer import Quantizer, Variant
 from engine.ops.quantize.measure import Candidate, Evaluator, fid_rank, meets, sqnr_key
+from engine.ops.quantize.weight_only import symmetric_int8
+
+if TYPE_CHECKING:
+    import onnx
 
 SENSITIVITY_MAX_LAYERS = 40  # measured one by one; the rest are ranked by weight noise
 SENSITIVITY_BUDGET_S = 120.0  # ...within this time; the remainder keep the cheap order
@@ -27,7 +30,7 @@ def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str,
     noisiest measured for real (quantized alone, the rest float, output fidelity); measured
     entries come first, the others follow in the cheap order (`measured: false`)."""
     layers = q.candidates(variant)
-    noise = weight_noise_db(q.prepared, layers)
+    noise = weight_noise_db(q.model, layers)
     layers = sorted(layers, key=lambda x: noise.get(x.name, math.inf))
     refine, rest = layers[:SENSITIVITY_MAX_LAYERS], layers[SENSITIVITY_MAX_LAYERS:]
     measured: list[dict[str, Any]] = []
@@ -66,16 +69,14 @@ def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str,
     return sorted(measured, key=sqnr_key) + cheap
 
 
-def weight_noise_db(model_path: Path, layers: list[Any]) -> dict[str, float]:
+def weight_noise_db(model: onnx.ModelProto, layers: list[Any]) -> dict[str, float]:
     """Per layer: SQNR (dB) of its weight against its own int8 per-output-channel rounding, a
     cheap proxy of how much quantizing it costs (low = coarse). Layers without a constant
     weight get none (they sort last)."""
-    import onnx
     from onnx import numpy_helper
 
     from engine.onnxgraph.graph import weight_layers
 
-    model = onnx.load(str(model_path))
     by_node = {x.node.name: x for x in weight_layers(model, min_ndim=1)}
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, float] = {}
@@ -84,11 +85,10 @@ def weight_noise_db(model_path: Path, layers: list[Any]) -> dict[str, float]:
         if found is None or found.weight not in inits:
             continue
         w = numpy_helper.to_array(inits[found.weight]).astype(np.float64)
-        axis = found.out_axis % w.ndim if w.ndim else 0
-        reduce = tuple(a for a in range(w.ndim) if a != axis)
-        scale = np.abs(w).max(axis=reduce, keepdims=True) / 127.0 if w.ndim else abs(w) / 127
-        scale = np.where(scale > 0, scale, 1.0)
-        noise = float(((w - np.round(w / scale) * scale) ** 2).sum())
+        axis = found.out_axis % w.ndim
+        q, scale = symmetric_int8(w, axis)
+        shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+        noise = float(((w - q * scale.reshape(shape)) ** 2).sum())
         signal = float((w**2).sum())
         out[layer.name] = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else 200.0
     return out
@@ -111,7 +111,7 @@ class LayerOrder:
                 self.q.ctx.details["sensitivity"] = self.ranking
                 self._names = [entry["layer"] for entry in self.ranking]
             else:
-                noise = weight_noise_db(self.q.prepared, self.q.candidates(self.variant))
+                noise = weight_noise_db(self.q.model, self.q.candidates(self.variant))
                 self._names = sorted(noise, key=noise.__getitem__)
         return self._names
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,9 +234,18 @@ class Quantizer:
     _cache: Path | None = None
     builds: int = 0
 
+    @cached_property
+    def model(self) -> onnx.ModelProto:
+        """The prepared float model, loaded once after calibration, for the graph questions
+        the search asks (read-only: builds read the file)."""
+        import onnx
+
+        return onnx.load(str(self.prepared))
+
     def __post_init__(self) -> None:
         import onnx
 
+        # Not self.model: calibration comes next and should not hold a second copy.
         self.all_layers = layers(onnx.load(str(self.prepared)))
         self.base_exclude = excluded(self.all_layers, self.config.exclude)
 
@@ -257,21 +267,16 @@ class Quantizer:
         Resize, Sigmoid, Softmax, ...): keeping them float costs no bytes."""
         if variant.mode != "static":
             return []
-        import onnx
         from onnxruntime.quantization.registry import QDQRegistry
 
         layers = {x.name for x in self.all_layers}
         skip = layers | self.base_exclude | self.kept_float
-        model = onnx.load(str(self.prepared))
-        return [n.name for n in model.graph.node if n.op_type in QDQRegistry and n.name not in skip]
+        nodes = self.model.graph.node
+        return [n.name for n in nodes if n.op_type in QDQRegistry and n.name not in skip]
 
     def weight_params(self, variant: Variant) -> dict[str, int]:
         """Weight elements per quantizable layer (layers without a constant weight: 0)."""
-        import onnx
-
-        dims = {
-            t.name: int(np.prod(t.dims)) for t in onnx.load(str(self.prepared)).graph.initializer
-        }
+        dims = {t.name: int(np.prod(t.dims)) for t in self.model.graph.initializer}
         return {x.name: dims.get(x.weight or "", 0) for x in self.candidates(variant)}
 
     def qtype(self) -> Any:
@@ -356,14 +361,13 @@ class Quantizer:
         (engine.ops.quantize.repairs: mixed-range Concats and outputs, the weightless tail
         before each output) from the calibrated ranges and the float outputs; static builds
         keep them float from now on."""
-        import onnx
         from onnxruntime.quantization.calibrate import load_tensors_data
 
-        model = onnx.load(str(self.prepared))
         ranges = {
             name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
             for name, data in load_tensors_data(self.calibration_cache()).items()
         }
+        model = self.model
         found = mixed_range_concats(model, ranges)
         found += mixed_range_outputs(model, reference, {r.node for r in found})
         found += output_tails(model, {r.node for r in found})

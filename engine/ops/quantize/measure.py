@@ -4,7 +4,7 @@ samples (the same draw the pipeline evaluates), and what a quality target judges
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,6 @@ class Evaluator:
             out["accuracy_drop"] = round(self.float_accuracy - values["accuracy_top1"], 6)
         return {k: v for k, v in out.items() if v is not None or k == "sqnr_db"}
 
-    def latency_ms(self, path: Path) -> float:
-        return float(m.latency(path, self.latency_feeds, LATENCY_THREADS)["latency_ms_p50"])
-
 
 def meets(fidelity: dict[str, Any], target: QuantizeTarget | None) -> bool:
     if target is None:
@@ -97,13 +94,18 @@ def sqnr_key(entry: dict[str, Any]) -> tuple[float, float]:
 
 @dataclass
 class Candidate:
+    """One built file: what it is, how faithful, and (once measured side by side) how fast."""
+
     variant: Variant
     path: Path
     fidelity: dict[str, Any]
     kept_float: list[str]
     met: bool
     latency_ms: float = 0.0
-    size_bytes: int = 0
+    size_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size_bytes = self.path.stat().st_size  # the file as built now
 
 
 def fid_rank(fid: dict[str, Any]) -> tuple[float, float]:

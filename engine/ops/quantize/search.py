@@ -144,8 +144,6 @@ def search(q: Quantizer, float_model: Path) -> Path:
         tried.append(cand)
     if not tried:
         raise EngineError("quantize_failed", "No quantized variant could be built.")
-    for cand in tried:
-        cand.size_bytes = cand.path.stat().st_size
     if target is not None and not any(c.met for c in tried):
         _measure_latency(tried, ev)  # the starts are picked by speed, too
         for cand in _fallback_starts(tried, cfg.prefer):
@@ -154,8 +152,6 @@ def search(q: Quantizer, float_model: Path) -> Path:
             better = fallback(quantizer_of[cand.variant.name], cand, ev, target, order, i)
             if better is not cand:
                 tried[i] = better
-    for cand in tried:
-        cand.size_bytes = cand.path.stat().st_size
     # The float model and every variant measured side by side (interleaved runs).
     float_ms = _measure_latency(tried, ev, float_model)
     chosen = _choose(tried, cfg.prefer, cfg.target)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.io.datasets import Samples
+from engine.onnxgraph.graph import drop_unused_initializers
 
 # Migration strengths tried; which one (if any) is kept is measured. On all-MiniLM-L6-v2
 # (dynamic int8) 0.5 left the cosine where it was (0.9928 vs 0.9931) and 0.7-0.85 raised it
@@ -148,13 +149,6 @@ def smooth(
         ordered.append(node)
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-    _drop_unused(model)
+    drop_unused_initializers(model.graph)
     onnx.save(model, str(dst))
     return done
-
-
-def _drop_unused(model: Any) -> None:
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)

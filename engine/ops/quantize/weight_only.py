@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.onnxgraph.convert import quiet
-from engine.onnxgraph.graph import save_clean, weight_layers
+from engine.onnxgraph.graph import drop_unused_initializers, save_clean, weight_layers
 
 if TYPE_CHECKING:
     import onnx
@@ -19,11 +19,19 @@ def _selected(node: onnx.NodeProto, skip: list[str], only: list[str] | None) -> 
     return node.name not in skip and (only is None or node.name in only)
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+def symmetric_int8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, scale): symmetric int8 rounding of a weight per channel along `axis` (None:
+    one scale for the tensor); scale = |max| / 127 (1 where the channel is all zero), in the
+    weight's dtype; `q * scale` broadcast along `axis` gives the rounded weight back."""
+    if axis is None:
+        amax = np.abs(w).max(keepdims=False)
+        shape = [1] * w.ndim
+    else:
+        amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
+        shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(w.dtype)
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
 
 
 def weight_only_int8(
@@ -45,13 +53,7 @@ def weight_only_int8(
             continue
         if name not in done:
             w = numpy_helper.to_array(inits[name]).astype(np.float32)
-            reduce = tuple(i for i in range(w.ndim) if i != axis)
-            amax = np.abs(w).max(axis=reduce) if per_channel else np.abs(w).max(keepdims=False)
-            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-            shape = [1] * w.ndim
-            if per_channel:
-                shape[axis] = -1
-            q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            q, scale = symmetric_int8(w, axis if per_channel else None)
             zp = np.zeros_like(scale, dtype=np.int8)
             graph.initializer.extend(
                 [
@@ -72,7 +74,7 @@ def weight_only_int8(
             done[name] = f"{name}_dq"
         node.input[1] = done[name]
     graph.node.extend(new_nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     save_clean(model, dst)
 
 
@@ -110,7 +112,7 @@ def _gemm_to_matmul(model: onnx.ModelProto, skip: list[str]) -> None:
             )
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
 
 
 def int4_blockwise(
