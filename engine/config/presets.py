@@ -8,7 +8,8 @@ from engine.config.base import PipelineError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "edge-int8": {
-        "description": "Static INT8 QDQ, per-channel weights, calibrated on your dataset.",
+        "description": "Static INT8 QDQ calibrated on your dataset; weight granularity and "
+        "activation type (int8/uint8) chosen by measurement.",
         "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8"}],
     },
     "fp16": {
