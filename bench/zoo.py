@@ -966,7 +966,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="3 small models (yolov8n, ocr-cls, wakeword-emb), 16/8 samples",
+        help="3 small models (yolov8n, ocr-cls, wakeword-emb), 16 calibration / 16 held-out",
     )
     parser.add_argument("--models", default="", help="comma-separated keys (default: all)")
     parser.add_argument(
@@ -1156,7 +1156,7 @@ def main() -> None:
         wanted = args.models.split(",")
         specs = [s for s in ZOO if s.key in wanted]
     n_calib = args.calib or (16 if args.quick else 32)
-    n_held = args.held_out or (8 if args.quick else 16)
+    n_held = args.held_out or (16 if args.quick else 64)
     rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
     tmp = (args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))).resolve()
     tmp.mkdir(parents=True, exist_ok=True)

@@ -255,3 +255,28 @@ def test_transformer_outliers_target_met(target: dict[str, float], tmp_path: Pat
     step_out = result["steps"][0]
     assert step_out["details"]["target_met"] is True
     assert step_out["metrics"]["cosine_similarity"] >= target["min_cosine"]
+
+
+def test_target_out_of_reach_stops_at_the_ceiling(tmp_path: Path) -> None:
+    """A floor no int8 build can reach: the fallback builds the most it may keep float (the
+    ceiling), sees it miss by more than FALLBACK_HOPELESS_DB, and stops there, instead of the
+    1, 2, 4, ... search that cannot succeed; the job says so and delivers its most faithful
+    build."""
+    from engine.ops.quantize.fallback import FALLBACK_HOPELESS_DB
+
+    src = _export(SiluMap(), torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
+    calib = np.random.default_rng(5).normal(size=(32, 3, 24, 24)).astype(np.float32)
+    step = {"op": "quantize", "per_channel": True, "target": {"min_sqnr_db": 90}}
+    _, result = _service(src, calib, step, tmp_path)
+    step_out = result["steps"][0]
+    details = step_out["details"]
+    assert details["target_met"] is False
+    (log,) = details["fallback"]  # quality: one start
+    assert log["ceiling"]["shortfall_db"] > FALLBACK_HOPELESS_DB
+    assert "out of the fallback's reach" in log["stopped"]
+    assert log["builds"] <= 2  # the weightless ops float, then the ceiling; no more
+    assert details["sensitivity"][0]["measured"] is True  # the ceiling follows the ranking
+    assert any("could not be met" in w for w in step_out["warnings"])
+    # The delivered build is the most faithful one tried, and what the step measured.
+    fid = [v["fidelity"]["sqnr_db"] for v in details["variants"]]
+    assert step_out["metrics"]["sqnr_db"] >= max(fid) - 0.5

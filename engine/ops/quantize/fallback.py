@@ -1,18 +1,31 @@
 """The target fallback of `quantize`: rank the layers (cheaply by weight noise, then the
 noisiest measured), and keep float what it takes to meet the target — weightless ops first,
-then sensitive layers 1, 2, 4, ... up to FALLBACK_MAX_FLOAT_SHARE of the weights."""
+then sensitive layers 1, 2, 4, ... up to FALLBACK_MAX_FLOAT_SHARE of the weights.
+
+Before that search it builds the most it may keep float (the ceiling: the weightless ops and
+the layers in rank order up to the share; every smaller set it would try is a subset). When
+even the ceiling misses the target by more than FALLBACK_HOPELESS_DB, the fallback stops there
+instead of spending minutes on builds that cannot succeed."""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.config import QuantizeTarget
 from engine.ops.quantize.integer import Quantizer, Variant
-from engine.ops.quantize.measure import Candidate, Evaluator, fid_rank, meets, sqnr_key
+from engine.ops.quantize.measure import (
+    Candidate,
+    Evaluator,
+    fid_rank,
+    meets,
+    shortfall_db,
+    sqnr_key,
+)
 from engine.ops.quantize.weight_only import symmetric_int8
 
 if TYPE_CHECKING:
@@ -22,6 +35,9 @@ SENSITIVITY_MAX_LAYERS = 40  # measured one by one; the rest are ranked by weigh
 SENSITIVITY_BUDGET_S = 120.0  # ...within this time; the remainder keep the cheap order
 # The target fallback keeps at most this share of the quantizable weights float.
 FALLBACK_MAX_FLOAT_SHARE = 0.25
+# The ceiling (the most the fallback may keep float) missing the target by more than this:
+# the target is out of the fallback's reach (fewer float layers are not more faithful).
+FALLBACK_HOPELESS_DB = 3.0
 
 
 def sensitivity(q: Quantizer, variant: Variant, ev: Evaluator) -> list[dict[str, Any]]:
@@ -130,39 +146,101 @@ def fallback(
     order: LayerOrder,
     index: int,
 ) -> Candidate:
-    """Keep float first the weightless ops the quantizer touches (no bytes), then the most
-    sensitive weight layers — 1, 2, 4, 8, ... of them, up to FALLBACK_MAX_FLOAT_SHARE of the
-    weights — until the target is met. Unmet: the most faithful build tried."""
+    """Keep float first the weightless ops the quantizer touches (no bytes); then, unless the
+    ceiling shows the target is out of reach, the most sensitive weight layers — 1, 2, 4, 8,
+    ... of them, up to FALLBACK_MAX_FLOAT_SHARE of the weights — until the target is met.
+    Met: the build that met it with the fewest float weights. Unmet: the most faithful build
+    tried. What happened is in details.fallback (per start)."""
     variant = cand.variant
     dst = q.ctx.workdir / f"variant{index}-fallback.onnx"
+    params = q.weight_params(variant)
     tried: list[tuple[dict[str, Any], list[str]]] = [(cand.fidelity, [])]
+    met: list[list[str]] = []
+    log: dict[str, Any] = {"start": variant.name, "builds": 0}
+    q.ctx.details.setdefault("fallback", []).append(log)
 
-    def attempt(kept: list[str]) -> Candidate | None:
+    def attempt(kept: list[str]) -> bool:
         path = q.build(variant, dst, exclude=set(kept))
         fid = ev.score(path)
-        tried.append((fid, kept))
-        return Candidate(variant, path, fid, kept, True) if meets(fid, target) else None
+        tried.append((fid, kept))  # dst holds the last one
+        log["builds"] += 1
+        if meets(fid, target):
+            met.append(kept)
+            return True
+        return False
 
     base: list[str] = []
     weightless = q.weightless(variant)
     if weightless:
-        if done := attempt(weightless):
-            return done
+        if attempt(weightless):
+            return Candidate(variant, dst, tried[-1][0], weightless, True)
         if fid_rank(tried[-1][0]) < fid_rank(cand.fidelity):  # better: keep them float
             base = weightless
-    params = q.weight_params(variant)
     budget = FALLBACK_MAX_FLOAT_SHARE * sum(params.values())
     queue = [name for name in order() if name in params]
+    ceiling = [*base, *_fill(queue, params, budget)]  # every prefix below is a subset of it
+    if len(ceiling) > len(base):
+        attempt(ceiling)
+        gap = shortfall_db(tried[-1][0], target)
+        log["ceiling"] = {
+            "float_nodes": len(ceiling),
+            "shortfall_db": None if gap is None else round(gap, 2),
+        }
+        if gap is not None and gap > FALLBACK_HOPELESS_DB:
+            log["stopped"] = (
+                f"keeping {len(ceiling) - len(base)} layer(s) float "
+                f"({FALLBACK_MAX_FLOAT_SHARE:.0%} of the weights) still misses the target by "
+                f"{gap:.1f} dB (> {FALLBACK_HOPELESS_DB} dB): out of the fallback's reach"
+            )
+            return _unmet(q, variant, dst, ev, cand, tried)
     count = 1
     while count <= len(queue):
         layers = queue[:count]
         if sum(params[k] for k in layers) > budget:
             break
-        if done := attempt([*base, *layers]):
-            return done
+        if attempt([*base, *layers]):
+            break
         count *= 2
-    fid, best = min(tried, key=lambda t: fid_rank(t[0]))
-    if not best:
-        return cand
-    path = q.build(variant, dst, exclude=set(best))
-    return Candidate(variant, path, ev.score(path), best, False)
+    if met:
+        kept = min(met, key=lambda k: sum(params.get(n, 0) for n in k))
+        return _built(q, variant, dst, ev, tried, kept, True)
+    return _unmet(q, variant, dst, ev, cand, tried)
+
+
+def _fill(names: list[str], params: dict[str, int], budget: float) -> list[str]:
+    """The layers in order, each taken while the running weight count stays within budget."""
+    out, used = [], 0
+    for name in names:
+        if name in params and used + params[name] <= budget:
+            out.append(name)
+            used += params[name]
+    return out
+
+
+def _built(
+    q: Quantizer,
+    variant: Variant,
+    dst: Path,
+    ev: Evaluator,
+    tried: list[tuple[dict[str, Any], list[str]]],
+    kept: list[str],
+    met: bool,
+) -> Candidate:
+    """The build keeping `kept` float: dst as it is when that was the last one built."""
+    if tried[-1][1] == kept and len(tried) > 1:
+        return Candidate(variant, dst, tried[-1][0], kept, met)
+    path = q.build(variant, dst, exclude=set(kept))
+    return Candidate(variant, path, ev.score(path), kept, met)
+
+
+def _unmet(
+    q: Quantizer,
+    variant: Variant,
+    dst: Path,
+    ev: Evaluator,
+    cand: Candidate,
+    tried: list[tuple[dict[str, Any], list[str]]],
+) -> Candidate:
+    """The most faithful build tried (the start itself when nothing beat it)."""
+    _, best = min(tried, key=lambda t: fid_rank(t[0]))
+    return cand if not best else _built(q, variant, dst, ev, tried, best, False)

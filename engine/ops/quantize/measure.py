@@ -4,6 +4,7 @@ samples (the same draw the pipeline evaluates), and what a quality target judges
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from engine.onnxgraph import metrics as m
 from engine.onnxgraph.runtime import Feed, eval_threads, feeds, make_session, run_all
 from engine.ops.quantize.integer import Quantizer, Variant
 
-SENSITIVITY_SAMPLES = 256
+SENSITIVITY_SAMPLES = 256  # at most, per sensitivity build
+SENSITIVITY_MIN_SAMPLES = 8
+SENSITIVITY_SCORE_S = 0.5  # float inference time a sensitivity build is scored on
 LATENCY_FEEDS = 16
 LATENCY_THREADS = 1
 
@@ -28,8 +31,14 @@ class Evaluator:
         ctx = quantizer.ctx
         self.batch = ctx.batch
         self.samples = ctx.samples.subset(EVAL_SAMPLES, ctx.seed)
-        self.small = ctx.samples.subset(SENSITIVITY_SAMPLES, ctx.seed)
+        started = time.perf_counter()
         self.reference = self._run(float_model, self.samples)
+        per_sample_s = (time.perf_counter() - started) / max(1, len(self.samples))
+        # the sensitivity ranking scores one build per layer: as many samples as the float
+        # model runs in SENSITIVITY_SCORE_S (a 480×640 page detector: a few; digits: 256)
+        n_small = int(SENSITIVITY_SCORE_S / max(per_sample_s, 1e-9))
+        n_small = min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN_SAMPLES, n_small))
+        self.small = ctx.samples.subset(n_small, ctx.seed)
         self.small_reference = self._run(float_model, self.small)
         labels = self.samples.labels
         base = m.quality(self.reference, None, labels, "classification")
@@ -78,6 +87,21 @@ def meets(fidelity: dict[str, Any], target: QuantizeTarget | None) -> bool:
     sqnr = worst_sqnr(fidelity)
     assert target.min_sqnr_db is not None
     return sqnr is None or sqnr >= target.min_sqnr_db  # None: outputs exact
+
+
+def shortfall_db(fidelity: dict[str, Any], target: QuantizeTarget) -> float | None:
+    """How far a build is from a fidelity target, in dB (<= 0: met): the SQNR target's gap,
+    or for a cosine target the ratio of the angular errors (1 - cosine behaves like the
+    inverse SNR for small errors). None for an accuracy target (no dB scale)."""
+    if target.min_cosine is not None:
+        cosine = float(fidelity.get("cosine_similarity", -1.0))
+        if cosine >= target.min_cosine:
+            return 0.0
+        return 10 * math.log10(max(1e-12, 1 - cosine) / max(1e-12, 1 - target.min_cosine))
+    if target.min_sqnr_db is not None:
+        sqnr = worst_sqnr(fidelity)
+        return 0.0 if sqnr is None else max(0.0, target.min_sqnr_db - sqnr)
+    return None
 
 
 def worst_sqnr(fidelity: dict[str, Any]) -> float | None:
