@@ -81,6 +81,10 @@ class QuantizeConfig(OpConfig):
       pixels next to class scores), the weightless tail between the last weight layers and
       each output (score Sigmoid, box decode, Softmax). Weights stay int8; details.repairs
       lists each node and why.
+    * `bias_correction` (static/dynamic int8 with prefer quality, default on): the builds are
+      also made from a copy of the model whose Conv/Gemm biases absorb the mean shift int8
+      weight rounding causes (ΔW·E[x], input means from the samples); the uncorrected
+      requested build stays among the candidates (details.bias_corrected, details.variants).
     * `sensitivity`: quantize one layer at a time and rank layers by fidelity
       (steps[].details.sensitivity); it also runs when a build misses its `target`.
     * `smooth` (static/dynamic, default on): when a MatMul's input has a channel 2×+ its
@@ -128,6 +132,12 @@ class QuantizeConfig(OpConfig):
         description="static/dynamic int8: also build a SmoothQuant-rescaled variant when a "
         "MatMul input has outlier channels, and keep it when it measures better "
         "(details.smoothed)",
+    )
+    bias_correction: bool = Field(
+        True,
+        description="static/dynamic int8, prefer quality: also build from a model whose "
+        "Conv/Gemm biases cancel the output shift of int8 weight rounding (ΔW·E[x]), and keep "
+        "it when it measures better (details.bias_corrected)",
     )
     sensitivity: bool = Field(
         False,

@@ -81,6 +81,38 @@ def run_all(
     return [np.concatenate(parts) for parts in per_output]
 
 
+def intermediates(
+    model_path: Path, tensors: Sequence[str], samples: Samples, fixed: int | None, scratch: Path
+) -> Iterator[dict[str, np.ndarray]]:
+    """The named intermediate tensors of the model, per batch of the samples (one sample per
+    batch unless the model has a fixed batch; padded rows dropped). The model is copied to
+    `scratch` with those tensors added as outputs; the copy is removed afterwards."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path))
+    known = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in known:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    onnx.save(model, str(scratch))
+    try:
+        session = make_session(scratch)
+        names = [o.name for o in session.get_outputs()]
+        wanted = set(tensors)
+        size = fixed or 1
+        for feed, rows in feeds(samples, size, pad=fixed is not None):
+            values = session.run(None, feed)
+            yield {
+                name: (arr[:rows] if arr.ndim and arr.shape[0] == size else arr)
+                for name, value in zip(names, values, strict=True)
+                if name in wanted
+                for arr in [np.asarray(value)]
+            }
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 def first_feed(samples: Samples, fixed: int | None) -> dict[str, np.ndarray]:
     """One runnable feed: one sample, or a full fixed-size batch."""
     return next(feeds(samples.take(fixed or 1), fixed or 1, pad=True))[0]

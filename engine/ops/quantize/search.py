@@ -17,6 +17,7 @@ from typing import Any
 from engine.config import QuantizeTarget
 from engine.errors import EngineError
 from engine.onnxgraph import metrics as m
+from engine.ops.quantize.bias import correct_biases
 from engine.ops.quantize.fallback import FALLBACK_MAX_FLOAT_SHARE, LayerOrder, fallback, first_build
 from engine.ops.quantize.integer import Quantizer, Variant
 from engine.ops.quantize.measure import (
@@ -119,7 +120,7 @@ def search(q: Quantizer, float_model: Path) -> Path:
     if cfg.sensitivity:
         order()  # asked for: ranked even when no fallback needs it
 
-    builds: list[tuple[Quantizer, Variant]] = [(q, v) for v in variants]
+    builds = bias_corrected_builds(q, requested, variants)
     for alpha, smoothed in smoothed_quantizers(q):
         builds += [
             (smoothed, replace(v, name=f"{v.name}_smoothquant{alpha}"))
@@ -212,6 +213,49 @@ def _fallback_starts(tried: list[Candidate], prefer: str) -> list[Candidate]:
         return [choose_quality(tried)]
     key = (lambda c: c.size_bytes) if prefer == "size" else (lambda c: c.latency_ms)
     return sorted(tried, key=key)[:2]
+
+
+def bias_corrected_builds(
+    q: Quantizer, requested: Variant, variants: list[Variant]
+) -> list[tuple[Quantizer, Variant]]:
+    """What to build: every variant as is; with bias correction (int8 weights, symmetric,
+    prefer quality) the requested build as is and every variant from a bias-corrected copy
+    of the model (engine.ops.quantize.bias; one copy per weight granularity), named
+    `..._biascorr`. Without anything to correct: the variants as they are."""
+    cfg = q.config
+    plain = [(q, v) for v in variants]
+    if (
+        not cfg.bias_correction
+        or cfg.prefer != "quality"
+        or cfg.mode not in ("static", "dynamic")
+        or cfg.dtype != "int8"
+        or cfg.symmetric is False
+    ):
+        return plain
+    corrected: dict[bool, Quantizer | None] = {}
+    out: list[tuple[Quantizer, Variant]] = [(q, requested)]
+    for v in variants:
+        per_channel = v.per_channel and q.per_channel_ok
+        if per_channel not in corrected:
+            corrected[per_channel] = _bias_corrected(q, per_channel)
+        other = corrected[per_channel]
+        if other is None:
+            out += [(q, v)] if v != requested else []
+        else:
+            out.append((other, replace(v, name=f"{v.name}_biascorr")))
+    return out
+
+
+def _bias_corrected(q: Quantizer, per_channel: bool) -> Quantizer | None:
+    granularity = "per_channel" if per_channel else "per_tensor"
+    dst = q.ctx.workdir / f"biascorr-{granularity}.onnx"
+    done = correct_biases(q.prepared, dst, q.ctx.samples, q.ctx.batch, per_channel)
+    if not done:
+        return None
+    q.ctx.details.setdefault("bias_corrected", {})[granularity] = [x.as_dict() for x in done]
+    other = Quantizer(q.config, dst, q.ctx, q.per_channel_ok)
+    other.kept_float = set(q.kept_float)
+    return other
 
 
 def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:

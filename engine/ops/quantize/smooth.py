@@ -68,28 +68,14 @@ def channel_maxima(
     model_path: Path, tensors: list[str], samples: Samples, fixed: int | None, scratch: Path
 ) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor, over the samples (float model)."""
-    import onnx
-    from onnx import helper
+    from engine.onnxgraph.runtime import intermediates
 
-    from engine.onnxgraph.runtime import feeds, make_session
-
-    model = onnx.load(str(model_path))
-    known = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name not in known:
-            model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    onnx.save(model, str(scratch))
-    session = make_session(scratch)
-    names = [o.name for o in session.get_outputs()]
     found: dict[str, np.ndarray] = {}
-    for feed, _ in feeds(samples, fixed or 1, pad=fixed is not None):
-        for name, value in zip(names, session.run(None, feed), strict=True):
-            if name not in tensors:
-                continue
-            arr = np.abs(np.asarray(value, dtype=np.float32))
+    for batch in intermediates(model_path, tensors, samples, fixed, scratch):
+        for name, value in batch.items():
+            arr = np.abs(value.astype(np.float32))
             peak = arr.reshape(-1, arr.shape[-1]).max(axis=0)
             found[name] = np.maximum(found[name], peak) if name in found else peak
-    scratch.unlink(missing_ok=True)
     return found
 
 
