@@ -409,16 +409,15 @@ def _finish(job: _Job, state: _State) -> dict[str, Any]:
 
 
 def _reporter(emit: Progress) -> Report:
-    """Progress events from (fraction of the job, message)."""
+    """Progress events from (fraction of the job, message). The fraction never goes back: a
+    phase that runs late (a ranking a missed target asks for after the builds) reports its
+    message at the progress already reached."""
+    reached = 0.0
 
     def report(fraction: float, message: str) -> None:
-        emit(
-            {
-                "type": EventKind.PROGRESS,
-                "progress": round(min(max(fraction, 0.0), 1.0), 4),
-                "message": message,
-            }
-        )
+        nonlocal reached
+        reached = max(reached, min(max(fraction, 0.0), 1.0))
+        emit({"type": EventKind.PROGRESS, "progress": round(reached, 4), "message": message})
 
     return report
 

@@ -61,16 +61,18 @@ def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) ->
     assert static_int8["accuracy_measured"] is True
     assert static_int8["calibration_source"] == "dataset"
     # Bounded work instead of a stopwatch: calibration on the configured 256 samples, not the
-    # whole dataset, and four builds without a target: weights per channel / per tensor,
-    # activations int8 / uint8 (the most faithful, then fastest, kept; no variant search).
+    # whole dataset, and five builds without a target: the requested one as is, then from the
+    # bias-corrected model weights per channel / per tensor, activations int8 / uint8 (the
+    # most faithful, then fastest, kept; no variant search).
     details = static_int8["steps"][0]["details"]
     assert details["calibration"]["samples"] == 256
     names = [v["name"] for v in details["variants"]]
     assert names == [
         "static_int8",
-        "static_int8_per_tensor",
-        "static_int8_u8act",
-        "static_int8_per_tensor_u8act",
+        "static_int8_biascorr",
+        "static_int8_per_tensor_biascorr",
+        "static_int8_u8act_biascorr",
+        "static_int8_per_tensor_u8act_biascorr",
     ]
     assert details["chosen"] in names
 
@@ -106,6 +108,7 @@ def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) ->
         "keep_first_last": True,
         "range_repairs": True,
         "smooth": True,
+        "bias_correction": True,
         "sensitivity": False,
         "epochs": 5,
         "lr": None,

@@ -233,6 +233,7 @@ class Quantizer:
     kept_float: set[str] = field(default_factory=set)  # mixed-range repairs (static only)
     _cache: Path | None = None
     builds: int = 0
+    calibration_progress: float = 0.2  # where the step's progress stands when it calibrates
 
     @cached_property
     def model(self) -> onnx.ModelProto:
@@ -248,6 +249,15 @@ class Quantizer:
         # Not self.model: calibration comes next and should not hold a second copy.
         self.all_layers = layers(onnx.load(str(self.prepared)))
         self.base_exclude = excluded(self.all_layers, self.config.exclude)
+
+    def derived(self, prepared: Path) -> Quantizer:
+        """A quantizer with the same config and repairs over a rewritten copy of the prepared
+        model (SmoothQuant, bias correction); it calibrates on first build, after the
+        variants' building has begun (progress 0.65)."""
+        other = Quantizer(self.config, prepared, self.ctx, self.per_channel_ok)
+        other.kept_float = set(self.kept_float)
+        other.calibration_progress = 0.65
+        return other
 
     # ---- what a variant quantizes
     def candidates(self, variant: Variant) -> list[Layer]:
@@ -317,7 +327,8 @@ class Quantizer:
         samples = self.ctx.calibration(cfg.samples)
         method = self.calibration_method()
         self.ctx.report(
-            0.2, f"calibrating ({cfg.method}) on {len(samples)} {samples.source} samples"
+            self.calibration_progress,
+            f"calibrating ({cfg.method}) on {len(samples)} {samples.source} samples",
         )
         options: dict[str, Any] = {}
         if cfg.method == "percentile":

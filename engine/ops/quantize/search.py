@@ -253,9 +253,7 @@ def _bias_corrected(q: Quantizer, per_channel: bool) -> Quantizer | None:
     if not done:
         return None
     q.ctx.details.setdefault("bias_corrected", {})[granularity] = [x.as_dict() for x in done]
-    other = Quantizer(q.config, dst, q.ctx, q.per_channel_ok)
-    other.kept_float = set(q.kept_float)
-    return other
+    return q.derived(dst)
 
 
 def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:
@@ -270,9 +268,7 @@ def smoothed_quantizers(q: Quantizer) -> list[tuple[float, Quantizer]]:
         if not done:
             return []
         q.ctx.details.setdefault("smoothed", {})[str(alpha)] = [x.as_dict() for x in done]
-        other = Quantizer(q.config, dst, q.ctx, q.per_channel_ok)
-        other.kept_float = set(q.kept_float)
-        out.append((alpha, other))
+        out.append((alpha, q.derived(dst)))
     return out
 
 
