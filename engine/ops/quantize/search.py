@@ -125,7 +125,10 @@ def search(q: Quantizer, float_model: Path) -> Path:
         builds += [
             (smoothed, replace(v, name=f"{v.name}_smoothquant{alpha}"))
             for v in variants
-            if v.per_channel == requested.per_channel and v.fmt == requested.fmt
+            if v.per_channel == requested.per_channel
+            and v.fmt == requested.fmt
+            and v.mode == requested.mode  # speed/size: not every variant twice more
+            and not v.exclude_depthwise
         ]
     ctx.report(0.65, f"building and measuring {len(builds)} variant(s)")
     tried: list[Candidate] = []
