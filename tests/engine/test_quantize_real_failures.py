@@ -280,3 +280,23 @@ def test_target_out_of_reach_stops_at_the_ceiling(tmp_path: Path) -> None:
     # The delivered build is the most faithful one tried, and what the step measured.
     fid = [v["fidelity"]["sqnr_db"] for v in details["variants"]]
     assert step_out["metrics"]["sqnr_db"] >= max(fid) - 0.5
+
+
+@pytest.mark.parametrize(("n", "disjoint"), [(40, True), (12, False)])
+def test_builds_are_chosen_on_samples_calibration_did_not_see(
+    n: int, disjoint: bool, tmp_path: Path
+) -> None:
+    """A dataset of 16+ samples: a quarter is held out of calibration (and of SmoothQuant's
+    and bias correction's statistics), and every build is measured, chosen and judged on that
+    quarter; a smaller one calibrates and measures on all of it, and says so."""
+    src = _export(SiluMap(), torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
+    calib = np.random.default_rng(6).normal(size=(n, 3, 24, 24)).astype(np.float32)
+    _, result = _service(src, calib, {"op": "quantize"}, tmp_path)
+    details = result["steps"][0]["details"]
+    held = n // 4 if disjoint else n
+    assert details["selection"] == {
+        "calibration_samples": n - held if disjoint else n,
+        "selection_samples": held,
+        "disjoint": disjoint,
+    }
+    assert details["calibration"]["samples"] == (n - held if disjoint else n)

@@ -3,13 +3,15 @@
 - fp16 / bf16: engine.ops.quantize.float16
 - binary / ternary: engine.ops.quantize.lowbit (weights and their packed `.cbin` file)
 - int8 / uint8 static or dynamic, weight-only int8 / int4: engine.ops.quantize.integer builds
-  (repairs.py: mixed ranges kept float; smooth.py: SmoothQuant), engine.ops.quantize.search
-  picks the variants and the one delivered, measure.py measures, fallback.py meets targets
+  (repairs.py: mixed ranges kept float; smooth.py: SmoothQuant; bias.py: bias correction),
+  engine.ops.quantize.search picks the variants and the one delivered, measure.py measures
+  (on samples held out of calibration), fallback.py meets targets
 - qat (torch): engine.ops.quantize.qat
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from engine.config import QuantizeConfig
@@ -19,6 +21,7 @@ from engine.onnxgraph.graph import save_clean
 from engine.ops.quantize.float16 import to_bf16, to_fp16
 from engine.ops.quantize.integer import prepare_quantizer
 from engine.ops.quantize.lowbit import quantize_lowbit
+from engine.ops.quantize.measure import selection_split
 from engine.ops.quantize.search import search
 from engine.ops.registry import register
 
@@ -60,7 +63,9 @@ def quantize(config: QuantizeConfig, model: Path, ctx: StepContext) -> Path:
         _refuse_quantized(model)
         if config.dtype in ("binary", "ternary"):
             return quantize_lowbit(config, model, ctx)
-        result = search(prepare_quantizer(config, model, ctx), model)
+        calibration, select = selection_split(ctx.samples, ctx.seed)
+        quantizer = prepare_quantizer(config, model, replace(ctx, samples=calibration))
+        result = search(quantizer, model, select)
     except EngineError:
         raise
     except Exception as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.config import QuantizeTarget
 from engine.errors import EngineError
+from engine.io.datasets import Samples
 from engine.onnxgraph import metrics as m
 from engine.ops.quantize.bias import correct_biases
 from engine.ops.quantize.fallback import FALLBACK_MAX_FLOAT_SHARE, LayerOrder, fallback, first_build
@@ -98,8 +99,10 @@ def variants_for(q: Quantizer) -> list[Variant]:
     return static + (dynamic[:1] if has_matmul else [])
 
 
-def search(q: Quantizer, float_model: Path) -> Path:
-    """Quantize as configured; returns the chosen file. Fills ctx.details/metrics/warnings."""
+def search(q: Quantizer, float_model: Path, select: Samples) -> Path:
+    """Quantize as configured, measuring every build on the `select` samples (held out of the
+    quantizer's calibration samples where the dataset allows, measure.selection_split);
+    returns the chosen file. Fills ctx.details/metrics/warnings."""
     cfg, ctx = q.config, q.ctx
     assert cfg.mode is not None
     requested = Variant(
@@ -110,7 +113,12 @@ def search(q: Quantizer, float_model: Path) -> Path:
         target = SPEED_DEFAULT_TARGET
     if target is not None:
         ctx.details["target"] = target.model_dump(exclude_none=True)
-    ev = Evaluator(float_model, q)
+    ev = Evaluator(float_model, q, select)
+    ctx.details["selection"] = {
+        "calibration_samples": len(ctx.samples),
+        "selection_samples": len(select),
+        "disjoint": select is not ctx.samples,
+    }
     variants = quality_variants(q, requested) if cfg.prefer == "quality" else variants_for(q)
     if cfg.range_repairs and any(v.mode == "static" for v in variants):
         repairs = q.range_repairs(ev.reference)
