@@ -120,6 +120,23 @@ def problem(resp: Any, status: int, code: str) -> dict[str, Any]:
     return body
 
 
+def export_onnx(module: Any, example: Any, path: Path) -> Path:
+    """A torch module (eval) as ONNX at opset 17: input `x`, output `out`, dynamic batch."""
+    import torch
+
+    torch.onnx.export(
+        module.eval(),
+        (example,),
+        str(path),
+        input_names=["x"],
+        output_names=["out"],
+        opset_version=17,
+        dynamic_axes={"x": {0: "n"}, "out": {0: "n"}},
+        dynamo=False,
+    )
+    return path
+
+
 def npz_bytes(**arrays: Any) -> bytes:
     """An .npz file of these arrays, in memory."""
     import io

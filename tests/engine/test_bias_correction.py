@@ -18,6 +18,7 @@ from engine.onnxgraph.runtime import make_session
 from engine.ops.quantize.bias import correct_biases
 from engine.ops.quantize.weight_only import symmetric_int8
 from engine.pipeline import compress
+from tests.conftest import export_onnx
 
 
 class SmallDepthwise(nn.Module):
@@ -49,18 +50,7 @@ def _model(tmp_path: Path) -> Path:
         dw = module.net[2].weight
         dw.uniform_(0.0, 0.05)
         dw[:, :, 0, 0] = 1.0
-    path = tmp_path / "dw.onnx"
-    torch.onnx.export(
-        module,
-        (torch.rand(1, 3, 16, 16),),
-        str(path),
-        input_names=["x"],
-        output_names=["out"],
-        opset_version=17,
-        dynamic_axes={"x": {0: "n"}, "out": {0: "n"}},
-        dynamo=False,
-    )
-    return path
+    return export_onnx(module, torch.rand(1, 3, 16, 16), tmp_path / "dw.onnx")
 
 
 def _inputs(seed: int, n: int) -> np.ndarray:

@@ -21,22 +21,9 @@ from torch import nn
 from engine.onnxgraph import metrics as m
 from engine.onnxgraph.runtime import make_session
 from engine.pipeline import compress
+from tests.conftest import export_onnx
 
 torch.manual_seed(0)
-
-
-def _export(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    torch.onnx.export(
-        module.eval(),
-        (example,),
-        str(path),
-        input_names=["x"],
-        output_names=["out"],
-        opset_version=17,
-        dynamic_axes={"x": {0: "n"}, "out": {0: "n"}},
-        dynamo=False,
-    )
-    return path
 
 
 def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
@@ -109,7 +96,7 @@ class DetectorHead(nn.Module):
 
 
 def test_mixed_range_head_keeps_class_scores(tmp_path: Path) -> None:
-    src = _export(DetectorHead(), torch.randn(1, 3, 32, 32), tmp_path / "head.onnx")
+    src = export_onnx(DetectorHead(), torch.randn(1, 3, 32, 32), tmp_path / "head.onnx")
     rng = np.random.default_rng(0)
     calib = rng.normal(size=(48, 3, 32, 32)).astype(np.float32)
     held = rng.normal(size=(24, 3, 32, 32)).astype(np.float32)  # never seen by either
@@ -138,7 +125,7 @@ def test_mixed_range_head_keeps_class_scores(tmp_path: Path) -> None:
 def test_worst_slice_is_reported_and_judged(tmp_path: Path) -> None:
     """Without the repair the whole-output SQNR looks fine while a slice is broken: the metric,
     the warning and a min_sqnr_db target all go by the worst slice."""
-    src = _export(DetectorHead(), torch.randn(1, 3, 32, 32), tmp_path / "head.onnx")
+    src = export_onnx(DetectorHead(), torch.randn(1, 3, 32, 32), tmp_path / "head.onnx")
     calib = np.random.default_rng(1).normal(size=(48, 3, 32, 32)).astype(np.float32)
     step = {"op": "quantize", "range_repairs": False, "per_channel": True}
     _, result = _service(src, calib, step, tmp_path)
@@ -178,7 +165,7 @@ def test_silu_cnn_probability_map_beats_the_plain_call(tmp_path: Path) -> None:
     model = SiluMap()
     with torch.no_grad():
         model.net[1].running_var.fill_(0.5)
-    src = _export(model, torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
+    src = export_onnx(model, torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
     rng = np.random.default_rng(2)
     calib = rng.normal(size=(48, 3, 24, 24)).astype(np.float32)
     held = rng.normal(size=(24, 3, 24, 24)).astype(np.float32)
@@ -225,7 +212,7 @@ class OutlierBlock(nn.Module):
 
 
 def test_transformer_outliers_dynamic_int8_smoothquant(tmp_path: Path) -> None:
-    src = _export(OutlierBlock(), torch.randn(1, 16, 64), tmp_path / "block.onnx")
+    src = export_onnx(OutlierBlock(), torch.randn(1, 16, 64), tmp_path / "block.onnx")
     rng = np.random.default_rng(3)
     calib = rng.normal(size=(64, 16, 64)).astype(np.float32)
     held = rng.normal(size=(32, 16, 64)).astype(np.float32)
@@ -248,7 +235,7 @@ def test_transformer_outliers_dynamic_int8_smoothquant(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", [{"min_cosine": 0.999}])
 def test_transformer_outliers_target_met(target: dict[str, float], tmp_path: Path) -> None:
-    src = _export(OutlierBlock(), torch.randn(1, 16, 64), tmp_path / "block.onnx")
+    src = export_onnx(OutlierBlock(), torch.randn(1, 16, 64), tmp_path / "block.onnx")
     calib = np.random.default_rng(4).normal(size=(64, 16, 64)).astype(np.float32)
     step = {"op": "quantize", "mode": "dynamic", "target": target}
     _, result = _service(src, calib, step, tmp_path, task="embedding")
@@ -264,7 +251,7 @@ def test_target_out_of_reach_stops_at_the_ceiling(tmp_path: Path) -> None:
     build."""
     from engine.ops.quantize.fallback import FALLBACK_HOPELESS_DB
 
-    src = _export(SiluMap(), torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
+    src = export_onnx(SiluMap(), torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
     calib = np.random.default_rng(5).normal(size=(32, 3, 24, 24)).astype(np.float32)
     step = {"op": "quantize", "per_channel": True, "target": {"min_sqnr_db": 90}}
     _, result = _service(src, calib, step, tmp_path)
@@ -289,7 +276,7 @@ def test_builds_are_chosen_on_samples_calibration_did_not_see(
     """A dataset of 16+ samples: a quarter is held out of calibration (and of SmoothQuant's
     and bias correction's statistics), and every build is measured, chosen and judged on that
     quarter; a smaller one calibrates and measures on all of it, and says so."""
-    src = _export(SiluMap(), torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
+    src = export_onnx(SiluMap(), torch.randn(1, 3, 24, 24), tmp_path / "silu.onnx")
     calib = np.random.default_rng(6).normal(size=(n, 3, 24, 24)).astype(np.float32)
     _, result = _service(src, calib, {"op": "quantize"}, tmp_path)
     details = result["steps"][0]["details"]
