@@ -74,8 +74,10 @@ class DistillConfig(_TrainsTorch):
         description="embedding task: weight of an MSE term (normalised by the teacher "
         "output's variance) added to 1 − cosine",
     )
-    lr_schedule: LrSchedule = Field(
-        "cosine", description="learning rate: constant, or cosine decay to zero over the run"
+    lr_schedule: LrSchedule | None = Field(
+        None,
+        description="learning rate: constant, or cosine decay to zero over the run; unset: "
+        "cosine for a trained student (current, model), constant for a fresh width student",
     )
 
     @model_validator(mode="after")
@@ -88,6 +90,12 @@ class DistillConfig(_TrainsTorch):
 
     def torch_field(self) -> str | None:
         return "student"
+
+    def schedule(self) -> LrSchedule:
+        """The learning-rate schedule to train with (see lr_schedule)."""
+        if self.lr_schedule is not None:
+            return self.lr_schedule
+        return "constant" if self.student == "width" else "cosine"
 
     def needs_dataset(self) -> str | None:
         return "the student learns the teacher's outputs on its samples"

@@ -285,7 +285,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             holdout=holdout,
             # a width student starts from fresh weights: its epoch 0 is no candidate
             start_counts=config.student != "width",
-            schedule=config.lr_schedule,
+            schedule=config.schedule(),
         )
     finally:
         if features:
