@@ -16,30 +16,28 @@ from engine.config import DistillConfig, FineTuneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.ops.registry import register
+from engine.torchgraph.fidelity import (
+    History,
+    Holdout,
+    fidelity_change,
+    fidelity_figure,
+    history_details,
+    holdout_check,
+    training_warning,
+)
 from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.losses import Loss, describe_loss, loss_name
 from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
-    History,
-    Holdout,
-    Loss,
-    describe_loss,
     epoch_progress,
     evaluate,
-    fidelity_digits,
-    fidelity_figure,
-    fidelity_value,
     first_output,
     fit,
-    format_fidelity,
     frozen,
-    history_details,
-    holdout_check,
     job_data,
     load_lifted,
-    loss_name,
     teacher_module,
-    training_warning,
 )
 
 if TYPE_CHECKING:
@@ -329,10 +327,10 @@ def _compare_with_input(
     ctx.details["held_out"]["input"] = fidelity_figure(before)
     metric = holdout.metric
     if history.best is not None and history.best < before:
-        digits = fidelity_digits(metric, before, history.best)
+        change = fidelity_change(
+            metric, before, history.best, until=f" after the best epoch, {history.best_epoch}"
+        )
         ctx.warnings.append(
             f"The distilled {config.student} student scores below the step's input on "
-            f"{holdout.where} ({format_fidelity(metric, before, digits)} → "
-            f"{fidelity_value(metric, history.best, digits)} after the best epoch, "
-            f"{history.best_epoch}); delivered the student."
+            f"{holdout.where} ({change}); delivered the student."
         )

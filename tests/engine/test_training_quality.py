@@ -11,7 +11,7 @@ import pytest
 
 from engine.examples import token_order_task
 from engine.pipeline import compress
-from engine.torchgraph.train import Loss, loss_kind, loss_value, normalised_mse
+from engine.torchgraph.losses import Loss, loss_kind, loss_value, normalised_mse
 
 SEQ, VOCAB, DIM = 16, 32, 48
 

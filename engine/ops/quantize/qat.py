@@ -34,26 +34,18 @@ from engine.onnxgraph.graph import matches
 from engine.onnxgraph.runtime import make_session, run_all
 from engine.ops.quantize.lowbit import ternary_threshold
 from engine.ops.registry import handler_for, register
-from engine.torchgraph.lift import weight_layers
-from engine.torchgraph.program import example_args, flatten, save_program
-from engine.torchgraph.train import (
-    Data,
+from engine.torchgraph.fidelity import (
     Holdout,
-    Loss,
-    describe_loss,
-    epoch_progress,
-    fidelity_digits,
+    fidelity_change,
     fidelity_figure,
-    fidelity_value,
-    fit,
     format_fidelity,
-    frozen,
     history_details,
     holdout_check,
-    job_data,
-    load_lifted,
-    loss_name,
 )
+from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.losses import Loss, describe_loss, loss_name
+from engine.torchgraph.program import example_args, flatten, save_program
+from engine.torchgraph.train import Data, epoch_progress, fit, frozen, job_data, load_lifted
 
 if TYPE_CHECKING:
     import torch
@@ -331,13 +323,16 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
     report["post_training"] = {metric: fidelity_figure(ptq.score)}
     if history.best_epoch == 0:
         report["delivered"] = "post_training"
-        digits = fidelity_digits(metric, history.start, history.best_trained)
+        change = fidelity_change(
+            metric,
+            history.start,
+            history.best_trained,
+            since=" at the calibrated start",
+            until=" after the best epoch, simulated in torch",
+        )
         ctx.warnings.append(
-            f"Quantization-aware training made the result worse on {holdout.where} "
-            f"({format_fidelity(metric, history.start, digits)} at the calibrated start → "
-            f"{fidelity_value(metric, history.best_trained, digits)} after the best epoch, "
-            f"simulated in torch); delivered the post-training result "
-            f"({format_fidelity(metric, ptq.score)})."
+            f"Quantization-aware training made the result worse on {holdout.where} ({change}); "
+            f"delivered the post-training result ({format_fidelity(metric, ptq.score)})."
         )
         return _deliver(ptq, None, ctx)
     built = _export_quantized(gm, config, ctx, holdout)
@@ -345,12 +340,12 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
     assert built.score is not None and ptq.score is not None
     if built.score < ptq.score:
         report["delivered"] = "post_training"
-        digits = fidelity_digits(metric, ptq.score, built.score)
+        change = fidelity_change(
+            metric, ptq.score, built.score, since=" post-training", until=" after QAT"
+        )
         ctx.warnings.append(
-            f"Quantization-aware training made the result worse on {holdout.where} "
-            f"({format_fidelity(metric, ptq.score, digits)} post-training → "
-            f"{fidelity_value(metric, built.score, digits)} after QAT); delivered the "
-            "post-training result."
+            f"Quantization-aware training made the result worse on {holdout.where} ({change}); "
+            "delivered the post-training result."
         )
         return _deliver(ptq, built, ctx)
     report["delivered"] = "qat"
