@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.io.datasets import Samples
 from engine.io.formats import TensorSpec
 
@@ -29,6 +31,13 @@ class StepContext:
     source_format: str | None = None
     # Other uploaded models the pipeline names (e.g. a distillation student), by model id.
     models: dict[str, Path] = field(default_factory=dict)
+    # The job's evaluation task, the samples every step is measured on and the original's
+    # outputs on them (the training ops keep their best epoch by fidelity there); held_out:
+    # those samples are not among `samples` (evaluation.holdout > 0).
+    task: str = "classification"
+    eval_samples: Samples | None = None
+    eval_reference: list[np.ndarray] | None = None
+    held_out: bool = False
     # What a handler adds besides its model file:
     # extra files delivered with the step's model, as (path, format) — e.g. a packed archive;
     extras: list[tuple[Path, str]] = field(default_factory=list)

@@ -297,6 +297,10 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         source_model=Path(job.spec.model_path),
         source_format=job.fmt,
         models={k: Path(v) for k, v in job.spec.models.items()},
+        task=job.evaluation.task,
+        eval_samples=job.evaluation.samples,
+        eval_reference=job.evaluation.reference,
+        held_out=job.holdout > 0 and job.data.source == "dataset",
     )
     if backend == "torch":
         if state.current_pt2 is None:  # plan_pipeline guarantees one; a resume may not

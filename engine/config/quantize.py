@@ -72,9 +72,11 @@ class QuantizeConfig(OpConfig):
     * `binary` / `ternary`: XNOR-Net / TWN weights (α·{−1,+1} or α·{−1,0,+1} per output
       channel); the step's ONNX holds the dequantized weights, a packed `.cbin` file (1 or
       2 bits per weight) is delivered with it. First conv and last classifier stay float.
-    * `qat` (int8/uint8/binary/ternary, `.pt2` uploads): train `epochs` with the weights
-      fake-quantized (straight-through estimator; int8 activations too), labels → cross-entropy,
-      none → distillation from the original; then exported as above (static QDQ / packed).
+    * `qat` (int8/uint8/binary/ternary, `.pt2` uploads): from the calibrated post-training
+      scales, train `epochs` with the weights fake-quantized (straight-through estimator; int8
+      activations too) by distillation from the step's float model with the task's loss; then
+      exported as above (static QDQ / packed), delivered only when it scores at least the
+      post-training build.
     * `exclude`: node or weight-name patterns (fnmatch) kept float.
     * `range_repairs` (static, default on): weightless nodes where one int8 scale would zero
       part of a tensor stay float: a Concat whose inputs' calibrated ranges differ 16×+ (box
@@ -149,7 +151,7 @@ class QuantizeConfig(OpConfig):
         None,
         gt=0,
         le=1,
-        description="qat: Adam learning rate (default 1e-4 int8, 1e-3 binary/ternary)",
+        description="qat: Adam learning rate (default 1e-4 int8/uint8, 1e-3 binary/ternary)",
     )
     batch_size: int = Field(64, ge=1, le=4096, description="qat: training batch size")
 

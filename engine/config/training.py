@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from engine.config.base import Backend, OpConfig
 
+LrSchedule = Literal["constant", "cosine"]
+
 
 class _TrainsTorch(OpConfig):
     """An op that trains the torch model on the job's dataset."""
@@ -20,12 +22,16 @@ class _TrainsTorch(OpConfig):
 
 
 class FineTuneConfig(_TrainsTorch):
-    """Supervised recovery training on the dataset's labels (Adam, cross-entropy)."""
+    """Supervised recovery training on the dataset's labels (Adam, cross-entropy); the epoch
+    with the best held-out fidelity is kept, the step's input when no epoch beats it."""
 
     op: Literal["fine_tune"] = "fine_tune"
     epochs: int = Field(5, ge=1, le=200)
     lr: float = Field(1e-3, gt=0, le=1)
     batch_size: int = Field(64, ge=1, le=4096)
+    lr_schedule: LrSchedule = Field(
+        "cosine", description="learning rate: constant, or cosine decay to zero over the run"
+    )
 
     def needs_dataset(self) -> str | None:
         return "fine_tune trains on it"
@@ -37,10 +43,13 @@ class FineTuneConfig(_TrainsTorch):
 class DistillConfig(_TrainsTorch):
     """Teacher–student distillation; the teacher is the job's original model.
 
-    Loss α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(y, z_s); without labels α = 1
-    (soft targets only). The student is the pipeline's current model (`student: "current"`),
-    the original with every hidden layer's width scaled by `width` and freshly initialised
-    (`student: "width"`), or another uploaded .pt2 (`student_model_id`).
+    The loss follows the evaluation task: classification logits α·T²·KL(softmax(z_t/T) ‖
+    softmax(z_s/T)) + (1−α)·CE(y, z_s) (without labels α = 1); embedding 1 − cosine to the
+    teacher's output (+ `mse_weight` × normalised MSE); generic: each output's MSE divided by
+    the teacher output's variance. The epoch with the best held-out fidelity is kept. The
+    student is the pipeline's current model (`student: "current"`), the original with every
+    hidden layer's width scaled by `width` and freshly initialised (`student: "width"`), or
+    another uploaded .pt2 (`student_model_id`).
     `feature_layers` pairs [student layer, teacher layer] add an MSE loss between their outputs
     after a learned 1×1 projection, weighted by `feature_weight`.
     """
@@ -58,6 +67,18 @@ class DistillConfig(_TrainsTorch):
         default_factory=list, description="[student layer, teacher layer] pairs"
     )
     feature_weight: float = Field(1.0, ge=0, le=100)
+    mse_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="embedding task: weight of an MSE term (normalised by the teacher "
+        "output's variance) added to 1 − cosine",
+    )
+    lr_schedule: LrSchedule | None = Field(
+        None,
+        description="learning rate: constant, or cosine decay to zero over the run; unset: "
+        "cosine for a trained student (current, model), constant for a fresh width student",
+    )
 
     @model_validator(mode="after")
     def _student_source(self) -> DistillConfig:
@@ -69,6 +90,12 @@ class DistillConfig(_TrainsTorch):
 
     def torch_field(self) -> str | None:
         return "student"
+
+    def schedule(self) -> LrSchedule:
+        """The learning-rate schedule to train with (see lr_schedule)."""
+        if self.lr_schedule is not None:
+            return self.lr_schedule
+        return "constant" if self.student == "width" else "cosine"
 
     def needs_dataset(self) -> str | None:
         return "the student learns the teacher's outputs on its samples"

@@ -1,8 +1,14 @@
-"""`fine_tune` and `distill` on the pipeline's torch model (.pt2 in, .pt2 out)."""
+"""`fine_tune` and `distill` on the pipeline's torch model (.pt2 in, .pt2 out).
+
+Both keep the epoch with the best fidelity on the held-out samples (torchgraph.train's
+best-epoch rule); when no epoch beats the step's input, the input is delivered unchanged with a
+warning naming both figures.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,11 +16,20 @@ from engine.config import DistillConfig, FineTuneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.ops.registry import register
+from engine.torchgraph.fidelity import (
+    History,
+    Holdout,
+    fidelity_change,
+    fidelity_figure,
+    history_details,
+    holdout_check,
+    training_warning,
+)
 from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.losses import Loss, describe_loss, loss_name
 from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
-    Loss,
     epoch_progress,
     evaluate,
     first_output,
@@ -30,31 +45,56 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-@register(FineTuneConfig, on="torch")
-def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Path:
-    """Cross-entropy training on the labels; BatchNorm statistics are updated too."""
-    gm, _ = load_lifted(model_path)
-    data = job_data(ctx)
-    before = evaluate(gm, data)
-    history = fit(
-        gm,
-        data,
-        Loss(use_labels=True),
-        epochs=config.epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=ctx.seed,
-        report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
-    )
-    ctx.details.update({"before": before, "epochs": history.epochs})
+def _deliver(
+    gm: nn.Module,
+    history: History,
+    holdout: Holdout | None,
+    model_path: Path,
+    ctx: StepContext,
+    *,
+    op: str,
+    what: str,
+) -> Path:
+    """The trained model as a .pt2, or the step's input unchanged when no epoch beat it."""
+    if holdout is not None and history.best_epoch == 0:
+        warning = training_warning(op, history, holdout, "the step's input")
+        if warning:
+            ctx.warnings.append(warning)
+        shutil.copyfile(model_path, ctx.output)
+        return ctx.output
     return save_program(
         gm,
         example_args(ctx),
         ctx.output,
         batch=ctx.batch,
         error_code="training_failed",
-        what="fine-tuned model",
+        what=what,
     )
+
+
+@register(FineTuneConfig, on="torch")
+def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Cross-entropy training on the labels; BatchNorm statistics are updated too."""
+    gm, _ = load_lifted(model_path)
+    data = job_data(ctx)
+    holdout = holdout_check(ctx)
+    before = evaluate(gm, data, task=ctx.task)
+    history = fit(
+        gm,
+        data,
+        Loss(use_labels=True, task=ctx.task),
+        epochs=config.epochs,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=ctx.seed,
+        report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
+        holdout=holdout,
+        schedule=config.lr_schedule,
+    )
+    ctx.details.update(
+        {"before": before, "loss": "cross_entropy", **history_details(history, holdout)}
+    )
+    return _deliver(gm, history, holdout, model_path, ctx, op="fine_tune", what="fine-tuned model")
 
 
 def _fresh_width_student(
@@ -183,7 +223,7 @@ class _Features:
 
 @register(DistillConfig, on="torch")
 def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
-    """Train the student on the teacher's softened outputs (and the labels, if any)."""
+    """Train the student on the teacher's outputs with the task's loss (and the labels, if any)."""
     import torch
 
     teacher_gm = teacher_module(ctx)
@@ -208,7 +248,10 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
         use_labels=data.labels is not None,
         alpha=alpha,
         temperature=config.temperature,
+        task=ctx.task,
+        mse_weight=config.mse_weight,
     )
+    name = loss_name(loss, flatten(s_out), data.labels is not None)
     features = None
     params: Any = None
     if config.feature_layers:
@@ -221,8 +264,10 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             f"pipeline[{ctx.index}]",
         )
         params = list(student.parameters()) + list(features.projections.parameters())
-    teacher_scores = evaluate(teacher, data)
-    before = evaluate(student, data, teacher)
+    holdout = holdout_check(ctx)
+    teacher_scores = evaluate(teacher, data, task=ctx.task)
+    before = evaluate(student, data, teacher, task=ctx.task)
+    ctx.report(0.03, f"distillation: {describe_loss(name, loss)}")
     try:
         history = fit(
             student,
@@ -235,6 +280,10 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             params=params,
             report=epoch_progress(ctx.report, "distillation", config.epochs, 0.05, 0.9),
             extra_loss=features.loss if features else None,
+            holdout=holdout,
+            # a width student starts from fresh weights: its epoch 0 is no candidate
+            start_counts=config.student != "width",
+            schedule=config.schedule(),
         )
     finally:
         if features:
@@ -243,15 +292,22 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
         {
             "teacher": teacher_scores,
             "student_before": before,
+            "loss": name,
             "alpha": alpha,
             "temperature": config.temperature,
-            "epochs": history.epochs,
+            **history_details(history, holdout),
         }
     )
-    if data.labels is None:
+    if data.labels is None and name == "kl":
         ctx.warnings.append(
             "The dataset has no labels: distilled on the teacher's soft targets only (alpha = 1)."
         )
+    if config.student == "current":
+        return _deliver(
+            student, history, holdout, model_path, ctx, op="distill", what="distilled model"
+        )
+    if holdout is not None:
+        _compare_with_input(config, history, holdout, model_path, ctx)
     return save_program(
         student,
         example,
@@ -260,3 +316,21 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
         error_code="training_failed",
         what="distilled model",
     )
+
+
+def _compare_with_input(
+    config: DistillConfig, history: History, holdout: Holdout, model_path: Path, ctx: StepContext
+) -> None:
+    """A new student (width / model) replaces the step's input: say so when it scores lower."""
+    gm, _ = load_lifted(model_path)
+    before = holdout.score(gm)
+    ctx.details["held_out"]["input"] = fidelity_figure(before)
+    metric = holdout.metric
+    if history.best is not None and history.best < before:
+        change = fidelity_change(
+            metric, before, history.best, until=f" after the best epoch, {history.best_epoch}"
+        )
+        ctx.warnings.append(
+            f"The distilled {config.student} student scores below the step's input on "
+            f"{holdout.where} ({change}); delivered the student."
+        )

@@ -1,24 +1,34 @@
 """The one training loop every torch op uses: fine-tuning, distillation, gradual pruning, QAT.
 
-Loss, by what the job's data has:
-- labels, no teacher: cross-entropy (`fine_tune`, pruning recovery with labels);
-- a teacher and labels: α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(y, z_s) (Hinton et
-  al.; the T² keeps the soft term's gradients on the scale of the hard one);
-- a teacher, no labels: the soft term alone (α = 1);
-- outputs that are not [batch, classes] logits: mean squared error to the teacher's outputs.
+`fit` runs Adam over the job's data on a `Loss` (torchgraph.losses), with a constant or cosine
+learning-rate schedule; pruned weights stay zero under their masks.
+
+The best-epoch rule: given held-out samples (`Holdout`, torchgraph.fidelity), `fit` scores
+their fidelity to the original model before training (epoch 0, the input) and after every
+epoch and ends in the best state; a later epoch must be strictly better to replace it.
 
 Training is single-threaded and seeded, so a job gives the same model on a rerun.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.errors import EngineError
+from engine.torchgraph.fidelity import (
+    FIDELITY_NAMES,
+    History,
+    Holdout,
+    fidelity_figure,
+    format_fidelity,
+)
+from engine.torchgraph.losses import Loss, is_logits, loss_value
+from engine.torchgraph.program import flatten
 
 if TYPE_CHECKING:
     import torch
@@ -27,16 +37,6 @@ if TYPE_CHECKING:
     from engine.context import StepContext
 
 EVAL_LIMIT = 2000
-
-
-@dataclass
-class Loss:
-    """What the loop optimises; see the module docstring."""
-
-    teacher: Callable[..., Any] | None = None
-    use_labels: bool = True
-    alpha: float = 0.5
-    temperature: float = 4.0
 
 
 @dataclass
@@ -65,13 +65,6 @@ class Data:
             yield idx
 
 
-@dataclass
-class History:
-    """Per-epoch loss and accuracy (on the job's data), reported as progress and in details."""
-
-    epochs: list[dict[str, float]] = field(default_factory=list)
-
-
 def job_data(ctx: StepContext, limit: int | None = None) -> Data:
     """The context's samples (optionally a reproducible subset) as torch tensors."""
     import torch
@@ -89,43 +82,19 @@ def first_output(outputs: Any) -> torch.Tensor:
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
-def is_logits(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.shape[1] > 1
-
-
-def loss_value(
-    student: torch.Tensor, loss: Loss, labels: torch.Tensor | None, teacher: torch.Tensor | None
-) -> torch.Tensor:
-    import torch.nn.functional as F
-
-    if teacher is not None and not is_logits(student):
-        return F.mse_loss(student, teacher)
-    hard = F.cross_entropy(student, labels) if labels is not None and loss.use_labels else None
-    if teacher is None:
-        if hard is None:
-            raise EngineError("training_failed", "Training needs labels or a teacher model.")
-        return hard
-    t = loss.temperature
-    soft = F.kl_div(
-        F.log_softmax(student / t, dim=1),
-        F.log_softmax(teacher / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
-    if hard is None:
-        return soft
-    return loss.alpha * soft + (1 - loss.alpha) * hard
-
-
 def evaluate(
     model: Callable[..., Any],
     data: Data,
     teacher: Callable[..., Any] | None = None,
     size: int = 256,
+    task: str = "classification",
 ) -> dict[str, float]:
-    """Top-1 `accuracy` on the labels and `agreement` with the teacher's top-1, where defined."""
+    """Top-1 `accuracy` on the labels and `agreement` with the teacher's top-1, where defined
+    (classification logits; nothing for other tasks)."""
     import torch
 
+    if task != "classification":
+        return {}
     correct = agree = total = 0
     with torch.no_grad():
         for idx in data.batches(size, None):
@@ -148,6 +117,50 @@ def evaluate(
     return row
 
 
+class _Best:
+    """The best-epoch rule: scores the model on the held-out samples, snapshots the best."""
+
+    def __init__(self, model: nn.Module, holdout: Holdout, history: History) -> None:
+        self.model, self.holdout, self.history = model, holdout, history
+        self.state: dict[str, Any] | None = None
+        self.last = -1
+        history.metric = holdout.metric
+
+    def consider(self, epoch: int) -> dict[str, Any]:
+        value = self.holdout.score(self.model)
+        history = self.history
+        if epoch == 0:
+            history.start = value
+        elif history.best_trained is None or value > history.best_trained:
+            history.best_trained = value
+        if history.best is None or value > history.best:
+            history.best, history.best_epoch = value, epoch
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.last = epoch
+        return {"epoch": float(epoch), f"held_out_{history.metric}": fidelity_figure(value)}
+
+    def restore(self) -> None:
+        if self.state is None:
+            raise EngineError(
+                "training_failed",
+                f"{self.history.stopped or 'Training did not finish an epoch'}; lower `lr`.",
+            )
+        if self.history.best_epoch != self.last:
+            self.model.load_state_dict(self.state)
+
+
+def _schedule(opt: Any, kind: str, steps: int) -> Any:
+    """The learning-rate schedule: constant, or cosine decay to zero over `steps` batches."""
+    import torch
+
+    if kind == "constant":
+        return None
+    total = max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
 def fit(
     model: nn.Module,
     data: Data,
@@ -161,8 +174,18 @@ def fit(
     report: Callable[[int, dict[str, float]], None] | None = None,
     params: Any = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    holdout: Holdout | None = None,
+    start_counts: bool = True,
+    schedule: str = "constant",
 ) -> History:
-    """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval."""
+    """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval.
+
+    With `holdout` the best-epoch rule applies: the held-out fidelity is scored before training
+    (epoch 0, unless `start_counts` is False: a student with fresh weights) and after every
+    epoch, the model ends in its best state, and a non-finite loss ends training (the best
+    state is kept, `History.stopped` says why) instead of failing it. `schedule`: "constant"
+    or "cosine" (decay to zero over the run).
+    """
     import torch
 
     history = History()
@@ -178,9 +201,14 @@ def fit(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    best = _Best(model, holdout, history) if holdout is not None else None
     try:
+        if best is not None and start_counts:
+            history.epochs.append(best.consider(0))
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+        per_epoch = sum(1 for _ in data.batches(batch_size, None))
+        scheduler = _schedule(opt, schedule, epochs * per_epoch)
         for epoch in range(epochs):
             model.train()
             total, count = 0.0, 0
@@ -189,32 +217,43 @@ def fit(
                 target = None
                 if loss.teacher is not None:
                     with torch.no_grad():
-                        target = first_output(loss.teacher(*xs)).detach()
+                        target = [t.detach() for t in flatten(loss.teacher(*xs))]
                 labels = data.labels[idx] if data.labels is not None else None
                 opt.zero_grad()
-                value = loss_value(first_output(model(*xs)), loss, labels, target)
+                value = loss_value(flatten(model(*xs)), loss, labels, target)
                 if extra_loss is not None:
                     value = value + extra_loss()
                 if not torch.isfinite(value):
-                    raise EngineError(
-                        "training_failed",
-                        f"The training loss became {float(value)} in epoch {epoch + 1}; lower "
-                        "`lr`.",
-                    )
+                    message = f"The training loss became {float(value)} in epoch {epoch + 1}"
+                    if best is None:
+                        raise EngineError("training_failed", f"{message}; lower `lr`.")
+                    history.stopped = message
+                    break
                 value.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 if masks:
                     with torch.no_grad():
                         for name, mask in masks.items():
                             masked[name].mul_(mask)
                 total += float(value.detach()) * len(idx)
                 count += len(idx)
+            if history.stopped:
+                break
             model.eval()
-            row = {"epoch": float(epoch + 1), "loss": round(total / max(count, 1), 6)}
-            row.update(evaluate(model, data, loss.teacher))
+            row: dict[str, Any] = {
+                "epoch": float(epoch + 1),
+                "loss": round(total / max(count, 1), 6),
+            }
+            row.update(evaluate(model, data, loss.teacher, task=loss.task))
+            if best is not None:
+                row.update(best.consider(epoch + 1))
             history.epochs.append(row)
             if report:
                 report(epoch, row)
+        if best is not None:
+            best.restore()
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -224,11 +263,16 @@ def fit(
 def epoch_progress(
     report: Callable[[float, str], None], what: str, epochs: int, lo: float, hi: float
 ) -> Callable[[int, dict[str, float]], None]:
-    """A `fit` callback that reports each epoch's loss/accuracy/agreement as progress lo..hi."""
+    """A `fit` callback that reports each epoch's loss/accuracy/agreement and held-out
+    fidelity as progress lo..hi."""
 
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
         parts = [f"loss {row['loss']:.4f}"]
         parts += [f"{k} {row[k]:.4f}" for k in ("accuracy", "agreement") if k in row]
+        for metric in FIDELITY_NAMES:
+            if f"held_out_{metric}" in row:
+                value = row[f"held_out_{metric}"]
+                parts.append(f"held-out {format_fidelity(metric, value)}")
         report(
             lo + (hi - lo) * (epoch + 1) / epochs,
             f"{what} epoch {epoch + 1}/{epochs}: " + ", ".join(parts),
@@ -278,8 +322,8 @@ def teacher_model(ctx: StepContext) -> Callable[..., Any]:
 def recovery_loss(ctx: StepContext, data: Data) -> tuple[Loss, str]:
     """Labels → cross-entropy; none → distillation from the original. With a description."""
     if data.labels is not None:
-        return Loss(use_labels=True), "cross-entropy on the dataset's labels"
+        return Loss(use_labels=True, task=ctx.task), "cross-entropy on the dataset's labels"
     return (
-        Loss(teacher=teacher_model(ctx), use_labels=False, alpha=1.0),
+        Loss(teacher=teacher_model(ctx), use_labels=False, alpha=1.0, task=ctx.task),
         "distillation from the original model (the dataset has no labels)",
     )

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from engine.config import PruneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
-from engine.torchgraph.train import Data, first_output, is_logits, teacher_model
+from engine.torchgraph.losses import is_logits
+from engine.torchgraph.train import Data, first_output, teacher_model
 
 if TYPE_CHECKING:
     from typing import TypeAlias

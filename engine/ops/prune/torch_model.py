@@ -39,16 +39,9 @@ from engine.ops.prune.onnx_weights import make_masks
 from engine.ops.prune.scores import channel_importance, weight_scores
 from engine.ops.registry import register
 from engine.torchgraph.lift import weight_layers
+from engine.torchgraph.losses import Loss
 from engine.torchgraph.program import example_args, flatten, save_program
-from engine.torchgraph.train import (
-    Data,
-    Loss,
-    epoch_progress,
-    fit,
-    job_data,
-    load_lifted,
-    recovery_loss,
-)
+from engine.torchgraph.train import Data, epoch_progress, fit, job_data, load_lifted, recovery_loss
 
 if TYPE_CHECKING:
     import torch

@@ -1,20 +1,28 @@
 """`quantize` with `mode: "qat"`: quantization-aware training on the torch model.
 
-Each Conv/Linear weight is replaced, through a torch parametrization, by its quantized value
-with a straight-through estimator (the forward sees quantized weights, the gradient updates the
-float ones): int8/uint8 symmetric per output channel; TWN ternary α·{−1, 0, +1} with
-Δ = lowbit.ternary_threshold (0.7·mean|w|); XNOR binary α·{−1, +1} (α per output channel,
-rounded to float16 as the packed format stores it). For int8/uint8 the inputs of those layers
-also pass torch.ao's FakeQuantize (moving-average min/max), as static QDQ will quantize them.
-The model trains with the job's recovery loss (labels → cross-entropy, none → distillation from
-the original), the weights are baked onto their grid, and the result goes through the ONNX
-quantizer of the same dtype — static QDQ for int8 (it reproduces the trained grid: max|w| is
-unchanged) or the binary/ternary packer — so a QAT artifact is an ordinary QDQ (or packed) ONNX.
+1. The post-training start: the step's float model through the ONNX quantizer of the same dtype
+   (static QDQ for int8/uint8, the packer for binary/ternary), scored on the held-out samples.
+2. BatchNorm is folded into the preceding convs, and each Conv/Linear weight is replaced,
+   through a torch parametrization, by its quantized value with a straight-through estimator
+   (the forward sees quantized weights, the gradient updates the float ones): int8/uint8
+   symmetric per output channel; TWN ternary α·{−1, 0, +1} with Δ = lowbit.ternary_threshold
+   (0.7·mean|w|); XNOR binary α·{−1, +1} (α per output channel, rounded to float16 as the
+   packed format stores it). For int8/uint8 the inputs of those layers also pass torch.ao's
+   FakeQuantize, whose min/max observers are calibrated on the data before any training step
+   and then frozen: training starts from the post-training scales.
+3. The model learns the float model's outputs (distillation with the task's loss, plus the
+   labels for classification) with a small learning rate decayed on a cosine; the epoch with
+   the best held-out fidelity is kept (epoch 0 is the calibrated, untrained start).
+4. The weights are baked onto their grid and the result goes through the same ONNX quantizer
+   (static QDQ reproduces the trained grid: max|w| is unchanged), so a QAT artifact is an
+   ordinary QDQ (or packed) ONNX. It is delivered only when its held-out fidelity is at least
+   the post-training result's; otherwise the post-training result is, and a warning says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,15 +31,29 @@ from engine.context import StepContext
 from engine.errors import EngineError
 from engine.onnxgraph.convert import pt2_to_onnx
 from engine.onnxgraph.graph import matches
+from engine.onnxgraph.runtime import make_session, run_all
 from engine.ops.quantize.lowbit import ternary_threshold
 from engine.ops.registry import handler_for, register
+from engine.torchgraph.fidelity import (
+    Holdout,
+    fidelity_change,
+    fidelity_figure,
+    format_fidelity,
+    history_details,
+    holdout_check,
+)
 from engine.torchgraph.lift import weight_layers
-from engine.torchgraph.program import example_args, save_program
-from engine.torchgraph.train import epoch_progress, fit, job_data, load_lifted, recovery_loss
+from engine.torchgraph.losses import Loss, describe_loss, loss_name
+from engine.torchgraph.program import example_args, flatten, save_program
+from engine.torchgraph.train import Data, epoch_progress, fit, frozen, job_data, load_lifted
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+CALIBRATION_BATCH = 64
+DEFAULT_LR = {"int8": 1e-4, "uint8": 1e-4, "binary": 1e-3, "ternary": 1e-3}
+Report = Callable[[float, str], None]
 
 
 def _per_channel(w: torch.Tensor) -> torch.Tensor:
@@ -79,31 +101,49 @@ def _targets(gm: Any, outputs: list[str], config: QuantizeConfig) -> dict[str, A
     return {n: m for n, m in layers.items() if n not in keep}
 
 
-@register(QuantizeConfig, on="torch")
-def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
-    """Train with fake-quantized weights (and activations for int8), then export quantized."""
+def fold_batch_norms(gm: torch.fx.GraphModule) -> list[str]:
+    """Fold every BatchNorm2d that follows a Conv2d (its only reader) into the conv's weight
+    and bias, as the deployed graph holds them; the folded BatchNorm names."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    modules = dict(gm.named_modules())
+    folded = []
+    for node in list(gm.graph.nodes):
+        bn = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or not node.args:
+            continue
+        src = node.args[0]
+        conv = modules.get(str(src.target)) if getattr(src, "op", None) == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or len(src.users) != 1:
+            continue
+        assert bn.running_mean is not None and bn.running_var is not None
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(str(node.target))
+        folded.append(str(node.target))
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
+
+
+def _attach(targets: dict[str, Any], dtype: str) -> list[Any]:
+    """Quantized weights (STE) on every target; for int8/uint8 an input FakeQuantize with a
+    min/max observer, not yet calibrated. Returns the forward hooks to remove later."""
     import torch
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver
     from torch.nn.utils import parametrize
 
-    if config.mode != "qat":
-        raise EngineError("unsupported_op", f"quantize mode {config.mode!r} runs on ONNX.")
-    gm, outputs = load_lifted(model_path)
-    targets = _targets(gm, outputs, config)
-    if not targets:
-        raise EngineError(
-            "nothing_to_quantize",
-            "Every conv/linear layer is kept float (exclude / keep_first_last).",
-            field=f"pipeline[{ctx.index}]",
-        )
-    data = job_data(ctx)
-    loss, how = recovery_loss(ctx, data)
     hooks = []
     for module in targets.values():
-        parametrize.register_parametrization(module, "weight", _ste(config.dtype))
-        if config.dtype in ("int8", "uint8"):
+        parametrize.register_parametrization(module, "weight", _ste(dtype))
+        if dtype in ("int8", "uint8"):
             fq = FakeQuantize(
-                observer=MovingAverageMinMaxObserver,
+                observer=MinMaxObserver,
                 quant_min=-128,
                 quant_max=127,
                 dtype=torch.qint8,
@@ -113,44 +153,224 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
             hooks.append(
                 module.register_forward_pre_hook(lambda m, args: (m.input_fake_quant(args[0]),))
             )
-    epochs = config.epochs
-    ctx.report(0.05, f"quantization-aware training ({config.dtype}, {how})")
+    return hooks
 
-    lr = (
-        config.lr
-        if config.lr is not None
-        else (1e-4 if config.dtype in ("int8", "uint8") else 1e-3)
+
+def calibrate(gm: nn.Module, targets: dict[str, Any], data: Data, limit: int) -> int:
+    """Observe the layer inputs' min/max on up to `limit` samples (fake quantization off), then
+    quantize with those post-training scales, frozen. The number of samples observed."""
+    import torch
+
+    quantizers = [m.input_fake_quant for m in targets.values() if hasattr(m, "input_fake_quant")]
+    if not quantizers:
+        return 0
+    for fq in quantizers:
+        fq.disable_fake_quant()
+        fq.enable_observer()
+    seen = 0
+    gm.eval()
+    with torch.no_grad():
+        for idx in data.batches(CALIBRATION_BATCH, None):
+            if seen >= limit:
+                break
+            gm(*[x[idx] for x in data.inputs])
+            seen += len(idx)
+    for fq in quantizers:
+        fq.enable_fake_quant()
+        fq.disable_observer()
+    return seen
+
+
+def _bake(targets: dict[str, Any], hooks: list[Any]) -> None:
+    """Bake the quantized weight values in and drop the training-only parts."""
+    from torch.nn.utils import parametrize
+
+    for h in hooks:
+        h.remove()
+    for module in targets.values():
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if hasattr(module, "input_fake_quant"):
+            del module.input_fake_quant
+
+
+@dataclasses.dataclass
+class _Built:
+    """An ONNX quantizer run: its file, its own context (details, warnings, extras), its score."""
+
+    path: Path
+    ctx: StepContext
+    score: float | None
+
+
+def _quantize_onnx(
+    config: QuantizeConfig,
+    onnx_path: Path,
+    ctx: StepContext,
+    name: str,
+    holdout: Holdout | None,
+    report: Report,
+) -> _Built:
+    """The same dtype through the ONNX quantizer (static QDQ for int8/uint8, the packer for
+    binary/ternary), in its own scratch folder, scored on the held-out samples."""
+    onnx_config = config.model_copy(
+        update={"mode": "static" if config.dtype in ("int8", "uint8") else None}
     )
+    workdir = ctx.workdir / name
+    workdir.mkdir(exist_ok=True)
+    sub = dataclasses.replace(
+        ctx,
+        workdir=workdir,
+        output=ctx.output.with_name(f"{ctx.output.stem}_{name}.onnx"),
+        report=report,
+        warnings=[],
+        extras=[],
+        metrics={},
+        details={},
+    )
+    path = Path(handler_for(onnx_config, "onnx")(onnx_config, onnx_path, sub))
+    score = None
+    if holdout is not None:
+        outputs = run_all(make_session(path), holdout.samples, ctx.batch)
+        score = holdout.score_outputs(outputs)
+    return _Built(path, sub, score)
+
+
+def _deliver(chosen: _Built, dropped: _Built | None, ctx: StepContext) -> Path:
+    """Hand the chosen build's file, details, warnings and extras to the step; remove the
+    other's files."""
+    ctx.warnings.extend(chosen.ctx.warnings)
+    ctx.extras.extend(chosen.ctx.extras)
+    ctx.metrics.update(chosen.ctx.metrics)
+    ctx.details.update(chosen.ctx.details)
+    if dropped is not None:
+        for path in [dropped.path, *(p for p, _ in dropped.ctx.extras)]:
+            path.unlink(missing_ok=True)
+    out = ctx.output.with_suffix(".onnx")
+    chosen.path.replace(out)
+    for i, (path, fmt) in enumerate(ctx.extras):
+        if path.stem == chosen.path.stem:
+            moved = out.with_suffix(path.suffix)
+            path.replace(moved)
+            ctx.extras[i] = (moved, fmt)
+    return out
+
+
+@register(QuantizeConfig, on="torch")
+def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
+    """Post-training quantization, then training from its scales; the better one is delivered."""
+    if config.mode != "qat":
+        raise EngineError("unsupported_op", f"quantize mode {config.mode!r} runs on ONNX.")
+    gm, outputs = load_lifted(model_path)
+    folded = fold_batch_norms(gm)
+    targets = _targets(gm, outputs, config)
+    if not targets:
+        raise EngineError(
+            "nothing_to_quantize",
+            "Every conv/linear layer is kept float (exclude / keep_first_last).",
+            field=f"pipeline[{ctx.index}]",
+        )
+    holdout = holdout_check(ctx)
+    ctx.report(0.02, f"post-training {config.dtype} quantization: the start QAT must beat")
+    float_onnx = pt2_to_onnx(model_path, ctx.workdir / "float.onnx")
+    ptq = _quantize_onnx(config, float_onnx, ctx, "ptq", holdout, _span(ctx.report, 0.02, 0.2))
+
+    data = job_data(ctx)
+    teacher_gm, _ = load_lifted(model_path)
+    for p in teacher_gm.parameters():
+        p.requires_grad_(False)
+    loss = Loss(
+        teacher=frozen(teacher_gm),
+        use_labels=data.labels is not None,
+        alpha=0.5,
+        task=ctx.task,
+    )
+    name = loss_name(loss, _float_outputs(teacher_gm, data), data.labels is not None)
+    how = f"distillation from the float model: {describe_loss(name, loss)}"
+    hooks = _attach(targets, config.dtype)
+    calibrated = calibrate(gm, targets, data, config.calibration.samples)
+    lr = config.lr if config.lr is not None else DEFAULT_LR[config.dtype]
+    ctx.report(0.22, f"quantization-aware training ({config.dtype}, {how})")
     history = fit(
         gm,
         data,
         loss,
-        epochs=epochs,
+        epochs=config.epochs,
         lr=lr,
         batch_size=config.batch_size,
         seed=ctx.seed,
-        report=epoch_progress(ctx.report, "QAT", epochs, 0.05, 0.65),
+        report=epoch_progress(ctx.report, "QAT", config.epochs, 0.22, 0.7),
+        holdout=holdout,
+        schedule="cosine",
     )
-    for h in hooks:
-        h.remove()
-    for module in targets.values():
-        # bake the quantized values, drop the training-only parts
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        if hasattr(module, "input_fake_quant"):
-            del module.input_fake_quant
-    ctx.details.update(
-        {
-            "qat": {
-                "dtype": config.dtype,
-                "training": how,
-                "lr": lr,
-                "epochs": history.epochs,
-                "layers": sorted(targets),
-            },
-        }
-    )
-    ctx.warnings.append(f"Quantization-aware training: {epochs} epoch(s) with {how}.")
-    ctx.report(0.7, "exporting the trained model")
+    _bake(targets, hooks)
+    report: dict[str, Any] = {
+        "dtype": config.dtype,
+        "training": how,
+        "loss": name,
+        "lr": lr,
+        "lr_schedule": "cosine",
+        "calibration_samples": calibrated,
+        "batch_norms_folded": folded,
+        "layers": sorted(targets),
+        **history_details(history, holdout),
+    }
+    ctx.details["qat"] = report
+    ctx.warnings.append(f"Quantization-aware training: {config.epochs} epoch(s) with {how}.")
+    if holdout is None:  # a handler called on its own: nothing to compare on
+        report["delivered"] = "qat"
+        return _deliver(_export_quantized(gm, config, ctx, None), ptq, ctx)
+    metric = holdout.metric
+    report["post_training"] = {metric: fidelity_figure(ptq.score)}
+    if history.best_epoch == 0:
+        report["delivered"] = "post_training"
+        change = fidelity_change(
+            metric,
+            history.start,
+            history.best_trained,
+            since=" at the calibrated start",
+            until=" after the best epoch, simulated in torch",
+        )
+        ctx.warnings.append(
+            f"Quantization-aware training made the result worse on {holdout.where} ({change}); "
+            f"delivered the post-training result ({format_fidelity(metric, ptq.score)})."
+        )
+        return _deliver(ptq, None, ctx)
+    built = _export_quantized(gm, config, ctx, holdout)
+    report["qat"] = {metric: fidelity_figure(built.score)}
+    assert built.score is not None and ptq.score is not None
+    if built.score < ptq.score:
+        report["delivered"] = "post_training"
+        change = fidelity_change(
+            metric, ptq.score, built.score, since=" post-training", until=" after QAT"
+        )
+        ctx.warnings.append(
+            f"Quantization-aware training made the result worse on {holdout.where} ({change}); "
+            "delivered the post-training result."
+        )
+        return _deliver(ptq, built, ctx)
+    report["delivered"] = "qat"
+    return _deliver(built, ptq, ctx)
+
+
+def _span(report: Report, lo: float, hi: float) -> Report:
+    """A part's own 0..1 progress mapped onto lo..hi of the step's."""
+    return lambda fraction, message: report(lo + (hi - lo) * fraction, message)
+
+
+def _float_outputs(gm: nn.Module, data: Data) -> list[torch.Tensor]:
+    """The float model's outputs on two samples (what the loss is chosen by)."""
+    import torch
+
+    idx = next(data.batches(2, None))
+    with torch.no_grad():
+        return list(flatten(gm(*[x[idx] for x in data.inputs])))
+
+
+def _export_quantized(
+    gm: nn.Module, config: QuantizeConfig, ctx: StepContext, holdout: Holdout | None
+) -> _Built:
+    """The trained model (weights on their grid) as .pt2 → ONNX → the ONNX quantizer."""
+    ctx.report(0.72, "exporting the trained model")
     trained = save_program(
         gm,
         example_args(ctx),
@@ -160,10 +380,4 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
         what="quantization-aware trained model",
     )
     onnx_path = pt2_to_onnx(trained, ctx.workdir / "qat.onnx")
-    # Same dtype through the ONNX quantizer: static QDQ for int8, the packer for binary/ternary.
-    onnx_config = config.model_copy(
-        update={"mode": "static" if config.dtype in ("int8", "uint8") else None}
-    )
-    onnx_ctx = dataclasses.replace(ctx, output=ctx.output.with_suffix(".onnx"))
-    ctx.report(0.8, "quantizing the trained model")
-    return Path(handler_for(onnx_config, "onnx")(onnx_config, onnx_path, onnx_ctx))
+    return _quantize_onnx(config, onnx_path, ctx, "qat", holdout, _span(ctx.report, 0.8, 0.98))
