@@ -342,8 +342,8 @@ def find_blocks(gm: fx.GraphModule, shapes: Shapes) -> tuple[list[Block], list[s
     tags: dict[Any, _Tag] = {}
     for node in gm.graph.nodes:
         tagged = [a for a in node.all_input_nodes if a in tags]
-        roots = {find(tags[a].root) for a in tagged}
-        root = next(iter(roots), None)
+        roots = list(dict.fromkeys(find(tags[a].root) for a in tagged))
+        root = roots[0] if roots else None
         for other in roots:  # everything one op combines belongs to one block
             if other is not root:
                 parent[other] = root
@@ -402,7 +402,7 @@ def find_blocks(gm: fx.GraphModule, shapes: Shapes) -> tuple[list[Block], list[s
 def _block(gm: fx.GraphModule, group: _Group) -> tuple[Block | None, str | None]:
     """A valid block from a group, or (None, why) for an attention-like one that is not."""
     names = [str(n.target) for n in group.sources]
-    attention = group.core or bool(group.splits)
+    attention = group.core  # attention-like: heads meet in a matmul or SDPA
     label = _prefix(names) or names[0]
 
     def refuse(why: str) -> tuple[None, str | None]:
@@ -429,6 +429,8 @@ def _block(gm: fx.GraphModule, group: _Group) -> tuple[Block | None, str | None]
         if linears[sink_name].in_features != heads * sizes[sink_name]:
             return refuse("the output projection's inputs are not whole heads")
         kind = "attention"
+    elif group.splits:
+        return None, None  # split into groups but never attended over: not a block
     else:
         heads = linears[sink_name].in_features
         sizes = {name: 1 for name in linears}

@@ -210,7 +210,7 @@ def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path:
     assert any("4 of 16 attention heads" in w and "160 of 512 FFN" in w for w in step["warnings"])
 
 
-def test_sdpa_heads_global_scope_with_their_own_sparsity(tmp_path: Path) -> None:
+def test_sdpa_heads_gradual_global_with_their_own_sparsity(tmp_path: Path) -> None:
     _, pt2, npz = _export(tmp_path, sdpa=True)
     result = compress(
         pt2,
@@ -224,13 +224,20 @@ def test_sdpa_heads_global_scope_with_their_own_sparsity(tmp_path: Path) -> None
                 "scope": "global",
                 "round_to": None,
                 "samples": 64,
+                "schedule": {"kind": "gradual", "steps": 2, "epochs_per_step": 1},
+                "batch_size": 16,
             }
         ],
         dataset_path=npz,
         evaluation_task="embedding",
         workdir=tmp_path / "w",
     )
-    layers = result["steps"][0]["details"]["layers"]
+    details = result["steps"][0]["details"]
+    rounds = details["rounds"]
+    assert [r["target_head_sparsity"] for r in rounds] == [pytest.approx(0.4375), 0.5]
+    assert rounds[0]["macs_ratio"] > rounds[1]["macs_ratio"]
+    assert all(len(r["training"]) == 1 for r in rounds)
+    layers = details["layers"]
     attention = [e for e in layers if e["kind"] == "attention"]
     ffn = [e for e in layers if e["kind"] == "ffn"]
     assert len(attention) == len(ffn) == LAYERS
