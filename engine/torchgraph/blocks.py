@@ -399,6 +399,12 @@ def find_blocks(gm: fx.GraphModule, shapes: Shapes) -> tuple[list[Block], list[s
     return blocks, skipped
 
 
+def has_attention(blocks: list[Block], skipped: list[str]) -> bool:
+    """Whether find_blocks saw attention (taken or not): then channel removal prunes heads and
+    FFN channels only, never the residual width."""
+    return bool(skipped) or any(b.kind == "attention" for b in blocks)
+
+
 def _block(gm: fx.GraphModule, group: _Group) -> tuple[Block | None, str | None]:
     """A valid block from a group, or (None, why) for an attention-like one that is not."""
     names = [str(n.target) for n in group.sources]

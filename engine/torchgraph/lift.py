@@ -299,7 +299,7 @@ def preflight(model_path: Path, reshapes_channels: bool) -> None:
     """
     import torch
 
-    from engine.torchgraph.blocks import find_blocks, meta_shapes
+    from engine.torchgraph.blocks import find_blocks, has_attention, meta_shapes
 
     ep = load_exported_program(model_path)
     gm = ep.module()
@@ -319,8 +319,7 @@ def preflight(model_path: Path, reshapes_channels: bool) -> None:
     if not reshapes_channels:
         return
     lifted, _ = lift_modules(ep)
-    blocks, skipped = find_blocks(lifted, meta_shapes(lifted))
-    if skipped or any(b.kind == "attention" for b in blocks):
+    if has_attention(*find_blocks(lifted, meta_shapes(lifted))):
         return
     lifters = _lifters()
     for node in gm.graph.nodes:

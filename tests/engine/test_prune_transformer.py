@@ -17,6 +17,7 @@ from torch import nn
 from engine.errors import EngineError
 from engine.pipeline import compress
 from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes
+from engine.torchgraph.lift import preflight
 from engine.torchgraph.train import load_lifted
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 120, 16, 64, 8, 256, 2  # head_dim 8 == heads: on purpose
@@ -167,6 +168,26 @@ def test_removing_heads_and_channels_equals_zeroing_them(tmp_path: Path) -> None
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=1e-4)
     assert gm.get_submodule("layers.1.attention.query").weight.shape == (5 * 8, HIDDEN)
     assert gm.get_submodule("layers.1.output").weight.shape == (HIDDEN, len(keep_ffn))
+
+
+def test_preflight_lets_index_buffers_and_transformers_through(tmp_path: Path) -> None:
+    class Bag(nn.Module):  # no attention: channel removal goes through Torch-Pruning
+        def __init__(self) -> None:
+            super().__init__()
+            self.word, self.position = nn.Embedding(VOCAB, 16), nn.Embedding(64, 16)
+            self.register_buffer("position_ids", torch.arange(64).expand(1, -1))
+            self.hidden, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            n = input_ids.shape[1]
+            x = self.word(input_ids) + self.position(self.position_ids[:, :n])
+            return self.head(torch.relu(self.hidden(x.mean(1))))
+
+    ids = torch.from_numpy(_sentences(4, 0)["input_ids"])
+    torch.export.save(torch.export.export(Bag().eval(), (ids,)), tmp_path / "bag.pt2")
+    preflight(tmp_path / "bag.pt2", reshapes_channels=True)  # position_ids: int, no channels
+    _, pt2, _ = _export(tmp_path, head_scale=True)
+    preflight(pt2, reshapes_channels=True)  # head_scale is read by a mul inside attention
 
 
 def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path: Path) -> None:

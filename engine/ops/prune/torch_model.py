@@ -40,7 +40,7 @@ from engine.ops.prune.onnx_weights import make_masks
 from engine.ops.prune.scores import channel_importance, weight_scores
 from engine.ops.prune.transformer import prune_blocks
 from engine.ops.registry import register
-from engine.torchgraph.blocks import find_blocks, traced_shapes
+from engine.torchgraph.blocks import find_blocks, has_attention, traced_shapes
 from engine.torchgraph.lift import weight_layers
 from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
@@ -262,7 +262,7 @@ def _prune_channels(run: _Run) -> None:
 
     gm, config, ctx, example = run.gm, run.config, run.ctx, run.example
     blocks, skipped = find_blocks(gm, traced_shapes(gm, example))
-    if any(b.kind == "attention" for b in blocks) or skipped:
+    if has_attention(blocks, skipped):
         run.details.update(
             prune_blocks(
                 gm,
