@@ -29,6 +29,8 @@ class PruneConfig(OpConfig):
     `random` (baseline). A `gradual` schedule prunes in `steps` rounds with a cubic ramp and
     trains `epochs_per_step` epochs after each (labels → cross-entropy, no labels →
     distillation from the original); `fine_tune_epochs` trains once more at the end.
+    `channels` on a transformer encoder removes attention heads and FFN channels (the residual
+    width stays); `head_sparsity` sets the heads' fraction apart from `sparsity`.
     """
 
     op: Literal["prune"] = "prune"
@@ -36,6 +38,15 @@ class PruneConfig(OpConfig):
     norm: Literal["l1", "l2"] = "l1"
     granularity: Literal["unstructured", "n:m", "channels"] = "unstructured"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    head_sparsity: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "channels on a transformer: fraction of each attention layer's heads removed "
+            "(null: `sparsity`; 0 keeps every head and prunes only the FFN channels)"
+        ),
+    )
     scope: Literal["layer", "global"] = "layer"
     schedule: Schedule = Schedule()
     n: int = Field(2, ge=1, description="zeros per group of m (n:m granularity)")
@@ -57,11 +68,16 @@ class PruneConfig(OpConfig):
     )
 
     @model_validator(mode="after")
-    def _n_below_m(self) -> PruneConfig:
+    def _fields_agree(self) -> PruneConfig:
         if self.n >= self.m:
             raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
         if self.granularity == "n:m" and self.schedule.kind == "gradual":
             raise ValueError("an n:m pattern is reached in one step: use schedule one_shot")
+        if self.head_sparsity is not None and self.granularity != "channels":
+            raise ValueError(
+                "head_sparsity removes attention heads, which only granularity 'channels' "
+                f"does; use granularity 'channels' or drop head_sparsity (got {self.granularity!r})"
+            )
         return self
 
     def trains(self) -> bool:

@@ -289,21 +289,25 @@ def preflight(model_path: Path, reshapes_channels: bool) -> None:
     """Before any compute: refuse a .pt2 the torch steps cannot handle, naming op and layer.
 
     Every graph must be straight-line (no torch.cond / while_loop / map). Steps that remove
-    channels (prune granularity channels, distill with a width student) also need every weight
-    to be read by a layer Torch-Pruning can see (conv2d, linear, batch_norm, layer_norm,
-    embedding with constant weights); any other op reading a weight would be left with the
-    old channel count.
+    channels (prune granularity channels, distill with a width student) on a model without
+    attention blocks also need every float weight to be read by a layer Torch-Pruning can see
+    (conv2d, linear, batch_norm, layer_norm, embedding with constant weights); any other op
+    reading one would be left with the old channel count. Integer and bool tensors (index
+    tables such as `position_ids`, masks) carry no channels and pass. A model with attention
+    blocks (engine.torchgraph.blocks) is pruned by heads and FFN channels only, which changes
+    nothing but the blocks' own Linears, so other ops may read any weight.
     """
     import torch
 
+    from engine.torchgraph.blocks import find_blocks, has_attention, meta_shapes
+
     ep = load_exported_program(model_path)
     gm = ep.module()
-    lifters = _lifters()
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
         name = str(node.target)
-        if isinstance(node.target, torch._ops.HigherOrderOperator) or "higher_order" in name:
+        if node.op == "call_function" and (
+            isinstance(node.target, torch._ops.HigherOrderOperator) or "higher_order" in name
+        ):
             raise EngineError(
                 "unsupported_op",
                 f"Layer {_layer_of(node)!r} uses {name} (data-dependent control flow), which the "
@@ -312,24 +316,34 @@ def preflight(model_path: Path, reshapes_channels: bool) -> None:
                 "(quantize; prune unstructured/n:m with magnitude, one-shot).",
                 field="model_id",
             )
-        if not reshapes_channels:
+    if not reshapes_channels:
+        return
+    lifted, _ = lift_modules(ep)
+    if has_attention(*find_blocks(lifted, meta_shapes(lifted))):
+        return
+    lifters = _lifters()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
             continue
         lifter = lifters.get(node.target)
         if lifter is not None and lifter[0](gm, node) is not None:
             continue
-        weights = [
-            str(a.target)
-            for a in node.args
-            if getattr(a, "op", None) == "get_attr"
-            and getattr(_attr(gm, a), "dim", lambda: 0)() >= 2
-        ]
+        weights = [str(a.target) for a in node.args if _is_weight(gm, a)]
         if weights:
             raise EngineError(
                 "unsupported_op",
-                f"Layer {_layer_of(node)!r} applies {name} to the weight {weights[0]!r}; channel "
-                "removal (prune granularity 'channels', distill student 'width') only sees "
-                "conv2d, linear, batch_norm, layer_norm and embedding layers, so this weight "
-                "would keep stale channels. Use granularity 'unstructured' or 'n:m', or list the "
-                "layer's neighbours in 'ignore' if they are not coupled to it.",
+                f"Layer {_layer_of(node)!r} applies {node.target} to the weight {weights[0]!r}; "
+                "channel removal (prune granularity 'channels', distill student 'width') only "
+                "sees conv2d, linear, batch_norm, layer_norm and embedding layers, so this "
+                "weight would keep stale channels. Use granularity 'unstructured' or 'n:m', or "
+                "list the layer's neighbours in 'ignore' if they are not coupled to it.",
                 field="pipeline",
             )
+
+
+def _is_weight(gm: torch.fx.GraphModule, arg: Any) -> bool:
+    """A float constant of 2+ dims: what channel removal would have to reshape."""
+    if getattr(arg, "op", None) != "get_attr":
+        return False
+    value = _attr(gm, arg)
+    return bool(getattr(value, "dim", lambda: 0)() >= 2 and value.is_floating_point())

@@ -2,8 +2,9 @@
 
 The .pt2 is lifted to real Conv/Linear/BatchNorm modules (lift.lift_modules), scored,
 pruned — zero masks for `unstructured` / `n:m`, real channel removal with Torch-Pruning's
-dependency graph for `channels` — optionally trained between rounds and at the end, and
-re-exported as a .pt2.
+dependency graph for `channels`, or, on a model with attention blocks, whole heads and FFN
+channels (engine.ops.prune.transformer) — optionally trained between rounds and at the end,
+and re-exported as a .pt2.
 
 Criteria (scores: higher = keep; computed in engine.ops.prune.scores):
 - magnitude: |w| (l1) or w² (l2); for channels, Torch-Pruning's group L1/L2 norm.
@@ -37,7 +38,9 @@ from engine.errors import EngineError
 from engine.onnxgraph.graph import matches
 from engine.ops.prune.onnx_weights import make_masks
 from engine.ops.prune.scores import channel_importance, weight_scores
+from engine.ops.prune.transformer import prune_blocks
 from engine.ops.registry import register
+from engine.torchgraph.blocks import find_blocks, has_attention, traced_shapes
 from engine.torchgraph.lift import weight_layers
 from engine.torchgraph.losses import Loss
 from engine.torchgraph.program import example_args, flatten, save_program
@@ -244,12 +247,38 @@ def _sparsity(keep: dict[str, torch.Tensor]) -> float:
 
 
 def _prune_channels(run: _Run) -> None:
-    """Channels: Torch-Pruning removes them in `rounds` steps of the ramp, training between."""
+    """Channels: Torch-Pruning removes them in `rounds` steps of the ramp, training between;
+    a model with attention blocks loses whole heads and FFN channels instead."""
     import torch
     import torch_pruning as tp
     from torch import nn
 
     gm, config, ctx, example = run.gm, run.config, run.ctx, run.example
+    blocks, skipped = find_blocks(gm, traced_shapes(gm, example))
+    if has_attention(blocks, skipped):
+        run.details.update(
+            prune_blocks(
+                gm,
+                blocks,
+                skipped,
+                example,
+                config,
+                ctx,
+                run.score_data,
+                lambda epochs, lo, hi, seed: run.train(epochs, None, lo, hi, seed),
+                _ramp(1.0, run.rounds),
+                run.epochs,
+            )
+        )
+        return
+    if config.head_sparsity is not None:
+        raise EngineError(
+            "invalid_pipeline",
+            "head_sparsity is set but the model has no attention block (query/key/value Linears "
+            "viewed as heads, matmul + softmax or scaled_dot_product_attention, an output "
+            "Linear). Drop head_sparsity to prune channels.",
+            field="pipeline",
+        )
     all_layers = weight_layers(gm)
     ignored = [m for n, m in all_layers.items() if n not in run.layers]
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)

@@ -1,0 +1,323 @@
+"""Structured pruning of transformer encoders: attention heads and FFN channels removed from a
+small BERT-like sentence encoder exported with torch.export, measured through the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import EngineError
+from engine.pipeline import compress
+from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes
+from engine.torchgraph.lift import preflight
+from engine.torchgraph.train import load_lifted
+
+VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 120, 16, 64, 8, 256, 2  # head_dim 8 == heads: on purpose
+
+
+class SelfAttention(nn.Module):
+    """Hugging Face BERT style: Linear q/k/v, view to heads, permute, softmax, view back."""
+
+    def __init__(self, sdpa: bool, head_scale: bool) -> None:
+        super().__init__()
+        self.sdpa, self.head_dim = sdpa, HIDDEN // HEADS
+        self.query, self.key, self.value = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+        self.out = nn.Linear(HIDDEN, HIDDEN)
+        # a learned per-head factor couples the heads to a weight outside the Linears
+        self.head_scale = nn.Parameter(torch.ones(HEADS, 1, 1)) if head_scale else None
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.sdpa:  # transformers' newer style: (*input_shape, -1, head_dim), transpose
+            return x.view(b, n, -1, self.head_dim).transpose(1, 2)
+        return x.view(b, n, HEADS, self.head_dim).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
+        b, n = x.shape[:2]
+        if self.sdpa:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.out(ctx.transpose(1, 2).reshape(b, n, -1))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask
+        if self.head_scale is not None:
+            scores = scores * self.head_scale
+        ctx = scores.softmax(-1) @ v
+        return self.out(ctx.permute(0, 2, 1, 3).contiguous().view(b, n, HEADS * self.head_dim))
+
+
+class Layer(nn.Module):
+    def __init__(self, sdpa: bool, head_scale: bool) -> None:
+        super().__init__()
+        self.attention = SelfAttention(sdpa, head_scale)
+        self.attention_norm = nn.LayerNorm(HIDDEN)
+        self.intermediate = nn.Linear(HIDDEN, FFN)
+        self.output = nn.Linear(FFN, HIDDEN)
+        self.output_norm = nn.LayerNorm(HIDDEN)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.attention_norm(x + self.attention(x, mask))
+        return self.output_norm(x + self.output(F.gelu(self.intermediate(x))))
+
+
+class Encoder(nn.Module):
+    """Token + position embeddings (a `position_ids` buffer read with a slice, as HF does),
+    LAYERS encoder layers, mean pooling over the attention mask and L2 normalisation."""
+
+    def __init__(self, sdpa: bool = False, head_scale: bool = False) -> None:
+        super().__init__()
+        self.word = nn.Embedding(VOCAB, HIDDEN)
+        self.position = nn.Embedding(64, HIDDEN)
+        self.register_buffer("position_ids", torch.arange(64).expand(1, -1), persistent=False)
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.layers = nn.ModuleList(Layer(sdpa, head_scale) for _ in range(LAYERS))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        x = self.norm(self.word(input_ids) + self.position(self.position_ids[:, :n]))
+        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -1e4
+        for layer in self.layers:
+            x = layer(x, mask)
+        m = attention_mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+def _sentences(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, size=(n, SEQ)).astype(np.int64)
+    mask = np.ones((n, SEQ), np.int64)
+    for i, length in enumerate(rng.integers(6, SEQ + 1, size=n)):
+        ids[i, length:], mask[i, length:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _export(tmp_path: Path, **kwargs: bool) -> tuple[Encoder, Path, Path]:
+    torch.manual_seed(0)
+    model = Encoder(**kwargs).eval()
+    data = _sentences(96, 1)
+    example = tuple(torch.from_numpy(data[k][:4]) for k in ("input_ids", "attention_mask"))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, tmp_path / "encoder.pt2")
+    np.savez(tmp_path / "sentences.npz", **data)
+    return model, tmp_path / "encoder.pt2", tmp_path / "sentences.npz"
+
+
+def _macs(heads: list[int], widths: list[int]) -> int:
+    """Multiply-accumulates of one sentence: projections, attention matmuls, FFN."""
+    d = HIDDEN // HEADS
+    total = 0
+    for h, w in zip(heads, widths, strict=True):
+        total += SEQ * 4 * HIDDEN * h * d + 2 * SEQ * SEQ * h * d + SEQ * 2 * HIDDEN * w
+    return total
+
+
+def _run_onnx(path: str, data: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return np.asarray(session.run(None, {n: data[n] for n in names})[0])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).mean())
+
+
+def test_removing_heads_and_channels_equals_zeroing_them(tmp_path: Path) -> None:
+    model, pt2, _ = _export(tmp_path)
+    gm, _ = load_lifted(pt2)
+    data = _sentences(8, 2)
+    example = tuple(torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask"))
+    blocks, skipped = find_blocks(gm, traced_shapes(gm, example))
+    assert skipped == []
+    assert [(b.kind, b.name, b.units) for b in blocks] == [
+        ("attention", "layers.0.attention", HEADS),
+        ("ffn", "layers.0", FFN),
+        ("attention", "layers.1.attention", HEADS),
+        ("ffn", "layers.1", FFN),
+    ]
+    assert blocks[0].sources == [f"layers.0.attention.{n}" for n in ("query", "key", "value")]
+    # A removed head contributes nothing, exactly like a head whose values are zero; a removed
+    # FFN channel like one whose pre-activation is zero (GELU(0) = 0).
+    zeroed = copy.deepcopy(model)
+    keep_heads, keep_ffn = [0, 2, 3, 6, 7], list(range(0, FFN, 3))
+    with torch.no_grad():
+        for layer in zeroed.layers:
+            for h in sorted(set(range(HEADS)) - set(keep_heads)):
+                d = HIDDEN // HEADS
+                layer.attention.value.weight[h * d : (h + 1) * d] = 0
+                layer.attention.value.bias[h * d : (h + 1) * d] = 0
+            gone = sorted(set(range(FFN)) - set(keep_ffn))
+            layer.intermediate.weight[gone] = 0
+            layer.intermediate.bias[gone] = 0
+    for block in blocks:
+        remove_units(gm, block, keep_heads if block.kind == "attention" else keep_ffn)
+    with torch.no_grad():
+        pruned = gm(*example)[0]
+        expected = zeroed(*example)
+    assert pruned.shape == expected.shape == (8, HIDDEN)
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=1e-4)
+    assert gm.get_submodule("layers.1.attention.query").weight.shape == (5 * 8, HIDDEN)
+    assert gm.get_submodule("layers.1.output").weight.shape == (HIDDEN, len(keep_ffn))
+
+
+def test_preflight_lets_index_buffers_and_transformers_through(tmp_path: Path) -> None:
+    class Bag(nn.Module):  # no attention: channel removal goes through Torch-Pruning
+        def __init__(self) -> None:
+            super().__init__()
+            self.word, self.position = nn.Embedding(VOCAB, 16), nn.Embedding(64, 16)
+            self.register_buffer("position_ids", torch.arange(64).expand(1, -1))
+            self.hidden, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            n = input_ids.shape[1]
+            x = self.word(input_ids) + self.position(self.position_ids[:, :n])
+            return self.head(torch.relu(self.hidden(x.mean(1))))
+
+    ids = torch.from_numpy(_sentences(4, 0)["input_ids"])
+    torch.export.save(torch.export.export(Bag().eval(), (ids,)), tmp_path / "bag.pt2")
+    preflight(tmp_path / "bag.pt2", reshapes_channels=True)  # position_ids: int, no channels
+    _, pt2, _ = _export(tmp_path, head_scale=True)
+    preflight(pt2, reshapes_channels=True)  # head_scale is read by a mul inside attention
+
+
+def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path: Path) -> None:
+    model, pt2, npz = _export(tmp_path)
+    result = compress(
+        pt2,
+        [{"op": "prune", "granularity": "channels", "sparsity": 0.3}],
+        dataset_path=npz,
+        evaluation_task="embedding",
+        workdir=tmp_path / "w",
+    )
+    step = result["steps"][0]
+    details = step["details"]
+    assert step["backend"] == "torch" and details["structure"] == "transformer"
+    layers = {e["name"]: e for e in details["layers"]}
+    assert sorted(layers) == ["layers.0", "layers.0.attention", "layers.1", "layers.1.attention"]
+    for i in range(LAYERS):
+        attention, ffn = layers[f"layers.{i}.attention"], layers[f"layers.{i}"]
+        assert (attention["heads_before"], attention["heads_after"]) == (8, 6)  # round(5.6)
+        assert len(attention["heads_removed"]) == 2
+        assert sorted(attention["heads_kept"] + attention["heads_removed"]) == list(range(8))
+        assert (ffn["width_before"], ffn["width_after"]) == (256, 176)  # 179 → multiple of 8
+    # the job's own metrics (ONNX) see exactly what was removed
+    before, after = result["original"], result["final"]
+    heads, widths = [6] * LAYERS, [176] * LAYERS
+    assert after["macs"] / before["macs"] == pytest.approx(
+        _macs(heads, widths) / _macs([HEADS] * LAYERS, [FFN] * LAYERS), rel=1e-3
+    )
+    assert after["macs"] / before["macs"] <= 0.75
+    removed = LAYERS * (2 * 8 * (3 * (HIDDEN + 1) + HIDDEN) + 80 * (2 * HIDDEN + 1))
+    assert before["params"] - after["params"] == removed
+    # the delivered ONNX runs in plain onnxruntime with the original output shape
+    data = _sentences(32, 7)
+    pruned = _run_onnx(result["artifacts"][0]["path"], data)
+    with torch.no_grad():
+        reference = model(*(torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask")))
+    assert pruned.shape == tuple(reference.shape) == (32, HIDDEN)
+    cosine = _cosine(pruned, reference.numpy())
+    assert after["cosine_similarity"] == pytest.approx(cosine, abs=0.05)
+    assert 0.5 < cosine < 1.0
+    assert any("4 of 16 attention heads" in w and "160 of 512 FFN" in w for w in step["warnings"])
+
+
+def test_sdpa_heads_gradual_global_with_their_own_sparsity(tmp_path: Path) -> None:
+    _, pt2, npz = _export(tmp_path, sdpa=True)
+    result = compress(
+        pt2,
+        [
+            {
+                "op": "prune",
+                "granularity": "channels",
+                "criterion": "entropy",
+                "sparsity": 0.25,
+                "head_sparsity": 0.5,
+                "scope": "global",
+                "round_to": None,
+                "samples": 64,
+                "schedule": {"kind": "gradual", "steps": 2, "epochs_per_step": 1},
+                "batch_size": 16,
+            }
+        ],
+        dataset_path=npz,
+        evaluation_task="embedding",
+        workdir=tmp_path / "w",
+    )
+    details = result["steps"][0]["details"]
+    rounds = details["rounds"]
+    assert [r["target_head_sparsity"] for r in rounds] == [pytest.approx(0.4375), 0.5]
+    assert rounds[0]["macs_ratio"] > rounds[1]["macs_ratio"]
+    assert all(len(r["training"]) == 1 for r in rounds)
+    layers = details["layers"]
+    attention = [e for e in layers if e["kind"] == "attention"]
+    ffn = [e for e in layers if e["kind"] == "ffn"]
+    assert len(attention) == len(ffn) == LAYERS
+    assert sum(e["heads_after"] for e in attention) == HEADS * LAYERS // 2
+    assert all(e["heads_after"] >= 1 for e in attention)
+    assert sum(e["width_after"] for e in ffn) == FFN * LAYERS * 3 // 4
+    assert result["final"]["macs"] < result["original"]["macs"]
+    assert "cosine_similarity" in result["final"]
+
+
+def test_prune_then_distill_end_to_end_on_an_embedding_task(tmp_path: Path) -> None:
+    _, pt2, npz = _export(tmp_path)
+    result = compress(
+        pt2,
+        [
+            {"op": "prune", "granularity": "channels", "sparsity": 0.3},
+            {"op": "distill", "epochs": 2, "batch_size": 16},
+        ],
+        dataset_path=npz,
+        evaluation_task="embedding",
+        workdir=tmp_path / "w",
+    )
+    assert [s["op"] for s in result["steps"]] == ["prune", "distill"]
+    assert result["evaluation"]["holdout"] == 0.3
+    assert result["final"]["macs"] / result["original"]["macs"] <= 0.75
+    for step in result["steps"]:
+        assert 0.0 < step["metrics"]["cosine_similarity"] <= 1.0
+    _run_onnx(result["artifacts"][0]["path"], _sentences(4, 3))
+
+
+def test_heads_that_cannot_be_followed_stay_whole_and_bad_requests_are_refused(
+    tmp_path: Path, mlp_files: dict[str, Path]
+) -> None:
+    _, pt2, npz = _export(tmp_path, head_scale=True)
+    result = compress(
+        pt2,
+        [{"op": "prune", "granularity": "channels", "sparsity": 0.3}],
+        dataset_path=npz,
+        evaluation_task="embedding",
+        workdir=tmp_path / "w",
+    )
+    step = result["steps"][0]
+    assert [e["kind"] for e in step["details"]["layers"]] == ["ffn", "ffn"]
+    assert len(step["details"]["skipped"]) == LAYERS
+    assert any("kept whole" in w and "head_scale" in w for w in step["warnings"])
+
+    with pytest.raises(EngineError) as err:
+        compress(
+            pt2,
+            [{"op": "prune", "granularity": "unstructured", "head_sparsity": 0.5}],
+            dataset_path=npz,
+            workdir=tmp_path / "w2",
+        )
+    assert err.value.code == "invalid_pipeline" and "granularity 'channels'" in str(err.value)
+    with pytest.raises(EngineError) as err:
+        compress(
+            mlp_files["pt2"],
+            [{"op": "prune", "granularity": "channels", "head_sparsity": 0.5}],
+            dataset_path=mlp_files["npz"],
+            workdir=tmp_path / "w3",
+        )
+    assert err.value.code == "invalid_pipeline" and "no attention block" in str(err.value)
