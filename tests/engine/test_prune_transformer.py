@@ -231,6 +231,7 @@ def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path:
     assert any("4 of 16 attention heads" in w and "160 of 512 FFN" in w for w in step["warnings"])
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_sdpa_heads_gradual_global_with_their_own_sparsity(tmp_path: Path) -> None:
     _, pt2, npz = _export(tmp_path, sdpa=True)
     result = compress(
@@ -269,6 +270,7 @@ def test_sdpa_heads_gradual_global_with_their_own_sparsity(tmp_path: Path) -> No
     assert "cosine_similarity" in result["final"]
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_prune_then_distill_end_to_end_on_an_embedding_task(tmp_path: Path) -> None:
     _, pt2, npz = _export(tmp_path)
     result = compress(

@@ -144,6 +144,7 @@ def test_distill_that_wrecks_the_model_keeps_its_input_and_says_so(
     assert "kept the step's input" in warning
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_qat_int8_is_never_below_its_post_training_start(
     encoder: dict[str, Path], tmp_path: Path
 ) -> None:
