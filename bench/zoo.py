@@ -1157,7 +1157,7 @@ def main() -> None:
         specs = [s for s in ZOO if s.key in wanted]
     n_calib = args.calib or (16 if args.quick else 32)
     n_held = args.held_out or (16 if args.quick else 64)
-    rounds, budget_s = (4, 6.0) if args.quick else (8, 20.0)
+    rounds, budget_s = (4, 6.0) if args.quick else (8, 15.0)
     tmp = (args.keep or Path(tempfile.mkdtemp(prefix="compaas-zoo-"))).resolve()
     tmp.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
