@@ -65,7 +65,8 @@ def quantize(config: QuantizeConfig, model: Path, ctx: StepContext) -> Path:
             return quantize_lowbit(config, model, ctx)
         calibration, select = selection_split(ctx.samples, ctx.seed)
         quantizer = prepare_quantizer(config, model, replace(ctx, samples=calibration))
-        result = search(quantizer, model, select)
+        refit = ctx.samples if select is not ctx.samples else None
+        result = search(quantizer, model, select, refit)
     except EngineError:
         raise
     except Exception as exc:

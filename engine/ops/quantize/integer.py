@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,6 +234,7 @@ class Quantizer:
     _cache: Path | None = None
     builds: int = 0
     calibration_progress: float = 0.2  # where the step's progress stands when it calibrates
+    tag: str = ""  # told apart in scratch file names (a refit calibrates the same model again)
 
     @cached_property
     def model(self) -> onnx.ModelProto:
@@ -250,13 +251,15 @@ class Quantizer:
         self.all_layers = layers(onnx.load(str(self.prepared)))
         self.base_exclude = excluded(self.all_layers, self.config.exclude)
 
-    def derived(self, prepared: Path) -> Quantizer:
+    def derived(self, prepared: Path, samples: Samples | None = None) -> Quantizer:
         """A quantizer with the same config and repairs over a rewritten copy of the prepared
-        model (SmoothQuant, bias correction); it calibrates on first build, after the
-        variants' building has begun (progress 0.65)."""
-        other = Quantizer(self.config, prepared, self.ctx, self.per_channel_ok)
+        model (SmoothQuant, bias correction), or over the same model calibrating on other
+        `samples`; it calibrates on first build, after the variants' building has begun."""
+        ctx = self.ctx if samples is None else replace(self.ctx, samples=samples)
+        other = Quantizer(self.config, prepared, ctx, self.per_channel_ok)
         other.kept_float = set(self.kept_float)
-        other.calibration_progress = 0.65
+        other.calibration_progress = 0.65 if samples is None else 0.9
+        other.tag = "" if samples is None else "-refit"
         return other
 
     # ---- what a variant quantizes
@@ -342,7 +345,9 @@ class Quantizer:
             calibrator = create_calibrator(
                 self.prepared,
                 ops,
-                augmented_model_path=str(self.ctx.workdir / f"{self.prepared.stem}-augmented.onnx"),
+                augmented_model_path=str(
+                    self.ctx.workdir / f"{self.prepared.stem}{self.tag}-augmented.onnx"
+                ),
                 calibrate_method=method,
                 extra_options=options,
             )
@@ -354,7 +359,7 @@ class Quantizer:
                 calibrator.collect_data(reader)
             ranges = calibrator.compute_data()
             del calibrator
-        self._cache = self.ctx.workdir / f"{self.prepared.stem}-calibration.json"
+        self._cache = self.ctx.workdir / f"{self.prepared.stem}{self.tag}-calibration.json"
         save_tensors_data(ranges, self._cache)
         self.ctx.metrics["calibration_peak_memory_bytes"] = int(memory.peak)
         self.ctx.metrics["calibration_samples"] = len(samples)

@@ -46,6 +46,7 @@ class Evaluator:
 
     def __init__(self, float_model: Path, quantizer: Quantizer, samples: Samples) -> None:
         ctx = quantizer.ctx
+        self.task = ctx.task  # top-1 agreement is a classifier's; an embedding has none
         self.batch = ctx.batch
         self.samples = samples.subset(EVAL_SAMPLES, ctx.seed)
         started = time.perf_counter()
@@ -76,7 +77,7 @@ class Evaluator:
                 self.reference,
             )
         )
-        values = m.quality(self._run(path, samples), ref, samples.labels, "classification")
+        values = m.quality(self._run(path, samples), ref, samples.labels, self.task)
         out = {
             k: values.get(k)
             for k in (
