@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.zoo import MINILM, Spec, fetch, minilm_inputs  # noqa: E402
+from bench.zoo import MINILM, Spec, fetch, minilm_encoder, minilm_inputs  # noqa: E402
 from engine.pipeline import compress  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -33,7 +33,6 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def export_minilm_pt2(out: Path) -> Path:
     """BertModel + mean pooling + L2 norm as a .pt2 (torch.export, dynamic batch)."""
     import torch
-    from transformers import BertModel
 
     weights = fetch(
         Spec(
@@ -47,25 +46,12 @@ def export_minilm_pt2(out: Path) -> Path:
             lambda n, s: {},
         )
     )
-    bert = BertModel.from_pretrained(str(weights.parent)).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            hidden = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+    encoder = minilm_encoder(weights)
 
     feeds = minilm_inputs(4, 0)
     args = tuple(torch.from_numpy(feeds[k]) for k in INPUTS)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(Encoder().eval(), args, dynamic_shapes=({0: batch},) * 3)
+    program = torch.export.export(encoder, args, dynamic_shapes=({0: batch},) * 3)
     torch.export.save(program, str(out))
     return out
 

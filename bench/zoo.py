@@ -395,11 +395,10 @@ def wakeword_inputs(n: int, seed: int) -> Feeds:
     return {"input_1": np.stack(windows).astype(np.float32)}
 
 
-def export_minilm(safetensors: Path) -> Path:
-    """all-MiniLM-L6-v2 as a team exports it: BertModel + mean pooling + L2 norm, opset 17."""
-    out = CACHE / "models" / "all-MiniLM-L6-v2-meanpool-l2.onnx"
-    if out.exists():
-        return out
+def minilm_encoder(safetensors: Path) -> Any:
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: BertModel, mean pooling over the
+    attention mask, L2 norm; a torch module (eval) of (input_ids, attention_mask,
+    token_type_ids)."""
     import torch
     from transformers import BertModel
 
@@ -418,6 +417,17 @@ def export_minilm(safetensors: Path) -> Path:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
+    return Encoder().eval()
+
+
+def export_minilm(safetensors: Path) -> Path:
+    """all-MiniLM-L6-v2 as a team exports it: BertModel + mean pooling + L2 norm, opset 17."""
+    out = CACHE / "models" / "all-MiniLM-L6-v2-meanpool-l2.onnx"
+    if out.exists():
+        return out
+    import torch
+
+    encoder = minilm_encoder(safetensors)
     feeds = minilm_inputs(2, 0)
     args = tuple(
         torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "token_type_ids")
@@ -425,7 +435,7 @@ def export_minilm(safetensors: Path) -> Path:
     axes = {0: "batch", 1: "sequence"}
     tmp = out.with_suffix(".tmp.onnx")
     torch.onnx.export(
-        Encoder().eval(),
+        encoder,
         args,
         str(tmp),
         input_names=["input_ids", "attention_mask", "token_type_ids"],

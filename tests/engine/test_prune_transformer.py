@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -190,15 +191,20 @@ def test_preflight_lets_index_buffers_and_transformers_through(tmp_path: Path) -
     preflight(pt2, reshapes_channels=True)  # head_scale is read by a mul inside attention
 
 
-def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path: Path) -> None:
-    model, pt2, npz = _export(tmp_path)
-    result = compress(
+def _prune_30(pt2: Path, npz: Path, tmp_path: Path) -> dict[str, Any]:
+    """prune channels 30 % through the pipeline, task embedding."""
+    return compress(
         pt2,
         [{"op": "prune", "granularity": "channels", "sparsity": 0.3}],
         dataset_path=npz,
         evaluation_task="embedding",
         workdir=tmp_path / "w",
     )
+
+
+def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path: Path) -> None:
+    model, pt2, npz = _export(tmp_path)
+    result = _prune_30(pt2, npz, tmp_path)
     step = result["steps"][0]
     details = step["details"]
     assert step["backend"] == "torch" and details["structure"] == "transformer"
@@ -295,13 +301,7 @@ def test_heads_that_cannot_be_followed_stay_whole_and_bad_requests_are_refused(
     tmp_path: Path, mlp_files: dict[str, Path]
 ) -> None:
     _, pt2, npz = _export(tmp_path, head_scale=True)
-    result = compress(
-        pt2,
-        [{"op": "prune", "granularity": "channels", "sparsity": 0.3}],
-        dataset_path=npz,
-        evaluation_task="embedding",
-        workdir=tmp_path / "w",
-    )
+    result = _prune_30(pt2, npz, tmp_path)
     step = result["steps"][0]
     assert [e["kind"] for e in step["details"]["layers"]] == ["ffn", "ffn"]
     assert len(step["details"]["skipped"]) == LAYERS
