@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
@@ -99,6 +100,7 @@ def test_corrected_biases_cancel_the_rounding_shift(tmp_path: Path) -> None:
     assert (fixed**2).mean() < (plain**2).mean()
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_quantize_builds_and_reports_bias_corrected_variants(tmp_path: Path) -> None:
     src = _model(tmp_path)
     np.savez(tmp_path / "calib.npz", x=_inputs(1, 64))

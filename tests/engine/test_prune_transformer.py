@@ -202,6 +202,7 @@ def _prune_30(pt2: Path, npz: Path, tmp_path: Path) -> dict[str, Any]:
     )
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_thirty_percent_of_heads_and_ffn_channels_through_the_pipeline(tmp_path: Path) -> None:
     model, pt2, npz = _export(tmp_path)
     result = _prune_30(pt2, npz, tmp_path)
@@ -297,6 +298,7 @@ def test_prune_then_distill_end_to_end_on_an_embedding_task(tmp_path: Path) -> N
     _run_onnx(result["artifacts"][0]["path"], _sentences(4, 3))
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_heads_that_cannot_be_followed_stay_whole_and_bad_requests_are_refused(
     tmp_path: Path, mlp_files: dict[str, Path]
 ) -> None:

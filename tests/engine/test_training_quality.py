@@ -123,6 +123,7 @@ def test_low_rank_then_distill_recovers_the_embedding_with_the_cosine_loss(
     assert not any("worse" in w for w in distilled["warnings"])
 
 
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
 def test_distill_that_wrecks_the_model_keeps_its_input_and_says_so(
     encoder: dict[str, Path], tmp_path: Path
 ) -> None:
