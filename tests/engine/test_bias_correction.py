@@ -16,7 +16,7 @@ from torch import nn
 from engine.io.datasets import Samples
 from engine.onnxgraph.graph import weight_layers
 from engine.onnxgraph.runtime import make_session
-from engine.ops.quantize.bias import correct_biases
+from engine.ops.quantize.bias import correct_biases, input_means
 from engine.ops.quantize.weight_only import symmetric_int8
 from engine.pipeline import compress
 from tests.conftest import export_onnx
@@ -81,9 +81,8 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 def test_corrected_biases_cancel_the_rounding_shift(tmp_path: Path) -> None:
     src = _model(tmp_path)
     calib, held = _inputs(1, 64), _inputs(2, 64)
-    done = correct_biases(
-        src, tmp_path / "corrected.onnx", Samples({"x": calib}, None, "dataset"), None, True
-    )
+    means = input_means(src, Samples({"x": calib}, None, "dataset"), None, tmp_path / "probe.onnx")
+    done = correct_biases(src, tmp_path / "corrected.onnx", means, True)
     # Every Conv (group 1, depthwise, and the bias-less 1×1, which gets a bias) and the Gemm.
     assert [d.layer for d in done] == [
         "/net/net.0/Conv",

@@ -41,17 +41,13 @@ class Corrected:
         return {"layer": self.layer, "shift_max": self.shift_max, "bias_max": self.bias_max}
 
 
-def correct_biases(
-    src: Path, dst: Path, samples: Samples, fixed: int | None, per_channel: bool
-) -> list[Corrected]:
-    """Write src with every correctable layer's bias reduced by ΔW·E[x] to dst; the list says
-    which layers changed (empty: nothing to correct, dst not written)."""
-    import onnx
-    from onnx import helper, numpy_helper
+def _correctable(model: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """(layer, attributes) of every Conv and plain Gemm with a constant weight and a computed
+    input: the layers whose bias can absorb ΔW·E[x]."""
+    from onnx import helper
 
-    model = onnx.load(str(src))
-    inits = {t.name: t for t in model.graph.initializer}
-    layers = []
+    inits = {t.name for t in model.graph.initializer}
+    out = []
     for layer in weight_layers(model, min_ndim=2):
         node = layer.node
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -61,22 +57,43 @@ def correct_biases(
             continue
         if node.op_type not in ("Conv", "Gemm") or node.input[0] in inits:
             continue
-        layers.append((layer, attrs))
+        out.append((layer, attrs))
+    return out
+
+
+def input_means(
+    src: Path, samples: Samples, fixed: int | None, scratch: Path
+) -> dict[str, np.ndarray]:
+    """Per-channel means of every correctable layer's input over up to BIAS_SAMPLES samples
+    (float model): what correct_biases needs, for either weight granularity."""
+    import onnx
+
+    layers = _correctable(onnx.load(str(src)))
     if not layers:
+        return {}
+    tensors = sorted({layer.node.input[0] for layer, _ in layers})
+    return _channel_means(src, tensors, samples.take(BIAS_SAMPLES), fixed, scratch)
+
+
+def correct_biases(
+    src: Path, dst: Path, means: dict[str, np.ndarray], per_channel: bool
+) -> list[Corrected]:
+    """Write src with every correctable layer's bias reduced by ΔW·E[x] (E[x] from
+    input_means) to dst; the list says which layers changed (empty: nothing to correct, dst
+    not written)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not means:
         return []
-    means = _channel_means(
-        src,
-        sorted({layer.node.input[0] for layer, _ in layers}),
-        samples.take(BIAS_SAMPLES),
-        fixed,
-        dst.with_name("bias-probe.onnx"),
-    )
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
     done: list[Corrected] = []
-    for layer, attrs in layers:
+    for layer, attrs in _correctable(model):
         node, mean = layer.node, means.get(layer.node.input[0])
-        w = numpy_helper.to_array(inits[layer.weight]).astype(np.float64)
         if mean is None:
             continue
+        w = numpy_helper.to_array(inits[layer.weight]).astype(np.float64)
         shift = _shift(node.op_type, attrs, w, layer.out_axis, mean, per_channel)
         if shift is None or not np.any(shift):
             continue

@@ -18,7 +18,7 @@ from engine.config import QuantizeTarget
 from engine.errors import EngineError
 from engine.io.datasets import Samples
 from engine.onnxgraph import metrics as m
-from engine.ops.quantize.bias import correct_biases
+from engine.ops.quantize.bias import correct_biases, input_means
 from engine.ops.quantize.fallback import FALLBACK_MAX_FLOAT_SHARE, LayerOrder, fallback, first_build
 from engine.ops.quantize.integer import Quantizer, Variant
 from engine.ops.quantize.measure import (
@@ -176,9 +176,8 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         # Chosen on samples its ranges were not fitted to; delivered with ranges from every
         # sample (PP-LCNet orientation: 24 calibration photos gave 13.3 dB on new photos where
         # 32 gave 15 dB).
-        full = quantizer_of[chosen.variant.name].derived(
-            quantizer_of[chosen.variant.name].prepared, samples=refit
-        )
+        owner = quantizer_of[chosen.variant.name]
+        full = owner.derived(owner.prepared, samples=refit)
         dst = ctx.workdir / "chosen-refit.onnx"
         path = full.build(chosen.variant, dst, exclude=set(chosen.kept_float))
         chosen = replace(chosen, path=path)
@@ -259,12 +258,13 @@ def bias_corrected_builds(
         or cfg.symmetric is False
     ):
         return plain
+    means = input_means(q.prepared, q.ctx.samples, q.ctx.batch, q.ctx.workdir / "bias-probe.onnx")
     corrected: dict[bool, Quantizer | None] = {}
     out: list[tuple[Quantizer, Variant]] = [(q, requested)]
     for v in variants:
         per_channel = v.per_channel and q.per_channel_ok
         if per_channel not in corrected:
-            corrected[per_channel] = _bias_corrected(q, per_channel)
+            corrected[per_channel] = _bias_corrected(q, per_channel, means)
         other = corrected[per_channel]
         if other is None:
             out += [(q, v)] if v != requested else []
@@ -273,10 +273,10 @@ def bias_corrected_builds(
     return out
 
 
-def _bias_corrected(q: Quantizer, per_channel: bool) -> Quantizer | None:
+def _bias_corrected(q: Quantizer, per_channel: bool, means: dict[str, Any]) -> Quantizer | None:
     granularity = "per_channel" if per_channel else "per_tensor"
     dst = q.ctx.workdir / f"biascorr-{granularity}.onnx"
-    done = correct_biases(q.prepared, dst, q.ctx.samples, q.ctx.batch, per_channel)
+    done = correct_biases(q.prepared, dst, means, per_channel)
     if not done:
         return None
     q.ctx.details.setdefault("bias_corrected", {})[granularity] = [x.as_dict() for x in done]
