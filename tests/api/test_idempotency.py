@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from tests.conftest import Stack, npz_bytes
 
@@ -23,6 +24,7 @@ def _post(stack: Stack, route: str, data: bytes, headers: dict[str, str], key: s
     )
 
 
+@pytest.mark.slow
 def test_dataset_upload_replays_and_rejects_a_different_body(api_stack: Stack) -> None:
     _, headers = api_stack.new_team("idem-datasets")
     first = _post(api_stack, "datasets", _npz(4), headers, "k-1")

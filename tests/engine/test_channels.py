@@ -32,6 +32,7 @@ def _run_plain_ort(path: str | Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
 
 
+@pytest.mark.slow
 def test_half_the_channels_of_the_digits_cnn(digits_files: dict[str, Path], tmp_path: Path) -> None:
     result = compress(
         digits_files["pt2"],
@@ -122,6 +123,7 @@ def residual_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {**files, "npz": out / "digits.npz", "accuracy": accuracy(model, x_te, y_te)}
 
 
+@pytest.mark.slow
 def test_residual_and_depthwise_channels_stay_coupled(
     residual_files: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from engine.inspect import inspect_model
@@ -20,6 +21,7 @@ def test_digits_cnn_files(digits_files: dict[str, Path]) -> None:
     assert info["inputs"][0]["shape"][0] == "batch"
 
 
+@pytest.mark.slow
 def test_digits_mlp_is_accurate_and_deterministic(
     tmp_path: Path, mlp_files: dict[str, Path]
 ) -> None:

@@ -14,6 +14,7 @@ from engine.ops.low_rank import choose_rank
 from engine.pipeline import compress
 
 
+@pytest.mark.slow
 def test_energy_on_the_mlp_shrinks_params_and_reports_each_layer(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -41,6 +42,7 @@ def test_energy_on_the_mlp_shrinks_params_and_reports_each_layer(
     assert sum(n.op_type in ("Gemm", "MatMul") for n in model.graph.node) == 5
 
 
+@pytest.mark.slow
 def test_conv_layers_factorize_into_kxk_then_1x1(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -88,6 +88,7 @@ def test_two_four_leaves_two_zeros_in_every_block(
     assert result["ratios"]["accuracy_drop"] is not None
 
 
+@pytest.mark.slow
 def test_random_is_reproducible_and_ignore_is_respected(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -118,6 +119,7 @@ def test_masks_prune_exactly_the_requested_share_even_with_tied_scores() -> None
             assert int((~masks["b"]).sum()) == 30 and masks["b"].ravel()[50:].all()
 
 
+@pytest.mark.slow
 def test_channel_rounding_is_dropped_when_it_would_empty_a_layer(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -47,6 +47,7 @@ def test_cubic_ramp_ends_at_the_target_and_front_loads_the_cuts() -> None:
     assert ramp[0] > 0.9 / 3 and ramp == sorted(ramp)
 
 
+@pytest.mark.slow
 def test_gradient_without_labels_uses_the_originals_predictions(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -66,6 +67,7 @@ def test_gradient_without_labels_uses_the_originals_predictions(
     assert all(s == pytest.approx(0.7, abs=0.01) for s in layers.values())
 
 
+@pytest.mark.slow
 def test_two_four_on_torch_with_the_entropy_criterion_and_ignore(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -83,6 +85,7 @@ def test_two_four_on_torch_with_the_entropy_criterion_and_ignore(
     assert (second != 0).all() and (last != 0).all()  # ignored and the classifier stay dense
 
 
+@pytest.mark.slow
 def test_gradual_unstructured_holds_pruned_weights_at_zero_while_training(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -108,6 +111,7 @@ def test_gradual_unstructured_holds_pruned_weights_at_zero_while_training(
     assert result["ratios"]["accuracy_drop"] <= 0.03
 
 
+@pytest.mark.slow
 def test_preflight_names_the_op_and_weight_before_any_compute(tmp_path: Path) -> None:
     from torch import nn
 
@@ -146,6 +150,7 @@ def test_preflight_names_the_op_and_weight_before_any_compute(tmp_path: Path) ->
     assert [e["name"] for e in result["steps"][0]["details"]["layers"]] == ["conv"]
 
 
+@pytest.mark.slow
 def test_a_dataset_too_small_to_hold_out_is_refused(
     mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -87,6 +87,7 @@ def test_qat_int8_matches_ptq_where_ptq_is_lossless(
     assert qat["final"]["accuracy_top1"] >= ptq["final"]["accuracy_top1"] - 0.002
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", [True, False])
 def test_ternary_qat_with_distillation_on_the_mlp(
     mlp_files: dict[str, Path], tmp_path: Path, labels: bool
@@ -115,6 +116,7 @@ def test_ternary_qat_with_distillation_on_the_mlp(
     assert rebuilt.read_bytes() == Path(result["artifacts"][0]["path"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_binary_qat_reports_its_packed_size(mlp_files: dict[str, Path], tmp_path: Path) -> None:
     step = {
         "op": "quantize",

@@ -46,6 +46,7 @@ def test_config_defaults_and_clear_errors() -> None:
 # ----------------------------------------------------------------------------- int8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_static_int8_per_channel_on_digits_cnn(
     method: str, digits_files: dict[str, Path], tmp_path: Path
@@ -59,6 +60,7 @@ def test_static_int8_per_channel_on_digits_cnn(
     assert result["steps"][0]["details"]["calibration"]["method"] == method
 
 
+@pytest.mark.slow
 def test_target_fallback_keeps_sensitive_layers_float(
     transformer: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -157,6 +159,7 @@ def test_packed_binary_ternary_rebuilds_exactly(
 # ----------------------------------------------------------------------------- opset 12
 
 
+@pytest.mark.slow
 def test_opset12_model_per_channel_static_runs(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -195,6 +198,7 @@ def test_opset12_model_per_channel_static_runs(
 # ----------------------------------------------------------------------------- exclude
 
 
+@pytest.mark.slow
 def test_exclude_keeps_matching_layers_float(digits_files: dict[str, Path], tmp_path: Path) -> None:
     step = {"op": "quantize", "exclude": ["node_linear*"], "sensitivity": True}
     result = _run(digits_files["onnx"], step, digits_files["npz"], tmp_path)

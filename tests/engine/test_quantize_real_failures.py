@@ -161,6 +161,7 @@ class SiluMap(nn.Module):
         return torch.sigmoid(self.net(x) - 4.0)  # mostly background near 0, some text near 1
 
 
+@pytest.mark.slow
 def test_silu_cnn_probability_map_beats_the_plain_call(tmp_path: Path) -> None:
     model = SiluMap()
     with torch.no_grad():
@@ -211,6 +212,7 @@ class OutlierBlock(nn.Module):
         return pooled / pooled.norm(dim=-1, keepdim=True)
 
 
+@pytest.mark.slow
 def test_transformer_outliers_dynamic_int8_smoothquant(tmp_path: Path) -> None:
     src = export_onnx(OutlierBlock(), torch.randn(1, 16, 64), tmp_path / "block.onnx")
     rng = np.random.default_rng(3)
@@ -226,7 +228,9 @@ def test_transformer_outliers_dynamic_int8_smoothquant(tmp_path: Path) -> None:
     path, result = _service(src, calib, {"op": "quantize", "mode": "dynamic"}, tmp_path)
     ours = m.quality(_outputs(path, held), ref, None, "embedding")
     details = result["steps"][0]["details"]
-    assert details["chosen"].startswith("dynamic_int8_smoothquant"), details["variants"]
+    # SmoothQuant, and on an x86 CPU without VNNI also 7-bit weights (dynamic_int8_rr7_...):
+    # there quantize_dynamic's defaults read 6 dB here, from saturating int16 pair sums.
+    assert "smoothquant" in details["chosen"], details["variants"]
     assert details["smoothed"]  # which tensors were rescaled, and why
     assert ours["sqnr_db"] >= plain["sqnr_db"] + 3.0, (ours, plain)
     assert 1 - ours["cosine_similarity"] <= 0.5 * (1 - plain["cosine_similarity"])

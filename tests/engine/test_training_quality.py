@@ -99,6 +99,7 @@ def _distill(encoder: dict[str, Path], workdir: Path, lr: float) -> dict[str, An
     )
 
 
+@pytest.mark.slow
 def test_low_rank_then_distill_recovers_the_embedding_with_the_cosine_loss(
     encoder: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -118,6 +118,7 @@ def test_eight_bits_on_the_cnn(digits_files: dict[str, Path], tmp_path: Path) ->
     assert decoded.SerializeToString() == Path(step["artifact"]["path"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_grouped_and_depthwise_convs_round_trip(tmp_path: Path) -> None:
     import torch
     from torch import nn

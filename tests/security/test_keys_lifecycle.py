@@ -100,6 +100,7 @@ def embedded(tmp_path: Path) -> Embedded:
     return Embedded(tmp_path / "var")
 
 
+@pytest.mark.slow
 def test_embedded_pepper_is_generated_once_private_and_shared_by_cli_and_api(
     embedded: Embedded,
 ) -> None:

@@ -34,6 +34,7 @@ def _retry_after(response: httpx.Response, at_most: int) -> int:
     return value
 
 
+@pytest.mark.slow
 def test_team_request_rate_answers_429_with_retry_after(tmp_path: Path) -> None:
     with embedded(tmp_path, team_requests_per_window=5, team_window_s=60) as stack:
         noisy, quiet = stack.new_team("noisy"), stack.new_team("quiet")
@@ -47,6 +48,7 @@ def test_team_request_rate_answers_429_with_retry_after(tmp_path: Path) -> None:
         assert stack.client.get("/v1/models", headers=quiet).status_code == 200
 
 
+@pytest.mark.slow
 def test_auth_failures_per_address_answer_429(tmp_path: Path) -> None:
     with embedded(tmp_path, auth_failures_per_window=3, auth_failure_window_s=60) as stack:
         good = stack.new_team("good")
@@ -62,6 +64,7 @@ def test_auth_failures_per_address_answer_429(tmp_path: Path) -> None:
         assert stack.client.get("/healthz").status_code == 200
 
 
+@pytest.mark.slow
 def test_inflight_uploads_and_requests_are_capped_per_team(tmp_path: Path) -> None:
     with embedded(tmp_path, team_max_inflight_uploads=2, team_max_inflight_requests=2) as stack:
         slow, other = stack.new_team("slow"), stack.new_team("other")
@@ -103,6 +106,7 @@ def test_inflight_uploads_and_requests_are_capped_per_team(tmp_path: Path) -> No
                 pytest.fail("the team's upload slots were not released")
 
 
+@pytest.mark.slow
 def test_json_body_over_the_cap_is_413_before_parsing(tmp_path: Path) -> None:
     with embedded(tmp_path, max_json_body_bytes=4096) as stack:
         team = stack.new_team()
@@ -200,6 +204,7 @@ def test_api_processes_share_team_counters_through_redis(tmp_path: Path) -> None
             _problem(first.client.get("/v1/models", headers=team), 429, "rate_limited")
 
 
+@pytest.mark.slow
 def test_counters_fail_open_while_their_redis_is_down(tmp_path: Path) -> None:
     """Rate limits must not take the API down with Redis: requests go through uncounted."""
     closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there

@@ -28,6 +28,7 @@ def _members(path: Path) -> dict[str, str]:
         return {n.split("/", 1)[1]: n for n in zf.namelist()}
 
 
+@pytest.mark.slow
 def test_archive_format_bomb_is_refused_at_detection(real_pt2: Path, tmp_path: Path) -> None:
     bomb = rewrite(real_pt2, tmp_path / "bomb.pt2", {"archive_format": ("bomb", BOMB_BYTES)})
     assert bomb.stat().st_size < 4 * 1024 * 1024
@@ -36,6 +37,7 @@ def test_archive_format_bomb_is_refused_at_detection(real_pt2: Path, tmp_path: P
     assert err.value.code == "archive_too_large" and "archive_format" in err.value.detail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("member", ["models/model.json", "data/weights/weight_0"])
 def test_member_bombs_are_refused_in_the_sandbox(
     real_pt2: Path, tmp_path: Path, member: str

@@ -96,6 +96,7 @@ def test_a_missing_required_protection_fails_the_job(tmp_path: Path) -> None:
     assert err.value.code == "sandbox_unavailable" and absent[0] in err.value.detail
 
 
+@pytest.mark.slow
 def test_a_real_model_is_inspected_under_every_protection(tmp_path: Path) -> None:
     job = tmp_path / "job"
     job.mkdir()

@@ -18,6 +18,7 @@ def _plant(directory: Path, canary: Path) -> None:
         (directory / name).write_text(f"open({str(canary)!r}, 'a').write({name!r})\n")
 
 
+@pytest.mark.slow
 def test_planted_modules_are_never_imported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -99,6 +99,7 @@ def test_idle_body_is_408(server: Server, headers: dict[str, str]) -> None:
     assert _no_spool_left(server)
 
 
+@pytest.mark.slow
 def test_trickled_body_hits_the_deadline(server: Server, headers: dict[str, str]) -> None:
     sock = _open_upload(server, headers, 100_000)
     started = time.monotonic()

@@ -34,6 +34,7 @@ def test_wall_time_limit_kills_the_child() -> None:
     assert err.value.code == "time_limit_exceeded"
 
 
+@pytest.mark.slow
 def test_network_is_refused_inside_the_child() -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

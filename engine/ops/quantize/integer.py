@@ -217,6 +217,11 @@ class Variant:
     # (256 asymmetric levels); onnxruntime's x86 integer kernels take uint8 activations, so
     # U8S8 ran 2-3x faster than S8S8 on YOLOv8n and PP-LCNet here. Chosen by measurement.
     activations: str = "int8"
+    # int8 weights on 7 bits (onnxruntime's reduce_range). x86 without VNNI multiplies uint8
+    # activations by int8 weights in pairs summed into int16 (vpmaddubsw), which saturates
+    # with full-range weights: a transformer block with outlier channels read 6.4 dB with
+    # quantize_dynamic's defaults on an AVX2 worker and 24.9 dB with 7-bit weights.
+    reduce_range: bool = False
 
 
 @dataclass
@@ -418,7 +423,7 @@ class Quantizer:
                 weight_only_int8(self.prepared, dst, per_channel, skip, only)
             return dst
         if variant.mode == "dynamic":
-            self._dynamic(dst, per_channel, skip, only)
+            self._dynamic(dst, per_channel, skip, only, variant.reduce_range)
             return dst
         from onnxruntime.quantization import QuantFormat, quantize_static
 
@@ -431,6 +436,7 @@ class Quantizer:
                 None,
                 quant_format=fmt,
                 per_channel=per_channel,
+                reduce_range=variant.reduce_range,
                 activation_type=self.activation_qtype(variant),
                 weight_type=self.qtype(),
                 calibrate_method=method,
@@ -442,7 +448,12 @@ class Quantizer:
         return dst
 
     def _dynamic(
-        self, dst: Path, per_channel: bool, skip: list[str], only: list[str] | None
+        self,
+        dst: Path,
+        per_channel: bool,
+        skip: list[str],
+        only: list[str] | None,
+        reduce_range: bool = False,
     ) -> None:
         """quantize_dynamic; if onnxruntime lacks an integer kernel it made, keep MatMul/Gemm."""
         from onnxruntime.quantization import quantize_dynamic
@@ -455,6 +466,7 @@ class Quantizer:
                 str(self.prepared),
                 str(dst),
                 per_channel=per_channel,
+                reduce_range=reduce_range,
                 weight_type=self.qtype(),
                 nodes_to_exclude=skip,
                 nodes_to_quantize=only,
@@ -467,7 +479,7 @@ class Quantizer:
             make_session(dst)
         except Exception as exc:
             self.dynamic_conv_ok = False
-            self._dynamic(dst, per_channel, skip, only)
+            self._dynamic(dst, per_channel, skip, only, reduce_range)
             self.ctx.warnings.append(
                 "onnxruntime has no CPU kernel for some dynamically quantized operators here "
                 f"({type(exc).__name__}); only MatMul/Gemm were quantized, convolutions stay "

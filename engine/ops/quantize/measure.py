@@ -91,6 +91,7 @@ class Evaluator:
         }
         if self.float_accuracy is not None and values.get("accuracy_top1") is not None:
             out["accuracy_drop"] = round(self.float_accuracy - values["accuracy_top1"], 6)
+        out["samples"] = len(samples)
         return {k: v for k, v in out.items() if v is not None or k == "sqnr_db"}
 
 

@@ -37,8 +37,15 @@ QUALITY_TIE_DB = 1.0
 # Top-1 agreements within this of the best are a tie. PP-LCNet orientation, 8 selection photos:
 # per-tensor weights measured 10.5 dB at 0.625 agreement, per-channel 9.5 dB at 0.875; the
 # SQNR tie band alone kept the per-tensor build (smaller), which was 4 dB worse on new photos.
+# Top-1 agreements within 0.02, or within one sample's decision on a small selection set, are
+# a tie: on 8 selection photos, 7/8 vs 6/8 is one photo (PP-LCNet on an AVX2 worker without
+# VNNI: the uint8-activation build, 3× faster there, was set aside for that one photo).
 AGREEMENT_TIE = 0.02
-LATENCY_TIE = 0.05  # latencies within 5% of the fastest are a tie (then the smaller file)
+# Latencies within 10% of the fastest are a tie, broken by the smaller file and then by the
+# build order, never by the timing itself: two builds of one size (int8 vs uint8 activations)
+# measure within a few percent of each other from run to run, and the same request on the same
+# input must give the same file (a resumed job rebuilds its last step; a recipe re-runs).
+LATENCY_TIE = 0.10
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
@@ -62,12 +69,27 @@ def quality_variants(q: Quantizer, requested: Variant) -> list[Variant]:
     cfg = q.config
     out = [requested]
     if cfg.mode != "static":
-        return out
+        return with_reduced_range(q, out)
     if cfg.per_channel is None and q.per_channel_ok:
         out.append(replace(requested, name=f"{requested.name}_per_tensor", per_channel=False))
     if cfg.dtype == "int8":
         out += [replace(v, name=f"{v.name}_u8act", activations="uint8") for v in out]
-    return out
+    return with_reduced_range(q, out)
+
+
+def with_reduced_range(q: Quantizer, variants: list[Variant]) -> list[Variant]:
+    """On a CPU without int8 dot-product instructions, every build that multiplies uint8
+    activations by int8 weights (dynamic, static U8S8) also with 7-bit weights (`..._rr7`):
+    the int16 pair sums of its kernels saturate otherwise. Measured like the rest; on VNNI/AMX
+    or Arm dot-product CPUs there is nothing to saturate, and no such build."""
+    if q.config.dtype != "int8" or cpu_int8_features():
+        return variants
+    reduced = [
+        replace(v, name=f"{v.name}_rr7", reduce_range=True)
+        for v in variants
+        if v.mode == "dynamic" or (v.mode == "static" and v.activations == "uint8")
+    ]
+    return variants + reduced
 
 
 def variants_for(q: Quantizer) -> list[Variant]:
@@ -99,8 +121,8 @@ def variants_for(q: Quantizer) -> list[Variant]:
         Variant("dynamic_per_tensor", "dynamic", per_channel=False),
     ]
     if cfg.mode == "dynamic":
-        return dynamic + static[:1]
-    return static + (dynamic[:1] if has_matmul else [])
+        return with_reduced_range(q, dynamic + static[:1])
+    return with_reduced_range(q, static + (dynamic[:1] if has_matmul else []))
 
 
 def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | None = None) -> Path:
@@ -318,8 +340,8 @@ def _choose(tried: list[Candidate], prefer: str, target: QuantizeTarget | None) 
 
 def _cheapest(ok: list[Candidate]) -> Candidate:
     fastest = min(c.latency_ms for c in ok)
-    quick = [c for c in ok if c.latency_ms <= fastest * (1 + LATENCY_TIE)]
-    return min(quick, key=lambda c: (c.size_bytes, c.latency_ms))
+    quick = [i for i, c in enumerate(ok) if c.latency_ms <= fastest * (1 + LATENCY_TIE)]
+    return ok[min(quick, key=lambda i: (ok[i].size_bytes, i))]
 
 
 def choose_quality(ok: list[Candidate]) -> Candidate:
@@ -333,7 +355,8 @@ def choose_quality(ok: list[Candidate]) -> Candidate:
     agreements = [c.fidelity.get("agreement_top1") for c in ok]
     if all(a is not None for a in agreements):
         top = max(float(a) for a in agreements if a is not None)
-        ok = [c for c in ok if float(c.fidelity["agreement_top1"]) >= top - AGREEMENT_TIE]
+        tie = max(AGREEMENT_TIE, 1.0 / min(int(c.fidelity.get("samples", 10**9)) for c in ok))
+        ok = [c for c in ok if float(c.fidelity["agreement_top1"]) >= top - tie - 1e-9]
     best = max(_quality_db(c) for c in ok)
     return _cheapest([c for c in ok if _quality_db(c) >= best - QUALITY_TIE_DB])
 
