@@ -17,6 +17,12 @@ class Calibration(BaseModel):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = Field(99.999, gt=90, le=100)
     samples: int = Field(256, ge=1, le=100_000, description="at most this many samples")
+    per_tensor_ranges: bool = Field(
+        True,
+        description="minmax, prefer quality: also build the most faithful variant with each "
+        "activation tensor's range (min/max or a 99.9-99.999 percentile) chosen by its "
+        "expected quantization error, and keep it if it measures better",
+    )
 
 
 class QuantizeTarget(BaseModel):

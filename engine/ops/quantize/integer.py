@@ -25,6 +25,7 @@ from engine.onnxgraph.convert import quiet
 from engine.onnxgraph.graph import WEIGHT_OPS, matches, name_nodes, weight_layers
 from engine.onnxgraph.runtime import feeds
 from engine.ops.quantize.memory import PeakRss
+from engine.ops.quantize.ranges import choose as choose_ranges
 from engine.ops.quantize.repairs import (
     Repair,
     mixed_range_concats,
@@ -45,6 +46,30 @@ CALIBRATION_CHUNK = 4  # batches per histogram update (entropy/percentile) or ra
 CALIBRATION_CHUNK_INPUT_BYTES = 1 << 20
 PER_CHANNEL_MIN_OPSET = 13
 INT4_BLOCK = 32
+
+
+def ragged_histograms() -> Any:
+    """onnxruntime's value histograms (2048 bins, widened as values arrive), taking a chunk's
+    batches of unequal sizes: its collector stacks them into one array, which fails when the
+    last batch is smaller."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    class Ragged(HistogramCollector):  # type: ignore[misc]
+        def collect(self, name_to_arr: dict[str, Any]) -> Any:
+            flat = {
+                k: np.concatenate([np.ravel(a) for a in v]) if isinstance(v, list) else v
+                for k, v in name_to_arr.items()
+            }
+            return super().collect(flat)
+
+    return Ragged(
+        method="percentile",
+        symmetric=False,
+        num_bins=2048,
+        num_quantized_bins=128,
+        percentile=99.999,
+        scenario="same",
+    )
 
 
 class CalibrationReader:
@@ -222,6 +247,9 @@ class Variant:
     # with full-range weights: a transformer block with outlier channels read 6.4 dB with
     # quantize_dynamic's defaults on an AVX2 worker and 24.9 dB with 7-bit weights.
     reduce_range: bool = False
+    # static: the calibration's ranges as configured, or per tensor by expected error
+    # (engine.ops.quantize.ranges; `..._mse` builds)
+    ranges: str = "configured"
 
 
 @dataclass
@@ -236,7 +264,7 @@ class Quantizer:
     base_exclude: set[str] = field(default_factory=set)
     dynamic_conv_ok: bool = True
     kept_float: set[str] = field(default_factory=set)  # mixed-range repairs (static only)
-    _cache: Path | None = None
+    _caches: dict[str, Path] = field(default_factory=dict)  # ranges -> calibration cache
     builds: int = 0
     calibration_progress: float = 0.2  # where the step's progress stands when it calibrates
     tag: str = ""  # told apart in scratch file names (a refit calibrates the same model again)
@@ -324,24 +352,34 @@ class Quantizer:
             "percentile": CalibrationMethod.Percentile,
         }[self.config.calibration.method]
 
-    def calibration_cache(self) -> Path:
-        """Streams the calibration samples once; the ranges are cached for every later build."""
-        if self._cache is not None:
-            return self._cache
-        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    def calibration_cache(self, ranges: str = "configured") -> Path:
+        """Streams the calibration samples once per kind of ranges (as configured, or "mse":
+        per tensor by expected error); the ranges are cached for every later build."""
+        if ranges in self._caches:
+            return self._caches[ranges]
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import (
+            TensorsData,
+            create_calibrator,
+            save_tensors_data,
+        )
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         cfg = self.config.calibration
         samples = self.ctx.calibration(cfg.samples)
-        method = self.calibration_method()
+        per_tensor = ranges == "mse"
+        method = CalibrationMethod.Percentile if per_tensor else self.calibration_method()
+        label = "per-tensor ranges by expected error" if per_tensor else cfg.method
         self.ctx.report(
             self.calibration_progress,
-            f"calibrating ({cfg.method}) on {len(samples)} {samples.source} samples",
+            f"calibrating ({label}) on {len(samples)} {samples.source} samples",
         )
         options: dict[str, Any] = {}
-        if cfg.method == "percentile":
+        if per_tensor:
+            options["symmetric"] = False  # a histogram of the values, not of their magnitudes
+        elif cfg.method == "percentile":
             options["percentile"] = cfg.percentile
-        if self.config.symmetric:
+        if self.config.symmetric and not per_tensor:
             options["symmetric"] = True
         batch, chunk = calibration_batching(samples, self.ctx.batch)
         reader = CalibrationReader(samples, batch, fixed=self.ctx.batch is not None, chunk=chunk)
@@ -351,31 +389,46 @@ class Quantizer:
                 self.prepared,
                 ops,
                 augmented_model_path=str(
-                    self.ctx.workdir / f"{self.prepared.stem}{self.tag}-augmented.onnx"
+                    self.ctx.workdir / f"{self.prepared.stem}{self.tag}-{ranges}-augmented.onnx"
                 ),
                 calibrate_method=method,
                 extra_options=options,
             )
+            if per_tensor:
+                calibrator.collector = ragged_histograms()
             # One chunk of batches per call: minmax merges each chunk's min/max into its
             # running range, entropy/percentile fold it into their histograms, so memory
             # holds one chunk's activations, not the dataset's.
             calibrator.collect_data(reader)
             while reader.more():
                 calibrator.collect_data(reader)
-            ranges = calibrator.compute_data()
+            if per_tensor:
+                chosen, report = choose_ranges(calibrator.collector.histogram_dict)
+                data = TensorsData(
+                    CalibrationMethod.MinMax,
+                    {
+                        k: (np.array(a, np.float32), np.array(b, np.float32))
+                        for k, (a, b) in chosen.items()
+                    },
+                )
+                self.ctx.details["calibration_ranges"] = report
+            else:
+                data = calibrator.compute_data()
             del calibrator
-        self._cache = self.ctx.workdir / f"{self.prepared.stem}{self.tag}-calibration.json"
-        save_tensors_data(ranges, self._cache)
-        self.ctx.metrics["calibration_peak_memory_bytes"] = int(memory.peak)
-        self.ctx.metrics["calibration_samples"] = len(samples)
-        self.ctx.details["calibration"] = {
-            "method": cfg.method,
-            "samples": len(samples),
-            "batch": reader.batch,
-            "batches_per_chunk": chunk,
-            "peak_memory_bytes": int(memory.peak),
-        }
-        return self._cache
+        cache = self.ctx.workdir / f"{self.prepared.stem}{self.tag}-{ranges}-calibration.json"
+        save_tensors_data(data, cache)
+        self._caches[ranges] = cache
+        if not per_tensor:
+            self.ctx.metrics["calibration_peak_memory_bytes"] = int(memory.peak)
+            self.ctx.metrics["calibration_samples"] = len(samples)
+            self.ctx.details["calibration"] = {
+                "method": cfg.method,
+                "samples": len(samples),
+                "batch": reader.batch,
+                "batches_per_chunk": chunk,
+                "peak_memory_bytes": int(memory.peak),
+            }
+        return cache
 
     def range_repairs(self, reference: list[np.ndarray]) -> list[Repair]:
         """Find the weightless nodes whose one int8 scale would zero part of a tensor
@@ -443,7 +496,7 @@ class Quantizer:
                 nodes_to_exclude=skip,
                 nodes_to_quantize=only,
                 extra_options=self.extra_options(),
-                calibration_cache_path=self.calibration_cache(),
+                calibration_cache_path=self.calibration_cache(variant.ranges),
             )
         return dst
 

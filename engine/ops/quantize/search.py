@@ -183,6 +183,10 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         tried.append(cand)
     if not tried:
         raise EngineError("quantize_failed", "No quantized variant could be built.")
+    per_tensor = _per_tensor_ranges(tried, quantizer_of, ev, target, len(builds))
+    if per_tensor is not None:
+        quantizer_of[per_tensor[0].variant.name] = per_tensor[1]
+        tried.append(per_tensor[0])
     if target is not None and not any(c.met for c in tried):
         _measure_latency(tried, ev)  # the starts are picked by speed, too
         for cand in _fallback_starts(tried, cfg.prefer):
@@ -237,6 +241,34 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         _fidelity_warning(chosen, order.ranking, ctx.warnings)
     _speed_report(q, float_ms, chosen, tried)
     return chosen.path
+
+
+def _per_tensor_ranges(
+    tried: list[Candidate],
+    quantizer_of: dict[str, Quantizer],
+    ev: Evaluator,
+    target: QuantizeTarget | None,
+    index: int,
+) -> tuple[Candidate, Quantizer] | None:
+    """prefer quality, static, min/max calibration: the most faithful build again with each
+    activation tensor's range chosen by expected error (engine.ops.quantize.ranges), as one
+    more candidate (`..._mse`) that the choice keeps only if it measures better."""
+    pick = choose_quality(tried)
+    q = quantizer_of[pick.variant.name]
+    cfg = q.config
+    if (
+        cfg.prefer != "quality"
+        or pick.variant.mode != "static"
+        or cfg.calibration.method != "minmax"
+        or cfg.symmetric
+        or not cfg.calibration.per_tensor_ranges
+    ):
+        return None
+    variant = replace(pick.variant, name=f"{pick.variant.name}_mse", ranges="mse")
+    q.ctx.report(0.75, f"{variant.name}: activation ranges per tensor by expected error")
+    cand = first_build(q, variant, ev, index)
+    cand.met = meets(cand.fidelity, target)
+    return cand, q
 
 
 def _measure_latency(
