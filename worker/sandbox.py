@@ -379,6 +379,10 @@ MEMORY_MARKERS = (
     "unable to allocate",
     "out of memory",
     "cannot allocate memory",
+    # protobuf's C++ serializer when its buffer cannot be allocated (a 35 MB model under a
+    # 1.1 GiB limit); its other cause, a proto over 2 GiB, cannot come from an upload
+    # (COMPAAS_MAX_UPLOAD_BYTES defaults to 512 MiB)
+    "failed to serialize proto",
 )
 
 

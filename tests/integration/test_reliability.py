@@ -517,7 +517,7 @@ def test_killed_multi_step_job_resumes_after_its_last_finished_step(
 def test_memory_poison_fails_with_the_reason_and_the_job_behind_it_succeeds(
     rel_stack: Stack, team: dict[str, str], slow: dict[str, str], digits_files: dict[str, Path]
 ) -> None:
-    rel_stack.start_worker(COMPAAS_JOB_MEMORY_LIMIT_MB="700")
+    rel_stack.start_worker(COMPAAS_JOB_MEMORY_LIMIT_MB="500")
     small = rel_stack.upload("models", digits_files["onnx"], team).json()
     assert rel_stack.wait_model(small["id"], team)["status"] == "ready"
     poison = submit(rel_stack, team, slow)
@@ -529,6 +529,6 @@ def test_memory_poison_fails_with_the_reason_and_the_job_behind_it_succeeds(
     failed = rel_stack.wait_job(poison, team, timeout=120)
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "memory_limit_exceeded"
-    assert "700 MiB" in failed["error"]["detail"]
+    assert "500 MiB" in failed["error"]["detail"]
     assert "COMPAAS_JOB_MEMORY_LIMIT_MB" in failed["error"]["detail"]
     assert rel_stack.wait_job(behind, team)["status"] == "succeeded"
