@@ -418,16 +418,18 @@ class Quantizer:
         cache = self.ctx.workdir / f"{self.prepared.stem}{self.tag}-{ranges}-calibration.json"
         save_tensors_data(data, cache)
         self._caches[ranges] = cache
-        if not per_tensor:
-            self.ctx.metrics["calibration_peak_memory_bytes"] = int(memory.peak)
-            self.ctx.metrics["calibration_samples"] = len(samples)
-            self.ctx.details["calibration"] = {
-                "method": cfg.method,
-                "samples": len(samples),
-                "batch": reader.batch,
-                "batches_per_chunk": chunk,
-                "peak_memory_bytes": int(memory.peak),
-            }
+        # The last calibration is the delivered file's (the refit's, when there is one).
+        peak = max(int(memory.peak), int(self.ctx.metrics.get("calibration_peak_memory_bytes", 0)))
+        self.ctx.metrics["calibration_peak_memory_bytes"] = peak
+        self.ctx.metrics["calibration_samples"] = len(samples)
+        self.ctx.details["calibration"] = {
+            "method": cfg.method,
+            "ranges": "per-tensor by expected error" if per_tensor else cfg.method,
+            "samples": len(samples),
+            "batch": reader.batch,
+            "batches_per_chunk": chunk,
+            "peak_memory_bytes": int(memory.peak),
+        }
         return cache
 
     def range_repairs(self, reference: list[np.ndarray]) -> list[Repair]:
