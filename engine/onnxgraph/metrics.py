@@ -87,12 +87,12 @@ def zstd_size(path: str | Path, level: int | None = None) -> int:
     step's)."""
     import zstandard
 
-    path = Path(path)
-    chosen = zstd_level(path.stat().st_size) if level is None else level
-    key = (sha256_file(path), chosen)
+    data = Path(path).read_bytes()
+    chosen = zstd_level(len(data)) if level is None else level
+    key = (hashlib.sha256(data).hexdigest(), chosen)
     if key not in _ZSTD_SIZES:
         compressor = zstandard.ZstdCompressor(level=chosen, threads=-1)
-        _ZSTD_SIZES[key] = len(compressor.compress(path.read_bytes()))
+        _ZSTD_SIZES[key] = len(compressor.compress(data))
     return _ZSTD_SIZES[key]
 
 

@@ -369,10 +369,10 @@ class Quantizer:
         samples = self.ctx.calibration(cfg.samples)
         per_tensor = ranges == "mse"
         method = CalibrationMethod.Percentile if per_tensor else self.calibration_method()
-        label = "per-tensor ranges by expected error" if per_tensor else cfg.method
+        label = "per-tensor by expected error" if per_tensor else cfg.method
         self.ctx.report(
             self.calibration_progress,
-            f"calibrating ({label}) on {len(samples)} {samples.source} samples",
+            f"calibrating (ranges {label}) on {len(samples)} {samples.source} samples",
         )
         options: dict[str, Any] = {}
         if per_tensor:
@@ -424,7 +424,7 @@ class Quantizer:
         self.ctx.metrics["calibration_samples"] = len(samples)
         self.ctx.details["calibration"] = {
             "method": cfg.method,
-            "ranges": "per-tensor by expected error" if per_tensor else cfg.method,
+            "ranges": label,
             "samples": len(samples),
             "batch": reader.batch,
             "batches_per_chunk": chunk,
