@@ -32,6 +32,7 @@ from app.cli import worker_command
 from app.config import Settings
 from app.db.migrate import upgrade
 from app.main import create_app
+from tests.exclusive import pytest_runtest_protocol  # noqa: F401  (a hook: tests that time run alone)
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(

@@ -353,13 +353,18 @@ def latency(path: Path, samples: Sequence[Feed], threads: int) -> dict[str, Any]
 
 
 def latency_side_by_side(
-    paths: Sequence[Path], samples: Sequence[Feed], threads: int, block: int = 10
+    paths: Sequence[Path],
+    samples: Sequence[Feed],
+    threads: int,
+    block: int = 10,
+    min_runs: int = LATENCY_MIN_RUNS * 2,
 ) -> list[float]:
     """p50 latency (ms) of each model, measured in interleaved blocks of runs.
 
     Ratios of these numbers are what `speedup` reports: measuring the models in alternation
     cancels the load and clock changes of a shared machine that separate measurements, taken
-    minutes apart, would put into the ratio.
+    minutes apart, would put into the ratio. A ranking that only tells 3× apart from 1× can
+    stop at fewer `min_runs` a model.
     """
     from engine.onnxgraph.runtime import make_session
 
@@ -375,7 +380,7 @@ def latency_side_by_side(
         if (
             runs >= LATENCY_MAX_RUNS
             or elapsed > LATENCY_MAX_SECONDS * len(sessions)
-            or (runs >= LATENCY_MIN_RUNS * 2 and elapsed >= LATENCY_MIN_SECONDS * len(sessions))
+            or (runs >= min_runs and elapsed >= LATENCY_MIN_SECONDS * len(sessions))
         ):
             break
         for session, bucket in zip(sessions, times, strict=True):

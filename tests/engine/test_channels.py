@@ -32,6 +32,7 @@ def _run_plain_ort(path: str | Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
 
 
+@pytest.mark.exclusive
 @pytest.mark.slow
 def test_half_the_channels_of_the_digits_cnn(digits_files: dict[str, Path], tmp_path: Path) -> None:
     result = compress(

@@ -64,6 +64,7 @@ def _channel_counts(data: bytes) -> list[int]:
     return [int(w.shape[0]) for name, w in weights(data).items() if w.ndim == 4]
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("model", ["digits", "residual"])
 def test_channels_gradual_removes_half_the_channels(
     api: Client,

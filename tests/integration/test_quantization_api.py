@@ -91,6 +91,7 @@ def _interleaved_ratio(original: bytes, result: bytes, x: np.ndarray, rounds: in
     return float(np.median(times[0]) / np.median(times[1]))
 
 
+@pytest.mark.exclusive
 def test_reported_speedup_matches_our_own_measurement(
     api: Client, separable: dict[str, Any]
 ) -> None:
@@ -103,6 +104,7 @@ def test_reported_speedup_matches_our_own_measurement(
         assert any("slower" in w for w in (job["steps"][0]["warnings"] or []) + job["warnings"])
 
 
+@pytest.mark.exclusive
 def test_prefer_speed_is_never_slower_than_the_original(
     api: Client, separable: dict[str, Any]
 ) -> None:
