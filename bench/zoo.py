@@ -1076,7 +1076,19 @@ def collect_job(
     p["jobs"][request] = job
     p["files"][request] = dst if job["status"] == "succeeded" else None
     p["notes"][request] = "" if job["status"] == "succeeded" else str(job.get("error"))
-    _log(f"{spec.key}: service {request} job {job['status']}")
+    _log(f"{spec.key}: service {request} job {job['status']}{_ran_for(job)}")
+
+
+def _ran_for(job: dict[str, Any]) -> str:
+    """' in N s' from the job's started_at/finished_at, or '' without them."""
+    from datetime import datetime
+
+    try:
+        started = datetime.fromisoformat(str(job["started_at"]))
+        finished = datetime.fromisoformat(str(job["finished_at"]))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f" in {(finished - started).total_seconds():.0f} s"
 
 
 def quantize_all(
