@@ -43,7 +43,8 @@ MAC_OPS = {
     "ConvInteger",
     "MatMulNBits",
 }
-LATENCY_WARMUP = 10
+LATENCY_WARMUP = 10  # runs a model, or as many as fit in LATENCY_WARMUP_SECONDS (at least 2)
+LATENCY_WARMUP_SECONDS = 0.5
 # Outputs with 2..this many channels on axis 1 (and more axes after it) are judged per channel.
 SLICE_MAX_CHANNELS = 256
 # A worst slice under this many dB is warned about (int8 done well keeps 30+ dB).
@@ -53,7 +54,9 @@ SLOWER = 0.95
 LATENCY_MIN_RUNS = 50
 LATENCY_MIN_SECONDS = 0.5
 LATENCY_MAX_RUNS = 5000
-LATENCY_MAX_SECONDS = 10.0
+# a model: 3 s is 30+ runs of a 480×640 page detector's slowest int8 build; 10 s made the
+# side-by-side measurement of 7 builds 89 s of its 286 s job
+LATENCY_MAX_SECONDS = 3.0
 
 
 def sha256_file(path: str | Path) -> str:
@@ -358,20 +361,24 @@ def latency_side_by_side(
     threads: int,
     block: int = 10,
     min_runs: int = LATENCY_MIN_RUNS * 2,
+    max_seconds: float = LATENCY_MAX_SECONDS,
 ) -> list[float]:
     """p50 latency (ms) of each model, measured in interleaved blocks of runs.
 
     Ratios of these numbers are what `speedup` reports: measuring the models in alternation
     cancels the load and clock changes of a shared machine that separate measurements, taken
     minutes apart, would put into the ratio. A ranking that only tells 3× apart from 1× can
-    stop at fewer `min_runs` a model.
+    stop at fewer `min_runs` a model and `max_seconds` a model.
     """
     from engine.onnxgraph.runtime import make_session
 
     sessions = [make_session(path, threads) for path in paths]
     for session in sessions:
+        warm = time.perf_counter()
         for i in range(LATENCY_WARMUP):
             session.run(None, samples[i % len(samples)])
+            if i >= 1 and time.perf_counter() - warm > LATENCY_WARMUP_SECONDS:
+                break
     times: list[list[float]] = [[] for _ in sessions]
     started = time.perf_counter()
     while True:
@@ -379,7 +386,7 @@ def latency_side_by_side(
         runs = len(times[0])
         if (
             runs >= LATENCY_MAX_RUNS
-            or elapsed > LATENCY_MAX_SECONDS * len(sessions)
+            or elapsed > max_seconds * len(sessions)
             or (runs >= min_runs and elapsed >= LATENCY_MIN_SECONDS * len(sessions))
         ):
             break

@@ -9,6 +9,7 @@ most once. Which variants are built and kept is engine.ops.quantize.search's job
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -43,6 +44,9 @@ CALIBRATION_BATCH = 32
 # 25 s of a 73 s job. Its tails (the 99.999th percentile) need about 10^5 values a tensor, which
 # this many samples give for every zoo model (a MiniLM tensor: 384 × 16 tokens a sentence).
 HISTOGRAM_SAMPLES = 32
+# ... and for as long as this, at least one chunk: the PP-OCR detector's 480×640 pages took
+# 3 s a sample (50 s for 16)
+HISTOGRAM_SECONDS = 15.0
 CALIBRATION_CHUNK = 4  # batches per histogram update (entropy/percentile) or range merge (minmax)
 # Input bytes per calibration chunk: every intermediate tensor of a chunk's samples is held at
 # once — the sum of a CNN's intermediate tensors is often ~1000× its input (PP-OCRv4's
@@ -91,6 +95,7 @@ class CalibrationReader:
         self.fixed = fixed
         self.chunk = chunk
         self._given = 0
+        self.fed = 0  # batches handed out so far
         self._batches: Iterator[dict[str, np.ndarray]] = iter(())
         self._next: dict[str, np.ndarray] | None = None
         self.rewind()
@@ -101,6 +106,7 @@ class CalibrationReader:
         item, self._next = self._next, next(self._batches, None)
         if item is not None:
             self._given += 1
+            self.fed += 1
         return item
 
     def more(self) -> bool:
@@ -110,6 +116,7 @@ class CalibrationReader:
 
     def rewind(self) -> None:
         self._given = 0
+        self.fed = 0
         self._batches = (f for f, _ in feeds(self.samples, self.batch, pad=self.fixed))
         self._next = next(self._batches, None)
 
@@ -406,9 +413,13 @@ class Quantizer:
             # One chunk of batches per call: minmax merges each chunk's min/max into its
             # running range, entropy/percentile fold it into their histograms, so memory
             # holds one chunk's activations, not the dataset's.
+            started = time.monotonic()
             calibrator.collect_data(reader)
             while reader.more():
+                if per_tensor and time.monotonic() - started > HISTOGRAM_SECONDS:
+                    break  # enough values for the tails; the rest of the samples not folded in
                 calibrator.collect_data(reader)
+            used = min(len(samples), reader.fed * reader.batch)
             if per_tensor:
                 chosen, report = choose_ranges(calibrator.collector.histogram_dict)
                 data = TensorsData(
@@ -428,11 +439,11 @@ class Quantizer:
         # The last calibration is the delivered file's (the refit's, when there is one).
         peak = max(int(memory.peak), int(self.ctx.metrics.get("calibration_peak_memory_bytes", 0)))
         self.ctx.metrics["calibration_peak_memory_bytes"] = peak
-        self.ctx.metrics["calibration_samples"] = len(samples)
+        self.ctx.metrics["calibration_samples"] = used
         self.ctx.details["calibration"] = {
             "method": cfg.method,
             "ranges": label,
-            "samples": len(samples),
+            "samples": used,
             "batch": reader.batch,
             "batches_per_chunk": chunk,
             "peak_memory_bytes": int(memory.peak),

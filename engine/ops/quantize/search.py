@@ -46,7 +46,9 @@ AGREEMENT_TIE = 0.02
 # measure within a few percent of each other from run to run, and the same request on the same
 # input must give the same file (a resumed job rebuilds its last step; a recipe re-runs).
 LATENCY_TIE = 0.10
-RANKING_RUNS = 30  # runs a build when latency only ranks the builds the rest starts from
+# when latency only ranks the builds the rest starts from: telling 3× from 1× takes a few runs
+RANKING_RUNS = 10
+RANKING_SECONDS = 1.0
 SIZE_TIE = 0.05  # files within 5% of the smallest are as small (_cheapest_meeting)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
@@ -191,7 +193,7 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         # activations take a slow path (PP-LCNet: S8S8 4.3× slower than fp32 on a Xeon with
         # AMX, U8S8 1.4×); picked by size and order alone, the per-tensor ranges went to the
         # slow twin and the job delivered it. The choice measures them all again.
-        _measure_latency(tried, ev, runs=RANKING_RUNS)
+        _measure_latency(tried, ev, rank=True)
     per_tensor = _per_tensor_ranges(tried, quantizer_of, ev, target, len(builds))
     if per_tensor is not None:
         quantizer_of[per_tensor[0].variant.name] = per_tensor[1]
@@ -283,16 +285,25 @@ def _per_tensor_ranges(
 
 
 def _measure_latency(
-    tried: list[Candidate], ev: Evaluator, float_model: Path | None = None, runs: int = 0
+    tried: list[Candidate], ev: Evaluator, float_model: Path | None = None, rank: bool = False
 ) -> float:
     """Set every candidate's latency_ms, measured side by side (interleaved runs) with the
-    float model when given; returns the float model's (0.0 without one). `runs`: at least
-    this many runs a build instead of the reported measurement's (a ranking)."""
+    float model when given; returns the float model's (0.0 without one). `rank`: a quick
+    measurement (RANKING_RUNS, RANKING_SECONDS a build) that only ranks."""
     paths = (
         [c.path for c in tried] if float_model is None else [float_model, *(c.path for c in tried)]
     )
-    extra = {"min_runs": runs} if runs else {}
-    times = m.latency_side_by_side(paths, ev.latency_feeds, LATENCY_THREADS, **extra)
+    if rank:
+        times = m.latency_side_by_side(
+            paths,
+            ev.latency_feeds,
+            LATENCY_THREADS,
+            block=5,
+            min_runs=RANKING_RUNS,
+            max_seconds=RANKING_SECONDS,
+        )
+    else:
+        times = m.latency_side_by_side(paths, ev.latency_feeds, LATENCY_THREADS)
     float_ms = 0.0 if float_model is None else times.pop(0)
     for cand, ms in zip(tried, times, strict=True):
         cand.latency_ms = ms
