@@ -12,6 +12,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.onnxgraph.metrics import sha256_file
+from engine.ops.quantize.integer import HISTOGRAM_SAMPLES
 from engine.ops.quantize.search import cpu_int8_features
 from engine.pipeline import compress
 
@@ -62,15 +63,18 @@ def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) ->
     assert static_int8["accuracy_measured"] is True
     assert static_int8["calibration_source"] == "dataset"
     # Bounded work instead of a stopwatch: calibration on the configured 256 samples, not the
-    # whole dataset, and five builds without a target: the requested one as is, then from the
-    # bias-corrected model weights per channel / per tensor, activations int8 / uint8 (the
-    # most faithful, then fastest, kept; no variant search). On an x86 CPU without VNNI, the
+    # whole dataset (per-tensor ranges: HISTOGRAM_SAMPLES), and six builds without a target:
+    # the requested one as is with int8 and uint8 activations, then from the bias-corrected
+    # model weights per channel / per tensor, activations int8 / uint8 (the most faithful,
+    # then fastest, kept; no variant search). On an x86 CPU without VNNI, the
     # uint8-activation builds also with 7-bit weights (their kernels saturate otherwise).
     details = static_int8["steps"][0]["details"]
-    assert details["calibration"]["samples"] == 256
+    mse = details["chosen"].endswith("_mse")
+    assert details["calibration"]["samples"] == (HISTOGRAM_SAMPLES if mse else 256)
     names = [v["name"] for v in details["variants"]]
     expected = [
         "static_int8",
+        "static_int8_u8act",
         "static_int8_biascorr",
         "static_int8_per_tensor_biascorr",
         "static_int8_u8act_biascorr",
