@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import QuantizeTarget
+from engine.config import QuantizeConfig, QuantizeTarget
 from engine.errors import EngineError
 from engine.io.datasets import Samples
 from engine.onnxgraph import metrics as m
@@ -187,12 +187,14 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         tried.append(cand)
     if not tried:
         raise EngineError("quantize_failed", "No quantized variant could be built.")
-    if len(tried) > 1:
+    missed = target is not None and not any(c.met for c in tried)
+    if len(tried) > 1 and (_per_tensor_ranges_apply(cfg) or missed):
         # The builds the rest starts from (per-tensor ranges, the fallback) are picked by
         # speed, too: as faithful and 3× faster is the uint8-activation twin where int8
         # activations take a slow path (PP-LCNet: S8S8 4.3× slower than fp32 on a Xeon with
         # AMX, U8S8 1.4×); picked by size and order alone, the per-tensor ranges went to the
-        # slow twin and the job delivered it. The choice measures them all again.
+        # slow twin and the job delivered it. The choice measures them all again; without
+        # per-tensor ranges or a fallback to start, nothing is ranked.
         _measure_latency(tried, ev, rank=True)
     per_tensor = _per_tensor_ranges(tried, quantizer_of, ev, target, len(builds))
     if per_tensor is not None:
@@ -256,6 +258,17 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
     return chosen.path
 
 
+def _per_tensor_ranges_apply(cfg: QuantizeConfig) -> bool:
+    """Whether the request gets a per-tensor-ranges build (of its pick, when that is static):
+    prefer quality, min/max calibration, asymmetric, `calibration.per_tensor_ranges` on."""
+    return (
+        cfg.prefer == "quality"
+        and cfg.calibration.method == "minmax"
+        and not cfg.symmetric
+        and cfg.calibration.per_tensor_ranges
+    )
+
+
 def _per_tensor_ranges(
     tried: list[Candidate],
     quantizer_of: dict[str, Quantizer],
@@ -268,14 +281,7 @@ def _per_tensor_ranges(
     more candidate (`..._mse`) that the choice keeps only if it measures better."""
     pick = choose_quality(tried)
     q = quantizer_of[pick.variant.name]
-    cfg = q.config
-    if (
-        cfg.prefer != "quality"
-        or pick.variant.mode != "static"
-        or cfg.calibration.method != "minmax"
-        or cfg.symmetric
-        or not cfg.calibration.per_tensor_ranges
-    ):
+    if not _per_tensor_ranges_apply(q.config) or pick.variant.mode != "static":
         return None
     variant = replace(pick.variant, name=f"{pick.variant.name}_mse", ranges="mse")
     q.ctx.report(0.75, f"{variant.name}: activation ranges per tensor by expected error")
