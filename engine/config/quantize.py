@@ -147,6 +147,12 @@ class QuantizeConfig(OpConfig):
         "Conv/Gemm biases cancel the output shift of int8 weight rounding (ΔW·E[x]), and keep "
         "it when it measures better (details.bias_corrected)",
     )
+    compact: bool = Field(
+        True,
+        description="static/dynamic: shorten the tensor names onnxruntime's quantizer adds, drop "
+        "their shape records and all-zero weight zero points: the same graph and outputs in "
+        "a smaller file (details.compaction)",
+    )
     sensitivity: bool = Field(
         False,
         description="rank layers by quantization sensitivity (also done when a build misses "

@@ -127,6 +127,19 @@ def _zero_points(model: onnx.ModelProto, inits: dict[str, np.ndarray]) -> dict[s
     return out
 
 
+def _dynamic_weight_scales(model: onnx.ModelProto, inits: dict[str, np.ndarray]) -> set[str]:
+    """Dynamic quantization multiplies a weight's scale into the activation's with a plain
+    Mul: the constant input of a Mul whose other input is a DynamicQuantizeLinear scale."""
+    scales = {n.output[1] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"}
+    return {
+        x
+        for n in model.graph.node
+        if n.op_type == "Mul" and any(i in scales for i in n.input)
+        for x in n.input
+        if x in inits
+    }
+
+
 def weight_metrics(model: onnx.ModelProto) -> dict[str, Any]:
     """params, nonzero_params and sparsity over weight tensors (scales/zero points excluded)."""
     from onnx import numpy_helper
@@ -137,10 +150,7 @@ def weight_metrics(model: onnx.ModelProto) -> dict[str, Any]:
         for i in QUANT_PARAM_INPUTS.get(node.op_type, ()):
             if i < len(node.input):
                 quant_params.add(node.input[i])
-    # Dynamic quantization applies weight scales with a plain Mul; onnxruntime names them so.
-    quant_params.update(
-        n for n in inits if n.endswith("_scale") and n[: -len("_scale")] + "_quantized" in inits
-    )
+    quant_params.update(_dynamic_weight_scales(model, inits))
     zero_points = _zero_points(model, inits)
     params = nonzero = 0
     for name, array in inits.items():

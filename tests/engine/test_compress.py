@@ -82,6 +82,15 @@ def test_static_int8_is_small_and_keeps_accuracy(static_int8: dict[str, Any]) ->
     ]
     if not cpu_int8_features():
         expected += ["static_int8_u8act_rr7_biascorr", "static_int8_per_tensor_u8act_rr7_biascorr"]
+    # Where one activation type ran ACTIVATION_SLOW× slower than the other in the first two
+    # builds (and no more faithful), its other builds are skipped, and said so.
+    skipped = details.get("variants_skipped", {"names": []})["names"]
+    assert set(skipped) <= set(expected[2:])
+    if skipped:
+        kind = "uint8" if "u8act" in skipped[0] else "int8"
+        assert details["variants_skipped"]["why"].startswith(f"{kind} activations ran")
+        assert all(("u8act" in n) == (kind == "uint8") for n in skipped)
+    expected = [n for n in expected if n not in skipped]
     # and the most faithful of those again with per-tensor activation ranges (`..._mse`)
     assert names[:-1] == expected
     assert names[-1].endswith("_mse") and names[-1][: -len("_mse")] in expected
@@ -126,6 +135,7 @@ def test_artifacts_are_inside_workdir_and_hashed(static_int8: dict[str, Any]) ->
         "range_repairs": True,
         "smooth": True,
         "bias_correction": True,
+        "compact": True,
         "sensitivity": False,
         "epochs": 5,
         "lr": None,

@@ -86,3 +86,56 @@ def test_seven_bit_weights_are_tried_only_where_the_int8_kernels_saturate(
     ]
     monkeypatch.setattr(search, "cpu_int8_features", lambda: ["avx512_vnni"])
     assert search.with_reduced_range(_Q(), [s8, u8, dyn]) == [s8, u8, dyn]  # type: ignore[arg-type]
+
+
+def test_the_requested_build_and_its_activation_twin_are_built_first() -> None:
+    from engine.ops.quantize.search import _twins_first
+
+    q, other = object(), object()  # the model a build comes from: the same one, or a copy
+    requested = Variant("static_int8", "static")
+    s8pt = Variant("static_int8_per_tensor", "static", per_channel=False)
+    u8 = Variant("static_int8_u8act", "static", activations="uint8")
+    u8pt = Variant("static_int8_per_tensor_u8act", "static", per_channel=False, activations="uint8")
+    builds: list[Any] = [(q, requested), (q, s8pt), (q, u8), (q, u8pt)]
+    assert [v.name for _, v in _twins_first(builds, requested)] == [
+        "static_int8",
+        "static_int8_u8act",
+        "static_int8_per_tensor",
+        "static_int8_per_tensor_u8act",
+    ]
+    # the twin of another model's copy (bias-corrected) is not the requested build's twin
+    builds = [(q, requested), (q, s8pt), (other, u8)]
+    assert _twins_first(builds, requested) == builds
+
+
+def test_a_clearly_slower_activation_type_is_not_built_again(tmp_path: Path) -> None:
+    from engine.ops.quantize.search import ACTIVATION_SLOW, _without_slow_activations
+
+    q = object()
+    rest: list[Any] = [
+        (q, Variant("static_int8_biascorr", "static")),
+        (q, Variant("static_int8_u8act_biascorr", "static", activations="uint8")),
+        (q, Variant("static_int8_u8act_rr7_biascorr", "static", activations="uint8")),
+    ]
+    s8 = _cand(tmp_path, "static_int8", 1000, 4.3, sqnr_db=14.0)
+    u8 = _cand(tmp_path, "static_int8_u8act", 1000, 1.4, sqnr_db=14.0)
+    u8.variant = Variant("static_int8_u8act", "static", activations="uint8")
+    details: dict[str, Any] = {}
+    kept = _without_slow_activations([s8, u8], rest, details)
+    assert [v.name for _, v in kept] == [
+        "static_int8_u8act_biascorr",
+        "static_int8_u8act_rr7_biascorr",
+    ]
+    assert details["variants_skipped"]["names"] == ["static_int8_biascorr"]
+    assert "3.07× slower" in details["variants_skipped"]["why"]
+    # Within ACTIVATION_SLOW, both are built on.
+    s8.latency_ms = u8.latency_ms * (ACTIVATION_SLOW - 0.01)
+    assert _without_slow_activations([s8, u8], rest, {}) == rest
+    # A slower build that is more faithful is built on: speed is no reason to lose fidelity.
+    s8.latency_ms, s8.fidelity = 4.3, {"sqnr_db": 20.0}
+    assert _without_slow_activations([s8, u8], rest, {}) == rest
+    # The other way round (uint8 slower; an x86 CPU without VNNI can be so): the uint8 builds go.
+    s8.fidelity, s8.latency_ms, u8.latency_ms = {"sqnr_db": 14.0}, 1.0, 2.0
+    assert [v.name for _, v in _without_slow_activations([s8, u8], rest, {})] == [
+        "static_int8_biascorr"
+    ]

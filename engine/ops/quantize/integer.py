@@ -9,7 +9,6 @@ most once. Which variants are built and kept is engine.ops.quantize.search's job
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -22,6 +21,7 @@ from engine.config import QuantizeConfig
 from engine.context import StepContext
 from engine.io.datasets import Samples
 from engine.io.formats import onnx_opset
+from engine.onnxgraph.compact import compact, tensor_names
 from engine.onnxgraph.convert import quiet
 from engine.onnxgraph.graph import WEIGHT_OPS, matches, name_nodes, weight_layers
 from engine.onnxgraph.runtime import feeds
@@ -44,9 +44,11 @@ CALIBRATION_BATCH = 32
 # 25 s of a 73 s job. Its tails (the 99.999th percentile) need about 10^5 values a tensor, which
 # this many samples give for every zoo model (a MiniLM tensor: 384 × 16 tokens a sentence).
 HISTOGRAM_SAMPLES = 32
-# ... and for as long as this, at least one chunk: the PP-OCR detector's 480×640 pages took
-# 3 s a sample (50 s for 16)
-HISTOGRAM_SECONDS = 15.0
+# ... and at most this many activation values, at least one chunk: the PP-OCR detector's
+# 480×640 pages took 3 s a sample (50 s for 16). A count, not a time: the same request on the
+# same samples folds the same samples in, whatever the worker's load (a 15 s limit gave that
+# detector 5 pages on an idle worker, 4 under a profiler, and a different file).
+HISTOGRAM_VALUES = 1_500_000_000
 CALIBRATION_CHUNK = 4  # batches per histogram update (entropy/percentile) or range merge (minmax)
 # Input bytes per calibration chunk: every intermediate tensor of a chunk's samples is held at
 # once — the sum of a CNN's intermediate tensors is often ~1000× its input (PP-OCRv4's
@@ -64,11 +66,14 @@ def ragged_histograms() -> Any:
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     class Ragged(HistogramCollector):  # type: ignore[misc]
+        values = 0  # folded in so far
+
         def collect(self, name_to_arr: dict[str, Any]) -> Any:
             flat = {
                 k: np.concatenate([np.ravel(a) for a in v]) if isinstance(v, list) else v
                 for k, v in name_to_arr.items()
             }
+            self.values += sum(int(np.size(a)) for a in flat.values())
             return super().collect(flat)
 
     return Ragged(
@@ -280,6 +285,8 @@ class Quantizer:
     builds: int = 0
     calibration_progress: float = 0.2  # where the step's progress stands when it calibrates
     tag: str = ""  # told apart in scratch file names (a refit calibrates the same model again)
+    # built file -> what compaction saved there; one dict shared with the derived quantizers
+    compactions: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @cached_property
     def model(self) -> onnx.ModelProto:
@@ -303,6 +310,7 @@ class Quantizer:
         ctx = self.ctx if samples is None else replace(self.ctx, samples=samples)
         other = Quantizer(self.config, prepared, ctx, self.per_channel_ok)
         other.kept_float = set(self.kept_float)
+        other.compactions = self.compactions
         other.calibration_progress = 0.65 if samples is None else 0.9
         other.tag = "" if samples is None else "-refit"
         return other
@@ -413,10 +421,9 @@ class Quantizer:
             # One chunk of batches per call: minmax merges each chunk's min/max into its
             # running range, entropy/percentile fold it into their histograms, so memory
             # holds one chunk's activations, not the dataset's.
-            started = time.monotonic()
             calibrator.collect_data(reader)
             while reader.more():
-                if per_tensor and time.monotonic() - started > HISTOGRAM_SECONDS:
+                if per_tensor and calibrator.collector.values >= HISTOGRAM_VALUES:
                     break  # enough values for the tails; the rest of the samples not folded in
                 calibrator.collect_data(reader)
             used = min(len(samples), reader.fed * reader.batch)
@@ -497,7 +504,7 @@ class Quantizer:
             return dst
         if variant.mode == "dynamic":
             self._dynamic(dst, per_channel, skip, only, variant.reduce_range)
-            return dst
+            return self._compact(dst)
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         method = self.calibration_method()
@@ -518,6 +525,19 @@ class Quantizer:
                 extra_options=self.extra_options(),
                 calibration_cache_path=self.calibration_cache(variant.ranges),
             )
+        return self._compact(dst)
+
+    @cached_property
+    def float_names(self) -> frozenset[str]:
+        return tensor_names(self.prepared)
+
+    def _compact(self, dst: Path) -> Path:
+        """`compact` (default on): the file without onnxruntime's long generated names, their
+        shape records and all-zero weight zero points (engine.onnxgraph.compact)."""
+        if self.config.compact:
+            done = compact(dst, self.float_names)
+            if done is not None:
+                self.compactions[str(dst)] = done.as_dict()
         return dst
 
     def _dynamic(

@@ -50,6 +50,8 @@ LATENCY_TIE = 0.10
 RANKING_RUNS = 10
 RANKING_SECONDS = 1.0
 SIZE_TIE = 0.05  # files within 5% of the smallest are as small (_cheapest_meeting)
+# an activation type this much slower than its twin's is not built again (_without_slow_...)
+ACTIVATION_SLOW = 1.25
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
@@ -169,10 +171,14 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
             and v.mode == requested.mode  # speed/size: not every variant twice more
             and not v.exclude_depthwise
         ]
+    builds = _twins_first(builds, requested)
     ctx.report(0.65, f"building and measuring {len(builds)} variant(s)")
     tried: list[Candidate] = []
     quantizer_of: dict[str, Quantizer] = {}
-    for i, (quantizer, variant) in enumerate(builds):
+    for i in range(len(builds)):
+        if i >= len(builds):
+            break  # fewer after the twins were compared
+        quantizer, variant = builds[i]
         try:
             cand = first_build(quantizer, variant, ev, i)
         except Exception as exc:
@@ -185,6 +191,9 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         cand.met = meets(cand.fidelity, target)
         quantizer_of[variant.name] = quantizer
         tried.append(cand)
+        if i == 1 and len(tried) == 2 and tried[0].variant.activations != variant.activations:
+            _measure_latency(tried, ev, rank=True)  # the requested build and its twin
+            builds[2:] = _without_slow_activations(tried, builds[2:], ctx.details)
     if not tried:
         raise EngineError("quantize_failed", "No quantized variant could be built.")
     missed = target is not None and not any(c.met for c in tried)
@@ -236,6 +245,8 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         for c in tried
     ]
     ctx.details["chosen"] = chosen.variant.name
+    if str(chosen.path) in q.compactions:
+        ctx.details["compaction"] = q.compactions[str(chosen.path)]
     if target is not None:
         ctx.details["kept_float"] = chosen.kept_float
         ctx.details["target_met"] = chosen.met
@@ -256,6 +267,59 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         _fidelity_warning(chosen, order.ranking, ctx.warnings)
     _speed_report(q, float_ms, chosen, tried)
     return chosen.path
+
+
+def _twins_first(
+    builds: list[tuple[Quantizer, Variant]], requested: Variant
+) -> list[tuple[Quantizer, Variant]]:
+    """The requested build and its other-activation twin (the same build with uint8
+    activations, or int8 for a uint8 request) first, when both are to be built from the same
+    model: what they measure decides whether the slower activation type is built again
+    (_without_slow_activations). The rest keep their order."""
+    if len(builds) < 3 or builds[0][1] != requested:
+        return builds
+    other = "int8" if requested.activations == "uint8" else "uint8"
+    twin = next(
+        (
+            i
+            for i, (quantizer, v) in enumerate(builds)
+            if i > 0
+            and quantizer is builds[0][0]
+            and v == replace(requested, name=v.name, activations=other)
+        ),
+        None,
+    )
+    if twin is None:
+        return builds
+    return [builds[0], builds[twin], *(b for i, b in enumerate(builds) if i not in (0, twin))]
+
+
+def _without_slow_activations(
+    pair: list[Candidate],
+    rest: list[tuple[Quantizer, Variant]],
+    details: dict[str, Any],
+) -> list[tuple[Quantizer, Variant]]:
+    """After the requested build and its twin, which differ only in the activation type: when
+    one runs ACTIVATION_SLOW× slower than the other (a quick side-by-side measurement, in
+    latency_ms) and is
+    no more faithful (choose_quality keeps the other), the remaining builds with its
+    activation type are not made. int8 × int8 (S8S8) kernels ran PP-LCNet at 4.3× fp32 on a
+    Xeon with AMX where uint8 activations (U8S8) ran at 1.4×: its S8S8 builds were measured
+    only to lose. The skipped builds are listed in details.variants_skipped."""
+    keep = choose_quality(pair)
+    slow = next(c for c in pair if c is not keep)
+    if slow.latency_ms < ACTIVATION_SLOW * keep.latency_ms:
+        return rest
+    kind = slow.variant.activations
+    skipped = [v.name for _, v in rest if v.activations == kind]
+    if skipped:
+        details["variants_skipped"] = {
+            "names": skipped,
+            "why": f"{kind} activations ran {slow.latency_ms / keep.latency_ms:.2f}× slower "
+            f"than {keep.variant.activations} here ({slow.variant.name} vs "
+            f"{keep.variant.name}, quick side-by-side) and measured no more faithful",
+        }
+    return [b for b in rest if b[1].activations != kind]
 
 
 def _per_tensor_ranges_apply(cfg: QuantizeConfig) -> bool:
