@@ -139,3 +139,21 @@ def test_a_clearly_slower_activation_type_is_not_built_again(tmp_path: Path) -> 
     assert [v.name for _, v in _without_slow_activations([s8, u8], rest, {})] == [
         "static_int8_biascorr"
     ]
+
+
+def test_with_a_target_the_cheapest_builds_that_meet_it_then_the_widest_margin(
+    tmp_path: Path,
+) -> None:
+    from engine.ops.quantize.search import _cheapest_meeting
+
+    # PP-OCR's direction classifier, target 20 dB: per-channel builds meet it, per tensor not.
+    plain = _cand(tmp_path, "u8act", 1000, 1.0, sqnr_db=24.8)
+    corrected = _cand(tmp_path, "u8act_biascorr", 1000, 1.0, sqnr_db=33.9)
+    big = _cand(tmp_path, "big", 1200, 0.8, sqnr_db=40.0)  # 20% larger: not as cheap
+    slow = _cand(tmp_path, "slow", 1000, 1.5, sqnr_db=45.0)  # as small, 1.5x slower
+    # As small and as fast: the wider margin over the target, whatever the build order.
+    assert _cheapest_meeting([plain, corrected, big, slow]) is corrected
+    assert _cheapest_meeting([corrected, plain]) is corrected
+    # Within 5% of the smallest file counts as small; then speed before fidelity.
+    near = _cand(tmp_path, "near", 1040, 0.5, sqnr_db=21.0)
+    assert _cheapest_meeting([plain, corrected, near]) is near
