@@ -53,7 +53,7 @@ class Evaluation:
     def measure(self, path: Path) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Size, latency, peak memory and quality (against `reference`) of one ONNX model."""
         outputs = self.outputs(path)
-        values = m.static_metrics(path, self.batch)
+        values = m.static_metrics(path, self.batch, self.latency_feeds[0])
         values.update(m.latency(path, self.latency_feeds, self.threads))
         peak = m.peak_memory(path, self.latency_feeds[0], self.threads)
         if peak is not None:

@@ -221,6 +221,46 @@ def count_macs(model: onnx.ModelProto, batch: int | None = None) -> int | None:
     return total // batch if batch else total
 
 
+def runtime_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int | None:
+    """count_macs from the shapes of one onnxruntime run on `feed` (every MAC op's input and
+    output made a graph output, graph optimizations off), per row of the feed's batch; for
+    the graphs ONNX shape inference cannot follow (the attention-mask subgraph transformers 5
+    exports for SDPA). None when the run fails."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    nodes = [n for n in g.node if n.op_type in MAC_OPS]
+    known = {v.name for v in (*g.input, *g.output)} | {t.name for t in g.initializer}
+    wanted = {x for n in nodes for x in (*n.input[:2], n.output[0]) if x and x not in known}
+    for name in sorted(wanted):
+        g.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(None, feed)
+    except Exception:
+        return None
+    shapes = {name: list(np.shape(v)) for name, v in zip(names, values, strict=True)}
+    shapes |= {k: list(np.shape(v)) for k, v in feed.items()}
+    shapes |= {t.name: list(t.dims) for t in g.initializer}
+    rows = max(1, int(next(iter(feed.values())).shape[0])) if feed else 1
+    total = 0
+    for node in nodes:
+        macs = _node_macs(node, shapes, rows)
+        if macs is None:
+            return None
+        total += macs
+    return total // rows
+
+
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], rows: int = 1) -> int | None:
     op = node.op_type
     out = shapes.get(node.output[0]) if node.output else None
@@ -254,16 +294,22 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], rows: int = 1
     return int(np.prod(out, dtype=np.int64)) * a[-1]
 
 
-def static_metrics(path: Path, batch: int | None = None) -> dict[str, Any]:
-    """Everything measured from the file alone: sizes, weights, MACs."""
+def static_metrics(
+    path: Path, batch: int | None = None, feed: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Everything measured from the file alone: sizes, weights, MACs (from one run on `feed`
+    where ONNX shape inference leaves a MAC op's shapes unknown)."""
     import onnx
 
     model = onnx.load(str(path))
+    macs = count_macs(model, batch)
+    if macs is None and feed is not None:
+        macs = runtime_macs(model, feed)
     return {
         "size_bytes": path.stat().st_size,
         "size_zstd_bytes": zstd_size(path),
         **weight_metrics(model),
-        "macs": count_macs(model, batch),
+        "macs": macs,
     }
 
 

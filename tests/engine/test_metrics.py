@@ -46,6 +46,32 @@ def test_macs_count_matmul_gemm_and_conv_at_batch_one() -> None:
     assert count_macs(_conv()) == 16 * 10 * 10 * 3 * 3 * 3
 
 
+def test_macs_come_from_one_run_where_shape_inference_stops(tmp_path: Path) -> None:
+    # A contrib op (com.microsoft Gelu) that ONNX shape inference does not know between two
+    # MatMuls, as transformers 5's SDPA attention-mask subgraph stops it on a real encoder.
+    w1, w2 = np.ones((64, 300), np.float32), np.ones((300, 10), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Gelu", ["h"], ["g"], domain="com.microsoft"),
+            helper.make_node("MatMul", ["g", "w2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 7, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    path = tmp_path / "gelu.onnx"
+    onnx.save(model, str(path))
+    assert count_macs(model) is None  # the file alone does not tell
+    feed = {"x": np.ones((3, 7, 64), np.float32)}  # three samples of 7 tokens
+    assert static_metrics(path, None, feed)["macs"] == 7 * (64 * 300 + 300 * 10)  # per sample
+    assert static_metrics(path)["macs"] is None  # no sample to run: unknown, not a guess
+
+
 def test_params_and_sparsity_count_zeros(tmp_path: Path) -> None:
     w1 = np.ones((8, 4), np.float32)
     w1[:4] = 0
