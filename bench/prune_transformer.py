@@ -1,12 +1,16 @@
 """Heads and FFN channels pruned from the real all-MiniLM-L6-v2 sentence encoder (.pt2 upload),
-at the engine level (compress(), temp dirs, no API).
+at the engine level (compress(), temp dirs, no API), optionally distilled after.
 
-    .venv/bin/python -m bench.prune_transformer [--sparsity 0.3] [--distill 0] [--out table.md]
+    .venv/bin/python -m bench.prune_transformer [--sparsity 0.3] [--criterion entropy]
+        [--distill EPOCHS] [--lr LR] [--text words|prose] [--train N] [--held N] [--out F]
 
 The encoder is exported as a team would: `transformers` BertModel + mean pooling + L2 norm
 inside, torch.export with a dynamic batch (sequence 32, the zoo's tokenizer settings), weights
-from the zoo cache (bench/zoo.py). The dataset is 48 calibration + 32 held-out sentences
-(holdout 0.4 when a step trains, all 80 measured otherwise). Prints MACs, parameters, latency
+from the zoo cache (bench/zoo.py). The job gets `--train` sentences (it holds out its own share
+when a step trains); the bench measures the delivered ONNX against the original on `--held`
+other sentences the job never saw (`--text prose`: sentences of the Python documentation's
+help topics, the held-out ones from other topics; `words`: the zoo's word-list sentences).
+Prints MACs of one sentence (from one onnxruntime run), parameters, latency side by side
 (onnxruntime CPU, batch 1, 1 thread) and the cosine to the original. Not a test.
 """
 
@@ -28,6 +32,40 @@ from bench.zoo import MINILM, Spec, fetch, minilm_encoder, minilm_inputs  # noqa
 from engine.pipeline import compress  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def prose(n: int, held_out: bool, seed: int) -> list[str]:
+    """Up to n distinct English sentences (6-30 words) of the Python documentation's help
+    topics (pydoc_data, in the standard library). Every fourth topic is held out: held-out
+    sentences come from topics the job never saw, and no training sentence is one of them."""
+    import re
+    from pydoc_data.topics import topics
+
+    held: dict[str, None] = {}
+    train: dict[str, None] = {}
+    for i, key in enumerate(sorted(topics)):
+        text = " ".join(topics[key].split())
+        found = [s for s in re.split(r"(?<=[.!?])\s+", text) if 6 <= len(s.split()) <= 30]
+        (held if i % 4 == 3 else train).update(dict.fromkeys(found))
+    pool = list(held) if held_out else [s for s in train if s not in held]
+    rng = np.random.default_rng(seed)
+    return [pool[i] for i in rng.permutation(len(pool))[:n]]
+
+
+def prose_inputs(n: int, held_out: bool, seed: int) -> dict[str, np.ndarray]:
+    from tokenizers import Tokenizer
+
+    from bench.zoo import MINILM_SEQ, MINILM_TOKENIZER
+
+    tok = Tokenizer.from_file(str(fetch(MINILM_TOKENIZER).parent / "tokenizer.json"))
+    tok.enable_padding(length=MINILM_SEQ, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(MINILM_SEQ)
+    enc = tok.encode_batch(prose(n, held_out, seed))
+    return {
+        "input_ids": np.array([e.ids for e in enc], np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+        "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
+    }
 
 
 def export_minilm_pt2(out: Path) -> Path:
@@ -56,29 +94,34 @@ def export_minilm_pt2(out: Path) -> Path:
     return out
 
 
-def runtime_macs(path: Path, feeds: dict[str, np.ndarray]) -> int:
-    """MatMul/Gemm multiply-accumulates of one sample, from the shapes of one onnxruntime run.
+def held_out(original: Path, final: Path, held: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Cosine of the final artifact's embeddings to the original's on the held-out sentences
+    (never given to the job), MACs of one sentence, and latency side by side."""
+    from engine.onnxgraph.metrics import latency_side_by_side, runtime_macs
+    from engine.onnxgraph.runtime import make_session
 
-    The job's `macs` come from ONNX shape inference, which stops at the attention-mask
-    subgraph transformers 5 exports for SDPA (so they are null for this model).
-    """
+    def embed(path: Path) -> np.ndarray:
+        session = make_session(path)
+        rows = [
+            session.run(None, {k: held[k][i : i + 1] for k in INPUTS})[0]
+            for i in range(len(held[INPUTS[0]]))
+        ]
+        return np.concatenate(rows).reshape(len(rows), -1)
+
+    a, b = embed(original), embed(final)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    one = {k: held[k][:1] for k in INPUTS}
     import onnx
-    import onnxruntime as ort
 
-    model = onnx.load(str(path))
-    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
-    wanted = {t for n in nodes for t in (n.input[0], n.output[0])}
-    known = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    for name in sorted(wanted - known - set(inits)):
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    feed = {i.name: feeds[i.name][:1] for i in session.get_inputs()}
-    values = dict(zip(names, session.run(None, feed), strict=True))
-    shapes = {k: list(v.shape) for k, v in values.items()} | inits
-    shapes |= {k: list(v.shape) for k, v in feed.items()}
-    return sum(int(np.prod(shapes[n.output[0]])) * shapes[n.input[0]][-1] for n in nodes)
+    macs = [runtime_macs(onnx.load(str(p)), one) for p in (original, final)]
+    feeds = [{k: held[k][i : i + 1] for k in INPUTS} for i in range(8)]
+    ms = latency_side_by_side([original, final], feeds, 1)
+    return {
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "macs": macs,
+        "latency_ratio": ms[1] / ms[0],
+    }
 
 
 def main() -> None:
@@ -87,6 +130,16 @@ def main() -> None:
     parser.add_argument("--head-sparsity", type=float, default=None)
     parser.add_argument("--criterion", default="magnitude")
     parser.add_argument("--distill", type=int, default=0, help="distill epochs after (0: none)")
+    parser.add_argument("--lr", type=float, default=None, help="distill learning rate")
+    parser.add_argument("--train", type=int, default=48, help="sentences the job gets")
+    parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
+    parser.add_argument("--batch", type=int, default=16, help="distill batch size")
+    parser.add_argument(
+        "--text",
+        choices=("words", "prose"),
+        default="words",
+        help="words: the zoo's word-list sentences; prose: the Python docs' help topics",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,11 +147,11 @@ def main() -> None:
         t0 = time.perf_counter()
         pt2 = export_minilm_pt2(work / "minilm.pt2")
         exported = time.perf_counter() - t0
-        calibration, held = minilm_inputs(48, 1), minilm_inputs(32, 2)
-        np.savez(
-            work / "sentences.npz",
-            **{k: np.concatenate([calibration[k], held[k]]) for k in INPUTS},
-        )
+        if args.text == "prose":
+            job_set, held = prose_inputs(args.train, False, 1), prose_inputs(args.held, True, 2)
+        else:
+            job_set, held = minilm_inputs(args.train, 1), minilm_inputs(args.held, 2)
+        np.savez(work / "sentences.npz", **{k: job_set[k] for k in INPUTS})
         prune: dict[str, Any] = {
             "op": "prune",
             "granularity": "channels",
@@ -108,46 +161,72 @@ def main() -> None:
         }
         pipeline = [prune]
         if args.distill:
-            pipeline.append({"op": "distill", "epochs": args.distill, "batch_size": 16})
+            distill: dict[str, Any] = {
+                "op": "distill",
+                "epochs": args.distill,
+                "batch_size": args.batch,
+            }
+            if args.lr is not None:
+                distill["lr"] = args.lr
+            pipeline.append(distill)
         t0 = time.perf_counter()
         result = compress(
             pt2,
             pipeline,
             dataset_path=work / "sentences.npz",
             evaluation_task="embedding",
-            holdout=0.4 if args.distill else None,
             workdir=work / "job",
         )
         took = time.perf_counter() - t0
-        feeds = {k: held[k] for k in INPUTS}
-        macs = (
-            runtime_macs(work / "job" / "original.onnx", feeds),
-            runtime_macs(Path(result["artifacts"][0]["path"]), feeds),
+        measured = held_out(
+            work / "job" / "original.onnx", Path(result["artifacts"][0]["path"]), held
         )
     before, after = result["original"], result["final"]
+    macs = measured["macs"]
     rows = [
         ("export .pt2 (s)", f"{exported:.1f}"),
         ("compress (s)", f"{took:.1f}"),
         ("pipeline", " + ".join(s["op"] for s in result["steps"])),
+        ("sentences: job / held out", f"{args.train} / {args.held} ({args.text})"),
         ("job metric macs", f"{before['macs']} → {after['macs']}"),
-        ("MatMul/Gemm MACs", f"{macs[0]:,} → {macs[1]:,} ({macs[1] / macs[0]:.3f}×)"),
+        ("MACs (one sentence)", f"{macs[0]:,} → {macs[1]:,} ({macs[1] / macs[0]:.3f}×)"),
         (
             "params",
             f"{before['params']:,} → {after['params']:,} "
             f"({after['params'] / before['params']:.3f}×)",
         ),
-        ("latency ratio (1/speedup)", f"{1 / result['ratios']['speedup']:.3f}"),
+        ("latency ratio (held out, side by side)", f"{measured['latency_ratio']:.3f}"),
+        ("latency ratio (job: 1/speedup)", f"{1 / result['ratios']['speedup']:.3f}"),
+        (
+            "cosine on held-out sentences, mean / min",
+            f"{measured['cosine_mean']:.4f} / {measured['cosine_min']:.4f}",
+        ),
     ]
     for step in result["steps"]:
-        rows.append((f"cosine after {step['op']}", f"{step['metrics']['cosine_similarity']:.4f}"))
+        rows.append(
+            (f"job cosine after {step['op']}", f"{step['metrics']['cosine_similarity']:.4f}")
+        )
+        held_info = step["details"].get("held_out")
+        if held_info:
+            rows.append((f"{step['op']} held_out (job split)", str(held_info)[:160]))
+        epochs = step["details"].get("epochs")
+        if epochs and step["op"] == "distill":
+            curve = [e.get("held_out_cosine_similarity") for e in epochs]
+            rows.append(
+                (
+                    "distill held-out cosine per epoch",
+                    " ".join(f"{c:.3f}" for c in curve if c is not None),
+                )
+            )
     layers = result["steps"][0]["details"]["layers"]
     heads = [f"{e['heads_after']}/{e['heads_before']}" for e in layers if e["kind"] == "attention"]
     widths = [f"{e['width_after']}/{e['width_before']}" for e in layers if e["kind"] == "ffn"]
     rows += [("heads kept", " ".join(heads)), ("FFN width kept", " ".join(widths))]
     table = "| | all-MiniLM-L6-v2 |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     print(table)
-    for w in result["steps"][0]["warnings"]:
-        print("-", w)
+    for step in result["steps"]:
+        for w in step["warnings"]:
+            print("-", step["op"], w)
     if args.out:
         args.out.write_text(table + "\n")
 

@@ -27,7 +27,13 @@ class FineTuneConfig(_TrainsTorch):
 
     op: Literal["fine_tune"] = "fine_tune"
     epochs: int = Field(5, ge=1, le=200)
-    lr: float = Field(1e-3, gt=0, le=1)
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Adam learning rate; unset: 1e-3, or 2e-4 on a model with attention (a "
+        "pretrained transformer)",
+    )
     batch_size: int = Field(64, ge=1, le=4096)
     lr_schedule: LrSchedule = Field(
         "cosine", description="learning rate: constant, or cosine decay to zero over the run"
@@ -61,7 +67,13 @@ class DistillConfig(_TrainsTorch):
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (teacher) term")
     epochs: int = Field(10, ge=1, le=500)
-    lr: float = Field(1e-3, gt=0, le=1)
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Adam learning rate; unset: 1e-3, or 2e-4 on a model with attention (a "
+        "pretrained transformer)",
+    )
     batch_size: int = Field(64, ge=1, le=4096)
     feature_layers: list[tuple[str, str]] = Field(
         default_factory=list, description="[student layer, teacher layer] pairs"
@@ -78,6 +90,14 @@ class DistillConfig(_TrainsTorch):
         None,
         description="learning rate: constant, or cosine decay to zero over the run; unset: "
         "cosine for a trained student (current, model), constant for a fresh width student",
+    )
+    hidden_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="weight of the hidden-state loss: each LayerNorm output of the student "
+        "learns the teacher's (MSE / the teacher's variance) when both have as many, of the "
+        "same shapes (a pruned transformer keeps its residual width); 0 turns it off",
     )
 
     @model_validator(mode="after")

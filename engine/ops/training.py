@@ -25,11 +25,13 @@ from engine.torchgraph.fidelity import (
     holdout_check,
     training_warning,
 )
+from engine.torchgraph.hidden import HiddenStates
 from engine.torchgraph.lift import weight_layers
 from engine.torchgraph.losses import Loss, describe_loss, loss_name
 from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
+    default_lr,
     epoch_progress,
     evaluate,
     first_output,
@@ -79,12 +81,13 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
     data = job_data(ctx)
     holdout = holdout_check(ctx)
     before = evaluate(gm, data, task=ctx.task)
+    lr = config.lr if config.lr is not None else default_lr(gm)
     history = fit(
         gm,
         data,
         Loss(use_labels=True, task=ctx.task),
         epochs=config.epochs,
-        lr=config.lr,
+        lr=lr,
         batch_size=config.batch_size,
         seed=ctx.seed,
         report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
@@ -92,7 +95,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         schedule=config.lr_schedule,
     )
     ctx.details.update(
-        {"before": before, "loss": "cross_entropy", **history_details(history, holdout)}
+        {"before": before, "loss": "cross_entropy", "lr": lr, **history_details(history, holdout)}
     )
     return _deliver(gm, history, holdout, model_path, ctx, op="fine_tune", what="fine-tuned model")
 
@@ -230,8 +233,12 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     teacher = frozen(teacher_gm)
     student = _student(config, model_path, ctx)
     example = example_args(ctx)
+    taps = HiddenStates(student, teacher_gm, config.hidden_weight)
     with torch.no_grad():
         t_out, s_out = teacher(*example), student(*example)
+    hidden = taps if config.hidden_weight > 0 and taps.shapes_match() else None
+    if hidden is None:
+        taps.close()
     t_shapes = [list(t.shape) for t in flatten(t_out)]
     s_shapes = [list(getattr(s, "shape", [])) for s in flatten(s_out)]
     if t_shapes != s_shapes:
@@ -264,35 +271,44 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             f"pipeline[{ctx.index}]",
         )
         params = list(student.parameters()) + list(features.projections.parameters())
+    extra = [x.loss for x in (features, hidden) if x is not None]
     holdout = holdout_check(ctx)
     teacher_scores = evaluate(teacher, data, task=ctx.task)
     before = evaluate(student, data, teacher, task=ctx.task)
-    ctx.report(0.03, f"distillation: {describe_loss(name, loss)}")
+    lr = config.lr if config.lr is not None else default_lr(student)
+    ctx.report(0.03, f"distillation: {describe_loss(name, loss)}, lr {lr:g}")
     try:
         history = fit(
             student,
             data,
             loss,
             epochs=config.epochs,
-            lr=config.lr,
+            lr=lr,
             batch_size=config.batch_size,
             seed=ctx.seed,
             params=params,
             report=epoch_progress(ctx.report, "distillation", config.epochs, 0.05, 0.9),
-            extra_loss=features.loss if features else None,
+            extra_loss=(lambda: torch.stack([f() for f in extra]).sum()) if extra else None,
             holdout=holdout,
             # a width student starts from fresh weights: its epoch 0 is no candidate
             start_counts=config.student != "width",
             schedule=config.schedule(),
         )
     finally:
-        if features:
-            features.close()
+        for x in (features, hidden):
+            if x is not None:
+                x.close()
     ctx.details.update(
         {
             "teacher": teacher_scores,
             "student_before": before,
             "loss": name,
+            "lr": lr,
+            "hidden_states": (
+                {"pairs": hidden.pairs, "weight": config.hidden_weight, "at": "LayerNorm outputs"}
+                if hidden is not None
+                else None
+            ),
             "alpha": alpha,
             "temperature": config.temperature,
             **history_details(history, holdout),

@@ -19,7 +19,7 @@ from engine.errors import EngineError
 from engine.pipeline import compress
 from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes
 from engine.torchgraph.lift import preflight
-from engine.torchgraph.train import load_lifted
+from engine.torchgraph.train import TRANSFORMER_LR, load_lifted
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 120, 16, 64, 8, 256, 2  # head_dim 8 == heads: on purpose
 
@@ -292,6 +292,15 @@ def test_prune_then_distill_end_to_end_on_an_embedding_task(tmp_path: Path) -> N
     )
     assert [s["op"] for s in result["steps"]] == ["prune", "distill"]
     assert result["evaluation"]["holdout"] == 0.3
+    details = result["steps"][1]["details"]
+    # a pretrained transformer's learning rate, and every LayerNorm output matched (the
+    # embeddings' and each layer's two: the residual width is kept)
+    assert details["lr"] == TRANSFORMER_LR
+    assert details["hidden_states"] == {
+        "pairs": 1 + 2 * LAYERS,
+        "weight": 1.0,
+        "at": "LayerNorm outputs",
+    }
     assert result["final"]["macs"] / result["original"]["macs"] <= 0.75
     for step in result["steps"]:
         assert 0.0 < step["metrics"]["cosine_similarity"] <= 1.0
@@ -325,3 +334,48 @@ def test_heads_that_cannot_be_followed_stay_whole_and_bad_requests_are_refused(
             workdir=tmp_path / "w3",
         )
     assert err.value.code == "invalid_pipeline" and "no attention block" in str(err.value)
+
+
+def test_training_defaults_to_a_small_learning_rate_on_a_transformer(tmp_path: Path) -> None:
+    from engine.torchgraph.train import DEFAULT_LR, default_lr
+
+    for sdpa in (False, True):  # eager attention (matmul/softmax) and SDPA
+        _, pt2, _ = _export(tmp_path, sdpa=sdpa)
+        assert default_lr(load_lifted(pt2)[0]) == TRANSFORMER_LR < DEFAULT_LR
+
+    class Cnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    program = torch.export.export(Cnn().eval(), (torch.rand(1, 3, 8, 8),))
+    torch.export.save(program, tmp_path / "cnn.pt2")
+    assert default_lr(load_lifted(tmp_path / "cnn.pt2")[0]) == DEFAULT_LR
+
+
+def test_hidden_states_pair_layer_norms_and_vanish_for_identical_models(tmp_path: Path) -> None:
+    from engine.torchgraph.hidden import HiddenStates
+
+    _, pt2, _ = _export(tmp_path)
+    student, teacher = load_lifted(pt2)[0], load_lifted(pt2)[0]
+    data = _sentences(4, 1)
+    xs = [torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask")]
+    hidden = HiddenStates(student, teacher, weight=2.0)
+    assert hidden.pairs == 1 + 2 * LAYERS and not hidden.shapes_match()  # nothing run yet
+    with torch.no_grad():
+        teacher(*xs)
+        student(*xs)
+    assert hidden.shapes_match()
+    assert float(hidden.loss()) == pytest.approx(0.0, abs=1e-9)  # the same weights
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        student(*xs)
+    assert float(hidden.loss()) > 0.0
+    hidden.close()
+    student(*xs)
+    assert not hidden.captured  # hooks gone

@@ -44,7 +44,15 @@ from engine.torchgraph.blocks import find_blocks, has_attention, traced_shapes
 from engine.torchgraph.lift import weight_layers
 from engine.torchgraph.losses import Loss
 from engine.torchgraph.program import example_args, flatten, save_program
-from engine.torchgraph.train import Data, epoch_progress, fit, job_data, load_lifted, recovery_loss
+from engine.torchgraph.train import (
+    Data,
+    default_lr,
+    epoch_progress,
+    fit,
+    job_data,
+    load_lifted,
+    recovery_loss,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -115,6 +123,7 @@ class _Run:
     loss: Loss | None
     rounds: int
     epochs: int
+    lr: float
     details: dict[str, Any] = field(default_factory=dict)
 
     def train(
@@ -129,7 +138,7 @@ class _Run:
             self.train_data,
             self.loss,
             epochs=epochs,
-            lr=self.config.lr,
+            lr=self.lr,
             batch_size=self.config.batch_size,
             seed=seed,
             masks=masks,
@@ -162,6 +171,7 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
         loss=loss,
         rounds=rounds,
         epochs=epochs,
+        lr=config.lr if config.lr is not None else default_lr(gm),
         details={
             "criterion": config.criterion,
             "granularity": config.granularity,
@@ -176,6 +186,7 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
         _prune_weights(run)
     if config.trains():
         run.details["training"] = how
+        run.details["lr"] = run.lr
         ctx.warnings.append(f"Trained with {how}.")
     with torch.no_grad():
         after = gm(*example)
