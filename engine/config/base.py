@@ -11,6 +11,18 @@ from engine.errors import EngineError
 Backend = Literal["onnx", "torch"]
 
 
+def training_lr() -> Any:
+    """The `lr` field of an op that trains: unset picks by the model
+    (engine.torchgraph.train.default_lr)."""
+    return Field(
+        None,
+        gt=0,
+        le=1,
+        description="Adam learning rate; unset: 1e-3, or 2e-4 on a model with attention (a "
+        "pretrained transformer)",
+    )
+
+
 class PipelineError(EngineError):
     """A request that cannot run as asked: a stable code, the field at fault (a step, an
     override, the export), and `extra` members for the API's problem body (e.g. valid_ops)."""

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.config.base import Backend, OpConfig
+from engine.config.base import Backend, OpConfig, training_lr
 
 
 class Schedule(BaseModel):
@@ -54,13 +54,7 @@ class PruneConfig(OpConfig):
     ignore: list[str] = Field(default_factory=list, description="layer/weight name patterns")
     include_last_layer: bool = False
     fine_tune_epochs: int = Field(0, ge=0, le=100, description="recovery epochs at the end")
-    lr: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Adam learning rate for training; unset: 1e-3, or 2e-4 on a model with "
-        "attention (a pretrained transformer)",
-    )
+    lr: float | None = training_lr()
     batch_size: int = Field(64, ge=1, le=4096)
     samples: int = Field(1024, ge=1, le=100_000, description="samples scored (gradient/entropy)")
     round_to: int | None = Field(

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.config.base import Backend, OpConfig
+from engine.config.base import Backend, OpConfig, training_lr
 
 LrSchedule = Literal["constant", "cosine"]
 
@@ -27,13 +27,7 @@ class FineTuneConfig(_TrainsTorch):
 
     op: Literal["fine_tune"] = "fine_tune"
     epochs: int = Field(5, ge=1, le=200)
-    lr: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Adam learning rate; unset: 1e-3, or 2e-4 on a model with attention (a "
-        "pretrained transformer)",
-    )
+    lr: float | None = training_lr()
     batch_size: int = Field(64, ge=1, le=4096)
     lr_schedule: LrSchedule = Field(
         "cosine", description="learning rate: constant, or cosine decay to zero over the run"
@@ -67,13 +61,7 @@ class DistillConfig(_TrainsTorch):
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (teacher) term")
     epochs: int = Field(10, ge=1, le=500)
-    lr: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Adam learning rate; unset: 1e-3, or 2e-4 on a model with attention (a "
-        "pretrained transformer)",
-    )
+    lr: float | None = training_lr()
     batch_size: int = Field(64, ge=1, le=4096)
     feature_layers: list[tuple[str, str]] = Field(
         default_factory=list, description="[student layer, teacher layer] pairs"
