@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=48, help="sentences the job gets")
     parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
     parser.add_argument("--batch", type=int, default=16, help="distill batch size")
+    parser.add_argument("--qat", type=int, default=0, help="then quantize mode qat, epochs")
     parser.add_argument(
         "--text",
         choices=("words", "prose"),
@@ -159,7 +160,7 @@ def main() -> None:
             "criterion": args.criterion,
             "head_sparsity": args.head_sparsity,
         }
-        pipeline = [prune]
+        pipeline = [prune] if args.sparsity > 0 else []
         if args.distill:
             distill: dict[str, Any] = {
                 "op": "distill",
@@ -169,6 +170,8 @@ def main() -> None:
             if args.lr is not None:
                 distill["lr"] = args.lr
             pipeline.append(distill)
+        if args.qat:
+            pipeline.append({"op": "quantize", "mode": "qat", "dtype": "int8", "epochs": args.qat})
         t0 = time.perf_counter()
         result = compress(
             pt2,
@@ -218,10 +221,27 @@ def main() -> None:
                     " ".join(f"{c:.3f}" for c in curve if c is not None),
                 )
             )
-    layers = result["steps"][0]["details"]["layers"]
-    heads = [f"{e['heads_after']}/{e['heads_before']}" for e in layers if e["kind"] == "attention"]
-    widths = [f"{e['width_after']}/{e['width_before']}" for e in layers if e["kind"] == "ffn"]
-    rows += [("heads kept", " ".join(heads)), ("FFN width kept", " ".join(widths))]
+    for step in result["steps"]:
+        layers = step["details"].get("layers") if step["op"] == "prune" else None
+        if layers:
+            heads = [
+                f"{e['heads_after']}/{e['heads_before']}"
+                for e in layers
+                if e["kind"] == "attention"
+            ]
+            widths = [
+                f"{e['width_after']}/{e['width_before']}" for e in layers if e["kind"] == "ffn"
+            ]
+            rows += [("heads kept", " ".join(heads)), ("FFN width kept", " ".join(widths))]
+        qat = step["details"].get("qat") if step["op"] == "quantize" else None
+        if qat:
+            rows += [
+                (
+                    "QAT: post-training int8 vs QAT (job held out)",
+                    f"{qat.get('post_training')} vs {qat.get('qat')}",
+                ),
+                ("QAT: delivered, best epoch", f"{qat.get('delivered')}, {qat.get('best_epoch')}"),
+            ]
     table = "| | all-MiniLM-L6-v2 |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     print(table)
     for step in result["steps"]:
