@@ -37,3 +37,23 @@ def test_the_expected_error_matches_quantizing_the_values() -> None:
         measured = float(np.sum(((q - zero) * step - values) ** 2))
         estimated = expected_error(hist, edges, lo, hi)
         assert abs(estimated - measured) / measured < 0.1, (lo, hi, estimated, measured)
+
+
+def test_attention_masks_keep_min_max_and_do_not_break_the_histograms() -> None:
+    from engine.ops.quantize.integer import ragged_histograms
+
+    collector = ragged_histograms()
+    rng = np.random.default_rng(0)
+    mask = np.zeros((2, 32), np.float32)
+    mask[:, 20:] = np.finfo(np.float32).min  # what transformers adds to padded positions
+    for _ in range(2):  # two chunks, batches of unequal sizes
+        collector.collect(
+            {
+                "scores": [rng.standard_normal((2, 32)).astype(np.float32), np.ones((1, 32))],
+                "masked": [mask, mask[:1]],
+            }
+        )
+    assert set(collector.histogram_dict) == {"scores"}
+    assert collector.extreme == {"masked": (float(np.finfo(np.float32).min), 0.0)}
+    ranges, report = choose(collector.histogram_dict)
+    assert set(ranges) == {"scores"} and report["tensors"] == 1

@@ -59,14 +59,25 @@ PER_CHANNEL_MIN_OPSET = 13
 INT4_BLOCK = 32
 
 
+# Values beyond this are masks, not activations: transformers' attention masks add
+# float32's lowest value (-3.4e38), and a histogram over ±3.4e38 overflows (numpy: "Too many
+# bins for data range"). Such tensors keep their min/max range.
+HISTOGRAM_MAX_ABS = 1e30
+
+
 def ragged_histograms() -> Any:
     """onnxruntime's value histograms (2048 bins, widened as values arrive), taking a chunk's
     batches of unequal sizes: its collector stacks them into one array, which fails when the
-    last batch is smaller."""
+    last batch is smaller. Tensors with values beyond ±HISTOGRAM_MAX_ABS (or not finite) are
+    left out of the histograms; `extreme` keeps their min/max."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     class Ragged(HistogramCollector):  # type: ignore[misc]
         values = 0  # folded in so far
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.extreme: dict[str, tuple[float, float]] = {}
 
         def collect(self, name_to_arr: dict[str, Any]) -> Any:
             flat = {
@@ -74,6 +85,16 @@ def ragged_histograms() -> Any:
                 for k, v in name_to_arr.items()
             }
             self.values += sum(int(np.size(a)) for a in flat.values())
+            for k in list(flat):
+                a = np.asarray(flat[k])
+                if a.size == 0 or a.dtype.kind != "f":
+                    continue
+                lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+                if k in self.extreme or not max(abs(lo), abs(hi)) <= HISTOGRAM_MAX_ABS:
+                    was = self.extreme.get(k, (lo, hi))
+                    self.extreme[k] = (min(was[0], lo), max(was[1], hi))
+                    self.histogram_dict.pop(k, None)
+                    del flat[k]
             return super().collect(flat)
 
     return Ragged(
@@ -429,6 +450,8 @@ class Quantizer:
             used = min(len(samples), reader.fed * reader.batch)
             if per_tensor:
                 chosen, report = choose_ranges(calibrator.collector.histogram_dict)
+                chosen.update(calibrator.collector.extreme)  # masks: their min/max
+                report["min_max_beyond_histogram"] = sorted(calibrator.collector.extreme)[:8]
                 data = TensorsData(
                     CalibrationMethod.MinMax,
                     {

@@ -349,7 +349,13 @@ def _per_tensor_ranges(
         return None
     variant = replace(pick.variant, name=f"{pick.variant.name}_mse", ranges="mse")
     q.ctx.report(0.75, f"{variant.name}: activation ranges per tensor by expected error")
-    cand = first_build(q, variant, ev, index)
+    try:
+        cand = first_build(q, variant, ev, index)
+    except Exception as exc:  # one more candidate, never the step's failure
+        q.ctx.details.setdefault("variants_failed", []).append(
+            {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        )
+        return None
     cand.met = meets(cand.fidelity, target)
     return cand, q
 
