@@ -31,7 +31,6 @@ from engine.torchgraph.losses import Loss, describe_loss, loss_name
 from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
-    default_lr,
     epoch_progress,
     evaluate,
     first_output,
@@ -39,6 +38,7 @@ from engine.torchgraph.train import (
     frozen,
     job_data,
     load_lifted,
+    lr_for,
     teacher_module,
 )
 
@@ -81,7 +81,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
     data = job_data(ctx)
     holdout = holdout_check(ctx)
     before = evaluate(gm, data, task=ctx.task)
-    lr = config.lr if config.lr is not None else default_lr(gm)
+    lr = lr_for(config.lr, gm)
     history = fit(
         gm,
         data,
@@ -275,7 +275,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     holdout = holdout_check(ctx)
     teacher_scores = evaluate(teacher, data, task=ctx.task)
     before = evaluate(student, data, teacher, task=ctx.task)
-    lr = config.lr if config.lr is not None else default_lr(student)
+    lr = lr_for(config.lr, student)
     ctx.report(0.03, f"distillation: {describe_loss(name, loss)}, lr {lr:g}")
     try:
         history = fit(

@@ -170,6 +170,11 @@ DEFAULT_LR = 1e-3
 TRANSFORMER_LR = 2e-4
 
 
+def lr_for(given: float | None, gm: torch.fx.GraphModule) -> float:
+    """The op's `lr` when given, else default_lr(gm)."""
+    return given if given is not None else default_lr(gm)
+
+
 def default_lr(gm: torch.fx.GraphModule) -> float:
     """The learning rate for `gm` when none is given: TRANSFORMER_LR where
     engine.torchgraph.blocks finds attention, DEFAULT_LR otherwise."""

@@ -46,11 +46,11 @@ from engine.torchgraph.losses import Loss
 from engine.torchgraph.program import example_args, flatten, save_program
 from engine.torchgraph.train import (
     Data,
-    default_lr,
     epoch_progress,
     fit,
     job_data,
     load_lifted,
+    lr_for,
     recovery_loss,
 )
 
@@ -123,14 +123,14 @@ class _Run:
     loss: Loss | None
     rounds: int
     epochs: int
-    lr: float
+    lr: float | None  # None when the step does not train
     details: dict[str, Any] = field(default_factory=dict)
 
     def train(
         self, epochs: int, masks: dict[str, torch.Tensor] | None, lo: float, hi: float, seed: int
     ) -> list[dict[str, float]]:
         """`epochs` of recovery training (none without training data), progress lo..hi."""
-        if not epochs or self.train_data is None or self.loss is None:
+        if not epochs or self.train_data is None or self.loss is None or self.lr is None:
             return []
 
         history = fit(
@@ -171,7 +171,7 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
         loss=loss,
         rounds=rounds,
         epochs=epochs,
-        lr=config.lr if config.lr is not None else default_lr(gm),
+        lr=lr_for(config.lr, gm) if config.trains() else None,
         details={
             "criterion": config.criterion,
             "granularity": config.granularity,

@@ -175,18 +175,14 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
     ctx.report(0.65, f"building and measuring {len(builds)} variant(s)")
     tried: list[Candidate] = []
     quantizer_of: dict[str, Quantizer] = {}
-    for i in range(len(builds)):
-        if i >= len(builds):
-            break  # fewer after the twins were compared
-        quantizer, variant = builds[i]
+    # builds[2:] may shrink after the first two; enumerate reads the list as it goes
+    for i, (quantizer, variant) in enumerate(builds):
         try:
             cand = first_build(quantizer, variant, ev, i)
         except Exception as exc:
             if len(builds) == 1:
                 raise
-            ctx.details.setdefault("variants_failed", []).append(
-                {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            )
+            _failed(ctx.details, variant, exc)
             continue
         cand.met = meets(cand.fidelity, target)
         quantizer_of[variant.name] = quantizer
@@ -269,6 +265,13 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
     return chosen.path
 
 
+def _failed(details: dict[str, Any], variant: Variant, exc: Exception) -> None:
+    """A build that could not be made, in details.variants_failed."""
+    details.setdefault("variants_failed", []).append(
+        {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    )
+
+
 def _twins_first(
     builds: list[tuple[Quantizer, Variant]], requested: Variant
 ) -> list[tuple[Quantizer, Variant]]:
@@ -301,9 +304,8 @@ def _without_slow_activations(
 ) -> list[tuple[Quantizer, Variant]]:
     """After the requested build and its twin, which differ only in the activation type: when
     one runs ACTIVATION_SLOW× slower than the other (a quick side-by-side measurement, in
-    latency_ms) and is
-    no more faithful (choose_quality keeps the other), the remaining builds with its
-    activation type are not made. int8 × int8 (S8S8) kernels ran PP-LCNet at 4.3× fp32 on a
+    latency_ms) and is no more faithful (choose_quality keeps the other), the remaining builds
+    with its activation type are not made. int8 × int8 (S8S8) kernels ran PP-LCNet at 4.3× fp32 on a
     Xeon with AMX where uint8 activations (U8S8) ran at 1.4×: its S8S8 builds were measured
     only to lose. The skipped builds are listed in details.variants_skipped."""
     keep = choose_quality(pair)
@@ -352,9 +354,7 @@ def _per_tensor_ranges(
     try:
         cand = first_build(q, variant, ev, index)
     except Exception as exc:  # one more candidate, never the step's failure
-        q.ctx.details.setdefault("variants_failed", []).append(
-            {"name": variant.name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        )
+        _failed(q.ctx.details, variant, exc)
         return None
     cand.met = meets(cand.fidelity, target)
     return cand, q
