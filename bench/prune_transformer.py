@@ -129,6 +129,12 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--head-sparsity", type=float, default=None)
     parser.add_argument("--criterion", default="magnitude")
+    parser.add_argument(
+        "--reconstruct",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="refit the pruned layers by least squares (auto: the service's default)",
+    )
     parser.add_argument("--distill", type=int, default=0, help="distill epochs after (0: none)")
     parser.add_argument("--lr", type=float, default=None, help="distill learning rate")
     parser.add_argument("--train", type=int, default=48, help="sentences the job gets")
@@ -160,6 +166,8 @@ def main() -> None:
             "criterion": args.criterion,
             "head_sparsity": args.head_sparsity,
         }
+        if args.reconstruct != "auto":
+            prune["reconstruct"] = args.reconstruct == "on"
         pipeline = [prune] if args.sparsity > 0 else []
         if args.distill:
             distill: dict[str, Any] = {

@@ -25,7 +25,9 @@ class PruneConfig(OpConfig):
     Criteria: `magnitude` (L1/L2 norm of the weights), `gradient` (first-order Taylor,
     |w·∂L/∂w| accumulated over the dataset; task loss with labels, KL to the original's
     outputs without), `entropy` (of each output channel's activation distribution over the
-    dataset; unstructured/N:M spread a channel's score over its weights by magnitude) and
+    dataset; unstructured/N:M spread a channel's score over its weights by magnitude),
+    `activation` (what a weight or channel adds to its layer's output on the dataset: |w|·RMS(x)
+    per weight as Wanda, E[x²]·‖w‖² per channel, the exact energy of a head's output) and
     `random` (baseline). A `gradual` schedule prunes in `steps` rounds with a cubic ramp and
     trains `epochs_per_step` epochs after each (labels → cross-entropy, no labels →
     distillation from the original); `fine_tune_epochs` trains once more at the end.
@@ -34,7 +36,7 @@ class PruneConfig(OpConfig):
     """
 
     op: Literal["prune"] = "prune"
-    criterion: Literal["magnitude", "gradient", "entropy", "random"] = "magnitude"
+    criterion: Literal["magnitude", "gradient", "entropy", "activation", "random"] = "magnitude"
     norm: Literal["l1", "l2"] = "l1"
     granularity: Literal["unstructured", "n:m", "channels"] = "unstructured"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
@@ -45,6 +47,14 @@ class PruneConfig(OpConfig):
         description=(
             "channels on a transformer: fraction of each attention layer's heads removed "
             "(null: `sparsity`; 0 keeps every head and prunes only the FFN channels)"
+        ),
+    )
+    reconstruct: bool | None = Field(
+        None,
+        description=(
+            "channels on a transformer: refit each attention output / FFN down projection by "
+            "least squares on the dataset so the kept heads and channels reproduce its output "
+            "before the removal (null: on when the job has a dataset)"
         ),
     )
     scope: Literal["layer", "global"] = "layer"
@@ -87,7 +97,7 @@ class PruneConfig(OpConfig):
     def backends(self) -> tuple[Backend, ...]:
         torch_only = (
             self.granularity == "channels"
-            or self.criterion in ("gradient", "entropy")
+            or self.criterion in ("gradient", "entropy", "activation")
             or self.schedule.kind == "gradual"
             or self.fine_tune_epochs > 0
         )
@@ -96,15 +106,17 @@ class PruneConfig(OpConfig):
     def torch_field(self) -> str | None:
         if self.granularity == "channels":
             return "granularity"
-        if self.criterion in ("gradient", "entropy"):
+        if self.criterion in ("gradient", "entropy", "activation"):
             return "criterion"
         if self.schedule.kind == "gradual":
             return "schedule"
         return "fine_tune_epochs" if self.fine_tune_epochs else None
 
     def needs_dataset(self) -> str | None:
-        if self.criterion in ("gradient", "entropy"):
+        if self.criterion in ("gradient", "entropy", "activation"):
             return f"the {self.criterion} criterion scores weights on the dataset's samples"
+        if self.reconstruct:
+            return "reconstruct refits the pruned layers on the dataset's samples"
         if self.trains():
             return "pruning with training (gradual schedule or fine_tune_epochs) trains on it"
         return None

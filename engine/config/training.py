@@ -88,6 +88,13 @@ class DistillConfig(_TrainsTorch):
         "same shapes (a pruned transformer keeps its residual width); 0 turns it off",
     )
 
+    augment: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="vary the training samples (text: token dropout and mixing; images: flip, "
+        "crop, noise) and distil on the teacher's outputs for the variants; auto: on when the "
+        "dataset has fewer than 5,000 samples",
+    )
+
     @model_validator(mode="after")
     def _student_source(self) -> DistillConfig:
         if (self.student == "model") != (self.student_model_id is not None):

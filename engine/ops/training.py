@@ -16,6 +16,8 @@ from engine.config import DistillConfig, FineTuneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.ops.registry import register
+from engine.torchgraph.augment import SMALL_DATASET, Plan
+from engine.torchgraph.augment import plan as augment_plan
 from engine.torchgraph.fidelity import (
     History,
     Holdout,
@@ -224,6 +226,19 @@ class _Features:
             h.remove()
 
 
+def _augmentation(config: DistillConfig, data: Data, ctx: StepContext) -> Plan | None:
+    """The augmentation plan for this distillation, or None (see DistillConfig.augment)."""
+    if config.augment == "off" or (config.augment == "auto" and len(data) >= SMALL_DATASET):
+        return None
+    found = augment_plan(data.inputs, [spec.name for spec in ctx.inputs])
+    if found is None and config.augment == "on":
+        ctx.warnings.append(
+            "augment is on, but the inputs are neither text (token ids with an attention mask) "
+            "nor one image batch [N, C, H, W]: distilled on the dataset's samples as they are."
+        )
+    return found
+
+
 @register(DistillConfig, on="torch")
 def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     """Train the student on the teacher's outputs with the task's loss (and the labels, if any)."""
@@ -276,6 +291,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     teacher_scores = evaluate(teacher, data, task=ctx.task)
     before = evaluate(student, data, teacher, task=ctx.task)
     lr = lr_for(config.lr, student)
+    augment = _augmentation(config, data, ctx)
     ctx.report(0.03, f"distillation: {describe_loss(name, loss)}, lr {lr:g}")
     try:
         history = fit(
@@ -293,6 +309,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             # a width student starts from fresh weights: its epoch 0 is no candidate
             start_counts=config.student != "width",
             schedule=config.schedule(),
+            augment=augment,
         )
     finally:
         for x in (features, hidden):
@@ -311,6 +328,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             ),
             "alpha": alpha,
             "temperature": config.temperature,
+            "augment": augment.describe() if augment is not None else None,
             **history_details(history, holdout),
         }
     )

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.errors import EngineError
+from engine.torchgraph.augment import Plan
+from engine.torchgraph.augment import apply as apply_augment
 from engine.torchgraph.fidelity import (
     FIDELITY_NAMES,
     History,
@@ -203,6 +205,7 @@ def fit(
     holdout: Holdout | None = None,
     start_counts: bool = True,
     schedule: str = "constant",
+    augment: Plan | None = None,
 ) -> History:
     """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval.
 
@@ -210,7 +213,8 @@ def fit(
     (epoch 0, unless `start_counts` is False: a student with fresh weights) and after every
     epoch, the model ends in its best state, and a non-finite loss ends training (the best
     state is kept, `History.stopped` says why) instead of failing it. `schedule`: "constant"
-    or "cosine" (decay to zero over the run).
+    or "cosine" (decay to zero over the run). `augment` varies the training batches
+    (engine.torchgraph.augment; distillation only: the teacher labels each variant).
     """
     import torch
 
@@ -232,6 +236,7 @@ def fit(
         if best is not None and start_counts:
             history.epochs.append(best.consider(0))
         gen = torch.Generator().manual_seed(seed)
+        varied = torch.Generator().manual_seed(seed + 1)
         opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
         per_epoch = sum(1 for _ in data.batches(batch_size, None))
         scheduler = _schedule(opt, schedule, epochs * per_epoch)
@@ -240,6 +245,8 @@ def fit(
             total, count = 0.0, 0
             for idx in data.batches(batch_size, gen):
                 xs = [x[idx] for x in data.inputs]
+                if augment is not None and loss.teacher is not None:
+                    xs = apply_augment(augment, xs, varied)
                 target = None
                 if loss.teacher is not None:
                     with torch.no_grad():

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
+from engine.ops.prune.transformer import _contribution, reconstruct_sink, sink_grams
 from engine.pipeline import compress
-from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes
+from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes, unit_index
 from engine.torchgraph.lift import preflight
-from engine.torchgraph.train import TRANSFORMER_LR, load_lifted
+from engine.torchgraph.train import TRANSFORMER_LR, Data, load_lifted
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 120, 16, 64, 8, 256, 2  # head_dim 8 == heads: on purpose
 
@@ -379,3 +380,69 @@ def test_hidden_states_pair_layer_norms_and_vanish_for_identical_models(tmp_path
     hidden.close()
     student(*xs)
     assert not hidden.captured  # hooks gone
+
+
+def _gm_and_data(tmp_path: Path) -> tuple[Any, tuple[torch.Tensor, ...], Data, list[Any]]:
+    _, pt2, _ = _export(tmp_path)
+    gm, _ = load_lifted(pt2)
+    sentences = _sentences(48, 4)
+    xs = [torch.from_numpy(sentences[k]) for k in ("input_ids", "attention_mask")]
+    blocks, _ = find_blocks(gm, traced_shapes(gm, tuple(x[:4] for x in xs)))
+    return gm, tuple(xs), Data(xs, None, None), blocks
+
+
+def test_activation_scores_are_the_energy_each_head_and_channel_adds(tmp_path: Path) -> None:
+    gm, xs, data, blocks = _gm_and_data(tmp_path)
+    grams = sink_grams(gm, blocks, data, 16)
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        gm.get_submodule(b.sink).register_forward_pre_hook(
+            lambda m, args, name=b.sink: seen.setdefault(name, []).append(args[0])
+        )
+        for b in blocks
+    ]
+    with torch.no_grad():
+        gm(*xs)
+    for h in hooks:
+        h.remove()
+    for block in blocks:
+        x = torch.cat(seen[block.sink]).reshape(-1, block.units * block.unit_sizes[block.sink])
+        w = gm.get_submodule(block.sink).weight.detach()
+        size = block.unit_sizes[block.sink]
+        brute = torch.stack(
+            [
+                (x[:, u * size : (u + 1) * size] @ w[:, u * size : (u + 1) * size].T)
+                .pow(2)
+                .sum(1)
+                .mean()
+                for u in range(block.units)
+            ]
+        )
+        scores = _contribution(block, w, grams[block.sink])
+        torch.testing.assert_close(scores, brute.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_refitting_the_sink_moves_a_removed_channel_onto_its_twin(tmp_path: Path) -> None:
+    gm, xs, data, blocks = _gm_and_data(tmp_path)
+    ffn = next(b for b in blocks if b.kind == "ffn" and b.name == "layers.0")
+    up, down = gm.get_submodule("layers.0.intermediate"), gm.get_submodule("layers.0.output")
+    with torch.no_grad():  # channel 5 computes exactly what channel 3 does, and both matter
+        up.weight[5], up.bias[5] = up.weight[3], up.bias[3]
+        down.weight[:, [3, 5]] *= 20
+        reference = gm(*xs)[0]
+    keep = [u for u in range(FFN) if u != 5]
+    grams = sink_grams(gm, [ffn], data, 16)
+    weight, bias = down.weight.detach().clone(), down.bias.detach().clone()
+    plain = copy.deepcopy(gm)
+    remove_units(
+        plain,
+        next(b for b in find_blocks(plain, traced_shapes(plain, xs))[0] if b.name == "layers.0"),
+        keep,
+    )
+    remove_units(gm, ffn, keep)
+    reconstruct_sink(down, weight, bias, grams[ffn.sink], unit_index(keep, 1))
+    with torch.no_grad():
+        refitted, sliced = gm(*xs)[0], plain(*xs)[0]
+    gap = (1 - F.cosine_similarity(refitted, reference)).mean()
+    lost = (1 - F.cosine_similarity(sliced, reference)).mean()
+    assert gap < 0.1 * lost  # what channel 5 added now comes through channel 3

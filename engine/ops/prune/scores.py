@@ -1,13 +1,16 @@
 """Importance scores for `prune` on the torch model (higher = keep): per weight for
 `unstructured` / `n:m`, per channel (a Torch-Pruning importance) for `channels`.
 
-Criteria: magnitude (|w| or w²), random (seeded), gradient (first-order Taylor, Σ |w ⊙ ∂L/∂w|)
-and entropy (the information in the activations a channel reads or passes on); see
+Criteria: magnitude (|w| or w²), random (seeded), gradient (first-order Taylor, Σ |w ⊙ ∂L/∂w|),
+entropy (the information in the activations a channel reads or passes on) and activation (what a
+weight or channel adds to the layer's output on the data: |w|·RMS(x) per weight, as Wanda; E[x_c²]
+·‖W[:, c]‖² per input channel of every layer a channel feeds); see
 engine.ops.prune.torch_model for how each is used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.config import PruneConfig
@@ -124,6 +127,66 @@ def activation_entropy(
     return {name: entropy_bits(torch.cat(parts)) for name, parts in pooled.items()}
 
 
+def each_input(
+    gm: torch.fx.GraphModule,
+    layers: dict[str, Layer],
+    data: Data,
+    batch_size: int,
+    visit: Callable[[str, Layer, torch.Tensor], None],
+) -> None:
+    """One pass over the data (inference mode, no gradients) calling visit(name, layer, input)
+    with each layer's input as the model computes it."""
+    import torch
+
+    hooks = [
+        mod.register_forward_pre_hook(
+            lambda module, args, name=name: visit(name, module, args[0].detach())
+        )
+        for name, mod in layers.items()
+    ]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            for idx in data.batches(batch_size, None):
+                gm(*(x[idx] for x in data.inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def input_energy(
+    gm: torch.fx.GraphModule, layers: dict[str, Layer], data: Data, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """E[x_c²] of each layer's input channels over the data (every position of a conv map,
+    every token of a sequence)."""
+    from torch import nn
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def visit(name: str, mod: Layer, x: torch.Tensor) -> None:
+        rows = (
+            x.transpose(0, 1).reshape(x.shape[1], -1).T
+            if isinstance(mod, nn.Conv2d)
+            else x.reshape(-1, x.shape[-1])
+        )
+        sums[name] = sums.get(name, 0) + rows.double().pow(2).sum(0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    each_input(gm, layers, data, batch_size, visit)
+    return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
+
+
+def _per_input_channel(mod: Layer, values: torch.Tensor) -> torch.Tensor:
+    """Weight-shaped values summed into one figure per input channel of the layer."""
+    import torch
+
+    per_position = values.reshape(values.shape[0], values.shape[1], -1).sum(2)
+    index = _input_channel_index(mod)
+    channels = int(index.max()) + 1
+    return torch.zeros(channels).scatter_add_(0, index.flatten(), per_position.flatten().float())
+
+
 def _input_channel_index(mod: Layer) -> torch.Tensor:
     """For every [out, in/groups] weight position, the input channel it reads."""
     import torch
@@ -157,6 +220,14 @@ def weight_scores(
         return {n: torch.rand(m.weight.shape, generator=gen) for n, m in layers.items()}
     if config.criterion == "gradient":
         return gradient_scores(gm, layers, data, ctx, config.batch_size)
+    if config.criterion == "activation":  # Wanda: |w| × the RMS of the input it multiplies
+        energy = input_energy(gm, layers, data, config.batch_size)
+        scores = {}
+        for name, mod in layers.items():
+            w = mod.weight.detach()
+            rms = energy[name].sqrt()[_input_channel_index(mod)]
+            scores[name] = w.abs() * rms.reshape(*rms.shape, *([1] * (w.dim() - 2)))
+        return scores
     entropy = activation_entropy(gm, layers, data, "in", config.batch_size)
     scores = {}
     for name, mod in layers.items():
@@ -231,6 +302,14 @@ def channel_importance(
         per_weight = gradient_scores(gm, layers, data, ctx, config.batch_size)
         return ChannelScores(
             out_scores={layers[n]: s.flatten(1).sum(1) for n, s in per_weight.items()}
+        )
+    if config.criterion == "activation":  # E‖x_c · W[:, c]‖²: what a channel adds downstream
+        energy = input_energy(gm, layers, data, config.batch_size)
+        return ChannelScores(
+            in_scores={
+                mod: energy[n] * _per_input_channel(mod, mod.weight.detach() ** 2)
+                for n, mod in layers.items()
+            }
         )
     entropy = activation_entropy(gm, layers, data, "in", config.batch_size)
     return ChannelScores(in_scores={layers[n]: h for n, h in entropy.items()})

@@ -38,7 +38,7 @@ from engine.errors import EngineError
 from engine.onnxgraph.graph import matches
 from engine.ops.prune.onnx_weights import make_masks
 from engine.ops.prune.scores import channel_importance, weight_scores
-from engine.ops.prune.transformer import prune_blocks
+from engine.ops.prune.transformer import prune_blocks, reconstructs
 from engine.ops.registry import register
 from engine.torchgraph.blocks import find_blocks, has_attention, traced_shapes
 from engine.torchgraph.lift import weight_layers
@@ -156,7 +156,11 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
     example = example_args(ctx)
     with torch.no_grad():
         before = gm(*example)
-    needs_data = config.criterion in ("gradient", "entropy") or config.trains()
+    needs_data = (
+        config.criterion in ("gradient", "entropy", "activation")
+        or config.trains()
+        or (config.granularity == "channels" and reconstructs(config, ctx))
+    )
     train_data = job_data(ctx) if config.trains() else None
     loss, how = recovery_loss(ctx, train_data) if train_data is not None else (None, "")
     rounds, epochs = _rounds(config)

@@ -10,7 +10,16 @@ their layer's mean score, keeping at least one head / `round_to` channels per la
 residual width (embeddings, LayerNorms, the model's outputs) is never changed.
 
 Criteria: magnitude (Σ|w| or Σw² of the unit's weights), random (seeded), gradient (Σ|w·∂L/∂w|,
-a classifier output), entropy (mean entropy of the unit's features as the sink reads them).
+a classifier output), entropy (mean entropy of the unit's features as the sink reads them),
+activation (E‖x_u·W_uᵀ‖², the energy of what the unit adds to the sink's output on the data: for a
+head, trace(W_u G_uu W_uᵀ) with G the Gram matrix of the sink's inputs).
+
+Reconstruction (`reconstruct`, on by default when the job has a dataset): after a round removes
+units, each sink Linear's weights and bias are refitted by least squares so that the kept units
+reproduce the sink's output before the removal, E‖[x_K, 1]·V − [x, 1]·[W, b]ᵀ‖², from the same
+Gram matrix (ridge-damped by 1 % of its mean diagonal). What a removed unit carried that the kept
+ones correlate with (and its mean, through the bias) is moved onto them, the layer-wise
+compensation of Kwon et al.'s post-training transformer pruning.
 """
 
 from __future__ import annotations
@@ -24,7 +33,14 @@ from engine.context import StepContext
 from engine.errors import EngineError
 from engine.onnxgraph.graph import matches
 from engine.ops.prune.scores import activation_entropy, gradient_scores
-from engine.torchgraph.blocks import Block, find_blocks, remove_units, traced_shapes
+from engine.torchgraph.augment import token_mask
+from engine.torchgraph.blocks import (
+    Block,
+    find_blocks,
+    remove_units,
+    traced_shapes,
+    unit_index,
+)
 from engine.torchgraph.train import Data
 
 if TYPE_CHECKING:
@@ -60,8 +76,10 @@ def unit_scores(
     ctx: StepContext,
     data: Data | None,
     round_: int,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Per block, one importance per unit (higher = keep)."""
+    """Per block, one importance per unit (higher = keep); `grams` (sink_grams) for the
+    activation criterion."""
     import torch
 
     if config.criterion == "random":
@@ -77,8 +95,106 @@ def unit_scores(
         per_weight = gradient_scores(gm, layers, data, ctx, config.batch_size)  # type: ignore[arg-type]
         return [_per_unit(b, per_weight) for b in blocks]
     sinks = {b.sink: layers[b.sink] for b in blocks}
+    if config.criterion == "activation":
+        assert grams is not None
+        return [_contribution(b, layers[b.sink].weight.detach(), grams[b.sink]) for b in blocks]
     entropy = activation_entropy(gm, sinks, data, "in", config.batch_size)  # type: ignore[arg-type]
     return [entropy[b.sink].reshape(b.units, -1).mean(1) for b in blocks]
+
+
+def sink_grams(
+    gm: torch.fx.GraphModule,
+    blocks: list[Block],
+    data: Data,
+    batch_size: int,
+    mask: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per sink Linear, the mean Gram matrix [x, 1]ᵀ[x, 1] / rows of its inputs (float64), a row
+    per token of every sample (only the real tokens when `mask` is the position of a 0/1
+    attention-mask input: padding does not reach the output); the last row/column is the
+    constant input of the bias."""
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    real: list[torch.Tensor | None] = [None]
+
+    def hook(_module: Any, args: Any, name: str) -> None:
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1]).double()
+        if real[0] is not None and real[0].numel() == flat.shape[0]:
+            flat = flat[real[0]]
+        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1)
+        sums[name] = sums.get(name, 0) + flat.T @ flat
+        rows[name] = rows.get(name, 0) + flat.shape[0]
+
+    hooks = [
+        gm.get_submodule(b.sink).register_forward_pre_hook(
+            lambda module, args, name=b.sink: hook(module, args, name)
+        )
+        for b in blocks
+    ]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            for idx in data.batches(batch_size, None):
+                real[0] = None if mask is None else data.inputs[mask][idx].reshape(-1) != 0
+                gm(*(x[idx] for x in data.inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / max(rows[n], 1) for n in sums}
+
+
+def _contribution(block: Block, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """E‖x_u·W_uᵀ‖² per unit: trace(W_u G_uu W_uᵀ)."""
+    import torch
+
+    size = block.unit_sizes[block.sink]
+    w = weight.double()
+    out = torch.zeros(block.units)
+    for u in range(block.units):
+        cols = slice(u * size, (u + 1) * size)
+        w_u = w[:, cols]
+        out[u] = float(((w_u @ gram[cols, cols]) * w_u).sum())
+    return out
+
+
+RIDGE = 0.01
+
+
+def reconstruct_sink(
+    sink: Any,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gram: torch.Tensor,
+    cols: torch.Tensor,
+) -> None:
+    """Refit `sink` (already sliced to the input columns `cols` of its old `weight`) so that
+    [x_K, 1]·V matches the old [x, 1]·[W, b]ᵀ in least squares over the Gram matrix; without a
+    bias the constant column is left out (the fit cannot move the mean)."""
+    import torch
+    from torch import nn
+
+    d = weight.shape[1]
+    old = weight.double()
+    if bias is not None:
+        old = torch.cat([old, bias.double()[:, None]], 1)
+        keep, rows = torch.cat([cols, torch.tensor([d])]), torch.arange(d + 1)
+    else:
+        keep, rows = cols, torch.arange(d)
+    a = gram[keep][:, keep]
+    a = a + RIDGE * a.diagonal().mean() * torch.eye(len(keep), dtype=a.dtype)
+    v = torch.linalg.solve(a, gram[keep][:, rows] @ old.T)  # [kept inputs (+ 1), out]
+    with torch.no_grad():
+        sink.weight = nn.Parameter(v[: len(cols)].T.contiguous().to(weight.dtype))
+        if bias is not None:
+            sink.bias = nn.Parameter(v[-1].contiguous().to(weight.dtype))
+
+
+def reconstructs(config: PruneConfig, ctx: StepContext) -> bool:
+    """`reconstruct` as given, else on when the job has a dataset (not synthetic samples)."""
+    return config.reconstruct if config.reconstruct is not None else ctx.samples.source == "dataset"
 
 
 def _keep_count(units: int, target: float, kind: str, round_to: int | None) -> int:
@@ -153,6 +269,8 @@ def prune_blocks(
             field="pipeline",
         )
     kept = {b.sink: _Kept(b.kind, b.units, list(range(b.units))) for b in chosen}
+    refit = reconstructs(config, ctx)
+    mask = token_mask(data.inputs, [spec.name for spec in ctx.inputs]) if data else None
     round_to = config.round_to if config.round_to and config.round_to > 1 else None
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     span = 0.8 / (len(ramp) + (1 if config.fine_tune_epochs else 0))
@@ -162,14 +280,25 @@ def prune_blocks(
             found, _ = find_blocks(gm, traced_shapes(gm, example))
             chosen = [b for b in found if b.sink in kept]
         targets = {"ffn": config.sparsity * fraction, "attention": heads_target * fraction}
-        scores = unit_scores(gm, chosen, config, ctx, data, r)
+        grams = (
+            sink_grams(gm, chosen, data, config.batch_size, mask)
+            if data is not None and (refit or config.criterion == "activation")
+            else {}
+        )
+        scores = unit_scores(gm, chosen, config, ctx, data, r, grams)
         for block, keep in zip(
             chosen, _chosen(chosen, scores, kept, targets, config, round_to), strict=True
         ):
             if len(keep) < block.units:
                 ids = kept[block.sink].ids
                 kept[block.sink].ids = [ids[i] for i in keep]
+                sink: Any = gm.get_submodule(block.sink)
+                weight = sink.weight.detach().clone()
+                bias = None if sink.bias is None else sink.bias.detach().clone()
                 remove_units(gm, block, keep)
+                if refit and block.sink in grams:
+                    cols = unit_index(keep, block.unit_sizes[block.sink])
+                    reconstruct_sink(sink, weight, bias, grams[block.sink], cols)
         gm.eval()
         macs, params = tp.utils.count_ops_and_params(gm, example)
         lo = 0.05 + span * r
@@ -184,7 +313,7 @@ def prune_blocks(
                 "training": history,
             }
         )
-    details: dict[str, Any] = {"structure": "transformer", "rounds": rounds}
+    details: dict[str, Any] = {"structure": "transformer", "rounds": rounds, "reconstruct": refit}
     if config.fine_tune_epochs:
         details["fine_tune"] = train(
             config.fine_tune_epochs, 0.85 - span, 0.85, ctx.seed + len(ramp)
