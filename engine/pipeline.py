@@ -219,7 +219,6 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         warnings=evaluation.data_warnings(data, task, batch, trains=trains, holdout=holdout),
         report=report,
     )
-    job.report(0.1, "measuring the original model")
     for index, config in enumerate(configs):
         why = config.needs_labels()
         if why and data.labels is None:
@@ -230,6 +229,7 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
             )
     if fmt == "pt2" and "torch" in plan:
         job.estimates = _estimate(job, convert_s, time.monotonic() - started)
+    job.report(0.1, "measuring the original model")
     return job
 
 

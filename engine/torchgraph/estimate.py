@@ -67,6 +67,7 @@ class Timing:
 
     params: int
     batch: int
+    load_s: float  # lifting the .pt2 to a trainable module (each training step does)
     train_s: float  # forward + backward + Adam step
     forward_s: float  # forward without gradients
     saved_bytes: int  # activations saved for backward
@@ -151,7 +152,9 @@ def step_estimate(work: Work, job: Job, timing: Timing, teacher: Timing) -> dict
     scoring = work.scored * (timing.train_s / timing.batch + teacher_forward)
     scoring += work.score_forward * forward
     measuring = job.eval_samples * forward + LATENCY_S
+    loading = timing.load_s + (teacher.load_s if work.teacher else 0.0)
     seconds = work.epochs * per_epoch + held_out + scoring + 2 * job.convert_s + measuring
+    seconds += loading
     if work.fake_quant:
         seconds += QAT_BUILDS * (job.convert_s + held_out)
     copies = TRAINING_COPIES + (1 if work.fake_quant else 0)
@@ -216,7 +219,9 @@ def measure(model_path: Path, xs: list[torch.Tensor]) -> Timing:
     """Time forward+backward+Adam and forward alone on one batch; count the saved activations."""
     import torch
 
+    start = time.perf_counter()
     gm, _ = load_lifted(model_path)
+    load_s = time.perf_counter() - start
     params = [p for p in gm.parameters() if p.requires_grad]
     own = {p.untyped_storage().data_ptr() for p in gm.parameters()}
     opt = torch.optim.Adam(params, lr=1e-6)
@@ -265,6 +270,7 @@ def measure(model_path: Path, xs: list[torch.Tensor]) -> Timing:
     return Timing(
         params=sum(p.numel() for p in gm.parameters()),
         batch=len(xs[0]),
+        load_s=load_s,
         train_s=train_s,
         forward_s=forward_s,
         saved_bytes=activations,

@@ -160,7 +160,9 @@ def test_the_time_is_batches_times_epochs_at_the_measured_batch_and_the_limit_is
         convert_s=0.0,
         baseline_mb=100.0,
     )
-    timing = Timing(params=1_000_000, batch=50, train_s=0.2, forward_s=0.05, saved_bytes=0)
+    timing = Timing(
+        params=1_000_000, batch=50, load_s=0.0, train_s=0.2, forward_s=0.05, saved_bytes=0
+    )
     entry = step_estimate(work, job, timing, timing)
     assert entry["per_batch_s"] == pytest.approx(0.25)  # student step + teacher forward
     assert entry["batches"] == 20
