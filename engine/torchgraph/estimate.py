@@ -106,6 +106,8 @@ def step_work(index: int, config: OpConfig, has_labels: bool, samples: int) -> W
         epochs = (config.schedule.epochs_per_step if gradual else 0) * rounds
         epochs += config.fine_tune_epochs
         scored = rounds * min(config.samples, samples)
+        if not epochs and config.criterion not in ("gradient", "entropy"):
+            return None  # a one-shot magnitude/random prune: no batch worth timing
         return Work(
             index,
             config.op,

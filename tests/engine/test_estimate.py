@@ -142,6 +142,8 @@ def test_the_work_of_each_training_op() -> None:
     assert work.epochs == 3 * 2 + 1 and work.teacher  # no labels: distilled from the original
     assert work.scored == 3 * 100  # the gradient criterion scores every round
     assert step_work(0, parse_op({"op": "prune", "sparsity": 0.5}), True, 500) is None  # ONNX
+    one_shot_channels = parse_op({"op": "prune", "granularity": "channels"})
+    assert step_work(0, one_shot_channels, True, 500) is None  # trains and scores nothing
     qat = step_work(1, parse_op({"op": "quantize", "mode": "qat", "epochs": 3}), True, 500)
     assert qat is not None and qat.fake_quant and qat.teacher and qat.epochs == 3
     assert step_work(2, parse_op({"op": "quantize"}), True, 500) is None
