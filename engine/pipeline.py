@@ -7,6 +7,7 @@ metrics of the original, every step and the final file, their ratios, artifacts 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,8 @@ def compress(
     resume: Resume | dict[str, Any] | None = None,
     holdout: float | None = None,
     models: dict[str, str | Path] | None = None,
+    time_limit_s: float | None = None,
+    memory_limit_mb: int | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -107,6 +110,8 @@ def compress(
         latency_threads=latency_threads,
         models={k: str(v) for k, v in (models or {}).items()},
         resume=Resume.model_validate(resume) if isinstance(resume, dict) else resume,
+        time_limit_s=time_limit_s,
+        memory_limit_mb=memory_limit_mb,
     )
     return run(spec, progress)
 
@@ -145,6 +150,8 @@ class _Job:
     evaluation: Evaluation  # what every model is measured on
     warnings: list[str]
     report: Report  # (fraction of the job, message) -> a progress event
+    # pre-flight estimates of the torch training steps, by index (steps[].details.estimate)
+    estimates: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +170,7 @@ class _State:
 
 def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
     """Refuse what cannot be done, convert the upload to ONNX, load and split the data."""
+    started = time.monotonic()
     workdir = Path(spec.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     export = spec.export or ["onnx"]
@@ -181,7 +189,9 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
 
     report = _reporter(emit)
     report(0.01, f"converting the {fmt} model to ONNX" if fmt != "onnx" else "checking the model")
+    converting = time.monotonic()
     original = to_onnx(model_path, fmt, workdir / "original.onnx")
+    convert_s = time.monotonic() - converting
     check_onnx_runs(original)
     inputs, outputs = onnx_io(load_onnx(original))
     batch = fixed_batch(inputs)
@@ -209,7 +219,6 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         warnings=evaluation.data_warnings(data, task, batch, trains=trains, holdout=holdout),
         report=report,
     )
-    job.report(0.1, "measuring the original model")
     for index, config in enumerate(configs):
         why = config.needs_labels()
         if why and data.labels is None:
@@ -218,7 +227,42 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
                 f"pipeline[{index}] ({config.op}) needs a dataset with a `labels` array: {why}.",
                 field=f"pipeline[{index}]",
             )
+    if fmt == "pt2" and "torch" in plan:
+        job.estimates = _estimate(job, convert_s, time.monotonic() - started)
+    job.report(0.1, "measuring the original model")
     return job
+
+
+def _estimate(job: _Job, convert_s: float, elapsed_s: float) -> dict[int, dict[str, Any]]:
+    """Time the torch training steps on one real batch; refuse a job that cannot fit its
+    limits (engine.torchgraph.estimate)."""
+    from engine.torchgraph import estimate
+
+    spec = job.spec
+    job.report(0.08, "estimating the training time on one batch")
+    try:
+        return estimate.estimate(
+            Path(spec.model_path),
+            job.configs,
+            start=spec.resume.start_index if spec.resume is not None else 0,
+            data=job.data,
+            eval_samples=len(job.evaluation.samples),
+            inputs=job.inputs,
+            fixed_batch=job.batch,
+            task=job.evaluation.task,
+            models={k: Path(v) for k, v in spec.models.items()},
+            convert_s=convert_s,
+            elapsed_s=elapsed_s,
+            limits=estimate.Limits(spec.time_limit_s, spec.memory_limit_mb),
+        )
+    except EngineError:
+        raise
+    except Exception as exc:  # a model that cannot train fails in its step, with that step's error
+        job.warnings.append(
+            f"The pre-flight estimate could not time a training batch ({exc}); the job runs "
+            "without one."
+        )
+        return {}
 
 
 def _hold_out(data: Samples, holdout: float, seed: int) -> tuple[Samples, Samples]:
@@ -302,6 +346,8 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         eval_reference=job.evaluation.reference,
         held_out=job.holdout > 0 and job.data.source == "dataset",
     )
+    if index in job.estimates:
+        ctx.details["estimate"] = job.estimates[index]
     if backend == "torch":
         if state.current_pt2 is None:  # plan_pipeline guarantees one; a resume may not
             raise EngineError(

@@ -51,6 +51,10 @@ class CompressSpec(_Spec):
     # Other uploaded models a step names (a distillation student): model id -> file.
     models: dict[str, str] = Field(default_factory=dict)
     resume: Resume | None = None
+    # The job's limits (the worker's settings); None: not limited. Torch training steps are
+    # estimated in pre-flight (engine.torchgraph.estimate) and refused when they cannot fit.
+    time_limit_s: float | None = None
+    memory_limit_mb: int | None = None
 
     def input_paths(self) -> list[str]:
         """The files the engine reads."""

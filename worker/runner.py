@@ -221,7 +221,7 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     workdir = _workdir(settings, "jobs")
     relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     try:
-        spec = _download(job, storage, workdir, settings.latency_threads)
+        spec = _download(job, storage, workdir, settings)
         (workdir / "out").mkdir()
         limits = sandbox.Limits(settings.job_time_limit_s, settings.job_memory_limit_mb)
         try:
@@ -305,7 +305,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
 
 
 def _download(
-    job: _ClaimedJob, storage: BlobStore, workdir: Path, latency_threads: int
+    job: _ClaimedJob, storage: BlobStore, workdir: Path, settings: Settings
 ) -> CompressSpec:
     """Fetch the job's blobs into its directory; the spec the sandboxed engine runs."""
     assert job.model is not None
@@ -338,8 +338,10 @@ def _download(
         models=models,
         export=job.export,
         workdir=str(workdir / "out"),
-        latency_threads=latency_threads,
+        latency_threads=settings.latency_threads,
         resume=resume,
+        time_limit_s=settings.job_time_limit_s,
+        memory_limit_mb=settings.job_memory_limit_mb,
     )
 
 

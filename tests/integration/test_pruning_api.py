@@ -3,6 +3,7 @@ ONNX upload cannot have is refused at creation: tests/api/test_pipelines.py."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,43 @@ def test_onnx_upload_unstructured_end_to_end(api: Client, mlp_files: dict[str, P
     data = load_npz(mlp_files["npz"])
     logits = run_onnx(api.artifact(job), data["x"])
     assert (logits.argmax(1) == data["labels"]).mean() >= 0.9
+
+
+def test_channels_on_an_architecture_it_cannot_follow_fails_in_preflight(
+    api: Client, tmp_path: Path
+) -> None:
+    """A weight read by a raw matmul (no nn.Linear) would keep stale channels: the job fails
+    before any compute, and the job's error names the op and the layer and says what to do."""
+    import torch
+    from torch import nn
+
+    from engine.examples import export_model
+
+    class RawMatmul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.head = nn.Parameter(torch.randn(8 * 64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x)).flatten(1) @ self.head
+
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    files = export_model(RawMatmul().eval(), x, tmp_path / "raw")
+    np.savez(tmp_path / "raw.npz", x=x, labels=np.arange(32) % 10)
+    resp = api.submit(
+        files["pt2"],
+        tmp_path / "raw.npz",
+        pipeline=[{"op": "prune", "granularity": "channels", "sparsity": 0.5}],
+    )
+    assert resp.status_code == 202, resp.text
+    job = api.stack.wait_job(resp.json()["id"], api.headers, timeout=300)
+    assert job["status"] == "failed"
+    error = job["error"]
+    assert error["code"] == "unsupported_op" and error["field"] == "pipeline"
+    assert "aten.matmul" in error["detail"] and "'head'" in error["detail"]  # op and weight
+    assert "granularity 'unstructured'" in error["detail"]  # how to fix it
+    assert all(step["status"] != "succeeded" for step in job["steps"])
+    assert job["metrics"] is None or not job["metrics"].get("original")  # nothing measured
+    started = datetime.fromisoformat(job["started_at"])
+    assert (datetime.fromisoformat(job["finished_at"]) - started).total_seconds() < 60
