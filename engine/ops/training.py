@@ -93,6 +93,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
         holdout=holdout,
         schedule=config.lr_schedule,
+        device=ctx.device,
     )
     ctx.details.update(
         {"before": before, "loss": "cross_entropy", "lr": lr, **history_details(history, holdout)}
@@ -293,6 +294,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             # a width student starts from fresh weights: its epoch 0 is no candidate
             start_counts=config.student != "width",
             schedule=config.schedule(),
+            device=ctx.device,
         )
     finally:
         for x in (features, hidden):
