@@ -238,10 +238,10 @@ def fit(
     torch.manual_seed(seed)
     teacher = loss.teacher.module if isinstance(loss.teacher, Frozen) else None
     back_to_cpu = place(device, [model, teacher], params)
-    data = data.to(device)
-    masks = {name: mask.to(device) for name, mask in (masks or {}).items()}
     best = _Best(model, holdout, history) if holdout is not None else None
     try:
+        data = data.to(device)
+        masks = {name: mask.to(device) for name, mask in (masks or {}).items()}
         if best is not None and start_counts:
             history.epochs.append(best.consider(0))
         gen = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
-"""Where torch training runs: the device rule (with GPU availability as a parameter), the moves
-a training run makes, and the CPU path training as before. The CUDA path itself runs only
-where torch sees a GPU (the last test); this machine has none."""
+"""Where torch training runs: the device rule (with GPU availability as a parameter) and the
+CPU path training as before. The CUDA path runs only where torch sees a GPU (the last test's
+`cuda` case); the machine these tests were written on has none."""
 
 from __future__ import annotations
 
@@ -107,10 +107,20 @@ def test_a_pipeline_that_does_not_train_on_torch_ignores_the_device(
     assert "device" not in result["steps"][0]["details"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_distill_fine_tune_and_qat_train_on_the_gpu_and_export_for_the_cpu(
-    mlp_files: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.slow),
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_every_training_op_trains_on_the_device_and_exports_for_the_cpu(
+    device: str, mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Gradual pruning, distillation, fine-tuning and QAT: every caller of the training loop."""
     pipeline: list[dict[str, Any]] = [
         {"op": "prune", "criterion": "magnitude", "granularity": "unstructured", "sparsity": 0.5,
          "schedule": {"kind": "gradual", "steps": 2, "epochs_per_step": 1}},
@@ -123,8 +133,8 @@ def test_distill_fine_tune_and_qat_train_on_the_gpu_and_export_for_the_cpu(
         pipeline,
         dataset_path=mlp_files["npz"],
         workdir=tmp_path,
-        device="cuda",
+        device=device,  # type: ignore[arg-type]
         export=["onnx"],
     )
-    assert [s["details"]["device"] for s in result["steps"]] == ["cuda"] * 4
-    assert result["final"]["accuracy_top1"] >= 0.85
+    assert [s["details"]["device"] for s in result["steps"]] == [device] * 4
+    assert result["final"]["accuracy_top1"] >= 0.9  # measured on the CPU, in onnxruntime
