@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file: `api` (no torch) and `worker` (CPU torch). Build with --target.
+# The GPU worker is the `worker` target built with TORCH_INDEX_URL set to a CUDA wheel index
+# (docker-compose.yml's worker-gpu service does that).
 
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,12 +22,14 @@ COPY migrations ./migrations
 RUN pip install .
 
 FROM base AS worker
+# Where torch comes from: the CPU wheels by default; a CUDA index (…/whl/cu130) for a GPU worker.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # libseccomp: the sandbox child's syscall filter (pyseccomp loads it with ctypes).
 RUN apt-get update && apt-get install -y --no-install-recommends libseccomp2 \
  && rm -rf /var/lib/apt/lists/*
-# CPU torch first, from the CPU index: with the pin already satisfied, `.[worker]` never pulls
-# a CUDA build from PyPI.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first, from that index: with the pin already satisfied, `.[worker]` never pulls
+# another build from PyPI.
+RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL}
 RUN pip install ".[worker]"
 USER compaas
 CMD ["compaas", "worker"]

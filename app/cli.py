@@ -100,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.environ["COMPAAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
     settings = _settings()
     _migrate(settings)
-    worker = start_worker_group(worker_command(settings.worker_queues, args.concurrency))
+    worker = start_worker_group(worker_command(settings.published_queues, args.concurrency))
     try:
         base = f"http://{args.host}:{args.port}"
         print(f"compaas API:  {base}/v1", flush=True)

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.torchgraph.device import DeviceSetting
+
 
 class Settings(BaseSettings):
     """Everything the API, the worker and the CLI read from the environment."""
@@ -49,6 +51,11 @@ class Settings(BaseSettings):
     run_reconciler: bool | None = None
     broker_visibility_timeout_s: int | None = None
     worker_queues: str = "default"
+    # Where a worker's torch training runs: auto (a GPU when torch can use one), cpu, cuda.
+    device: DeviceSetting = "auto"
+    # The queue of GPU workers ("" = none): jobs that train a torch model go there
+    # (app.services.routing); every other task goes to the first of worker_queues.
+    gpu_queue: str = ""
 
     # Abuse limits (429/413/422 problem+json); generous enough for the test suite's bursts.
     rate_limit_storage_url: str = ""  # "" → the broker's Redis if it is one, else in-process
@@ -95,6 +102,17 @@ class Settings(BaseSettings):
                     "COMPAAS_S3_ACCESS_KEY_ID/COMPAAS_S3_SECRET_ACCESS_KEY are required"
                 )
         return self
+
+    @property
+    def default_queue(self) -> str:
+        """Where every task goes that is not routed to the GPU queue."""
+        return self.worker_queues.split(",")[0]
+
+    @property
+    def published_queues(self) -> str:
+        """Every queue the API publishes to (what `compaas up`'s one worker consumes)."""
+        names = [*self.worker_queues.split(","), *([self.gpu_queue] if self.gpu_queue else [])]
+        return ",".join(dict.fromkeys(names))
 
     @property
     def broker_dir(self) -> Path:

@@ -79,9 +79,10 @@ def get_publisher(settings: Settings | None = None) -> Celery:
     return _publishers[key]
 
 
-def publish(settings: Settings, task_name: str, *args: Any) -> bool:
-    """Send a task by name; False (logged) when the broker is unreachable: the DB keeps the job."""
-    queue = settings.worker_queues.split(",")[0]
+def publish(settings: Settings, task_name: str, *args: Any, queue: str | None = None) -> bool:
+    """Send a task by name to `queue` (default: settings.default_queue); False (logged) when the
+    broker is unreachable: the DB keeps the job."""
+    queue = queue or settings.default_queue
     try:
         get_publisher(settings).send_task(task_name, args=list(args), queue=queue)
     except Exception:

@@ -38,6 +38,8 @@ class StepContext:
     eval_samples: Samples | None = None
     eval_reference: list[np.ndarray] | None = None
     held_out: bool = False
+    # Where the training ops train ("cpu" or "cuda"; the pipeline resolved the job's setting).
+    device: str = "cpu"
     # What a handler adds besides its model file:
     # extra files delivered with the step's model, as (path, format) — e.g. a packed archive;
     extras: list[tuple[Path, str]] = field(default_factory=list)

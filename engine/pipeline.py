@@ -20,6 +20,7 @@ from engine.config import (
     OpConfig,
     PruneConfig,
     parse_op,
+    trains_on_torch,
     validate_request,
 )
 from engine.context import StepContext
@@ -40,6 +41,7 @@ from engine.onnxgraph.convert import pt2_to_onnx, to_onnx
 from engine.onnxgraph.runtime import Feed, first_feed, fixed_batch
 from engine.ops.registry import Handler, handler_for
 from engine.spec import CompressSpec, Resume
+from engine.torchgraph.device import DeviceSetting
 
 DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step trains
 Progress = Callable[[dict[str, Any]], None]
@@ -93,6 +95,7 @@ def compress(
     models: dict[str, str | Path] | None = None,
     time_limit_s: float | None = None,
     memory_limit_mb: int | None = None,
+    device: DeviceSetting = "cpu",
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -108,6 +111,7 @@ def compress(
         export=list(export or ()),
         seed=seed,
         latency_threads=latency_threads,
+        device=device,
         models={k: str(v) for k, v in (models or {}).items()},
         resume=Resume.model_validate(resume) if isinstance(resume, dict) else resume,
         time_limit_s=time_limit_s,
@@ -150,6 +154,7 @@ class _Job:
     evaluation: Evaluation  # what every model is measured on
     warnings: list[str]
     report: Report  # (fraction of the job, message) -> a progress event
+    device: str  # where the training steps train: "cpu" or "cuda"
     # pre-flight estimates of the torch training steps, by index (steps[].details.estimate)
     estimates: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -186,6 +191,11 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         from engine.torchgraph.lift import preflight
 
         preflight(model_path, any(_reshapes_channels(c) for c in configs))
+    device = "cpu"
+    if trains_on_torch(configs, plan):
+        from engine.torchgraph.device import resolve_device
+
+        device = resolve_device(spec.device)
 
     report = _reporter(emit)
     report(0.01, f"converting the {fmt} model to ONNX" if fmt != "onnx" else "checking the model")
@@ -218,6 +228,7 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         evaluation=Evaluation.from_samples(eval_data, task, batch, spec.latency_threads, spec.seed),
         warnings=evaluation.data_warnings(data, task, batch, trains=trains, holdout=holdout),
         report=report,
+        device=device,
     )
     for index, config in enumerate(configs):
         why = config.needs_labels()
@@ -345,6 +356,7 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         eval_samples=job.evaluation.samples,
         eval_reference=job.evaluation.reference,
         held_out=job.holdout > 0 and job.data.source == "dataset",
+        device=job.device,
     )
     if index in job.estimates:
         ctx.details["estimate"] = job.estimates[index]
@@ -360,6 +372,8 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
     else:
         out = Path(handler(config, state.current, ctx))
     shutil.rmtree(scratch, ignore_errors=True)
+    if backend == "torch" and config.trains():
+        ctx.details.setdefault("device", job.device)
     if out.suffix == ".pt2":
         state.current_pt2 = out
         measured = pt2_to_onnx(out, job.workdir / f"step{index}_{config.op}.onnx")

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.torchgraph.device import DeviceSetting
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +50,9 @@ class CompressSpec(_Spec):
     export: list[str] = Field(default_factory=lambda: ["onnx"])
     seed: int = 0
     latency_threads: int = 1
+    # Where torch training runs: "cpu", "cuda", or "auto" (cuda when torch can use a GPU);
+    # engine.torchgraph.device.resolve_device.
+    device: DeviceSetting = "cpu"
     # Other uploaded models a step names (a distillation student): model id -> file.
     models: dict[str, str] = Field(default_factory=dict)
     resume: Resume | None = None

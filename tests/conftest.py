@@ -305,12 +305,13 @@ class Stack:
 
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
-        """A real Celery worker process (its own process group, so tests can SIGKILL it all)."""
+    def start_worker(self, queues: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """A real Celery worker process (its own process group, so tests can SIGKILL it all),
+        consuming `queues` (default: the stack's worker queues)."""
         log_path = self.worker_log.with_name(f"worker-{len(self.workers)}.log")
         log = log_path.open("w")
         worker = subprocess.Popen(
-            worker_command(self.settings.worker_queues, 1),
+            worker_command(queues or self.settings.worker_queues, 1),
             env={**self.env, **env},
             cwd=ROOT,
             stdout=log,

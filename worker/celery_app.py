@@ -42,6 +42,18 @@ def report_protections(**_: Any) -> None:
         ", ".join(inactive) or "none",
         ", ".join(absent) or "none",
     )
+    gpus = sandbox.gpu_devices()
+    if settings.device == "cuda" and not gpus:
+        log.error(
+            "COMPAAS_DEVICE=cuda but this host has no NVIDIA device nodes (/dev/nvidia*): its "
+            "training jobs will fail with device_unavailable. Give the container the GPU "
+            "(docker compose --profile gpu) or set COMPAAS_DEVICE=auto"
+        )
+    log.info(
+        "torch training: COMPAAS_DEVICE=%s, NVIDIA device nodes: %s",
+        settings.device,
+        ", ".join(gpus) or "none",
+    )
     try:
         worker_hosts.record(settings, socket.gethostname(), found)
     except Exception:

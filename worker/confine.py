@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import pwd
 import re
@@ -39,7 +40,16 @@ REQUIREMENTS = {name: (name,) for name in PROTECTIONS} | {"network": ("netns", "
 SECRET_NAME = re.compile(
     r"^COMPAAS_|(KEY|SECRET|PEPPER|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|AUTH)(_|$)", re.IGNORECASE
 )
-ENV_ALLOWED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+# (CUDA_*: which GPUs, in which order, a worker's operator gave it; read by a GPU-training child.)
+ENV_ALLOWED = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -83,6 +93,9 @@ SYSTEM_READ = (
     "/dev/zero",
 )
 SYSTEM_WRITE = ("/dev/null",)
+# What a child that trains on an NVIDIA GPU reads besides SYSTEM_READ: the driver's /proc and
+# /sys entries. It also opens the device nodes (gpu_devices) for reading, writing and ioctl.
+GPU_READ = ("/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices", "/sys/module/nvidia")
 
 # Syscalls the child never needs: other processes, kernel state, namespaces. exec stays allowed:
 # the engine measures peak memory in a fresh interpreter, Landlock grants the execute right only
@@ -134,6 +147,11 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not SECRET_NAME.search(k)}
 
 
+def gpu_devices() -> list[str]:
+    """This host's NVIDIA device nodes (/dev/nvidiactl, /dev/nvidia0, /dev/nvidia-uvm, …)."""
+    return sorted(glob.glob("/dev/nvidia*"))
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -161,10 +179,16 @@ def die_with_parent() -> None:
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def set_rlimits(memory_mb: int, cpu_s: int, nproc: int, nofile: int) -> None:
-    """Address space, CPU, core, file size (the memory limit), processes and open files."""
+def set_rlimits(
+    memory_mb: int, cpu_s: int, nproc: int, nofile: int, address_space: bool = True
+) -> None:
+    """Address space, CPU, core, file size (the memory limit), processes and open files.
+
+    Without `address_space` (a child that uses CUDA, which reserves far more address space
+    than it uses) the memory limit is on the data segment and private mappings instead.
+    """
     mem = memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_AS if address_space else resource.RLIMIT_DATA, (mem, mem))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (mem, mem))
@@ -173,10 +197,12 @@ def set_rlimits(memory_mb: int, cpu_s: int, nproc: int, nofile: int) -> None:
 
 
 def rlimits_set() -> bool:
-    """Every limit set_rlimits applies is finite here."""
-    kinds = ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NPROC")
-    limits = [resource.getrlimit(getattr(resource, k))[1] for k in (*kinds, "RLIMIT_NOFILE")]
-    return all(v != resource.RLIM_INFINITY for v in limits)
+    """Every limit set_rlimits applies is finite here (memory: address space or data)."""
+    kinds = ("RLIMIT_CPU", "RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_NOFILE")
+    limits = [resource.getrlimit(getattr(resource, k))[1] for k in kinds]
+    memory = [resource.getrlimit(getattr(resource, k))[1] for k in ("RLIMIT_AS", "RLIMIT_DATA")]
+    finite = all(v != resource.RLIM_INFINITY for v in limits)
+    return finite and any(v != resource.RLIM_INFINITY for v in memory)
 
 
 def enter_netns() -> bool:

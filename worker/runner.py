@@ -25,6 +25,7 @@ from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from engine.events import EventKind
 from engine.spec import CompressSpec, InspectSpec, Resume
+from engine.torchgraph.device import DeviceSetting
 from worker import sandbox
 
 log = logging.getLogger(__name__)
@@ -221,9 +222,12 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     workdir = _workdir(settings, "jobs")
     relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     try:
-        spec = _download(job, storage, workdir, settings)
+        device = sandbox.device_for(settings.device)
+        spec = _download(job, storage, workdir, settings, device)
         (workdir / "out").mkdir()
-        limits = sandbox.Limits(settings.job_time_limit_s, settings.job_memory_limit_mb)
+        limits = sandbox.Limits(
+            settings.job_time_limit_s, settings.job_memory_limit_mb, gpu=device != "cpu"
+        )
         try:
             result = sandbox.run(
                 spec,
@@ -305,7 +309,11 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
 
 
 def _download(
-    job: _ClaimedJob, storage: BlobStore, workdir: Path, settings: Settings
+    job: _ClaimedJob,
+    storage: BlobStore,
+    workdir: Path,
+    settings: Settings,
+    device: DeviceSetting,
 ) -> CompressSpec:
     """Fetch the job's blobs into its directory; the spec the sandboxed engine runs."""
     assert job.model is not None
@@ -339,6 +347,7 @@ def _download(
         export=job.export,
         workdir=str(workdir / "out"),
         latency_threads=settings.latency_threads,
+        device=device,
         resume=resume,
         time_limit_s=settings.job_time_limit_s,
         memory_limit_mb=settings.job_memory_limit_mb,

@@ -28,7 +28,9 @@ from typing import Annotated, Any, Literal, NoReturn
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.spec import CompressSpec, InspectSpec
+from engine.torchgraph.device import DeviceSetting
 from worker.confine import (
+    GPU_READ,
     PROTECTIONS,
     REQUIREMENTS,
     SYSTEM_READ,
@@ -39,6 +41,7 @@ from worker.confine import (
     drop_privileges,
     enter_netns,
     env_scrubbed,
+    gpu_devices,
     interpreter_paths,
     isolated_cwd,
     preload_seccomp,
@@ -104,6 +107,7 @@ class Box(BaseModel):
     read: list[str]
     write: list[str]
     require: list[str]
+    devices: list[str] = Field(default_factory=list)  # GPU device nodes it may open
 
 
 class ChildInput(BaseModel):
@@ -140,12 +144,23 @@ class SandboxAborted(Exception):
 class Limits:
     wall_time_s: float
     memory_mb: int
+    # The child may train on this host's NVIDIA GPUs: their device nodes are opened to it and
+    # its memory limit is on data rather than address space (set_rlimits).
+    gpu: bool = False
 
 
-def _limit_child(memory_mb: int, cpu_s: int) -> Callable[[], None]:
+def device_for(setting: DeviceSetting, gpus: Iterable[str] | None = None) -> DeviceSetting:
+    """The device a job's engine is asked for: "auto" on a host without NVIDIA device nodes is
+    "cpu", so such a worker's child is confined exactly as a CPU worker's; "cuda" stays, for
+    the engine to refuse with a clear error when torch cannot use a GPU."""
+    found = gpu_devices() if gpus is None else list(gpus)
+    return "cpu" if setting == "auto" and not found else setting
+
+
+def _limit_child(memory_mb: int, cpu_s: int, gpu: bool) -> Callable[[], None]:
     def apply() -> None:
         die_with_parent()  # the worker process that started us
-        set_rlimits(memory_mb, cpu_s, NPROC_LIMIT, NOFILE_LIMIT)
+        set_rlimits(memory_mb, cpu_s, NPROC_LIMIT, NOFILE_LIMIT, address_space=not gpu)
 
     return apply
 
@@ -212,6 +227,7 @@ def _run_in(
             read=input_paths(spec),
             write=[str(workdir or box)],
             require=list(require),
+            devices=gpu_devices() if limits.gpu else [],
         ),
         memory_limit_mb=limits.memory_mb,
     )
@@ -225,7 +241,7 @@ def _run_in(
         env=env,
         cwd=box / "cwd",
         start_new_session=True,
-        preexec_fn=_limit_child(limits.memory_mb, cpu_s),  # noqa: PLW1509
+        preexec_fn=_limit_child(limits.memory_mb, cpu_s, limits.gpu),  # noqa: PLW1509
     )
     os.close(write_fd)
     assert proc.stdin is not None and proc.stderr is not None
@@ -348,8 +364,10 @@ def confine(box: Box) -> dict[str, bool]:
     report["unprivileged_uid"], report["capabilities_dropped"] = drop_privileges(reads, writes)
     report["no_new_privs"] = set_no_new_privs()
     own = [Path(f"/proc/{os.getpid()}")]
+    gpu = [*map(Path, GPU_READ)] if box.devices else []
     report["landlock"] = restrict_filesystem(
-        [*reads, *map(Path, SYSTEM_READ), *own], [*writes, *map(Path, SYSTEM_WRITE)]
+        [*reads, *map(Path, SYSTEM_READ), *own, *gpu],
+        [*writes, *map(Path, SYSTEM_WRITE), *map(Path, box.devices)],
     )
     report["seccomp"] = deny_syscalls()
     return {name: bool(report[name]) for name in PROTECTIONS}

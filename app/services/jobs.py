@@ -20,7 +20,7 @@ from app.db.repositories import JobRepository, Page, TeamJobRepository, TeamRepo
 from app.errors import Conflict, Invalid, LimitReached, not_found
 from app.queue import TASK_RUN_JOB, publish
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
-from app.services import events, idempotency, uploaded
+from app.services import events, idempotency, routing, uploaded
 from app.services.common import page_or_422
 from app.services.datasets import DATASETS
 from app.services.idempotency import IdempotentRequest
@@ -196,7 +196,8 @@ def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:
     """After commit: a failed publish leaves the job queued for the reconciler to publish."""
-    if publish(settings, TASK_RUN_JOB, job.id):
+    queue = routing.queue_of_job(session, settings, job.id)
+    if publish(settings, TASK_RUN_JOB, job.id, queue=queue):
         JobRepository(session).mark_enqueued(job.id)
         session.commit()
 

@@ -19,7 +19,7 @@ from app.db.repositories import JobRepository
 from app.db.repositories.idempotency import purge_created_before
 from app.db.session import session_scope
 from app.queue import TASK_RUN_JOB, publish
-from app.services import events, idempotency
+from app.services import events, idempotency, routing
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
                 counts["requeued"] += 1
         stale = utcnow() - timedelta(seconds=settings.requeue_after_s)
         for job_id in jobs.lock_unpublished(stale, BATCH):
-            if not publish(settings, TASK_RUN_JOB, job_id):
+            queue = routing.queue_of_job(session, settings, job_id)
+            if not publish(settings, TASK_RUN_JOB, job_id, queue=queue):
                 break  # broker down: the rest wait for the next pass
             jobs.mark_enqueued(job_id)
             counts["published"] += 1

@@ -8,7 +8,14 @@ check of a request that the API and the worker share.
 from engine.config.base import Backend, OpConfig, PipelineError
 from engine.config.catalog import OPS, op_schemas, parse_op, parse_pipeline, parse_steps
 from engine.config.low_rank import LowRankConfig
-from engine.config.plan import EXPORTS, TASKS, keeps_torch_model, plan_pipeline, validate_request
+from engine.config.plan import (
+    EXPORTS,
+    TASKS,
+    keeps_torch_model,
+    plan_pipeline,
+    trains_on_torch,
+    validate_request,
+)
 from engine.config.presets import PRESETS, preset_pipeline
 from engine.config.prune import PruneConfig, Schedule
 from engine.config.quantize import (
@@ -51,5 +58,6 @@ __all__ = [
     "parse_steps",
     "plan_pipeline",
     "preset_pipeline",
+    "trains_on_torch",
     "validate_request",
 ]

@@ -157,6 +157,12 @@ def plan_pipeline(
     return plan
 
 
+def trains_on_torch(configs: Sequence[OpConfig], plan: Sequence[Backend]) -> bool:
+    """Whether a step trains a torch model (fine_tune, distill, prune with training, QAT):
+    what a GPU speeds up, so where a job is sent and whether its worker looks for one."""
+    return any(b == "torch" and c.trains() for c, b in zip(configs, plan, strict=True))
+
+
 def keeps_torch_model(
     configs: Sequence[OpConfig], plan: Sequence[Backend], model_format: str
 ) -> bool:

@@ -95,6 +95,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         report=epoch_progress(ctx.report, "fine-tuning", config.epochs, 0.05, 0.9),
         holdout=holdout,
         schedule=config.lr_schedule,
+        device=ctx.device,
     )
     ctx.details.update(
         {"before": before, "loss": "cross_entropy", "lr": lr, **history_details(history, holdout)}
@@ -310,6 +311,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             start_counts=config.student != "width",
             schedule=config.schedule(),
             augment=augment,
+            device=ctx.device,
         )
     finally:
         for x in (features, hidden):

@@ -120,8 +120,9 @@ class Holdout:
             return "held-out samples"
         return "the evaluation samples (also trained on: evaluation.holdout is 0)"
 
-    def outputs(self, model: Callable[..., Any]) -> list[np.ndarray]:
-        """The model's outputs on the samples, as numpy (a fixed batch is padded)."""
+    def outputs(self, model: Callable[..., Any], device: Any = "cpu") -> list[np.ndarray]:
+        """The model's outputs on the samples (fed on `device`), as numpy (a fixed batch is
+        padded)."""
         import torch
 
         parts: list[list[np.ndarray]] = []
@@ -129,7 +130,10 @@ class Holdout:
             for feed, rows in feeds(
                 self.samples, self.batch or HOLDOUT_BATCH, pad=bool(self.batch)
             ):
-                xs = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names]
+                xs = [
+                    torch.from_numpy(np.ascontiguousarray(feed[n])).to(device)
+                    for n in self.input_names
+                ]
                 outs = [o.detach().cpu() for o in flatten(model(*xs))]
                 parts.append(
                     [(o.float() if o.is_floating_point() else o).numpy()[:rows] for o in outs]
@@ -146,11 +150,13 @@ class Holdout:
         return float(value)
 
     def score(self, model: nn.Module) -> float:
-        """The model's held-out fidelity (in eval mode; its mode is restored)."""
+        """The model's held-out fidelity (in eval mode; its mode is restored), fed on the
+        device the model is on."""
         training = model.training
+        device = next((p.device for p in model.parameters()), "cpu")
         model.eval()
         try:
-            return self.score_outputs(self.outputs(model))
+            return self.score_outputs(self.outputs(model, device))
         finally:
             model.train(training)
 

@@ -12,6 +12,7 @@ Training is single-threaded and seeded, so a job gives the same model on a rerun
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 from engine.errors import EngineError
 from engine.torchgraph.augment import Plan
 from engine.torchgraph.augment import apply as apply_augment
+from engine.torchgraph.device import place
 from engine.torchgraph.fidelity import (
     FIDELITY_NAMES,
     History,
@@ -51,6 +53,11 @@ class Data:
 
     def __len__(self) -> int:
         return len(self.inputs[0])
+
+    def to(self, device: str) -> Data:
+        """The same samples on `device`."""
+        labels = self.labels.to(device) if self.labels is not None else None
+        return dataclasses.replace(self, inputs=[x.to(device) for x in self.inputs], labels=labels)
 
     def batches(self, size: int, generator: torch.Generator | None) -> Iterator[Any]:
         import torch
@@ -206,6 +213,7 @@ def fit(
     start_counts: bool = True,
     schedule: str = "constant",
     augment: Plan | None = None,
+    device: str = "cpu",
 ) -> History:
     """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval.
 
@@ -214,7 +222,9 @@ def fit(
     epoch, the model ends in its best state, and a non-finite loss ends training (the best
     state is kept, `History.stopped` says why) instead of failing it. `schedule`: "constant"
     or "cosine" (decay to zero over the run). `augment` varies the training batches
-    (engine.torchgraph.augment; distillation only: the teacher labels each variant).
+    (engine.torchgraph.augment; distillation only: the teacher labels each variant). `device`:
+    where the model, the teacher (a `frozen` one) and the batches are for the run; the model is
+    back on the CPU after it.
     """
     import torch
 
@@ -231,8 +241,12 @@ def fit(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    teacher = loss.teacher.module if isinstance(loss.teacher, Frozen) else None
+    back_to_cpu = place(device, [model, teacher], params)
     best = _Best(model, holdout, history) if holdout is not None else None
     try:
+        data = data.to(device)
+        masks = {name: mask.to(device) for name, mask in (masks or {}).items()}
         if best is not None and start_counts:
             history.epochs.append(best.consider(0))
         gen = torch.Generator().manual_seed(seed)
@@ -289,6 +303,7 @@ def fit(
             best.restore()
     finally:
         torch.set_num_threads(threads)
+        back_to_cpu()
         model.eval()
     return history
 
@@ -336,15 +351,22 @@ def teacher_module(ctx: StepContext) -> torch.fx.GraphModule:
     return gm
 
 
-def frozen(gm: Callable[..., Any]) -> Callable[..., Any]:
-    """Call a module without recording gradients."""
-    import torch
+class Frozen:
+    """A module called without recording gradients (a teacher; `fit` moves it with the model)."""
 
-    def run(*xs: torch.Tensor) -> Any:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        import torch
+
         with torch.no_grad():
-            return gm(*xs)
+            return self.module(*xs)
 
-    return run
+
+def frozen(gm: nn.Module) -> Frozen:
+    """Call a module without recording gradients."""
+    return Frozen(gm)
 
 
 def teacher_model(ctx: StepContext) -> Callable[..., Any]:

@@ -89,6 +89,25 @@ def chain(stages: dict[str, Stage], name: str) -> list[tuple[str, str]]:
     return inherited + stage.instructions
 
 
+def build_args(stages: dict[str, Stage], name: str, given: dict[str, str]) -> dict[str, str]:
+    """The values of a target's ARGs: `given` (compose's build args), else their defaults."""
+    values = {}
+    for keyword, args in chain(stages, name):
+        if keyword == "ARG":
+            arg, _, default = args.partition("=")
+            values[arg] = given.get(arg, default)
+    return values
+
+
+def runs_with(stages: dict[str, Stage], name: str, given: dict[str, str]) -> list[str]:
+    """A target's RUN lines with its build args substituted ($NAME and ${NAME})."""
+    values = build_args(stages, name, given)
+    runs = [args for keyword, args in chain(stages, name) if keyword == "RUN"]
+    return [
+        re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), run) for run in runs
+    ]
+
+
 def exec_form(args: str) -> list[str]:
     parsed = yaml.safe_load(args)
     assert isinstance(parsed, list), f"use the exec form (a JSON list): {args}"
@@ -173,6 +192,7 @@ def test_service_commands_are_real_cli_commands(
         "migrate": "migrate",
         "api": "api",
         "worker": "worker",
+        "worker-gpu": "worker",
         "reconciler": "reconciler",
     }
     for name, subcommand in expected.items():
@@ -203,7 +223,7 @@ def test_api_image_never_installs_torch(stages: dict[str, Stage]) -> None:
 def test_worker_installs_cpu_torch_before_the_worker_extra(stages: dict[str, Stage]) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     pin = next(r for r in pyproject["project"]["optional-dependencies"]["worker"] if "torch" in r)
-    runs = [args for keyword, args in chain(stages, "worker") if keyword == "RUN"]
+    runs = runs_with(stages, "worker", {})
     torch_at = next(
         i
         for i, run in enumerate(runs)
@@ -236,7 +256,7 @@ def test_images_copy_what_the_package_needs_and_run_unprivileged(
 def test_migrate_runs_before_api_and_worker(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"].get("restart", "no") == "no"
-    for name in ("api", "worker", "reconciler"):
+    for name in ("api", "worker", "worker-gpu", "reconciler"):
         if name in services:
             condition = services[name]["depends_on"]["migrate"]["condition"]
             assert condition == "service_completed_successfully", name
@@ -305,3 +325,39 @@ def test_healthchecks_probe_the_real_healthz_route(
     assert probed, "the api healthcheck probes no URL"
     for port, path in probed:
         assert (port, path) == ("8000", "/healthz")
+
+
+def test_the_gpu_worker_consumes_the_queue_the_api_routes_training_to(
+    stages: dict[str, Stage],
+) -> None:
+    """Profile `gpu`: a worker image with CUDA torch, given one NVIDIA GPU, set to train on
+    it and consuming the queue COMPAAS_GPU_QUEUE names to the API; without that variable the
+    API routes nothing there."""
+    assert load_compose()["services"]["api"]["environment"]["COMPAAS_GPU_QUEUE"] == ""
+    services = load_compose({"COMPAAS_API_KEY_PEPPER": PEPPER, "COMPAAS_GPU_QUEUE": "gpu"})[
+        "services"
+    ]
+    gpu, api_env = services["worker-gpu"], services["api"]["environment"]
+    assert gpu["profiles"] == ["gpu"]
+    assert all("profiles" not in services[name] for name in ("api", "worker", "reconciler"))
+    assert api_env["COMPAAS_GPU_QUEUE"] == "gpu"
+    assert gpu["environment"] == {
+        **api_env,
+        "COMPAAS_WORKER_QUEUES": "gpu",
+        "COMPAAS_DEVICE": "cuda",
+    }
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        **{k.removeprefix("COMPAAS_").lower(): v for k, v in gpu["environment"].items()},
+    )
+    assert (settings.worker_queues, settings.device) == ("gpu", "cuda")
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert gpu["depends_on"] == services["worker"]["depends_on"]
+
+    assert gpu["build"]["target"] == "worker"
+    runs = runs_with(stages, "worker", gpu["build"]["args"])
+    assert any(
+        re.search(r"pip install torch==\S+ --index-url https://download\.pytorch\.org/whl/cu\d+", r)
+        for r in runs
+    ), runs

@@ -28,6 +28,34 @@ def test_allocation_under_the_limit_succeeds() -> None:
     assert out == {"allocated": 100 * 1024 * 1024}
 
 
+def test_a_gpu_child_is_still_held_to_its_memory_limit() -> None:
+    """A child that may use CUDA has its memory limit on data, not address space (CUDA
+    reserves far more address space than it uses): an allocation past it still fails."""
+    limits = sandbox.Limits(60, 1024, gpu=True)
+    with pytest.raises(sandbox.SandboxError) as err:
+        sandbox.run(sandbox.SelfTestSpec(what="allocate", mb=3000), limits)
+    assert err.value.code == "memory_limit_exceeded"
+    assert sandbox.run(sandbox.SelfTestSpec(what="allocate", mb=100), limits) == {
+        "allocated": 100 * 1024 * 1024
+    }
+    assert sandbox.run(sandbox.ProtectionsSpec(), limits)["rlimits"] is True
+
+
+@pytest.mark.parametrize(
+    ("setting", "gpus", "device"),
+    [
+        ("auto", [], "cpu"),
+        ("auto", ["/dev/nvidia0", "/dev/nvidiactl"], "auto"),
+        ("cuda", [], "cuda"),
+        ("cpu", ["/dev/nvidia0"], "cpu"),
+    ],
+)
+def test_a_host_without_nvidia_devices_runs_auto_jobs_as_cpu_jobs(
+    setting: str, gpus: list[str], device: str
+) -> None:
+    assert sandbox.device_for(setting, gpus) == device  # type: ignore[arg-type]
+
+
 def test_wall_time_limit_kills_the_child() -> None:
     with pytest.raises(sandbox.SandboxError) as err:
         sandbox.run(sandbox.SelfTestSpec(what="sleep", seconds=30), sandbox.Limits(2, 1024))

@@ -8,7 +8,7 @@ from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
-from app.db.models import Artifact, Job, JobStatus, JobStep, StepStatus
+from app.db.models import Artifact, Job, JobStatus, JobStep, Model, StepStatus
 from app.db.models.job import TERMINAL_STATUSES
 from app.db.repositories.base import TeamRepository
 
@@ -25,6 +25,15 @@ class JobRepository:
     def get(self, job_id: str) -> Job | None:
         stmt = select(Job).where(Job.id == job_id).options(selectinload(Job.steps))
         return self.session.scalars(stmt).first()
+
+    def routing(self, job_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The job's model format (None once the model is deleted) and its steps' configs in
+        order: what its queue is chosen by."""
+        fmt = self.session.scalar(
+            select(Model.format).join(Job, Job.model_id == Model.id).where(Job.id == job_id)
+        )
+        steps = select(JobStep.config).where(JobStep.job_id == job_id).order_by(JobStep.index)
+        return fmt, list(self.session.scalars(steps).all())
 
     def count_active(self, team_id: str) -> int:
         """The team's queued and running jobs."""

@@ -143,6 +143,7 @@ class _Run:
             seed=seed,
             masks=masks,
             report=epoch_progress(self.ctx.report, "training", epochs, lo, hi),
+            device=self.ctx.device,
         )
         return history.epochs
 

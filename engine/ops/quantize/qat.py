@@ -301,6 +301,7 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
         report=epoch_progress(ctx.report, "QAT", config.epochs, 0.22, 0.7),
         holdout=holdout,
         schedule="cosine",
+        device=ctx.device,
     )
     _bake(targets, hooks)
     report: dict[str, Any] = {

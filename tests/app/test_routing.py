@@ -1,0 +1,64 @@
+"""Which queue a job goes to (app.services.routing.job_queue), as a pure function of the
+settings, the model's format and the pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.config import Settings
+from app.services.routing import job_queue
+
+FINE_TUNE = [{"op": "fine_tune", "epochs": 1}]
+DISTILL = [{"op": "low_rank", "energy": 0.9}, {"op": "distill", "epochs": 1}]
+QAT = [{"op": "quantize", "mode": "qat", "dtype": "int8"}]
+GRADUAL = [
+    {"op": "prune", "granularity": "channels", "sparsity": 0.3,
+     "schedule": {"kind": "gradual", "steps": 2, "epochs_per_step": 1}},
+]  # fmt: skip
+ONE_SHOT = [{"op": "prune", "granularity": "unstructured", "sparsity": 0.5}]
+LOW_RANK = [{"op": "low_rank", "energy": 0.9}]
+DYNAMIC = [{"op": "quantize", "mode": "dynamic", "dtype": "int8"}]
+
+
+def _settings(gpu_queue: str) -> Settings:
+    return Settings(worker_queues="cpu,other", gpu_queue=gpu_queue, data_dir="/tmp/unused")
+
+
+@pytest.mark.parametrize("pipeline", [FINE_TUNE, DISTILL, QAT, GRADUAL])
+def test_a_torch_program_that_trains_goes_to_the_gpu_queue(pipeline: list[dict[str, Any]]) -> None:
+    assert job_queue(_settings("gpu"), "pt2", pipeline) == "gpu"
+
+
+@pytest.mark.parametrize("pipeline", [ONE_SHOT, LOW_RANK, DYNAMIC])
+def test_a_pipeline_that_trains_nothing_stays_on_the_cpu_queue(
+    pipeline: list[dict[str, Any]],
+) -> None:
+    assert job_queue(_settings("gpu"), "pt2", pipeline) == "cpu"
+
+
+def test_onnx_models_and_deleted_models_stay_on_the_cpu_queue() -> None:
+    assert job_queue(_settings("gpu"), "onnx", ONE_SHOT) == "cpu"
+    assert job_queue(_settings("gpu"), None, FINE_TUNE) == "cpu"
+
+
+def test_without_gpu_workers_everything_goes_to_the_default_queue() -> None:
+    for pipeline in (FINE_TUNE, DISTILL, QAT, GRADUAL, DYNAMIC):
+        assert job_queue(_settings(""), "pt2", pipeline) == "cpu"
+
+
+def test_a_pipeline_the_worker_would_refuse_is_not_sent_to_the_gpu() -> None:
+    assert job_queue(_settings("gpu"), "pt2", [{"op": "no_such_op"}]) == "cpu"
+
+
+def test_the_embedded_worker_consumes_every_queue_the_api_publishes_to() -> None:
+    assert _settings("gpu").published_queues == "cpu,other,gpu"
+    assert _settings("").published_queues == "cpu,other"
+    assert Settings(worker_queues="gpu", gpu_queue="gpu").published_queues == "gpu"
+
+
+def test_the_device_setting_is_checked_when_the_settings_load() -> None:
+    assert Settings().device == "auto"
+    with pytest.raises(ValueError, match="device"):
+        Settings(device="tpu")  # type: ignore[arg-type]
