@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
-from engine.ops.prune.transformer import _contribution, reconstruct_sink, sink_grams
+from engine.ops.prune.reconstruct import downstream_norm, refit_sink, sink_grams
+from engine.ops.prune.transformer import _contribution
 from engine.pipeline import compress
 from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes, unit_index
 from engine.torchgraph.lift import preflight
@@ -440,9 +441,60 @@ def test_refitting_the_sink_moves_a_removed_channel_onto_its_twin(tmp_path: Path
         keep,
     )
     remove_units(gm, ffn, keep)
-    reconstruct_sink(down, weight, bias, grams[ffn.sink], unit_index(keep, 1))
+    refit_sink(down, weight, bias, grams[ffn.sink], unit_index(keep, 1))
     with torch.no_grad():
         refitted, sliced = gm(*xs)[0], plain(*xs)[0]
     gap = (1 - F.cosine_similarity(refitted, reference)).mean()
     lost = (1 - F.cosine_similarity(sliced, reference)).mean()
     assert gap < 0.1 * lost  # what channel 5 added now comes through channel 3
+
+
+@pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)
+def test_reconstruction_refits_every_projection_against_the_original(tmp_path: Path) -> None:
+    model, pt2, npz = _export(tmp_path)
+    gm, _ = load_lifted(pt2)
+    assert downstream_norm(gm, "layers.0.attention.out") == "layers.0.attention_norm"
+    assert downstream_norm(gm, "layers.1.output") == "layers.1.output_norm"
+    assert downstream_norm(gm, "layers.1.intermediate") is None  # GELU is in the way
+    results = {}
+    for refit in (False, True):
+        result = compress(
+            pt2,
+            [
+                {
+                    "op": "prune",
+                    "granularity": "channels",
+                    "sparsity": 0.5,
+                    "criterion": "activation",
+                    "reconstruct": refit,
+                }
+            ],
+            dataset_path=npz,
+            evaluation_task="embedding",
+            workdir=tmp_path / f"w{refit}",
+        )
+        results[refit] = result
+        assert result["steps"][0]["details"]["reconstruct"] is refit
+    rounds = results[True]["steps"][0]["details"]["rounds"]
+    fits = rounds[0]["reconstruction"]
+    # in graph order, each against the residual sum of the LayerNorm after it
+    assert [f["sink"] for f in fits] == [
+        "layers.0.attention.out",
+        "layers.0.output",
+        "layers.1.attention.out",
+        "layers.1.output",
+    ]
+    assert fits[0]["target"] == "layers.0.attention_norm input"
+    # the first sees the original's own inputs: its refit after the cut already fitted it
+    assert fits[0]["error_after"] == pytest.approx(fits[0]["error_before"], abs=1e-5)
+    assert all(f["error_after"] < f["error_before"] for f in fits[1:])
+    assert "reconstruction" not in results[False]["steps"][0]["details"]["rounds"][0]
+    # held-out sentences: the refitted model is closer to the original
+    data = _sentences(64, 11)
+    with torch.no_grad():
+        reference = model(*(torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask")))
+    cosine = {
+        refit: _cosine(_run_onnx(r["artifacts"][0]["path"], data), reference.numpy())
+        for refit, r in results.items()
+    }
+    assert cosine[True] > cosine[False] + 0.01

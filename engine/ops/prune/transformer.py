@@ -14,16 +14,14 @@ a classifier output), entropy (mean entropy of the unit's features as the sink r
 activation (E‖x_u·W_uᵀ‖², the energy of what the unit adds to the sink's output on the data: for a
 head, trace(W_u G_uu W_uᵀ) with G the Gram matrix of the sink's inputs).
 
-Reconstruction (`reconstruct`, on by default when the job has a dataset): after a round removes
-units, each sink Linear's weights and bias are refitted by least squares so that the kept units
-reproduce the sink's output before the removal, E‖[x_K, 1]·V − [x, 1]·[W, b]ᵀ‖², from the same
-Gram matrix (ridge-damped by 1 % of its mean diagonal). What a removed unit carried that the kept
-ones correlate with (and its mean, through the bias) is moved onto them, the layer-wise
-compensation of Kwon et al.'s post-training transformer pruning.
+Reconstruction (`reconstruct`, on by default when the job has a dataset): each pruned output
+projection is refitted by least squares, right after its block is cut and then once more in
+graph order against the original model's residual stream (engine.ops.prune.reconstruct).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ from engine.config import PruneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.onnxgraph.graph import matches
+from engine.ops.prune.reconstruct import correct_in_order, refit_sink, sink_grams
 from engine.ops.prune.scores import activation_entropy, gradient_scores
 from engine.torchgraph.augment import token_mask
 from engine.torchgraph.blocks import (
@@ -102,50 +101,6 @@ def unit_scores(
     return [entropy[b.sink].reshape(b.units, -1).mean(1) for b in blocks]
 
 
-def sink_grams(
-    gm: torch.fx.GraphModule,
-    blocks: list[Block],
-    data: Data,
-    batch_size: int,
-    mask: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per sink Linear, the mean Gram matrix [x, 1]ᵀ[x, 1] / rows of its inputs (float64), a row
-    per token of every sample (only the real tokens when `mask` is the position of a 0/1
-    attention-mask input: padding does not reach the output); the last row/column is the
-    constant input of the bias."""
-    import torch
-
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-    real: list[torch.Tensor | None] = [None]
-
-    def hook(_module: Any, args: Any, name: str) -> None:
-        x = args[0].detach()
-        flat = x.reshape(-1, x.shape[-1]).double()
-        if real[0] is not None and real[0].numel() == flat.shape[0]:
-            flat = flat[real[0]]
-        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1)
-        sums[name] = sums.get(name, 0) + flat.T @ flat
-        rows[name] = rows.get(name, 0) + flat.shape[0]
-
-    hooks = [
-        gm.get_submodule(b.sink).register_forward_pre_hook(
-            lambda module, args, name=b.sink: hook(module, args, name)
-        )
-        for b in blocks
-    ]
-    try:
-        gm.eval()
-        with torch.no_grad():
-            for idx in data.batches(batch_size, None):
-                real[0] = None if mask is None else data.inputs[mask][idx].reshape(-1) != 0
-                gm(*(x[idx] for x in data.inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: sums[n] / max(rows[n], 1) for n in sums}
-
-
 def _contribution(block: Block, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """E‖x_u·W_uᵀ‖² per unit: trace(W_u G_uu W_uᵀ)."""
     import torch
@@ -158,38 +113,6 @@ def _contribution(block: Block, weight: torch.Tensor, gram: torch.Tensor) -> tor
         w_u = w[:, cols]
         out[u] = float(((w_u @ gram[cols, cols]) * w_u).sum())
     return out
-
-
-RIDGE = 0.01
-
-
-def reconstruct_sink(
-    sink: Any,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    gram: torch.Tensor,
-    cols: torch.Tensor,
-) -> None:
-    """Refit `sink` (already sliced to the input columns `cols` of its old `weight`) so that
-    [x_K, 1]·V matches the old [x, 1]·[W, b]ᵀ in least squares over the Gram matrix; without a
-    bias the constant column is left out (the fit cannot move the mean)."""
-    import torch
-    from torch import nn
-
-    d = weight.shape[1]
-    old = weight.double()
-    if bias is not None:
-        old = torch.cat([old, bias.double()[:, None]], 1)
-        keep, rows = torch.cat([cols, torch.tensor([d])]), torch.arange(d + 1)
-    else:
-        keep, rows = cols, torch.arange(d)
-    a = gram[keep][:, keep]
-    a = a + RIDGE * a.diagonal().mean() * torch.eye(len(keep), dtype=a.dtype)
-    v = torch.linalg.solve(a, gram[keep][:, rows] @ old.T)  # [kept inputs (+ 1), out]
-    with torch.no_grad():
-        sink.weight = nn.Parameter(v[: len(cols)].T.contiguous().to(weight.dtype))
-        if bias is not None:
-            sink.bias = nn.Parameter(v[-1].contiguous().to(weight.dtype))
 
 
 def reconstructs(config: PruneConfig, ctx: StepContext) -> bool:
@@ -269,8 +192,9 @@ def prune_blocks(
             field="pipeline",
         )
     kept = {b.sink: _Kept(b.kind, b.units, list(range(b.units))) for b in chosen}
-    refit = reconstructs(config, ctx)
+    refit = reconstructs(config, ctx) and data is not None
     mask = token_mask(data.inputs, [spec.name for spec in ctx.inputs]) if data else None
+    reference = copy.deepcopy(gm).eval() if refit else None
     round_to = config.round_to if config.round_to and config.round_to > 1 else None
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     span = 0.8 / (len(ramp) + (1 if config.fine_tune_epochs else 0))
@@ -298,8 +222,20 @@ def prune_blocks(
                 remove_units(gm, block, keep)
                 if refit and block.sink in grams:
                     cols = unit_index(keep, block.unit_sizes[block.sink])
-                    reconstruct_sink(sink, weight, bias, grams[block.sink], cols)
+                    refit_sink(sink, weight, bias, grams[block.sink], cols)
         gm.eval()
+        corrected = None
+        if reference is not None and data is not None:
+            lo = 0.05 + span * r
+            corrected = correct_in_order(
+                gm,
+                reference,
+                chosen,
+                data,
+                config.batch_size,
+                mask,
+                lambda k, n, at=lo: ctx.report(at, f"refitting output projection {k + 1}/{n}"),
+            )
         macs, params = tp.utils.count_ops_and_params(gm, example)
         lo = 0.05 + span * r
         history = train(epochs, lo, lo + span, ctx.seed + r)
@@ -311,6 +247,7 @@ def prune_blocks(
                 "macs_ratio": round(macs / macs0, 6),
                 "params_ratio": round(params / params0, 6),
                 "training": history,
+                **({"reconstruction": corrected} if corrected is not None else {}),
             }
         )
     details: dict[str, Any] = {"structure": "transformer", "rounds": rounds, "reconstruct": refit}
