@@ -20,6 +20,7 @@ from engine.config import LowRankConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.onnxgraph.graph import matches
+from engine.ops.low_rank_search import Factor, Search, paying_rank, search
 from engine.ops.registry import register
 from engine.torchgraph.lift import weight_layers
 from engine.torchgraph.program import example_args, flatten, save_program
@@ -27,6 +28,9 @@ from engine.torchgraph.train import load_lifted
 
 if TYPE_CHECKING:
     from torch import nn
+
+# Below this share of the model's parameters saved, the step's warning says it saved little.
+LITTLE_SAVING = 0.10
 
 
 def choose_rank(singular: np.ndarray, config: LowRankConfig) -> int:
@@ -83,7 +87,6 @@ def _params(module: nn.Module) -> int:
 @register(LowRankConfig, on="torch")
 def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) -> Path:
     import torch
-    from torch import nn
 
     ctx.report(0.05, "lifting conv/linear layers")
     gm, output_layers = load_lifted(model_path)
@@ -97,63 +100,106 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
     example = example_args(ctx)
     with torch.no_grad():
         before = flatten(gm(*example))
+    positions = _positions(gm, layers, example)
+    model_params = _params(gm)
     report: dict[str, dict[str, Any]] = {}
-    replaced = 0
-    params_before = sum(_params(m) for m in layers.values())
-    for n, (name, mod) in enumerate(layers.items()):
-        ctx.report(0.1 + 0.6 * n / len(layers), f"SVD of {name}")
-        entry: dict[str, Any] = {"type": type(mod).__name__, "params_before": _params(mod)}
+    factors: list[Factor] = []
+    for name, mod in layers.items():
+        weight = mod.weight.detach()
+        entry: dict[str, Any] = {
+            "type": type(mod).__name__,
+            "shape": list(weight.shape),
+            "params_before": _params(mod),
+            "macs_before": _params(mod) * positions.get(name, 0),
+        }
         report[name] = entry
-        if name in output_layers and not config.include_last_layer:
-            entry["skipped"] = "output layer (set include_last_layer to factorize it)"
+        reason = _excluded(name, mod, output_layers, config)
+        if reason is None:
+            out_dim, inner = weight.shape[0], int(weight[0].numel())
+            bias = entry["params_before"] - out_dim * inner
+            largest = paying_rank(out_dim, inner, bias, config.min_saving)
+            if largest < 1:
+                reason = (
+                    f"no rank pays: r·({out_dim} + {inner}) saves {config.min_saving:.0%} of "
+                    f"{out_dim} × {inner} at no rank ≥ 1 (min_saving)"
+                )
+        if reason is not None:
+            entry["skipped"] = reason
             continue
-        if matches([name], config.ignore):
-            entry["skipped"] = "matched 'ignore'"
-            continue
-        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
-            entry["skipped"] = f"grouped conv (groups={mod.groups})"
-            continue
-        weight = mod.weight.detach().double()
-        out_dim, inner = weight.shape[0], int(weight[0].numel())
         with torch.no_grad():
-            u, s, vh = torch.linalg.svd(weight.reshape(out_dim, inner), full_matrices=False)
-        singular = s.numpy()
-        rank = choose_rank(singular, config)
-        total = float((singular**2).sum()) or 1.0
-        entry.update(
-            rank=rank,
-            max_rank=len(singular),
-            kept_energy=round(float((singular[:rank] ** 2).sum()) / total, 6),
-        )
-        if rank * (inner + out_dim) >= inner * out_dim:
-            entry["skipped"] = (
-                f"no saving: rank {rank} × (in {inner} + out {out_dim}) ≥ {inner} × {out_dim}"
+            u, s, vh = torch.linalg.svd(
+                weight.double().reshape(weight.shape[0], -1), full_matrices=False
             )
+        factors.append(Factor(name, mod, u, s, vh))
+
+    ctx.report(0.1, "choosing ranks")
+    if config.measured and factors:
+        found = search(
+            gm, factors, config, ctx, model_params, lambda f, m: ctx.report(0.1 + 0.6 * f, m)
+        )
+        ranks = found.ranks
+        _report_search(found, report)
+    else:
+        found = None
+        ranks = {}
+        for f in factors:
+            rank = choose_rank(f.s.numpy(), config)
+            total = float((f.s**2).sum()) or 1.0
+            report[f.name].update(
+                kept_energy=round(float((f.s[:rank] ** 2).sum()) / total, 6),
+            )
+            largest = paying_rank(f.out_dim, f.inner, f.bias, config.min_saving)
+            if rank > largest:
+                report[f.name]["rank_needed"] = rank
+                report[f.name]["skipped"] = (
+                    f"saves too little: rank {rank} keeps {f.params_at(rank):,} of "
+                    f"{f.params:,} parameters; it must save {config.min_saving:.0%} "
+                    f"(rank ≤ {largest}, min_saving)"
+                )
+                continue
+            ranks[f.name] = rank
+    for f in factors:
+        report[f.name]["max_rank"] = len(f.s)
+        chosen = ranks.get(f.name)
+        if chosen is None:
             continue
-        new = _factorize(mod, rank, u, s, vh)
-        _set_submodule(gm, name, new)
-        entry["params_after"] = _params(new)
-        replaced += 1
-    for entry in report.values():
+        new = _factorize(f.module, chosen, f.u, f.s, f.vh)
+        _set_submodule(gm, f.name, new)
+        report[f.name].update(rank=chosen, params_after=_params(new))
+    for name, entry in report.items():
         entry.setdefault("params_after", entry["params_before"])
+        entry["macs_after"] = entry["params_after"] * positions.get(name, 0)
+    replaced = len(ranks)
+    params_before = sum(int(e["params_before"]) for e in report.values())
     params_after = sum(int(e["params_after"]) for e in report.values())
+    model_after = model_params - params_before + params_after
     ctx.details.update(
         {
             "criterion": (
-                f"rank_ratio {config.rank_ratio}"
+                "measured"
+                if config.measured
+                else f"rank_ratio {config.rank_ratio}"
                 if config.rank_ratio is not None
                 else f"energy {config.energy}"
             ),
+            "min_saving": config.min_saving,
             "layers": report,
             "factorized": replaced,
             "layer_params_before": params_before,
             "layer_params_after": params_after,
+            "layer_macs_before": sum(int(e["macs_before"]) for e in report.values()),
+            "layer_macs_after": sum(int(e["macs_after"]) for e in report.values()),
+            "params_before": model_params,
+            "params_after": model_after,
         }
     )
+    if found is not None:
+        ctx.details["search"] = _search_details(found, config)
+        ctx.warnings += _search_warnings(found, config, model_after, model_params)
     if not replaced:
         ctx.warnings.append(
-            "low_rank factorized no layer: every eligible layer would need a rank with no "
-            "parameter saving (or is excluded); the model is unchanged."
+            "low_rank factorized no layer (details.layers says why for each); the model is "
+            "unchanged."
         )
     gm.recompile()
     with torch.no_grad():
@@ -175,12 +221,107 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
         what="factorized model",
     )
     if replaced:
-        ctx.warnings.append(
-            f"Factorized {replaced} layer(s) by truncated SVD: conv/linear parameters "
-            f"{params_before:,} → {params_after:,} ({params_after / params_before:.1%}). No "
-            "fine-tuning was done here; add a fine_tune step after low_rank to recover accuracy."
+        saved = 1 - model_after / model_params
+        text = (
+            f"Factorized {replaced} layer(s) by truncated SVD: the model's parameters "
+            f"{model_params:,} → {model_after:,} ({model_after / model_params:.1%})."
         )
+        if saved < LITTLE_SAVING:
+            text += (
+                f" That saves only {saved:.1%}: the layers that would save more cost too much "
+                "fidelity, or are excluded (details.layers)."
+            )
+        if not config.measured:
+            text += " No fine-tuning was done here; add distill or fine_tune to recover accuracy."
+        ctx.warnings.append(text)
     return ctx.output
+
+
+def _excluded(
+    name: str, mod: nn.Module, output_layers: list[str], config: LowRankConfig
+) -> str | None:
+    """Why a layer is not a candidate at all (None: it is)."""
+    from torch import nn
+
+    if name in output_layers and not config.include_last_layer:
+        return "output layer (set include_last_layer to factorize it)"
+    if matches([name], config.ignore):
+        return "matched 'ignore'"
+    if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+        return f"grouped conv (groups={mod.groups})"
+    return None
+
+
+def _positions(gm: nn.Module, layers: dict[str, nn.Module], example: Any) -> dict[str, int]:
+    """Per layer, the output positions one sample computes (tokens, pixels): MACs/params."""
+    import torch
+
+    rows = int(example[0].shape[0]) if example and example[0].dim() else 1
+    found: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            channels = int(output.shape[-1] if output.dim() < 4 else output.shape[1])
+            found[name] = int(output.numel()) // max(1, rows * channels)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            gm(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _report_search(found: Search, report: dict[str, dict[str, Any]]) -> None:
+    """Each scored layer's options (rank, params, fidelity alone) and what was chosen."""
+    for name, options in found.options.items():
+        entry = report[name]
+        entry["options"] = [
+            {"rank": o.rank, "params_after": o.params, **o.fidelity} for o in options
+        ]
+        chosen = [o for o in options if o.rank == found.ranks.get(name)]
+        if chosen:
+            entry["fidelity_alone"] = chosen[0].fidelity
+        else:
+            entry["skipped"] = found.why_not[name]
+
+
+def _search_details(found: Search, config: LowRankConfig) -> dict[str, Any]:
+    target = config.goal()
+    return {
+        "target": target.describe() if target is not None else None,
+        "target_met": found.met,
+        "max_params_ratio": config.max_params_ratio,
+        "samples": found.samples,
+        "measured_passes": found.passes,
+        "seconds": found.seconds,
+        "estimated_error": found.estimated,
+        "measured": found.measured,
+        "backed_off": found.backed_off,
+    }
+
+
+def _search_warnings(
+    found: Search, config: LowRankConfig, model_after: int, model_params: int
+) -> list[str]:
+    warnings = []
+    target = config.goal()
+    ratio = config.max_params_ratio
+    if ratio is not None and model_after > ratio * model_params:
+        why = (
+            f"{target.describe()} stopped it first"
+            if target is not None
+            else "no layer has a rank saving enough"
+        )
+        warnings.append(
+            f"low_rank did not reach max_params_ratio {ratio}: the model keeps "
+            f"{model_after / model_params:.1%} of its parameters ({why})."
+        )
+    return warnings
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -11,7 +11,132 @@ import pytest
 from engine.config import LowRankConfig, parse_op, plan_pipeline
 from engine.errors import EngineError
 from engine.ops.low_rank import choose_rank
+from engine.ops.low_rank_search import paying_rank, rank_options
 from engine.pipeline import compress
+
+
+@pytest.fixture(scope="module")
+def low_rank_mlp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A digits MLP 64-128-128-10 trained a few epochs, whose middle layer is then cut to rank
+    8 (so it factorizes for free) while the first keeps its trained, full-rank weight."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from engine.examples import export_model, train
+
+    digits = load_digits()
+    x, y = (digits.data / 16).astype(np.float32), digits.target.astype(np.int64)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    train(model, x[:1000], y[:1000], epochs=8)
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(model[2].weight, full_matrices=False)
+        model[2].weight.copy_((u[:, :8] * s[:8]) @ vh[:8])
+    out = tmp_path_factory.mktemp("low_rank_mlp")
+    files = export_model(model, x[1000:], out / "mlp")
+    np.savez(out / "digits.npz", x=x[1000:], labels=y[1000:])
+    return {"pt2": files["pt2"], "npz": out / "digits.npz"}
+
+
+def _low_rank(files: dict[str, Path], tmp_path: Path, **config: object) -> dict:
+    result = compress(
+        files["pt2"],
+        [{"op": "low_rank", **config}],
+        dataset_path=files["npz"],
+        workdir=tmp_path,
+    )
+    return result
+
+
+@pytest.mark.slow
+def test_measured_mode_factorizes_only_where_it_pays(
+    low_rank_mlp: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _low_rank(low_rank_mlp, tmp_path)  # the default: measured, min_cosine 0.99
+    step = result["steps"][0]
+    details = step["details"]
+    assert details["criterion"] == "measured"
+    search = details["search"]
+    assert search["target"] == "cosine >= 0.99" and search["target_met"] is True
+    assert search["measured"]["cosine_similarity"] >= 0.99  # the combination, measured
+    layers = details["layers"]
+    first, middle, last = layers["0"], layers["2"], layers["4"]
+    assert "output layer" in last["skipped"] and "options" not in last
+    # every scored layer lists its rank options (largest paying first) with the fidelity
+    # of the model with only that layer factorized
+    assert [o["rank"] for o in middle["options"]] == [48, 24, 12, 6]
+    assert [o["rank"] for o in first["options"]] == [32, 16, 8, 4]
+    for entry in (first, middle):
+        for option in entry["options"]:
+            assert option["params_after"] <= 0.8 * entry["params_before"]
+    # the rank-8 layer is factorized at the smallest rank that keeps it exact
+    assert middle["rank"] == 12 and middle["fidelity_alone"]["cosine_similarity"] >= 0.9999
+    assert middle["params_after"] == 12 * (128 + 128) + 128
+    assert middle["macs_after"] < middle["macs_before"]
+    assert details["params_after"] < details["params_before"]
+    assert result["final"]["params"] < 0.5 * result["original"]["params"]
+    assert result["final"]["cosine_similarity"] >= 0.985  # on the other samples too
+
+
+@pytest.mark.slow
+def test_a_strict_target_keeps_the_costly_layer_whole(
+    low_rank_mlp: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _low_rank(low_rank_mlp, tmp_path, target={"min_cosine": 0.9999})
+    details = result["steps"][0]["details"]
+    first, middle = details["layers"]["0"], details["layers"]["2"]
+    assert first["skipped"].startswith("costs too much: rank 32 alone gives cosine")
+    assert first["params_after"] == first["params_before"] and "rank" not in first
+    assert middle["rank"] == 12
+    assert details["search"]["measured"]["cosine_similarity"] >= 0.9999
+    assert details["factorized"] == 1
+
+
+@pytest.mark.slow
+def test_a_parameter_budget_stops_once_reached(
+    low_rank_mlp: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _low_rank(low_rank_mlp, tmp_path, max_params_ratio=0.6)
+    details = result["steps"][0]["details"]
+    assert details["search"]["target"] is None
+    assert details["params_after"] <= 0.6 * details["params_before"]
+    # the free layer alone reaches the budget: the costly one is not touched
+    assert details["layers"]["2"]["rank"] == 12
+    assert details["layers"]["0"]["skipped"].startswith("not needed")
+
+
+@pytest.mark.slow
+def test_no_rank_saving_enough_leaves_the_model_whole(
+    low_rank_mlp: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _low_rank(low_rank_mlp, tmp_path, min_saving=0.99)
+    step = result["steps"][0]
+    for name in ("0", "2"):
+        assert step["details"]["layers"][name]["skipped"].startswith("no rank pays")
+    assert step["details"]["factorized"] == 0
+    assert any("factorized no layer" in w for w in step["warnings"])
+    assert result["final"]["params"] == result["original"]["params"]
+
+
+@pytest.mark.slow
+def test_measured_mode_on_convs_meets_an_sqnr_target(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    result = _low_rank(
+        digits_files, tmp_path, target={"min_sqnr_db": 25.0}, include_last_layer=True
+    )
+    details = result["steps"][0]["details"]
+    assert details["search"]["target_met"] is True
+    assert details["search"]["measured"]["sqnr_db_min"] >= 25.0
+    convs = {n: e for n, e in details["layers"].items() if e["type"] == "Conv2d"}
+    assert all("options" in e for e in convs.values())
+    chosen = [e for e in details["layers"].values() if "rank" in e]
+    assert chosen and all(e["params_after"] <= 0.8 * e["params_before"] for e in chosen)
+    assert all("sqnr_db_min" in e["fidelity_alone"] for e in chosen)
+    assert result["final"]["params"] < 0.8 * result["original"]["params"]
 
 
 @pytest.mark.slow
@@ -73,14 +198,43 @@ def test_rank_choice_and_config() -> None:
     assert choose_rank(s, LowRankConfig(energy=0.9)) == 2  # (9+4)/14.25 = 0.91
     assert choose_rank(s, LowRankConfig(energy=1.0)) == 4
     assert choose_rank(s, LowRankConfig(rank_ratio=0.5)) == 2
-    assert LowRankConfig().energy == 0.9
+    default = LowRankConfig()
+    assert default.measured and default.energy is None
+    assert default.goal() == LowRankConfig(target={"min_cosine": 0.99}).goal()
+    assert LowRankConfig(max_params_ratio=0.5).goal() is None  # a budget alone
     with pytest.raises(ValueError, match="either rank_ratio or energy"):
         LowRankConfig(rank_ratio=0.5, energy=0.9)
+    with pytest.raises(ValueError, match="leave out energy and rank_ratio"):
+        LowRankConfig(energy=0.9, target={"min_cosine": 0.99})
     configs = [parse_op({"op": "low_rank"}), parse_op({"op": "weight_share"})]
     assert plan_pipeline(configs, "pt2") == ["torch", "onnx"]
+
+
+def test_a_rank_pays_only_when_it_saves_enough() -> None:
+    # 128×128 + bias: rank 51 keeps 51·256 + 128 = 13,184 of 16,512 (saves 20.2 %)
+    assert paying_rank(128, 128, 128, 0.2) == 51
+    assert paying_rank(128, 128, 128, 0.99) == 0
+    assert paying_rank(32, 9, 32, 0.2) == 5  # a 3×3 conv with one input channel, 32 filters
+    assert paying_rank(2, 2, 0, 0.2) == 0
+    assert paying_rank(4, 4, 0, 0.0) == 1  # rank 2 would keep 16 of 16: no saving at all
+    assert rank_options(51) == [48, 24, 12, 6]
+    assert rank_options(4) == [4, 2, 1]
 
 
 def test_low_rank_needs_a_torch_upload(mlp_files: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(EngineError) as err:
         compress(mlp_files["onnx"], [{"op": "low_rank"}], workdir=tmp_path)
     assert err.value.code == "unsupported_op"
+
+
+def test_an_accuracy_target_needs_labels(mlp_files: dict[str, Path], tmp_path: Path) -> None:
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x=np.load(mlp_files["npz"])["x"])
+    with pytest.raises(EngineError) as err:
+        compress(
+            mlp_files["pt2"],
+            [{"op": "low_rank", "target": {"max_accuracy_drop": 0.01}}],
+            dataset_path=unlabelled,
+            workdir=tmp_path / "job",
+        )
+    assert err.value.code == "dataset_needs_labels" and err.value.field == "pipeline[0]"
