@@ -138,10 +138,18 @@ def _low_rank_rows(details: dict[str, Any]) -> list[tuple[str, str]]:
         "output.dense": "ffn2",
     }
     table: dict[str, list[str]] = {}
+    alone: dict[str, list[str]] = {}
     for name, e in layers.items():
         kind = next((v for k, v in kinds.items() if k in name), name.rsplit(".", 2)[-2])
         table.setdefault(kind, []).append(str(e.get("rank", "-")))
+        if e.get("options"):
+            first = e["options"][0]
+            alone.setdefault(kind, []).append(f"{first['cosine_similarity']:.4f}")
     rows = [(f"low_rank ranks {k} (per block)", " ".join(v)) for k, v in table.items()]
+    rows += [
+        (f"low_rank cosine alone at the largest paying rank, {k}", " ".join(v))
+        for k, v in alone.items()
+    ]
     rows.append(
         (
             "low_rank layer params",

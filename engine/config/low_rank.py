@@ -12,6 +12,7 @@ from engine.config.quantize import QuantizeTarget
 # The floor the measured mode keeps when given neither `target` nor `max_params_ratio`: the
 # same cosine the quantizer's `prefer: speed` defaults to.
 DEFAULT_LOW_RANK_TARGET = QuantizeTarget(min_cosine=0.99)
+DEFAULT_MIN_SAVING = 0.2
 
 
 class LowRankConfig(OpConfig):
@@ -19,7 +20,7 @@ class LowRankConfig(OpConfig):
 
     A Linear in→out becomes in→r→out; a k×k Conv2d becomes a k×k conv with r filters and a
     1×1 conv. A layer is factorized only where r·(out + in·k·k) saves at least `min_saving` of
-    its parameters.
+    its parameters (unset: 0.2 in the measured mode; any saving with energy or rank_ratio).
 
     * measured (the default: neither `energy` nor `rank_ratio`): each layer's rank options are
       measured one layer at a time on `samples` of the job's samples against the step's input;
@@ -48,11 +49,13 @@ class LowRankConfig(OpConfig):
         description="measured mode: factorize until the model has at most this share of its "
         "parameters (with a target too, the target wins)",
     )
-    min_saving: float = Field(
-        0.2,
+    min_saving: float | None = Field(
+        None,
         ge=0.0,
         lt=1.0,
-        description="factorize a layer only at ranks saving at least this share of its parameters",
+        description="factorize a layer only at ranks saving at least this share of its "
+        "parameters; unset: 0.2 when measured, any saving at all with energy or rank_ratio "
+        "(as before they had this field)",
     )
     samples: int = Field(
         64, ge=4, le=4096, description="measured mode: samples each rank option is scored on"
@@ -75,6 +78,12 @@ class LowRankConfig(OpConfig):
     def measured(self) -> bool:
         """Ranks chosen by measured fidelity (neither `energy` nor `rank_ratio` given)."""
         return self.rank_ratio is None and self.energy is None
+
+    def saving(self) -> float:
+        """The share of a layer's parameters a factorization must save (`min_saving`)."""
+        if self.min_saving is not None:
+            return self.min_saving
+        return DEFAULT_MIN_SAVING if self.measured else 0.0
 
     def goal(self) -> QuantizeTarget | None:
         """The fidelity floor of the measured mode (None: a parameter budget alone)."""

@@ -4,9 +4,10 @@ The .pt2 is lifted into real nn modules (structured.lift_modules). A Linear in�
 W ≈ U_r S_r V_rᵀ becomes Linear(in→r, weight √S_r V_rᵀ, no bias) then Linear(r→out, weight
 U_r √S_r, the original bias). A Conv2d (groups 1, k×k) is factorized through its weight
 reshaped to [out, in·k·k]: a k×k conv with r filters (same stride/padding/dilation) followed by
-a 1×1 conv to the original outputs. The result is re-exported as .pt2; the pipeline converts it
-to ONNX and measures params, MACs, latency and accuracy (no fine-tuning here: add a fine_tune
-step after this one to recover accuracy).
+a 1×1 conv to the original outputs. The ranks: measured (low_rank_search, the default), or
+from the singular values alone (`energy`, `rank_ratio`). The result is re-exported as .pt2;
+the pipeline converts it to ONNX and measures params, MACs, latency and accuracy (no training
+here: add distill or fine_tune after this step to recover accuracy).
 """
 
 from __future__ import annotations
@@ -102,36 +103,7 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
         before = flatten(gm(*example))
     positions = _positions(gm, layers, example)
     model_params = _params(gm)
-    report: dict[str, dict[str, Any]] = {}
-    factors: list[Factor] = []
-    for name, mod in layers.items():
-        weight = mod.weight.detach()
-        entry: dict[str, Any] = {
-            "type": type(mod).__name__,
-            "shape": list(weight.shape),
-            "params_before": _params(mod),
-            "macs_before": _params(mod) * positions.get(name, 0),
-        }
-        report[name] = entry
-        reason = _excluded(name, mod, output_layers, config)
-        if reason is None:
-            out_dim, inner = weight.shape[0], int(weight[0].numel())
-            bias = entry["params_before"] - out_dim * inner
-            largest = paying_rank(out_dim, inner, bias, config.min_saving)
-            if largest < 1:
-                reason = (
-                    f"no rank pays: r·({out_dim} + {inner}) saves {config.min_saving:.0%} of "
-                    f"{out_dim} × {inner} at no rank ≥ 1 (min_saving)"
-                )
-        if reason is not None:
-            entry["skipped"] = reason
-            continue
-        with torch.no_grad():
-            u, s, vh = torch.linalg.svd(
-                weight.double().reshape(weight.shape[0], -1), full_matrices=False
-            )
-        factors.append(Factor(name, mod, u, s, vh))
-
+    report, factors = _candidates(layers, output_layers, positions, config)
     ctx.report(0.1, "choosing ranks")
     if config.measured and factors:
         found = search(
@@ -141,23 +113,7 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
         _report_search(found, report)
     else:
         found = None
-        ranks = {}
-        for f in factors:
-            rank = choose_rank(f.s.numpy(), config)
-            total = float((f.s**2).sum()) or 1.0
-            report[f.name].update(
-                kept_energy=round(float((f.s[:rank] ** 2).sum()) / total, 6),
-            )
-            largest = paying_rank(f.out_dim, f.inner, f.bias, config.min_saving)
-            if rank > largest:
-                report[f.name]["rank_needed"] = rank
-                report[f.name]["skipped"] = (
-                    f"saves too little: rank {rank} keeps {f.params_at(rank):,} of "
-                    f"{f.params:,} parameters; it must save {config.min_saving:.0%} "
-                    f"(rank ≤ {largest}, min_saving)"
-                )
-                continue
-            ranks[f.name] = rank
+        ranks = _spectral_ranks(factors, config, report)
     for f in factors:
         report[f.name]["max_rank"] = len(f.s)
         chosen = ranks.get(f.name)
@@ -182,7 +138,7 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
                 if config.rank_ratio is not None
                 else f"energy {config.energy}"
             ),
-            "min_saving": config.min_saving,
+            "min_saving": config.saving(),
             "layers": report,
             "factorized": replaced,
             "layer_params_before": params_before,
@@ -227,14 +183,88 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
             f"{model_params:,} → {model_after:,} ({model_after / model_params:.1%})."
         )
         if saved < LITTLE_SAVING:
-            text += (
-                f" That saves only {saved:.1%}: the layers that would save more cost too much "
-                "fidelity, or are excluded (details.layers)."
+            why = (
+                "the layers that would save more cost too much fidelity or are excluded"
+                if config.measured
+                else "the other layers need ranks that save too little or are excluded"
             )
+            text += f" That saves only {saved:.1%}: {why} (details.layers)."
         if not config.measured:
             text += " No fine-tuning was done here; add distill or fine_tune to recover accuracy."
         ctx.warnings.append(text)
     return ctx.output
+
+
+def _candidates(
+    layers: dict[str, Any],  # weight_layers: nn.Linear / nn.Conv2d
+    output_layers: list[str],
+    positions: dict[str, int],
+    config: LowRankConfig,
+) -> tuple[dict[str, dict[str, Any]], list[Factor]]:
+    """Every layer's report entry, and the SVD of those that may be factorized."""
+    import torch
+
+    report: dict[str, dict[str, Any]] = {}
+    factors: list[Factor] = []
+    for name, mod in layers.items():
+        weight = mod.weight.detach()
+        entry: dict[str, Any] = {
+            "type": type(mod).__name__,
+            "shape": list(weight.shape),
+            "params_before": _params(mod),
+            "macs_before": _params(mod) * positions.get(name, 0),
+        }
+        report[name] = entry
+        reason = _excluded(name, mod, output_layers, config)
+        if reason is None:
+            out_dim, inner = weight.shape[0], int(weight[0].numel())
+            bias = entry["params_before"] - out_dim * inner
+            largest = paying_rank(out_dim, inner, bias, config.saving())
+            if largest < 1:
+                reason = (
+                    f"no rank pays: even rank 1 ({out_dim} + {inner} weights for "
+                    f"{out_dim} × {inner}) {_saves_too_little(config)}"
+                )
+        if reason is not None:
+            entry["skipped"] = reason
+            continue
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(
+                weight.double().reshape(weight.shape[0], -1), full_matrices=False
+            )
+        factors.append(Factor(name, mod, u, s, vh))
+    return report, factors
+
+
+def _spectral_ranks(
+    factors: list[Factor], config: LowRankConfig, report: dict[str, dict[str, Any]]
+) -> dict[str, int]:
+    """`energy` / `rank_ratio`: each layer's rank from its singular values, where it saves."""
+    ranks: dict[str, int] = {}
+    for f in factors:
+        rank = choose_rank(f.s.numpy(), config)
+        total = float((f.s**2).sum()) or 1.0
+        report[f.name].update(
+            kept_energy=round(float((f.s[:rank] ** 2).sum()) / total, 6),
+        )
+        largest = paying_rank(f.out_dim, f.inner, f.bias, config.saving())
+        if rank > largest:
+            report[f.name]["rank_needed"] = rank
+            report[f.name]["skipped"] = (
+                f"saves too little: rank {rank} keeps {f.params_at(rank):,} of "
+                f"{f.params:,} parameters: it {_saves_too_little(config)}; only ranks ≤ "
+                f"{largest} do not"
+            )
+            continue
+        ranks[f.name] = rank
+    return ranks
+
+
+def _saves_too_little(config: LowRankConfig) -> str:
+    saving = config.saving()
+    if saving > 0:
+        return f"saves less than {saving:.0%} of the layer's parameters (min_saving)"
+    return "saves nothing"
 
 
 def _excluded(

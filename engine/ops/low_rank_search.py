@@ -370,7 +370,7 @@ def search(
 
 
 def _largest(f: Factor, config: LowRankConfig) -> int:
-    return paying_rank(f.out_dim, f.inner, f.bias, config.min_saving)
+    return paying_rank(f.out_dim, f.inner, f.bias, config.saving())
 
 
 def _with(

@@ -238,3 +238,22 @@ def test_an_accuracy_target_needs_labels(mlp_files: dict[str, Path], tmp_path: P
             workdir=tmp_path / "job",
         )
     assert err.value.code == "dataset_needs_labels" and err.value.field == "pipeline[0]"
+
+
+@pytest.mark.slow
+def test_energy_keeps_any_saving_unless_min_saving_is_given(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    def ranks(**config: object) -> dict[str, object]:
+        result = _low_rank(digits_files, tmp_path / str(len(config)), energy=0.9, **config)
+        return result["steps"][0]["details"]["layers"]
+
+    before = ranks()  # as energy always did: any saving at all
+    assert [before[n].get("rank") for n in ("0", "2", "5", "9")] == [7, 39, 82, 146]
+    strict = ranks(min_saving=0.2)
+    # rank 146 of the 512→256 Linear keeps 85 % of its parameters; rank 7 of the first conv
+    # (9 inputs, 32 filters) 90 %: both stay whole, the others are as before
+    for name in ("0", "9"):
+        assert strict[name]["skipped"].startswith("saves too little")
+        assert strict[name]["params_after"] == strict[name]["params_before"]
+    assert [strict[n].get("rank") for n in ("2", "5")] == [39, 82]
