@@ -182,7 +182,10 @@ def low_rank_torch(config: LowRankConfig, model_path: Path, ctx: StepContext) ->
             f"Factorized {replaced} layer(s) by truncated SVD: the model's parameters "
             f"{model_params:,} → {model_after:,} ({model_after / model_params:.1%})."
         )
-        if saved < LITTLE_SAVING:
+        asked = config.max_params_ratio is not None and model_after <= (
+            config.max_params_ratio * model_params
+        )
+        if saved < LITTLE_SAVING and not asked:  # a budget it reached is what was asked
             why = (
                 "the layers that would save more cost too much fidelity or are excluded"
                 if config.measured
