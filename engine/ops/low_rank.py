@@ -313,8 +313,11 @@ def _report_search(found: Search, report: dict[str, dict[str, Any]]) -> None:
     """Each scored layer's options (rank, params, fidelity alone) and what was chosen."""
     for name, options in found.options.items():
         entry = report[name]
+        positions = entry["macs_before"] // max(1, entry["params_before"])
         entry["options"] = [
-            {"rank": o.rank, "params_after": o.params, **o.fidelity} for o in options
+            {"rank": o.rank, "params_after": o.params, "macs_after": o.params * positions}
+            | o.fidelity
+            for o in options
         ]
         chosen = [o for o in options if o.rank == found.ranks.get(name)]
         if chosen:

@@ -72,6 +72,7 @@ def test_measured_mode_factorizes_only_where_it_pays(
     for entry in (first, middle):
         for option in entry["options"]:
             assert option["params_after"] <= 0.8 * entry["params_before"]
+            assert option["macs_after"] == option["params_after"]  # one row: one position
     # the rank-8 layer is factorized at the smallest rank that keeps it exact
     assert middle["rank"] == 12 and middle["fidelity_alone"]["cosine_similarity"] >= 0.9999
     assert middle["params_after"] == 12 * (128 + 128) + 128
@@ -257,3 +258,71 @@ def test_energy_keeps_any_saving_unless_min_saving_is_given(
         assert strict[name]["skipped"].startswith("saves too little")
         assert strict[name]["params_after"] == strict[name]["params_before"]
     assert [strict[n].get("rank") for n in ("2", "5")] == [39, 82]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-layer `transformers` BertModel (hidden 64, random init, seeded) with mean pooling and
+    L2 norm inside, exported as a .pt2 with a dynamic batch, and 96 token sequences."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, bert: torch.nn.Module) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).float()
+            return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=32,
+    )
+    encoder = Encoder(transformers.BertModel(config, add_pooling_layer=False)).eval()
+    ids = np.random.default_rng(0).integers(1, 200, size=(96, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = (torch.from_numpy(ids[:4]), torch.from_numpy(mask[:4]))
+    program = torch.export.export(encoder, example, dynamic_shapes=({0: batch}, {0: batch}))
+    out = tmp_path_factory.mktemp("tiny_bert")
+    torch.export.save(program, str(out / "bert.pt2"))
+    np.savez(out / "tokens.npz", ids=ids, mask=mask)
+    return {"pt2": out / "bert.pt2", "npz": out / "tokens.npz"}
+
+
+@pytest.mark.slow
+def test_measured_ranks_on_a_transformers_encoder(
+    tiny_bert: dict[str, Path], tmp_path: Path
+) -> None:
+    # freshly initialised attention is close to uniform: Q and K can go to rank 3 for free,
+    # while V and the FFN each cost more than this target allows even at their largest rank
+    result = compress(
+        tiny_bert["pt2"],
+        [{"op": "low_rank", "target": {"min_cosine": 0.99998}}],
+        dataset_path=tiny_bert["npz"],
+        evaluation_task="embedding",
+        workdir=tmp_path,
+    )
+    details = result["steps"][0]["details"]
+    assert details["search"]["target_met"] is True
+    assert details["search"]["measured"]["cosine_similarity"] >= 0.99998
+    for block in (0, 1):
+        prefix = f"bert.encoder.layer.{block}"
+        for name in ("query", "key"):
+            entry = details["layers"][f"{prefix}.attention.self.{name}"]
+            assert entry["rank"] == 3 and entry["params_after"] == 3 * 128 + 64
+        for name in ("attention.self.value", "intermediate.dense"):
+            assert details["layers"][f"{prefix}.{name}"]["skipped"].startswith("costs too much")
+        for name in ("attention.output.dense", "output.dense"):
+            assert "output layer" in details["layers"][f"{prefix}.{name}"]["skipped"]
+    assert details["factorized"] == 4
+    assert result["final"]["params"] < result["original"]["params"]
+    assert result["final"]["cosine_similarity"] >= 0.9999
