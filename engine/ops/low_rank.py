@@ -333,6 +333,7 @@ def _search_details(found: Search, config: LowRankConfig) -> dict[str, Any]:
         "target_met": found.met,
         "max_params_ratio": config.max_params_ratio,
         "samples": found.samples,
+        "option_samples": found.option_samples,
         "measured_passes": found.passes,
         "seconds": found.seconds,
         "estimated_error": found.estimated,

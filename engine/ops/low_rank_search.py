@@ -22,6 +22,7 @@ import numpy as np
 
 from engine.config import LowRankConfig, QuantizeTarget
 from engine.context import StepContext
+from engine.io.datasets import Samples
 from engine.onnxgraph.metrics import quality
 from engine.ops.quantize.measure import meets, worst_sqnr
 from engine.torchgraph.fidelity import Holdout
@@ -38,6 +39,10 @@ RANK_ALIGN = 8  # ranks of 16 and more are multiples of this (whole SIMD lanes)
 FILL_ROUNDS = 2
 FILL_BELOW = 0.8
 FILL_MAX_SCALE = 4.0
+# When scoring every option on all `samples` would take longer, the options are scored on
+# fewer (at least MIN_SCORE_SAMPLES); the combinations are still measured on all of them.
+SEARCH_SECONDS = 180.0
+MIN_SCORE_SAMPLES = 8
 
 
 def paying_rank(out_dim: int, inner: int, bias: int, min_saving: float) -> int:
@@ -125,7 +130,24 @@ class Search:
     backed_off: list[str] = field(default_factory=list)  # undone choices, in order
     passes: int = 0
     seconds: float = 0.0
-    samples: int = 0
+    samples: int = 0  # the combinations were measured on
+    option_samples: int = 0  # each option was scored on (fewer when time was short)
+
+
+@dataclass
+class _Samples:
+    """Samples a model is run on, the step input's outputs there, its accuracy (labels)."""
+
+    runner: Holdout
+    reference: list[np.ndarray]
+    accuracy: float | None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.runner.samples.labels
+
+    def __len__(self) -> int:
+        return len(self.runner.samples)
 
 
 class Scorer:
@@ -134,31 +156,44 @@ class Scorer:
     def __init__(
         self, gm: nn.Module, ctx: StepContext, samples: int, target: QuantizeTarget | None
     ) -> None:
-        calib = ctx.calibration(samples)
         self.target = target
-        self.labels = calib.labels
-        names = [spec.name for spec in ctx.inputs]
-        self.runner = Holdout(calib, names, [], ctx.task, ctx.batch, held_out=False)
         self.task = ctx.task
         self.passes = 0
-        self.reference = self._outputs(gm)
-        base = quality(self.reference, None, self.labels, "classification")
-        self.accuracy: float | None = base.get("accuracy_top1")
-        self.samples = len(calib)
+        self._names = [spec.name for spec in ctx.inputs]
+        self._batch = ctx.batch
+        started = time.perf_counter()
+        self.all = self._reference(gm, ctx.calibration(samples))
+        self.pass_seconds = time.perf_counter() - started
+        self.small = self.all  # what each rank option is scored on (`limit`)
 
-    def _outputs(self, gm: nn.Module) -> list[np.ndarray]:
+    def _reference(self, gm: nn.Module, samples: Samples) -> _Samples:
+        runner = Holdout(samples, self._names, [], self.task, self._batch, held_out=False)
         self.passes += 1
-        return self.runner.outputs(gm)
+        reference = runner.outputs(gm)
+        base = quality(reference, None, samples.labels, "classification")
+        return _Samples(runner, reference, base.get("accuracy_top1"))
 
-    def measure(self, gm: nn.Module) -> dict[str, Any]:
+    def limit(self, gm: nn.Module, passes: int) -> None:
+        """Score the options on fewer samples when `passes` on all would take longer than
+        SEARCH_SECONDS (at least MIN_SCORE_SAMPLES); combinations are measured on all."""
+        if passes * self.pass_seconds <= SEARCH_SECONDS:
+            return
+        n = int(len(self.all) * SEARCH_SECONDS / (passes * self.pass_seconds))
+        n = max(MIN_SCORE_SAMPLES, n)
+        if n < len(self.all):
+            self.small = self._reference(gm, self.all.runner.samples.take(n))
+
+    def measure(self, gm: nn.Module, small: bool = False) -> dict[str, Any]:
         """Cosine, SQNR (worst slice), accuracy drop (labels) of `gm` against the input."""
-        outputs = self._outputs(gm)
+        on = self.small if small else self.all
+        self.passes += 1
+        outputs = on.runner.outputs(gm)
         if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
             return {"cosine_similarity": -1.0, "sqnr_db": -math.inf, "accuracy_drop": 1.0}
-        values = quality(outputs, self.reference, self.labels, self.task)
+        values = quality(outputs, on.reference, on.labels, self.task)
         out = {k: values.get(k) for k in ("cosine_similarity", "sqnr_db", "sqnr_db_min")}
-        if self.accuracy is not None and values.get("accuracy_top1") is not None:
-            out["accuracy_drop"] = round(self.accuracy - values["accuracy_top1"], 6)
+        if on.accuracy is not None and values.get("accuracy_top1") is not None:
+            out["accuracy_drop"] = round(on.accuracy - values["accuracy_top1"], 6)
         return {k: v for k, v in out.items() if v is not None or k == "sqnr_db"}
 
     def error(self, fidelity: dict[str, Any]) -> float:
@@ -289,6 +324,7 @@ def search(
     options: dict[str, list[Option]] = {}
     why_not: dict[str, str] = {}
     total = sum(len(rank_options(_largest(f, config))) for f in factors)
+    scorer.limit(gm, total)
     done = 0
     for f in factors:
         largest = _largest(f, config)
@@ -296,7 +332,7 @@ def search(
         for rank in rank_options(largest):
             progress(done / max(1, total), f"scoring {f.name} at rank {rank}")
             done += 1
-            fidelity = _with(gm, {f: rank}, scorer.measure)
+            fidelity = _with(gm, {f: rank}, lambda m: scorer.measure(m, small=True))
             scored.append(
                 Option(rank, f.params_at(rank), scorer.error(fidelity), scorer.figures(fidelity))
             )
@@ -365,7 +401,8 @@ def search(
         backed_off=backed_off,
         passes=scorer.passes,
         seconds=round(time.perf_counter() - started, 2),
-        samples=scorer.samples,
+        samples=len(scorer.all),
+        option_samples=len(scorer.small),
     )
 
 

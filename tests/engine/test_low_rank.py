@@ -331,3 +331,18 @@ def test_measured_ranks_on_a_transformers_encoder(
     assert details["factorized"] == 4
     assert result["final"]["params"] < result["original"]["params"]
     assert result["final"]["cosine_similarity"] >= 0.9999
+
+
+@pytest.mark.slow
+def test_options_are_scored_on_fewer_samples_when_time_is_short(
+    low_rank_mlp: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.ops import low_rank_search
+
+    monkeypatch.setattr(low_rank_search, "SEARCH_SECONDS", 0.0)
+    details = _low_rank(low_rank_mlp, tmp_path)["steps"][0]["details"]
+    search = details["search"]
+    assert search["option_samples"] == low_rank_search.MIN_SCORE_SAMPLES
+    assert search["samples"] == 64  # the combination is still measured on all of them
+    assert search["target_met"] is True and search["measured"]["cosine_similarity"] >= 0.99
+    assert details["layers"]["2"]["rank"] == 12
