@@ -2,7 +2,8 @@
 at the engine level (compress(), temp dirs, no API), optionally distilled after.
 
     .venv/bin/python -m bench.prune_transformer [--sparsity 0.3] [--criterion entropy]
-        [--distill EPOCHS] [--lr LR] [--text words|prose] [--train N] [--held N] [--out F]
+        [--low-rank JSON] [--distill EPOCHS] [--lr LR] [--text words|prose] [--train N]
+        [--held N] [--out F]
 
 The encoder is exported as a team would: `transformers` BertModel + mean pooling + L2 norm
 inside, torch.export with a dynamic batch (sequence 32, the zoo's tokenizer settings), weights
@@ -17,6 +18,7 @@ Prints MACs of one sentence (from one onnxruntime run), parameters, latency side
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -126,6 +128,50 @@ def held_out(original: Path, final: Path, held: dict[str, np.ndarray]) -> dict[s
     }
 
 
+def _low_rank_rows(details: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ranks low_rank chose per layer kind (q/k/v/o/ffn1/ffn2 of each block), and why not."""
+    layers = details["layers"]
+    kinds = {
+        "query": "q",
+        "key": "k",
+        "value": "v",
+        "attention.output": "o",
+        "intermediate": "ffn1",
+        "output.dense": "ffn2",
+    }
+    table: dict[str, list[str]] = {}
+    alone: dict[str, list[str]] = {}
+    for name, e in layers.items():
+        kind = next((v for k, v in kinds.items() if k in name), name.rsplit(".", 2)[-2])
+        table.setdefault(kind, []).append(str(e.get("rank", "-")))
+        if e.get("options"):
+            first = e["options"][0]
+            alone.setdefault(kind, []).append(f"{first['cosine_similarity']:.4f}")
+    rows = [(f"low_rank ranks {k} (per block)", " ".join(v)) for k, v in table.items()]
+    rows += [
+        (f"low_rank cosine alone at the largest paying rank, {k}", " ".join(v))
+        for k, v in alone.items()
+    ]
+    rows.append(
+        (
+            "low_rank layer params",
+            f"{details['layer_params_before']:,} → {details['layer_params_after']:,} "
+            f"({details['factorized']} layers factorized)",
+        )
+    )
+    search = details.get("search")
+    if search:
+        rows.append(
+            (
+                "low_rank search",
+                f"{search['target']}, measured {search['measured']}, "
+                f"{search['measured_passes']} passes on {search['samples']} samples, "
+                f"{search['seconds']} s, backed off {len(search['backed_off'])}",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sparsity", type=float, default=0.3)
@@ -143,6 +189,13 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
     parser.add_argument("--batch", type=int, default=16, help="distill batch size")
     parser.add_argument("--qat", type=int, default=0, help="then quantize mode qat, epochs")
+    parser.add_argument(
+        "--low-rank",
+        type=json.loads,
+        default=None,
+        help="a low_rank step (its fields as JSON, e.g. '{\"energy\": 0.9}' or '{}' for the "
+        "measured default) instead of prune",
+    )
     parser.add_argument(
         "--text",
         choices=("words", "prose"),
@@ -172,7 +225,9 @@ def main() -> None:
         }
         if args.reconstruct != "auto":
             prune["reconstruct"] = args.reconstruct == "on"
-        pipeline = [prune] if args.sparsity > 0 else []
+        pipeline = [prune] if args.sparsity > 0 and args.low_rank is None else []
+        if args.low_rank is not None:
+            pipeline.append({"op": "low_rank", **args.low_rank})
         if args.distill:
             distill: dict[str, Any] = {
                 "op": "distill",
@@ -252,6 +307,8 @@ def main() -> None:
                 f"{e['width_after']}/{e['width_before']}" for e in layers if e["kind"] == "ffn"
             ]
             rows += [("heads kept", " ".join(heads)), ("FFN width kept", " ".join(widths))]
+        if step["op"] == "low_rank":
+            rows += _low_rank_rows(step["details"])
         qat = step["details"].get("qat") if step["op"] == "quantize" else None
         if qat:
             rows += [
