@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
     parser.add_argument("--batch", type=int, default=16, help="distill batch size")
     parser.add_argument("--qat", type=int, default=0, help="then quantize mode qat, epochs")
+    parser.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate")
     parser.add_argument(
         "--text",
         choices=("words", "prose"),
@@ -171,7 +172,11 @@ def main() -> None:
                 distill["lr"] = args.lr
             pipeline.append(distill)
         if args.qat:
-            pipeline.append({"op": "quantize", "mode": "qat", "dtype": "int8", "epochs": args.qat})
+            qat_step: dict[str, Any] = {"op": "quantize", "mode": "qat", "dtype": "int8"}
+            qat_step["epochs"] = args.qat
+            if args.qat_lr is not None:
+                qat_step["lr"] = args.qat_lr
+            pipeline.append(qat_step)
         t0 = time.perf_counter()
         result = compress(
             pt2,
