@@ -246,6 +246,14 @@ def main() -> None:
                     f"{qat.get('post_training')} vs {qat.get('qat')}",
                 ),
                 ("QAT: delivered, best epoch", f"{qat.get('delivered')}, {qat.get('best_epoch')}"),
+                (
+                    "QAT: held-out cosine per epoch, simulated in torch (0 = calibrated start)",
+                    " ".join(
+                        f"{e.get('held_out_cosine_similarity', float('nan')):.4f}"
+                        for e in qat.get("epochs", [])
+                    ),
+                ),
+                ("QAT: lr, SmoothQuant", f"{qat.get('lr')}, {qat.get('smoothquant')}"),
             ]
     table = "| | all-MiniLM-L6-v2 |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     print(table)

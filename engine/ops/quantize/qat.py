@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 CALIBRATION_BATCH = 64
 DEFAULT_LR = {"int8": 1e-4, "uint8": 1e-4, "binary": 1e-3, "ternary": 1e-3}
+# int8 QAT of a graph with attention (a pretrained transformer) when `lr` is unset. On
+# all-MiniLM-L6-v2 (512 prose sentences, 2 epochs, the job's held-out share) 1e-5 took the
+# ONNX build from 0.99757 post-training to 0.99799; at 1e-4 no epoch beat the start.
+ATTENTION_INT8_LR = 1e-5
 Report = Callable[[float, str], None]
 
 
@@ -384,7 +388,7 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
     smoothing = smoothing_factors(gm, targets, data, alpha) if alpha is not None else {}
     hooks = _attach(targets, config.dtype, smoothing)
     calibrated = calibrate(gm, targets, data, config.calibration.samples)
-    lr = config.lr if config.lr is not None else DEFAULT_LR[config.dtype]
+    lr = config.lr if config.lr is not None else default_lr(config.dtype, ptq.ctx.details)
     ctx.report(0.22, f"quantization-aware training ({config.dtype}, {how})")
     history = fit(
         gm,
@@ -447,6 +451,14 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
         return _deliver(ptq, built, ctx)
     report["delivered"] = "qat"
     return _deliver(built, ptq, ctx)
+
+
+def default_lr(dtype: str, post_training: dict[str, Any]) -> float:
+    """QAT's learning rate when `lr` is unset: ATTENTION_INT8_LR for int8/uint8 when the
+    post-training build found attention (its `details.attention`), else DEFAULT_LR."""
+    if dtype in ("int8", "uint8") and post_training.get("attention"):
+        return ATTENTION_INT8_LR
+    return DEFAULT_LR[dtype]
 
 
 def smoothing_alpha(chosen: str | None) -> float | None:
