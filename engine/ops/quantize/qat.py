@@ -9,7 +9,11 @@
    (0.7·mean|w|); XNOR binary α·{−1, +1} (α per output channel, rounded to float16 as the
    packed format stores it). For int8/uint8 the inputs of those layers also pass torch.ao's
    FakeQuantize, whose min/max observers are calibrated on the data before any training step
-   and then frozen: training starts from the post-training scales.
+   and then frozen: training starts from the post-training scales. When the post-training
+   build chose SmoothQuant, the Linears get the same factors (input ÷ s before its
+   FakeQuantize, weight quantized as W·diag(s)), so the simulation computes what that build
+   computes; on a graph with attention the build quantizes the same tensors as the simulation
+   (engine.ops.quantize.attention).
 3. The model learns the float model's outputs (distillation with the task's loss, plus the
    labels for classification) with a small learning rate decayed on a cosine; the epoch with
    the best held-out fidelity is kept (epoch 0 is the calibrated, untrained start).
