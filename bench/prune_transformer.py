@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
     parser.add_argument("--batch", type=int, default=16, help="distill batch size")
     parser.add_argument("--qat", type=int, default=0, help="then quantize mode qat, epochs")
+    parser.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate")
     parser.add_argument(
         "--low-rank",
         type=json.loads,
@@ -238,7 +239,11 @@ def main() -> None:
                 distill["lr"] = args.lr
             pipeline.append(distill)
         if args.qat:
-            pipeline.append({"op": "quantize", "mode": "qat", "dtype": "int8", "epochs": args.qat})
+            qat_step: dict[str, Any] = {"op": "quantize", "mode": "qat", "dtype": "int8"}
+            qat_step["epochs"] = args.qat
+            if args.qat_lr is not None:
+                qat_step["lr"] = args.qat_lr
+            pipeline.append(qat_step)
         t0 = time.perf_counter()
         result = compress(
             pt2,
@@ -317,6 +322,14 @@ def main() -> None:
                     f"{qat.get('post_training')} vs {qat.get('qat')}",
                 ),
                 ("QAT: delivered, best epoch", f"{qat.get('delivered')}, {qat.get('best_epoch')}"),
+                (
+                    "QAT: held-out cosine per epoch, simulated in torch (0 = calibrated start)",
+                    " ".join(
+                        f"{e.get('held_out_cosine_similarity', float('nan')):.4f}"
+                        for e in qat.get("epochs", [])
+                    ),
+                ),
+                ("QAT: lr, SmoothQuant", f"{qat.get('lr')}, {qat.get('smoothquant')}"),
             ]
     table = "| | all-MiniLM-L6-v2 |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     print(table)

@@ -25,6 +25,7 @@ from engine.onnxgraph.compact import compact, tensor_names
 from engine.onnxgraph.convert import quiet
 from engine.onnxgraph.graph import WEIGHT_OPS, matches, name_nodes, weight_layers
 from engine.onnxgraph.runtime import feeds
+from engine.ops.quantize.attention import FLOAT_OUTPUT_OPS, AttentionPlan, attention_plan
 from engine.ops.quantize.memory import PeakRss
 from engine.ops.quantize.ranges import choose as choose_ranges
 from engine.ops.quantize.repairs import (
@@ -302,6 +303,8 @@ class Quantizer:
     base_exclude: set[str] = field(default_factory=set)
     dynamic_conv_ok: bool = True
     kept_float: set[str] = field(default_factory=set)  # mixed-range repairs (static only)
+    # a graph with attention: static builds quantize its weight layers and embeddings only
+    attention: AttentionPlan | None = None
     _caches: dict[str, Path] = field(default_factory=dict)  # ranges -> calibration cache
     builds: int = 0
     calibration_progress: float = 0.2  # where the step's progress stands when it calibrates
@@ -321,7 +324,10 @@ class Quantizer:
         import onnx
 
         # Not self.model: calibration comes next and should not hold a second copy.
-        self.all_layers = layers(onnx.load(str(self.prepared)))
+        model = onnx.load(str(self.prepared))
+        self.all_layers = layers(model)
+        self.attention = attention_plan(model)
+        del model
         self.base_exclude = excluded(self.all_layers, self.config.exclude)
 
     def derived(self, prepared: Path, samples: Samples | None = None) -> Quantizer:
@@ -357,7 +363,7 @@ class Quantizer:
         from onnxruntime.quantization.registry import QDQRegistry
 
         layers = {x.name for x in self.all_layers}
-        skip = layers | self.base_exclude | self.kept_float
+        skip = layers | self.base_exclude | self.kept_float | self.attention_float
         nodes = self.model.graph.node
         return [n.name for n in nodes if n.op_type in QDQRegistry and n.name not in skip]
 
@@ -376,11 +382,19 @@ class Quantizer:
 
         return QuantType.QUInt8 if variant.activations == "uint8" else self.qtype()
 
-    def extra_options(self) -> dict[str, Any]:
+    @property
+    def attention_float(self) -> set[str]:
+        """Nodes a static build keeps float because the graph has attention
+        (engine.ops.quantize.attention)."""
+        return set(self.attention.kept_float) if self.attention is not None else set()
+
+    def extra_options(self, static: bool = False) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if self.config.symmetric is not None:
             extra["ActivationSymmetric"] = self.config.symmetric
             extra["WeightSymmetric"] = self.config.symmetric
+        if static and self.attention is not None:
+            extra["OpTypesToExcludeOutputQuantization"] = list(FLOAT_OUTPUT_OPS)
         return extra
 
     # ---- calibration (static)
@@ -516,7 +530,7 @@ class Quantizer:
         if variant.exclude_depthwise:
             skip += [x.name for x in self.all_layers if x.depthwise]
         if variant.mode == "static":
-            skip = sorted(set(skip) | self.kept_float)
+            skip = sorted(set(skip) | self.kept_float | self.attention_float)
         if variant.mode == "weight_only":
             if self.config.dtype == "int4":
                 int4_blockwise(
@@ -545,7 +559,7 @@ class Quantizer:
                 calibrate_method=method,
                 nodes_to_exclude=skip,
                 nodes_to_quantize=only,
-                extra_options=self.extra_options(),
+                extra_options=self.extra_options(static=True),
                 calibration_cache_path=self.calibration_cache(variant.ranges),
             )
         return self._compact(dst)

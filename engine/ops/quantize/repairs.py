@@ -217,6 +217,11 @@ def output_tails(model: onnx.ModelProto, already: set[str]) -> list[Repair]:
             weighted = node.op_type in WEIGHT_OPS or node.op_type == "ConvTranspose"
             if weighted and any(i in weights for i in node.input[1:2]):
                 continue
+            if node.op_type == "Gather" and node.input[:1] and node.input[0] in weights:
+                # an embedding table is a weight layer: a transformer's residual stream runs
+                # weightless from its embeddings to a pooled output, and the walk kept the
+                # 30522×384 word table of all-MiniLM-L6-v2 float (2.7× the file)
+                continue
             seen.add(node.name)
             todo += [i for i in node.input if i in floats]
             if node.name in already:

@@ -153,6 +153,9 @@ def search(q: Quantizer, float_model: Path, select: Samples, refit: Samples | No
         "disjoint": select is not ctx.samples,
     }
     variants = quality_variants(q, requested) if cfg.prefer == "quality" else variants_for(q)
+    if q.attention is not None and any(v.mode == "static" for v in variants):
+        # engine.ops.quantize.attention: what static int8 quantizes in a graph with attention
+        ctx.details["attention"] = q.attention.as_dict()
     if cfg.range_repairs and any(v.mode == "static" for v in variants):
         repairs = q.range_repairs(ev.reference)
         if repairs:
@@ -425,7 +428,7 @@ def bias_corrected_builds(
             corrected[per_channel] = _bias_corrected(q, per_channel, means)
         other = corrected[per_channel]
         if other is None:
-            out += [(q, v)] if v != requested else []
+            out += [] if any(x is q and y == v for x, y in out) else [(q, v)]
         else:
             out.append((other, replace(v, name=f"{v.name}_biascorr")))
     return out
