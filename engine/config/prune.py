@@ -22,7 +22,9 @@ class Schedule(BaseModel):
 class PruneConfig(OpConfig):
     """Zero the least important weights (unstructured, N:M) or remove whole channels.
 
-    Criteria: `magnitude` (L1/L2 norm of the weights), `gradient` (first-order Taylor,
+    Criteria: `auto` (default: `activation` for a transformer's heads and FFN channels when the
+    job has a dataset, `magnitude` otherwise), `magnitude` (L1/L2 norm of the weights),
+    `gradient` (first-order Taylor,
     |w·∂L/∂w| accumulated over the dataset; task loss with labels, KL to the original's
     outputs without), `entropy` (of each output channel's activation distribution over the
     dataset; unstructured/N:M spread a channel's score over its weights by magnitude),
@@ -36,7 +38,13 @@ class PruneConfig(OpConfig):
     """
 
     op: Literal["prune"] = "prune"
-    criterion: Literal["magnitude", "gradient", "entropy", "activation", "random"] = "magnitude"
+    criterion: Literal["auto", "magnitude", "gradient", "entropy", "activation", "random"] = Field(
+        "auto",
+        description=(
+            "auto: activation for the heads and FFN channels of a transformer when the job has "
+            "a dataset, magnitude otherwise"
+        ),
+    )
     norm: Literal["l1", "l2"] = "l1"
     granularity: Literal["unstructured", "n:m", "channels"] = "unstructured"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
@@ -89,6 +97,13 @@ class PruneConfig(OpConfig):
                 f"does; use granularity 'channels' or drop head_sparsity (got {self.granularity!r})"
             )
         return self
+
+    def resolved(self, transformer: bool, dataset: bool) -> PruneConfig:
+        """This config with `auto` replaced by the criterion it stands for."""
+        if self.criterion != "auto":
+            return self
+        chosen = "activation" if transformer and dataset else "magnitude"
+        return self.model_copy(update={"criterion": chosen})
 
     def trains(self) -> bool:
         gradual = self.schedule.kind == "gradual" and self.schedule.epochs_per_step > 0

@@ -16,8 +16,10 @@ def test_catalog_lists_presets_and_methods(api_stack: Stack, api_team: dict[str,
     assert {"prune", "quantize", "distill", "fine_tune", "low_rank", "weight_share"} <= set(ops)
     assert "temperature" in ops["distill"]["schema"]["properties"]
     assert ops["prune"]["schema"]["properties"]["criterion"]["enum"] == [
+        "auto",
         "magnitude",
         "gradient",
         "entropy",
+        "activation",
         "random",
     ]

@@ -107,6 +107,7 @@ def prune_onnx(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path:
     import onnx
     from onnx import numpy_helper
 
+    config = config.resolved(transformer=False, dataset=False)  # auto → magnitude here
     model = onnx.load(str(model_path))
     rng = np.random.default_rng(ctx.seed)
     targets = _prunable(model, config)

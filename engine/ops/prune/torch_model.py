@@ -157,6 +157,11 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
     example = example_args(ctx)
     with torch.no_grad():
         before = gm(*example)
+    if config.criterion == "auto":
+        transformer = config.granularity == "channels" and has_attention(
+            *find_blocks(gm, traced_shapes(gm, example))
+        )
+        config = config.resolved(transformer, ctx.samples.source == "dataset")
     needs_data = (
         config.criterion in ("gradient", "entropy", "activation")
         or config.trains()
