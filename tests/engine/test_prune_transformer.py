@@ -485,9 +485,10 @@ def test_reconstruction_refits_every_projection_against_the_original(tmp_path: P
         "layers.1.output",
     ]
     assert fits[0]["target"] == "layers.0.attention_norm input"
-    # the first sees the original's own inputs: its refit after the cut already fitted it
-    assert fits[0]["error_after"] == pytest.approx(fits[0]["error_before"], abs=1e-5)
-    assert all(f["error_after"] < f["error_before"] for f in fits[1:])
+    # the first sees the original's own inputs: its refit after the cut already fitted the same
+    # target (the second fit only moves on from there); the later ones also repair the drift
+    assert fits[0]["error_after"] <= fits[0]["error_before"] + 1e-6
+    assert all(f["error_after"] < 0.95 * f["error_before"] for f in fits[1:])
     assert "reconstruction" not in results[False]["steps"][0]["details"]["rounds"][0]
     # held-out sentences: the refitted model is closer to the original
     data = _sentences(64, 11)

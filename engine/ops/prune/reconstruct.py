@@ -17,7 +17,9 @@ which the pooling drops, is left out when the inputs carry an attention mask):
    residual stream, which a fit to its own old output cannot see. Where no LayerNorm follows
    through adds only, the target is the projection's original output.
 
-Ridge damping: 1 % of the mean diagonal of the Gram matrix.
+Both are damped towards the weights the projection has (a ridge of 1 % of the Gram matrix's mean
+diagonal on the change, not on the weights): with few tokens the fit stays near the layer it
+refits instead of shrinking it.
 """
 
 from __future__ import annotations
@@ -92,12 +94,14 @@ def sink_grams(
     return {n: sums[n] / max(rows[n], 1) for n in sums}
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-    """(G + λ·mean(diag G)·I)⁻¹ C."""
+def _solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """argmin ‖XV − T‖² + λ‖V − V₀‖² = (G + λI)⁻¹ (C + λV₀), λ = RIDGE · mean(diag G): the
+    damping pulls towards the weights the layer has (V₀), not towards zero."""
     import torch
 
-    damp = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    return torch.linalg.solve(gram + damp, cross)
+    lam = RIDGE * gram.diagonal().mean()
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, cross + lam * prior)
 
 
 def _assign(sink: Any, v: torch.Tensor, inputs: int) -> None:
@@ -129,7 +133,8 @@ def refit_sink(
         keep, rows = torch.cat([cols, torch.tensor([d])]), torch.arange(d + 1)
     else:
         keep, rows = cols, torch.arange(d)
-    _assign(sink, _solve(gram[keep][:, keep], gram[keep][:, rows] @ old.T), len(cols))
+    prior = old[:, keep].T  # the kept columns as they were (and the bias)
+    _assign(sink, _solve(gram[keep][:, keep], gram[keep][:, rows] @ old.T, prior), len(cols))
 
 
 def downstream_norm(gm: fx.GraphModule, sink: str) -> str | None:
@@ -218,7 +223,10 @@ def correct_in_order(
         finally:
             for h in hooks:
                 h.remove()
-        v = _solve(gram, cross)
+        prior = sink.weight.detach().double().T
+        if sink.bias is not None:
+            prior = torch.cat([prior, sink.bias.detach().double()[None]], 0)
+        v = _solve(gram, cross, prior)
         _assign(sink, v, sink.weight.shape[1])
         # the fitted gap, from the same sums: ‖XV − T‖² = VᵀGV − 2VᵀC + ‖T‖²
         fitted = float((v * (gram @ v)).sum() - 2 * (v * cross).sum()) + energy
