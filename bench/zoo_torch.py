@@ -130,24 +130,25 @@ def export_pt2(model: Any, example: np.ndarray, out: Path) -> Path:
     return out
 
 
-def trained_cnn(key: str, build: Callable[[], Any], epochs: int) -> Path:
-    """`build()` trained once on the teacher digits (3 drawings of each of TEACHER_ROWS) and
-    cached as <CACHE>/torch/<key>.pt2; its held-out accuracy is logged next to it."""
-    out = CACHE / "torch" / f"{key}.pt2"
+def trained_cnn(key: str, build: Callable[[], Any], drawings: int, epochs: int) -> Path:
+    """`build()` trained once on `drawings` drawings of each of TEACHER_ROWS for `epochs` and
+    cached as <CACHE>/torch/<key>-<drawings>x<epochs>e.pt2, its held-out accuracy beside it."""
+    name = f"{key}-{drawings}x{epochs}e"
+    out = CACHE / "torch" / f"{name}.pt2"
     if out.exists():
         return out
     import torch
 
-    _log(f"{key}: training once (cached in {out.parent})")
-    x, y = digit_images(TEACHER_ROWS, 3, SEED + 10)
+    _log(f"{key}: training once (cached as {out})")
+    x, y = digit_images(TEACHER_ROWS, drawings, SEED + 10)
     model = build()
     with torch.random.fork_rng():
         train_classifier(model, x, y, epochs, SEED)
     hx, hy = digit_images(HELD_ROWS, 1, SEED + 12)
     with torch.no_grad():
         accuracy = float((model(torch.from_numpy(hx)).argmax(1).numpy() == hy).mean())
-    (CACHE / "torch" / f"{key}.json").parent.mkdir(parents=True, exist_ok=True)
-    (CACHE / "torch" / f"{key}.json").write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
         json.dumps({"held_out_accuracy": accuracy, "epochs": epochs, "train_images": len(x)})
     )
     _log(f"{key}: held-out accuracy {accuracy:.3f}")
@@ -219,7 +220,7 @@ CNN_MUST_SHOW = {
 def _resnet18() -> Path:
     from bench.cnns import resnet18
 
-    return trained_cnn("resnet18-digits", lambda: resnet18(10), 6)
+    return trained_cnn("resnet18-digits", lambda: resnet18(10), 5, 5)
 
 
 ROWS = [

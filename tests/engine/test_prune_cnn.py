@@ -89,3 +89,80 @@ def test_channels_are_removed_and_the_export_runs_in_onnxruntime(arch: str, tmp_
     depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     assert bool(depthwise) == (arch != "resnet18")
     assert result["final"]["macs"] <= 0.5 * result["original"]["macs"]
+
+
+def _cba(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
+class _XBlock(nn.Module):
+    """RegNetX's block: 1×1, 3×3 grouped conv (group width 8, not depthwise), 1×1, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = _cba(c, c), _cba(c, c, 3, 1, c // 8)
+        self.c = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.c(self.b(self.a(x))))
+
+
+class _ConvNeXtBlock(nn.Module):
+    """7×7 depthwise conv, LayerNorm over channels-last, Linear MLP, layer scale, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pwconv1, self.pwconv2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.pwconv2(nn.functional.gelu(self.pwconv1(y))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class _Net(nn.Module):
+    def __init__(self, block: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 4, 4)
+        self.b1, self.b2 = block(32), block(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [_XBlock, _ConvNeXtBlock], ids=["regnet", "convnext"])
+def test_grouped_convs_and_layer_scale_lose_channels_too(
+    block: Callable[[int], nn.Module], tmp_path: Path
+) -> None:
+    x, _ = _digits(48)
+    torch.manual_seed(0)
+    files = export_model(_Net(block).eval(), x, tmp_path / "m")
+    np.savez(tmp_path / "x.npz", x=x)
+    result = compress(
+        files["pt2"],
+        [{"op": "prune", "granularity": "channels", "sparsity": 0.5}],
+        dataset_path=tmp_path / "x.npz",
+        workdir=tmp_path / "w",
+    )
+    step = result["steps"][0]
+    after = {e["name"]: e["out_channels"] for e in step["details"]["layers"]}
+    assert after.pop("head") == 10
+    before = {"pwconv1": 128}  # the MLP's hidden width; everything else 32
+    for name, width in after.items():
+        assert width == before.get(name.rpartition(".")[2], 32) // 2, name
+    if block is _XBlock:
+        # Torch-Pruning rounds a grouped conv's kept count per group against the layer's whole
+        # width, which at round_to 8 would leave every block whole; the step says it dropped it
+        assert any("grouped convolution" in w for w in step["warnings"])
+    session = ort.InferenceSession(result["artifacts"][0]["path"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x[:2]})
+    assert logits.shape == (2, 10)
