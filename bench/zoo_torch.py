@@ -203,9 +203,9 @@ def classifier_figures(original: Path, final: Path, held: Feeds) -> dict[str, fl
 
 
 def digits_data() -> tuple[Feeds, Feeds]:
-    """The job's dataset: 2 drawings of each of JOB_ROWS, no labels (the job distils to the
+    """The job's dataset: 4 drawings of each of JOB_ROWS, no labels (the job distils to the
     original's outputs); held out: 2 drawings of each of HELD_ROWS, from another seed."""
-    job, _ = digit_images(JOB_ROWS, 2, SEED + 11)
+    job, _ = digit_images(JOB_ROWS, 4, SEED + 11)
     held, _ = digit_images(HELD_ROWS, 2, SEED + 12)
     return {"x": job}, {"x": held}
 
@@ -231,7 +231,7 @@ ROWS = [
         data=digits_data,
         pipeline=[
             {"op": "prune", "granularity": "channels", "sparsity": 0.5},
-            {"op": "distill", "epochs": 8},
+            {"op": "distill", "epochs": 12},
         ],
         task="classification",
         measure=classifier_figures,
