@@ -223,6 +223,12 @@ def _resnet18() -> Path:
     return trained_cnn("resnet18-digits", lambda: resnet18(10), 5, 5)
 
 
+def _mobilenet_v3_small() -> Path:
+    from bench.cnns import mobilenet_v3_small
+
+    return trained_cnn("mobilenet-v3-small-digits", lambda: mobilenet_v3_small(10), 5, 5)
+
+
 ROWS = [
     TorchSpec(
         key="resnet18-digits",
@@ -237,6 +243,20 @@ ROWS = [
         measure=classifier_figures,
         criteria=CNN_MUST_SHOW,
         source="issue 13: channels 50 % + distill",
+    ),
+    TorchSpec(
+        key="mobilenet-v3-small-digits",
+        title=f"MobileNetV3-small (SE, hard-swish), {DIGITS_SIDE}px digits on photos",
+        model=_mobilenet_v3_small,
+        data=digits_data,
+        pipeline=[
+            {"op": "prune", "granularity": "channels", "sparsity": 0.5},
+            {"op": "distill", "epochs": 12},
+        ],
+        task="classification",
+        measure=classifier_figures,
+        criteria=CNN_MUST_SHOW,
+        source="issue 13's CNN bar, on the SE / hard-swish architecture",
     ),
 ]
 
