@@ -226,7 +226,7 @@ def _resnet18() -> Path:
 def _mobilenet_v3_small() -> Path:
     from bench.cnns import mobilenet_v3_small
 
-    return trained_cnn("mobilenet-v3-small-digits", lambda: mobilenet_v3_small(10), 5, 5)
+    return trained_cnn("mobilenet-v3-small-digits", lambda: mobilenet_v3_small(10), 5, 15)
 
 
 ROWS = [
@@ -251,7 +251,7 @@ ROWS = [
         data=digits_data,
         pipeline=[
             {"op": "prune", "granularity": "channels", "sparsity": 0.5},
-            {"op": "distill", "epochs": 12},
+            {"op": "distill", "epochs": 30},
         ],
         task="classification",
         measure=classifier_figures,
