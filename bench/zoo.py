@@ -930,6 +930,10 @@ class Service:
             "evaluation": {"task": spec.task},
             "export": ["onnx"],
         }
+        return self.create_job(body)
+
+    def create_job(self, body: dict[str, Any]) -> str:
+        """POST /v1/jobs with `body`; the new job's id."""
         return str(self._ok(self.http.post("/v1/jobs", json=body))["id"])
 
     def submit_all(

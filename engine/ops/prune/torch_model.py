@@ -267,6 +267,41 @@ def _sparsity(keep: dict[str, torch.Tensor]) -> float:
     return 1 - sum(int(k.sum()) for k in keep.values()) / total
 
 
+def _round_to(
+    config: PruneConfig, layers: dict[str, Layer], all_layers: dict[str, Any], warnings: list[str]
+) -> int | None:
+    """The kept-channel multiple to ask Torch-Pruning for, or None (with a warning) where its
+    rounding would leave layers whole: a layer that would keep fewer than round_to channels,
+    or any grouped convolution (RegNet, ResNeXt: 1 < groups, not depthwise), whose per-group
+    kept count Torch-Pruning rounds against the whole layer's width."""
+    from torch import nn
+
+    round_to = config.round_to if config.round_to and config.round_to > 1 else None
+    if round_to is None:
+        return None
+    smallest = min(int(m.weight.shape[0]) for m in layers.values())
+    if smallest * (1 - config.sparsity) < round_to:
+        warnings.append(
+            f"round_to {round_to} was not applied: at {config.sparsity:.0%} the smallest pruned "
+            f"layer ({smallest} channels) would keep fewer than {round_to}; exact ratios used."
+        )
+        return None
+    grouped = [
+        (name, m.groups)
+        for name, m in all_layers.items()
+        if isinstance(m, nn.Conv2d) and 1 < m.groups != m.out_channels
+    ]
+    if grouped:
+        name, groups = grouped[0]
+        warnings.append(
+            f"round_to {round_to} was not applied: {name!r} is a grouped convolution ({groups} "
+            "groups), and rounding would leave its channels (and those coupled to them) whole; "
+            "exact ratios used."
+        )
+        return None
+    return round_to
+
+
 def _prune_channels(run: _Run) -> None:
     """Channels: Torch-Pruning removes them in `rounds` steps of the ramp, training between;
     a model with attention blocks loses whole heads and FFN channels instead."""
@@ -306,15 +341,7 @@ def _prune_channels(run: _Run) -> None:
     torch.manual_seed(ctx.seed)
     ramp = _ramp(config.sparsity, run.rounds)
     span = 0.8 / (run.rounds + (1 if config.fine_tune_epochs else 0))
-    round_to = config.round_to if config.round_to and config.round_to > 1 else None
-    smallest = min(int(m.weight.shape[0]) for m in run.layers.values())
-    if round_to and smallest * (1 - config.sparsity) < round_to:
-        # Torch-Pruning would round such a layer's kept count to 0 and then leave it whole.
-        ctx.warnings.append(
-            f"round_to {round_to} was not applied: at {config.sparsity:.0%} the smallest pruned "
-            f"layer ({smallest} channels) would keep fewer than {round_to}; exact ratios used."
-        )
-        round_to = None
+    round_to = _round_to(config, run.layers, all_layers, ctx.warnings)
     try:
         pruner = tp.pruner.MagnitudePruner(
             gm,
