@@ -175,6 +175,8 @@ class TorchSpec:
     measure: Callable[[Path, Path, Feeds], dict[str, float]]  # original, final, held → figures
     criteria: dict[str, tuple[str, float]]  # figure → ("<=" | ">=", bound)
     source: str = ""  # where the must-show comes from
+    # figures read from the finished job's document (e.g. a step's details), added to measure's
+    from_job: Callable[[dict[str, Any]], dict[str, float]] | None = None
 
 
 def classifier_figures(original: Path, final: Path, held: Feeds) -> dict[str, float]:
@@ -229,6 +231,80 @@ def _mobilenet_v3_small() -> Path:
     return trained_cnn("mobilenet-v3-small-digits", lambda: mobilenet_v3_small(10), 5, 15)
 
 
+# --------------------------------------------------------------------------- MiniLM
+
+
+MINILM_JOB_SENTENCES = 1190
+
+
+def _minilm() -> Path:
+    """all-MiniLM-L6-v2 (BertModel + mean pooling + L2 norm) as the .pt2 a team uploads."""
+    from bench.prune_transformer import export_minilm_pt2
+
+    out = CACHE / "torch" / "all-MiniLM-L6-v2-meanpool-l2.pt2"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_minilm_pt2(out)
+    return out
+
+
+def minilm_data() -> tuple[Feeds, Feeds]:
+    """The job's dataset: 1190 sentences of the Python documentation's help topics (tokenized,
+    sequence 32); held out: 128 other sentences of the same topics that the job never gets."""
+    from bench.prune_transformer import prose_inputs
+
+    job = prose_inputs(MINILM_JOB_SENTENCES, False, 1)
+    held = prose_inputs(128, False, 1, skip=MINILM_JOB_SENTENCES)
+    return job, held
+
+
+def embedding_figures(original: Path, final: Path, held: Feeds) -> dict[str, float]:
+    """MACs of one sentence (one onnxruntime run), the mean and lowest cosine of the final
+    embedding to the original's over the held-out sentences, and p50 latency side by side."""
+    import onnx
+
+    from bench.zoo import run_all
+    from engine.onnxgraph.metrics import latency_side_by_side, runtime_macs
+
+    one = {k: v[:1] for k, v in held.items()}
+    macs = [runtime_macs(onnx.load(str(p)), one) or 0 for p in (original, final)]
+    a, b = run_all(original, held)[0], run_all(final, held)[0]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    n = len(next(iter(held.values())))
+    feeds = [{k: v[i : i + 1] for k, v in held.items()} for i in range(min(n, 16))]
+    ms = latency_side_by_side([original, final], feeds, 1)
+    return {
+        "macs_ratio": macs[1] / macs[0],
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "latency_ratio": ms[1] / ms[0],
+        "macs_original": float(macs[0]),
+        "macs_final": float(macs[1]),
+        "latency_ms_original": ms[0],
+        "latency_ms_final": ms[1],
+    }
+
+
+def qat_figures(job: dict[str, Any]) -> dict[str, float]:
+    """QAT's own ONNX-measured figures on the job's held-out split: post-training int8, the
+    best QAT epoch, and their difference (what the service delivered is the better one)."""
+    qat = job["steps"][-1]["details"]["qat"]
+    metric = next(iter(qat["post_training"]))
+    post, trained = qat["post_training"][metric], (qat.get("qat") or {}).get(metric)
+    delivered = trained if qat.get("delivered") == "qat" else post
+    return {
+        "post_training_cosine": post,
+        "qat_cosine": trained if trained is not None else float("nan"),
+        "delivered_minus_post_training": delivered - post,
+    }
+
+
+BERT_MUST_SHOW = {
+    "macs_ratio": ("<=", 0.75),
+    "cosine_mean": (">=", 0.98),
+    "latency_ratio": ("<=", 0.8),
+}
+
 ROWS = [
     TorchSpec(
         key="resnet18-digits",
@@ -257,6 +333,32 @@ ROWS = [
         measure=classifier_figures,
         criteria=CNN_MUST_SHOW,
         source="issue 13's CNN bar, on the SE / hard-swish architecture",
+    ),
+    TorchSpec(
+        key="minilm-heads-ffn",
+        title="all-MiniLM-L6-v2 sentence encoder, heads and FFN channels 30 % + distill",
+        model=_minilm,
+        data=minilm_data,
+        pipeline=[
+            {"op": "prune", "granularity": "channels", "sparsity": 0.3},
+            {"op": "distill", "epochs": 8, "batch_size": 16},
+        ],
+        task="embedding",
+        measure=embedding_figures,
+        criteria=BERT_MUST_SHOW,
+        source="issue 13: a BERT-family encoder, heads and FFN pruned 30 % + distill",
+    ),
+    TorchSpec(
+        key="minilm-qat",
+        title="all-MiniLM-L6-v2 sentence encoder, QAT int8",
+        model=_minilm,
+        data=minilm_data,
+        pipeline=[{"op": "quantize", "mode": "qat", "dtype": "int8", "epochs": 2}],
+        task="embedding",
+        measure=embedding_figures,
+        criteria={"delivered_minus_post_training": (">=", 0.0), "cosine_mean": (">=", 0.98)},
+        source="issue 13: QAT int8 on the same encoder, cosine ≥ post-training int8",
+        from_job=qat_figures,
     ),
 ]
 
@@ -297,6 +399,8 @@ def run_row(service: Service, spec: TorchSpec, tmp: Path, timeout_s: float) -> d
         row["error"] = job.get("error")
         return row
     row["figures"] = spec.measure(original, final, held)
+    if spec.from_job is not None:
+        row["figures"].update(spec.from_job(job))
     row["pass"] = verdict(row["figures"], spec.criteria)
     row["held_out"] = len(next(iter(held.values())))
     row["job_samples"] = len(next(iter(job_set.values())))
