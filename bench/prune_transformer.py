@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=48, help="sentences the job gets")
     parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
     parser.add_argument("--batch", type=int, default=16, help="distill batch size")
+    parser.add_argument("--augment", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--hidden-weight", type=float, default=None, help="distill hidden_weight")
     parser.add_argument("--qat", type=int, default=0, help="then quantize mode qat, epochs")
     parser.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate")
     parser.add_argument(
@@ -237,6 +239,10 @@ def main() -> None:
             }
             if args.lr is not None:
                 distill["lr"] = args.lr
+            if args.augment != "auto":
+                distill["augment"] = args.augment
+            if args.hidden_weight is not None:
+                distill["hidden_weight"] = args.hidden_weight
             pipeline.append(distill)
         if args.qat:
             qat_step: dict[str, Any] = {"op": "quantize", "mode": "qat", "dtype": "int8"}

@@ -17,9 +17,10 @@ which the pooling drops, is left out when the inputs carry an attention mask):
    residual stream, which a fit to its own old output cannot see. Where no LayerNorm follows
    through adds only, the target is the projection's original output.
 
-Both are damped towards the weights the projection has (a ridge of 1 % of the Gram matrix's mean
-diagonal on the change, not on the weights): with few tokens the fit stays near the layer it
-refits instead of shrinking it.
+Ridge damping: 1 % of the mean diagonal of the Gram matrix, towards zero. (Damping towards the
+weights the projection had instead — a prior that keeps a fit near the layer it refits — measured
+worse on all-MiniLM-L6-v2 at 30 %: held-out cosine after the cut 0.888 against 0.940 on other
+topics, so the plain ridge stays.)
 """
 
 from __future__ import annotations
@@ -94,14 +95,12 @@ def sink_grams(
     return {n: sums[n] / max(rows[n], 1) for n in sums}
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """argmin ‖XV − T‖² + λ‖V − V₀‖² = (G + λI)⁻¹ (C + λV₀), λ = RIDGE · mean(diag G): the
-    damping pulls towards the weights the layer has (V₀), not towards zero."""
+def _solve(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """(G + λ·mean(diag G)·I)⁻¹ C."""
     import torch
 
-    lam = RIDGE * gram.diagonal().mean()
-    eye = torch.eye(len(gram), dtype=gram.dtype)
-    return torch.linalg.solve(gram + lam * eye, cross + lam * prior)
+    damp = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.solve(gram + damp, cross)
 
 
 def _assign(sink: Any, v: torch.Tensor, inputs: int) -> None:
@@ -133,8 +132,7 @@ def refit_sink(
         keep, rows = torch.cat([cols, torch.tensor([d])]), torch.arange(d + 1)
     else:
         keep, rows = cols, torch.arange(d)
-    prior = old[:, keep].T  # the kept columns as they were (and the bias)
-    _assign(sink, _solve(gram[keep][:, keep], gram[keep][:, rows] @ old.T, prior), len(cols))
+    _assign(sink, _solve(gram[keep][:, keep], gram[keep][:, rows] @ old.T), len(cols))
 
 
 def downstream_norm(gm: fx.GraphModule, sink: str) -> str | None:
@@ -223,10 +221,7 @@ def correct_in_order(
         finally:
             for h in hooks:
                 h.remove()
-        prior = sink.weight.detach().double().T
-        if sink.bias is not None:
-            prior = torch.cat([prior, sink.bias.detach().double()[None]], 0)
-        v = _solve(gram, cross, prior)
+        v = _solve(gram, cross)
         _assign(sink, v, sink.weight.shape[1])
         # the fitted gap, from the same sums: ‖XV − T‖² = VᵀGV − 2VᵀC + ‖T‖²
         fitted = float((v * (gram @ v)).sum() - 2 * (v * cross).sum()) + energy
