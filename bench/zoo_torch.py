@@ -422,11 +422,11 @@ def render(spec: TorchSpec, row: dict[str, Any]) -> str:
     for k, (how, bound) in spec.criteria.items():
         mark = "PASS" if row["pass"][k] else "FAIL"
         lines.append(f"| {k} | {f[k]:.3f} | {how} {bound} | {mark} |")
-    lines.append(f"| MACs (one image) | {f['macs_original']:,.0f} → {f['macs_final']:,.0f} | | |")
+    lines.append(f"| MACs (one sample) | {f['macs_original']:,.0f} → {f['macs_final']:,.0f} | | |")
     lines.append(
         f"| latency p50 (ms) | {f['latency_ms_original']:.2f} → {f['latency_ms_final']:.2f} | | |"
     )
-    lines.append(f"| images: job / held out | {row['job_samples']} / {row['held_out']} | | |")
+    lines.append(f"| samples: job / held out | {row['job_samples']} / {row['held_out']} | | |")
     for step in row["job"].get("steps", []):
         details = step.get("details") or {}
         held = details.get("held_out")
