@@ -106,41 +106,33 @@ def activation_entropy(
     from torch import nn
 
     pooled: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    hooks = []
-    for name, mod in layers.items():
 
-        def hook(module: Any, args: Any, output: Any, name: str = name) -> None:
-            t = output if side == "out" else args[0]
-            if isinstance(module, nn.Linear) and t.dim() > 2:  # [N, ..., C] → [N, C]
-                t = t.mean(dim=tuple(range(1, t.dim() - 1)))
-            pooled[name].append(_pooled(t.detach()))
+    def visit(name: str, module: Layer, x: torch.Tensor, output: torch.Tensor) -> None:
+        t = output if side == "out" else x
+        if isinstance(module, nn.Linear) and t.dim() > 2:  # [N, ..., C] → [N, C]
+            t = t.mean(dim=tuple(range(1, t.dim() - 1)))
+        pooled[name].append(_pooled(t.detach()))
 
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        gm.eval()
-        with torch.no_grad():
-            for idx in data.batches(batch_size, None):
-                gm(*(x[idx] for x in data.inputs))
-    finally:
-        for h in hooks:
-            h.remove()
+    each_call(gm, layers, data, batch_size, visit)
     return {name: entropy_bits(torch.cat(parts)) for name, parts in pooled.items()}
 
 
-def each_input(
+def each_call(
     gm: torch.fx.GraphModule,
     layers: dict[str, Layer],
     data: Data,
     batch_size: int,
-    visit: Callable[[str, Layer, torch.Tensor], None],
+    visit: Callable[[str, Layer, torch.Tensor, torch.Tensor], None],
 ) -> None:
-    """One pass over the data (inference mode, no gradients) calling visit(name, layer, input)
-    with each layer's input as the model computes it."""
+    """One pass over the data (inference mode, no gradients) calling visit(name, layer, input,
+    output) for each call of each layer as the model computes it."""
     import torch
 
     hooks = [
-        mod.register_forward_pre_hook(
-            lambda module, args, name=name: visit(name, module, args[0].detach())
+        mod.register_forward_hook(
+            lambda module, args, output, name=name: visit(
+                name, module, args[0].detach(), output.detach()
+            )
         )
         for name, mod in layers.items()
     ]
@@ -164,7 +156,7 @@ def input_energy(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def visit(name: str, mod: Layer, x: torch.Tensor) -> None:
+    def visit(name: str, mod: Layer, x: torch.Tensor, _output: torch.Tensor) -> None:
         rows = (
             x.transpose(0, 1).reshape(x.shape[1], -1).T
             if isinstance(mod, nn.Conv2d)
@@ -173,7 +165,7 @@ def input_energy(
         sums[name] = sums.get(name, 0) + rows.double().pow(2).sum(0)
         counts[name] = counts.get(name, 0) + rows.shape[0]
 
-    each_input(gm, layers, data, batch_size, visit)
+    each_call(gm, layers, data, batch_size, visit)
     return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
 
 
