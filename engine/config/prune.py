@@ -105,6 +105,10 @@ class PruneConfig(OpConfig):
         chosen = "activation" if transformer and dataset else "magnitude"
         return self.model_copy(update={"criterion": chosen})
 
+    def kept_multiple(self) -> int | None:
+        """`round_to` when it asks for rounding (above 1), else None."""
+        return self.round_to if self.round_to and self.round_to > 1 else None
+
     def trains(self) -> bool:
         gradual = self.schedule.kind == "gradual" and self.schedule.epochs_per_step > 0
         return gradual or self.fine_tune_epochs > 0

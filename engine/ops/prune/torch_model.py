@@ -276,7 +276,7 @@ def _round_to(
     kept count Torch-Pruning rounds against the whole layer's width."""
     from torch import nn
 
-    round_to = config.round_to if config.round_to and config.round_to > 1 else None
+    round_to = config.kept_multiple()
     if round_to is None:
         return None
     smallest = min(int(m.weight.shape[0]) for m in layers.values())

@@ -195,7 +195,7 @@ def prune_blocks(
     refit = reconstructs(config, ctx) and data is not None
     mask = token_mask(data.inputs, [spec.name for spec in ctx.inputs]) if data else None
     reference = copy.deepcopy(gm).eval() if refit else None
-    round_to = config.round_to if config.round_to and config.round_to > 1 else None
+    round_to = config.kept_multiple()
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     span = 0.8 / (len(ramp) + (1 if config.fine_tune_epochs else 0))
     rounds = []
@@ -224,9 +224,9 @@ def prune_blocks(
                     cols = unit_index(keep, block.unit_sizes[block.sink])
                     refit_sink(sink, weight, bias, grams[block.sink], cols)
         gm.eval()
+        lo = 0.05 + span * r
         corrected = None
         if reference is not None and data is not None:
-            lo = 0.05 + span * r
             corrected = correct_in_order(
                 gm,
                 reference,
@@ -237,7 +237,6 @@ def prune_blocks(
                 lambda k, n, at=lo: ctx.report(at, f"refitting output projection {k + 1}/{n}"),
             )
         macs, params = tp.utils.count_ops_and_params(gm, example)
-        lo = 0.05 + span * r
         history = train(epochs, lo, lo + span, ctx.seed + r)
         rounds.append(
             {
