@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--head-sparsity", type=float, default=None)
     parser.add_argument("--criterion", default="magnitude")
+    parser.add_argument("--scope", choices=("layer", "global", "measured"), default="layer")
     parser.add_argument(
         "--reconstruct",
         choices=("auto", "on", "off"),
@@ -225,6 +226,7 @@ def main() -> None:
             "sparsity": args.sparsity,
             "criterion": args.criterion,
             "head_sparsity": args.head_sparsity,
+            "scope": args.scope,
         }
         if args.reconstruct != "auto":
             prune["reconstruct"] = args.reconstruct == "on"
@@ -318,6 +320,9 @@ def main() -> None:
                 f"{e['width_after']}/{e['width_before']}" for e in layers if e["kind"] == "ffn"
             ]
             rows += [("heads kept", " ".join(heads)), ("FFN width kept", " ".join(widths))]
+        for entry in step["details"].get("allocation") or []:
+            errors = " ".join(f"{k}:{v:.4f}" for k, v in entry["errors"].items())
+            rows.append((f"allocation {entry['name']} keep {entry['keep']}", errors[:200]))
         if step["op"] == "low_rank":
             rows += _low_rank_rows(step["details"])
         qat = step["details"].get("qat") if step["op"] == "quantize" else None

@@ -43,7 +43,7 @@ from engine.ops.registry import Handler, handler_for
 from engine.spec import CompressSpec, Resume
 from engine.torchgraph.device import DeviceSetting
 
-DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step trains
+DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step fits weights to it
 Progress = Callable[[dict[str, Any]], None]
 Report = Callable[[float, str], None]
 
@@ -209,7 +209,8 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
     trains = any(c.trains() for c in configs)
     holdout = spec.holdout
     if holdout is None:
-        holdout = DEFAULT_HOLDOUT if trains and data.source == "dataset" else 0.0
+        fits = any(c.fits_data() for c in configs)
+        holdout = DEFAULT_HOLDOUT if fits and data.source == "dataset" else 0.0
     data, eval_data = _hold_out(data, holdout, spec.seed)
     job = _Job(
         spec=spec,

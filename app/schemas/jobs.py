@@ -18,8 +18,9 @@ class Evaluation(BaseModel):
         le=0.9,
         description=(
             "Fraction of the dataset held out of training/calibration and used for every "
-            "measurement. Default: 0.3 when a step trains (fine_tune, distill, gradual prune, "
-            "qat), else 0 (all samples are measured)."
+            "measurement. Default: 0.3 when a step fits weights to the data (fine_tune, distill, "
+            "qat, prune with training, prune channels with reconstruct or scope measured), "
+            "else 0 (all samples are measured)."
         ),
     )
 

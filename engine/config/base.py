@@ -60,8 +60,14 @@ class OpConfig(BaseModel):
         return None
 
     def trains(self) -> bool:
-        """Whether the op trains on the job's dataset (then part of it is held out)."""
+        """Whether the op trains on the job's dataset."""
         return False
+
+    def fits_data(self) -> bool:
+        """Whether the op fits weights to the job's dataset — training, or a least-squares
+        refit — so that measuring on the same samples would flatter it: then part of the
+        dataset is held out for measuring (`evaluation.holdout`)."""
+        return self.trains()
 
     def needs_labels(self) -> str | None:
         """Why this op needs a dataset with labels (None: it does not)."""

@@ -65,7 +65,17 @@ class PruneConfig(OpConfig):
             "before the removal (null: on when the job has a dataset)"
         ),
     )
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["auto", "layer", "global", "measured"] = Field(
+        "auto",
+        description=(
+            "layer: the same fraction of every layer; global: units ranked across layers by "
+            "their score relative to their layer's mean; measured (channels on a transformer, "
+            "with a dataset): each block is cut alone at several widths, the model's output "
+            "error is measured, and the heads and FFN channels each block keeps are chosen to "
+            "remove as many weights as the per-layer fractions would with the least error; "
+            "auto: measured for channels on a transformer when the job has a dataset, else layer"
+        ),
+    )
     schedule: Schedule = Schedule()
     n: int = Field(2, ge=1, description="zeros per group of m (n:m granularity)")
     m: int = Field(4, ge=2, le=16)
@@ -96,14 +106,23 @@ class PruneConfig(OpConfig):
                 "head_sparsity removes attention heads, which only granularity 'channels' "
                 f"does; use granularity 'channels' or drop head_sparsity (got {self.granularity!r})"
             )
+        if self.scope == "measured" and self.granularity != "channels":
+            raise ValueError(
+                "scope 'measured' allocates attention heads and FFN channels per block, which "
+                f"only granularity 'channels' removes; use scope 'layer' or 'global' with "
+                f"granularity {self.granularity!r}"
+            )
         return self
 
     def resolved(self, transformer: bool, dataset: bool) -> PruneConfig:
-        """This config with `auto` replaced by the criterion it stands for."""
-        if self.criterion != "auto":
-            return self
-        chosen = "activation" if transformer and dataset else "magnitude"
-        return self.model_copy(update={"criterion": chosen})
+        """This config with `auto` criterion and scope replaced by what they stand for."""
+        update: dict[str, str] = {}
+        if self.criterion == "auto":
+            update["criterion"] = "activation" if transformer and dataset else "magnitude"
+        if self.scope == "auto":
+            heads = transformer and dataset and self.granularity == "channels"
+            update["scope"] = "measured" if heads else "layer"
+        return self.model_copy(update=update) if update else self
 
     def kept_multiple(self) -> int | None:
         """`round_to` when it asks for rounding (above 1), else None."""
@@ -112,6 +131,12 @@ class PruneConfig(OpConfig):
     def trains(self) -> bool:
         gradual = self.schedule.kind == "gradual" and self.schedule.epochs_per_step > 0
         return gradual or self.fine_tune_epochs > 0
+
+    def fits_data(self) -> bool:
+        """Training, or channels on a transformer refitted on the data (`reconstruct`, unless
+        it is off) and allocated by measuring on it (`scope: measured`)."""
+        refits = self.granularity == "channels" and self.reconstruct is not False
+        return self.trains() or refits or self.scope == "measured"
 
     def backends(self) -> tuple[Backend, ...]:
         torch_only = (
@@ -132,6 +157,8 @@ class PruneConfig(OpConfig):
         return "fine_tune_epochs" if self.fine_tune_epochs else None
 
     def needs_dataset(self) -> str | None:
+        if self.scope == "measured":
+            return "scope measured measures each block's output error on the dataset's samples"
         if self.criterion in ("gradient", "entropy", "activation"):
             return f"the {self.criterion} criterion scores weights on the dataset's samples"
         if self.reconstruct:

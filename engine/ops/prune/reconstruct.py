@@ -4,18 +4,20 @@ channels are removed (`prune` `reconstruct`, engine.ops.prune.transformer).
 Two fits, both closed-form ridge regressions over the real tokens of the job's data (padding,
 which the pooling drops, is left out when the inputs carry an attention mask):
 
-1. `refit_sink`, right after a block loses units: the kept inputs of its output projection (plus
-   the bias) are fitted to reproduce the projection's output before the removal, from the Gram
-   matrix of its inputs (`sink_grams`) — what a removed unit carried that the kept ones
-   correlate with moves onto them (Kwon et al. 2022, "A Fast Post-Training Pruning Framework
-   for Transformers").
+1. `fit_kept`, for one block: the kept inputs of its output projection (plus the bias) fitted to
+   reproduce the projection's output before a removal, from the Gram matrix of its inputs
+   (`sink_grams`) — what a removed unit carried that the kept ones correlate with moves onto
+   them (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"). `scope:
+   measured` probes each block with it (engine.ops.prune.allocate).
 2. `correct_in_order`, once all blocks of a round are cut: block by block in graph order (each
    with the earlier ones already corrected), the projection is fitted so that the residual sum
    it feeds — the input of the first LayerNorm after it, reached through adds only — matches
    the original model's on the same tokens: target = LN_in(original) − (LN_in(pruned) − own
    output). Each projection also repairs the drift that the blocks before it left in the
    residual stream, which a fit to its own old output cannot see. Where no LayerNorm follows
-   through adds only, the target is the projection's original output.
+   through adds only, the target is the projection's original output. A fit that does not
+   lower the gap (a block nothing upstream of it changed: the ridge only shrinks it) is not
+   applied.
 
 Ridge damping: 1 % of the mean diagonal of the Gram matrix, towards zero. (Damping towards the
 weights the projection had instead — a prior that keeps a fit near the layer it refits — measured
@@ -113,15 +115,14 @@ def _assign(sink: Any, v: torch.Tensor, inputs: int) -> None:
         sink.bias = nn.Parameter(v[inputs].contiguous().to(dtype))
 
 
-def refit_sink(
-    sink: Any,
+def fit_kept(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     gram: torch.Tensor,
     cols: torch.Tensor,
-) -> None:
-    """Refit `sink` (already sliced to the input columns `cols` of its old `weight`) so that
-    [x_K, 1]·V matches the old [x, 1]·[W, b]ᵀ; without a bias the constant column is left out
+) -> torch.Tensor:
+    """The ridge fit of [x_K, 1]·V to the old [x, 1]·[W, b]ᵀ from the inputs' Gram matrix:
+    V is [len(cols) (+1 for the bias), out]; without a bias the constant column is left out
     (the fit cannot move the mean)."""
     import torch
 
@@ -132,7 +133,7 @@ def refit_sink(
         keep, rows = torch.cat([cols, torch.tensor([d])]), torch.arange(d + 1)
     else:
         keep, rows = cols, torch.arange(d)
-    _assign(sink, _solve(gram[keep][:, keep], gram[keep][:, rows] @ old.T), len(cols))
+    return _solve(gram[keep][:, keep], gram[keep][:, rows] @ old.T)
 
 
 def downstream_norm(gm: fx.GraphModule, sink: str) -> str | None:
@@ -222,15 +223,18 @@ def correct_in_order(
             for h in hooks:
                 h.remove()
         v = _solve(gram, cross)
-        _assign(sink, v, sink.weight.shape[1])
         # the fitted gap, from the same sums: ‖XV − T‖² = VᵀGV − 2VᵀC + ‖T‖²
-        fitted = float((v * (gram @ v)).sum() - 2 * (v * cross).sum()) + energy
+        fitted = max(float((v * (gram @ v)).sum() - 2 * (v * cross).sum()) + energy, 0.0)
+        refitted = fitted < base  # the ridge's shrinkage can cost more than an intact block gains
+        if refitted:
+            _assign(sink, v, sink.weight.shape[1])
         out.append(
             {
                 "sink": block.sink,
                 "target": f"{norm} input" if norm else "own output",
+                "refitted": refitted,
                 "error_before": round(base / max(energy, 1e-30), 6),
-                "error_after": round(max(fitted, 0.0) / max(energy, 1e-30), 6),
+                "error_after": round((fitted if refitted else base) / max(energy, 1e-30), 6),
             }
         )
     return out

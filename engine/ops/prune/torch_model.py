@@ -40,7 +40,7 @@ from engine.ops.prune.onnx_weights import make_masks
 from engine.ops.prune.scores import channel_importance, weight_scores
 from engine.ops.prune.transformer import prune_blocks, reconstructs
 from engine.ops.registry import register
-from engine.torchgraph.blocks import find_blocks, has_attention, traced_shapes
+from engine.torchgraph.blocks import Block, find_blocks, has_attention, traced_shapes
 from engine.torchgraph.lift import weight_layers
 from engine.torchgraph.losses import Loss
 from engine.torchgraph.program import example_args, flatten, save_program
@@ -124,6 +124,7 @@ class _Run:
     rounds: int
     epochs: int
     lr: float | None  # None when the step does not train
+    blocks: tuple[list[Block], list[str]] | None = None  # attention/FFN blocks (channels)
     details: dict[str, Any] = field(default_factory=dict)
 
     def train(
@@ -157,14 +158,15 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
     example = example_args(ctx)
     with torch.no_grad():
         before = gm(*example)
-    if config.criterion == "auto":
-        transformer = config.granularity == "channels" and has_attention(
-            *find_blocks(gm, traced_shapes(gm, example))
-        )
-        config = config.resolved(transformer, ctx.samples.source == "dataset")
+    found = (
+        find_blocks(gm, traced_shapes(gm, example)) if config.granularity == "channels" else None
+    )
+    transformer = found is not None and has_attention(*found)
+    config = config.resolved(transformer, ctx.samples.source == "dataset")
     needs_data = (
         config.criterion in ("gradient", "entropy", "activation")
         or config.trains()
+        or config.scope == "measured"
         or (config.granularity == "channels" and reconstructs(config, ctx))
     )
     train_data = job_data(ctx) if config.trains() else None
@@ -182,8 +184,10 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
         rounds=rounds,
         epochs=epochs,
         lr=lr_for(config.lr, gm) if config.trains() else None,
+        blocks=found,
         details={
             "criterion": config.criterion,
+            "scope": config.scope,
             "granularity": config.granularity,
             "schedule": config.schedule.kind,
             "rounds": [],
@@ -310,7 +314,8 @@ def _prune_channels(run: _Run) -> None:
     from torch import nn
 
     gm, config, ctx, example = run.gm, run.config, run.ctx, run.example
-    blocks, skipped = find_blocks(gm, traced_shapes(gm, example))
+    assert run.blocks is not None  # prune_torch traced them for granularity channels
+    blocks, skipped = run.blocks
     if has_attention(blocks, skipped):
         run.details.update(
             prune_blocks(
@@ -327,6 +332,14 @@ def _prune_channels(run: _Run) -> None:
             )
         )
         return
+    if config.scope == "measured":
+        raise EngineError(
+            "invalid_pipeline",
+            "scope 'measured' chooses how many attention heads and FFN channels each block of a "
+            "transformer keeps, and this model has no attention block. Use scope 'layer' or "
+            "'global' to prune its channels.",
+            field="pipeline",
+        )
     if config.head_sparsity is not None:
         raise EngineError(
             "invalid_pipeline",

@@ -14,9 +14,13 @@ a classifier output), entropy (mean entropy of the unit's features as the sink r
 activation (E‖x_u·W_uᵀ‖², the energy of what the unit adds to the sink's output on the data: for a
 head, trace(W_u G_uu W_uᵀ) with G the Gram matrix of the sink's inputs).
 
-Reconstruction (`reconstruct`, on by default when the job has a dataset): each pruned output
-projection is refitted by least squares, right after its block is cut and then once more in
-graph order against the original model's residual stream (engine.ops.prune.reconstruct).
+`scope: measured` (engine.ops.prune.allocate) cuts each block alone at several widths, measures
+the model's output error, and moves the per-layer fractions' budget of removed weights to where
+it costs least.
+
+Reconstruction (`reconstruct`, on by default when the job has a dataset): once a round's blocks
+are cut, each output projection is refitted by least squares in graph order against the
+original model's residual stream (engine.ops.prune.reconstruct).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from engine.config import PruneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.onnxgraph.graph import matches
-from engine.ops.prune.reconstruct import correct_in_order, refit_sink, sink_grams
+from engine.ops.prune.allocate import allocate, sensitivities, unit_cost
+from engine.ops.prune.reconstruct import correct_in_order, sink_grams
 from engine.ops.prune.scores import activation_entropy, gradient_scores
 from engine.torchgraph.augment import token_mask
 from engine.torchgraph.blocks import (
@@ -38,7 +43,6 @@ from engine.torchgraph.blocks import (
     find_blocks,
     remove_units,
     traced_shapes,
-    unit_index,
 )
 from engine.torchgraph.train import Data
 
@@ -134,14 +138,21 @@ def _chosen(
     targets: dict[str, float],
     config: PruneConfig,
     round_to: int | None,
+    fraction: float,
+    measured: dict[str, int] | None = None,
 ) -> list[list[int]]:
-    """Per block, the (current) unit indices to keep."""
+    """Per block, the (current) unit indices to keep; `measured`: the final keep count per
+    block (scope measured), of which round `fraction` (0..1) of the way is reached."""
     import torch
 
     counts = [
         min(b.units, _keep_count(kept[b.sink].units, targets[b.kind], b.kind, round_to))
         for b in blocks
     ]
+    if measured is not None:
+        for i, b in enumerate(blocks):
+            total = kept[b.sink].units
+            counts[i] = min(b.units, total - round(fraction * (total - measured[b.sink])))
     if config.scope == "global":
         for kind in ("attention", "ffn"):
             members = [i for i, b in enumerate(blocks) if b.kind == kind]
@@ -199,30 +210,30 @@ def prune_blocks(
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     span = 0.8 / (len(ramp) + (1 if config.fine_tune_epochs else 0))
     rounds = []
+    measured: dict[str, int] | None = None
+    allocation: list[dict[str, Any]] | None = None
     for r, fraction in enumerate(ramp):
         if r:
             found, _ = find_blocks(gm, traced_shapes(gm, example))
             chosen = [b for b in found if b.sink in kept]
         targets = {"ffn": config.sparsity * fraction, "attention": heads_target * fraction}
+        probing = config.scope == "measured" and measured is None
         grams = (
             sink_grams(gm, chosen, data, config.batch_size, mask)
-            if data is not None and (refit or config.criterion == "activation")
+            if data is not None and (probing or config.criterion == "activation")
             else {}
         )
         scores = unit_scores(gm, chosen, config, ctx, data, r, grams)
-        for block, keep in zip(
-            chosen, _chosen(chosen, scores, kept, targets, config, round_to), strict=True
-        ):
+        if probing and data is not None:
+            measured, allocation = _measured(
+                gm, chosen, scores, grams if refit else {}, config, ctx, data, round_to
+            )
+        picks = _chosen(chosen, scores, kept, targets, config, round_to, fraction, measured)
+        for block, keep in zip(chosen, picks, strict=True):
             if len(keep) < block.units:
                 ids = kept[block.sink].ids
                 kept[block.sink].ids = [ids[i] for i in keep]
-                sink: Any = gm.get_submodule(block.sink)
-                weight = sink.weight.detach().clone()
-                bias = None if sink.bias is None else sink.bias.detach().clone()
                 remove_units(gm, block, keep)
-                if refit and block.sink in grams:
-                    cols = unit_index(keep, block.unit_sizes[block.sink])
-                    refit_sink(sink, weight, bias, grams[block.sink], cols)
         gm.eval()
         lo = 0.05 + span * r
         corrected = None
@@ -250,6 +261,8 @@ def prune_blocks(
             }
         )
     details: dict[str, Any] = {"structure": "transformer", "rounds": rounds, "reconstruct": refit}
+    if allocation is not None:
+        details["allocation"] = allocation
     if config.fine_tune_epochs:
         details["fine_tune"] = train(
             config.fine_tune_epochs, 0.85 - span, 0.85, ctx.seed + len(ramp)
@@ -265,6 +278,48 @@ def prune_blocks(
             f"follow them: {'; '.join(skipped[:3])}."
         )
     return details
+
+
+def _measured(
+    gm: torch.fx.GraphModule,
+    blocks: list[Block],
+    scores: list[torch.Tensor],
+    grams: dict[str, torch.Tensor],
+    config: PruneConfig,
+    ctx: StepContext,
+    data: Data,
+    round_to: int | None,
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Final keep counts per block for scope measured (engine.ops.prune.allocate), and the
+    details' per-block report: the probed output errors and the count chosen."""
+    heads = config.head_sparsity if config.head_sparsity is not None else config.sparsity
+    targets = {"ffn": config.sparsity, "attention": heads}
+    costs = [unit_cost(gm, b) for b in blocks]
+    uniform = [_keep_count(b.units, targets[b.kind], b.kind, round_to) for b in blocks]
+    budget = sum(c * (b.units - k) for b, c, k in zip(blocks, costs, uniform, strict=True))
+    errors = sensitivities(
+        gm,
+        blocks,
+        scores,
+        grams,
+        data,
+        config.batch_size,
+        round_to,
+        lambda k, n: ctx.report(0.03, f"measuring block {k + 1}/{n} alone at several widths"),
+    )
+    counts = allocate(errors, costs, [b.units for b in blocks], budget)
+    report = [
+        {
+            "name": b.name,
+            "kind": b.kind,
+            "units": b.units,
+            "uniform_keep": u,
+            "keep": k,
+            "errors": {str(c): round(e, 6) for c, e in sorted(err.items(), reverse=True)},
+        }
+        for b, u, k, err in zip(blocks, uniform, counts, errors, strict=True)
+    ]
+    return {b.sink: k for b, k in zip(blocks, counts, strict=True)}, report
 
 
 def _report(block: Block, kept: _Kept) -> dict[str, Any]:
