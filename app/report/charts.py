@@ -52,7 +52,8 @@ def tick_label(value: float, step: float | None = None) -> str:
     if abs(value) >= 100 and (step is None or step >= 1):
         return f"{value:,.0f}".replace(",", "\u2009")
     decimals = 3 if step is None else max(0, 1 - math.floor(math.log10(step)))
-    return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,9 @@ def format_value(value: float, unit: str) -> str:
                 return f"{value / size:.2f} {name}"
         return f"{value:.0f} B"
     if unit == "count":
-        for size, name in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if abs(value) >= size:
-                return f"{value / size:.2f} {name}"
+        for big, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(value) >= big:
+                return f"{value / big:.2f} {prefix}"
         return f"{value:.0f}"
     if unit == "ms":
         return f"{value:.3g} ms"

@@ -114,7 +114,7 @@ class StepRow:
     status: str
     verdict: str | None
     cells: list[str]
-    warnings: list[tuple[str, str]]
+    warnings: list[str]
     measured_on: list[tuple[str, str]]
 
 
@@ -141,7 +141,7 @@ def _summary(config: Any) -> str:
 
 
 def step_rows(job: dict[str, Any]) -> list[StepRow]:
-    rows = []
+    rows: list[StepRow] = []
     for step in _list(job.get("steps")):
         metrics = _dict(step.get("metrics"))
         quality = quality_of(step, metrics)
@@ -283,7 +283,9 @@ def _histories(details: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]
     found: list[tuple[str, list[dict[str, Any]]]] = []
 
     def add(name: str, rows: Any) -> None:
-        rows = [r for r in _list(rows) if isinstance(r, dict) and finite(r.get("epoch")) is not None]
+        rows = [
+            r for r in _list(rows) if isinstance(r, dict) and finite(r.get("epoch")) is not None
+        ]
         if rows:
             found.append((name, rows))
 
@@ -317,12 +319,20 @@ def training_charts(job: dict[str, Any]) -> list[StepChart]:
                 )
                 for k in keys
             }
-            note = f"Best epoch kept: {int(best)}." if best is not None and name == "training" else ""
+            note = (
+                f"Best epoch kept: {int(best)}." if best is not None and name == "training" else ""
+            )
             loss = [s for k, s in series.items() if k == "loss" and s.points]
             quality = [s for k, s in series.items() if k != "loss" and s.points]
             if loss:
                 out.append(
-                    StepChart(index, op, f"Training loss ({name})", charts.line_chart(loss, "epoch", "loss"), note)
+                    StepChart(
+                        index,
+                        op,
+                        f"Training loss ({name})",
+                        charts.line_chart(loss, "epoch", "loss"),
+                        note,
+                    )
                 )
             if quality:
                 out.append(

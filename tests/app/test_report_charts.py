@@ -17,7 +17,16 @@ def test_finite_keeps_only_measured_numbers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("lo", "hi"), [(0.0, 1.0), (0.0534, 0.0551), (12.0, 13.0), (-3.0, 40.0), (5.0, 5.0)]
+    ("lo", "hi"),
+    [
+        (0.0, 1.0),
+        (0.0534, 0.0551),
+        (12.0, 13.0),
+        (-3.0, 40.0),
+        (5.0, 5.0),
+        (0.0, 53.0),
+        (0.0, 911311.0),
+    ],
 )
 def test_nice_ticks_cover_the_range_with_distinct_labels(lo: float, hi: float) -> None:
     ticks = charts.nice_ticks(lo, hi, 5)
@@ -26,6 +35,8 @@ def test_nice_ticks_cover_the_range_with_distinct_labels(lo: float, hi: float) -
     assert len(steps) == 1 and 3 <= len(ticks) <= 12
     labels = [charts.tick_label(t, ticks[1] - ticks[0]) for t in ticks]
     assert len(set(labels)) == len(labels), labels
+    for tick, label in zip(ticks, labels, strict=True):
+        assert float(label.replace("\u2009", "")) == pytest.approx(tick, rel=1e-3, abs=1e-9)
 
 
 def test_scale_maps_domain_onto_range_both_ways() -> None:

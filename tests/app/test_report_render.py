@@ -233,3 +233,19 @@ def test_partial_and_odd_values_do_not_break_the_page() -> None:
     assert "1 variant(s) recorded, none with both a latency and a fidelity figure" in text
     assert tags.tags["tr.step"] == 3
     assert "not measured" in text  # the result's latency, the original's MACs
+
+
+def test_the_templates_ship_in_the_package() -> None:
+    """A `pip install .` (the api image) carries every template file: pyproject's package-data
+    names them."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["app.report"]
+    shipped = sorted(p.name for p in (root / "app/report/templates").iterdir())
+    assert "report.html.j2" in shipped and "report.css" in shipped
+    for name in shipped:
+        assert any(fnmatch.fnmatch(f"templates/{name}", pat) for pat in patterns), name

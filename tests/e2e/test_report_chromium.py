@@ -65,9 +65,11 @@ def _open(html: str, headers: dict[str, str], shot: Path) -> dict[str, Any]:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.on(
                 "console",
-                lambda m: problems.append(f"console {m.type}: {m.text}")
-                if m.type in ("error", "warning")
-                else None,
+                lambda m: (
+                    problems.append(f"console {m.type}: {m.text}")
+                    if m.type in ("error", "warning")
+                    else None
+                ),
             )
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
