@@ -44,6 +44,7 @@ VARIANT_FIDELITY = [
     ("cosine_similarity", "cosine similarity"),
     ("agreement_top1", "top-1 agreement"),
 ]
+MAX_LAYER_BARS = 60  # a per-layer chart draws at most this many layers (the first, by rank)
 # ratios shown in the summary: (label, key, format)
 RATIOS = [
     ("compression ratio", "compression_ratio", "{:.2f}×"),
@@ -58,6 +59,16 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def text_of(value: Any) -> str:
+    """Any JSON value as compact text: numbers as cells, dicts as `key: value` pairs, lists
+    joined with commas."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {text_of(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(text_of(v) for v in value)
+    return cell(value, "plain")
 
 
 def cell(value: Any, unit: str) -> str:
@@ -86,24 +97,15 @@ def quality_of(*places: Any) -> Quality | None:
             verdict = block.get("verdict")
             return Quality(
                 str(verdict) if verdict is not None else None,
-                [(str(k), cell(v, "plain")) for k, v in _dict(block.get("measured")).items()],
-                [(str(k), cell(v, "plain")) for k, v in _dict(block.get("floor")).items()],
+                [(str(k), text_of(v)) for k, v in _dict(block.get("measured")).items()],
+                [(str(k), text_of(v)) for k, v in _dict(block.get("floor")).items()],
             )
     return None
 
 
 def measured_on(metrics: Any) -> list[tuple[str, str]]:
     """A metrics block's `measured_on` as (key, text) rows; nested values as compact text."""
-    rows = []
-    for key, value in _dict(_dict(metrics).get("measured_on")).items():
-        if isinstance(value, dict):
-            text = ", ".join(f"{k}: {v}" for k, v in value.items())
-        elif isinstance(value, list):
-            text = ", ".join(str(v) for v in value)
-        else:
-            text = cell(value, "plain")
-        rows.append((str(key), text))
-    return rows
+    return [(str(k), text_of(v)) for k, v in _dict(_dict(metrics).get("measured_on")).items()]
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,9 @@ def sensitivity_charts(job: dict[str, Any]) -> list[StepChart]:
                     omitted.append(name)
                     continue
                 items.append((name, value, "measured" if measured else "estimated"))
+            if len(items) > MAX_LAYER_BARS:
+                omitted.append(f"{len(items) - MAX_LAYER_BARS} less sensitive layer(s)")
+                items = items[:MAX_LAYER_BARS]
             if items:
                 out.append(
                     StepChart(
@@ -230,6 +235,8 @@ def sensitivity_charts(job: dict[str, Any]) -> list[StepChart]:
             (str(e.get("name", "?")), finite(e.get("sparsity")), "sparsity") for e in layers
         ]
         kept = [(n, v, k) for n, v, k in sparsity if v is not None]
+        more = [f"{len(kept) - MAX_LAYER_BARS} more layer(s)"] if len(kept) > MAX_LAYER_BARS else []
+        kept = kept[:MAX_LAYER_BARS]
         if kept:
             out.append(
                 StepChart(
@@ -238,6 +245,7 @@ def sensitivity_charts(job: dict[str, Any]) -> list[StepChart]:
                     "Per-layer sparsity",
                     charts.hbar_chart(kept, "fraction of weights pruned", lo=0.0),
                     "The share of each layer's weights this prune step removed.",
+                    more,
                 )
             )
     return out
@@ -357,6 +365,38 @@ def all_warnings(job: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 @dataclass(frozen=True)
+class ArtifactRow:
+    role: str
+    format: str
+    step: str
+    size: str
+    sha256: str
+    verdict: str | None
+
+
+def artifact_rows(job: dict[str, Any]) -> list[ArtifactRow]:
+    """The job's files: the deliverables first, then each step's checkpoint; `verdict` where
+    the artifact carries one (a `rejected` result stays downloadable, marked)."""
+    rows = []
+    for a in _list(job.get("artifacts")):
+        if not isinstance(a, dict):
+            continue
+        verdict = a.get("verdict") or _dict(a.get("quality")).get("verdict")
+        step = a.get("step_index")
+        rows.append(
+            ArtifactRow(
+                str(a.get("role", "?")),
+                str(a.get("format", "?")),
+                "—" if step is None else str(step),
+                cell(a.get("size_bytes"), "bytes"),
+                str(a.get("sha256", "—")),
+                str(verdict) if verdict else None,
+            )
+        )
+    return sorted(rows, key=lambda r: (r.role != "final", r.step))
+
+
+@dataclass(frozen=True)
 class Report:
     job: dict[str, Any]
     status: str
@@ -369,6 +409,7 @@ class Report:
     variants: list[StepChart]
     training: list[StepChart]
     warnings: list[tuple[str, str]]
+    artifacts: list[ArtifactRow]
     measured_on: list[tuple[str, list[tuple[str, str]]]]
     evaluation: list[tuple[str, str]]
 
@@ -393,6 +434,7 @@ def build(job: dict[str, Any]) -> Report:
         variants=variant_charts(job),
         training=training_charts(job),
         warnings=all_warnings(job),
+        artifacts=artifact_rows(job),
         measured_on=[(name, measured_on(b)) for name, b in blocks if measured_on(b)],
         evaluation=evaluation,
     )

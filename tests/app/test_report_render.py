@@ -119,7 +119,23 @@ def finished_job() -> dict[str, Any]:
             "quality": QUALITY,
             "evaluation": {"eval_samples": 269},
         },
-        "artifacts": [],
+        "artifacts": [
+            {
+                "role": "checkpoint",
+                "format": "onnx",
+                "step_index": 0,
+                "size_bytes": 911287,
+                "sha256": "cd" * 32,
+            },
+            {
+                "role": "final",
+                "format": "onnx",
+                "step_index": None,
+                "size_bytes": 232477,
+                "sha256": "ef" * 32,
+                "verdict": "rejected",
+            },
+        ],
         "warnings": [f"job warning {EVIL}"],
         "error": None,
     }
@@ -159,7 +175,7 @@ def test_a_finished_job_renders_every_section() -> None:
     assert tags.tags["rect.bar-measured"] == 2 and tags.tags["rect.bar-estimated"] == 1
     # variants: three with a latency are plotted, the chosen one marked; one listed as omitted
     assert tags.tags["circle.point"] == 3 and tags.tags["circle.chosen"] == 1
-    assert "Not plotted (no figure recorded): no_latency." in text
+    assert "Not drawn: no_latency." in text
     # training: prune fine-tune loss; distill loss and quality (3 series)
     assert tags.tags["svg.lines"] == 3 and tags.tags["polyline.series"] == 5
     assert "Best epoch kept: 0." in text
@@ -168,6 +184,9 @@ def test_a_finished_job_renders_every_section() -> None:
     assert "Quality verdict: degraded" in text
     assert "avx2, avx512_vnni" in text and "runtime onnxruntime 1.22" in text
     assert "No quality verdict" not in text and "measured_on" not in text
+    # artifacts: the deliverable first, with its verdict
+    assert tags.tags["tr.artifact"] == 2 and tags.tags["span.rejected"] == 1
+    assert text.index("ef" * 32) < text.index("cd" * 32)
 
 
 def test_everything_from_the_job_is_escaped() -> None:
@@ -211,11 +230,25 @@ def test_a_job_without_results_says_so_in_every_section(status: str) -> None:
         "No variants in this job",
         "No training in this job",
         "No warnings.",
+        "No artifacts stored for this job.",
         "no `measured_on` block",
     ):
         assert message in text, message
     if status == "failed":
         assert "quality_below_floor" in text and "<script" not in html
+
+
+def test_long_layer_lists_are_capped_and_say_so() -> None:
+    job = finished_job()
+    ranking = [
+        {"layer": f"layer{i}", "measured": i < 40, "sqnr_db": 30.0 + i, "weight_noise_db": 40.0}
+        for i in range(150)
+    ]
+    job["steps"][2]["details"]["sensitivity"] = ranking
+    tags = Tags(render_report(job))
+    text = " ".join(" ".join(tags.text).split())
+    assert tags.tags["rect.bar-measured"] == 40 and tags.tags["rect.bar-estimated"] == 20
+    assert "Not drawn: 90 less sensitive layer(s)." in text
 
 
 def test_partial_and_odd_values_do_not_break_the_page() -> None:

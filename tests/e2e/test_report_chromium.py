@@ -89,7 +89,8 @@ def _open(html: str, headers: dict[str, str], shot: Path) -> dict[str, Any]:
                     'svg.chart', 'svg.comparison', 'rect.bar-before', 'rect.bar-after',
                     'svg.hbars', 'rect.bar-measured', 'rect.bar-sparsity', 'svg.scatter',
                     'circle.point', 'circle.point.chosen', 'svg.lines', 'polyline.series',
-                    'tr.step', 'ul.warnings li', 'script', 'img', 'link', 'iframe'
+                    'tr.step', 'tr.artifact', 'ul.warnings li', 'script', 'img', 'link',
+                    'iframe'
                 ].map(s => [s, document.querySelectorAll(s).length]))"""
             )
             sizes = page.evaluate(
@@ -158,6 +159,8 @@ def test_the_report_renders_in_chromium(
     assert counts["svg.lines"] == 4 and counts["polyline.series"] >= 4
     warnings = sum(len(s["warnings"] or []) for s in job["steps"]) + len(job["warnings"])
     assert counts["ul.warnings li"] == warnings
+    assert counts["tr.artifact"] == len(job["artifacts"]) >= 2  # checkpoints and the final
+    assert any(a["role"] == "final" for a in job["artifacts"])
     # every chart is laid out with a size, the chosen point is on screen, the CSS applied
     assert counts["svg.chart"] == len(seen["sizes"]) == 7 + 2 + 1 + 4
     assert all(w > 100 and h > 30 for w, h in seen["sizes"]), seen["sizes"]
