@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
 from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
 from app.db.session import get_sessionmaker
 from app.redact import relative_paths
+from app.report.render import content_security_policy, render_report
 from app.schemas.common import Page
 from app.schemas.jobs import JobCreate, JobRead
 from app.services import events
@@ -68,6 +69,25 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobRead:
     return job_service.read(session, team.id, job_id)
+
+
+@router.get(
+    "/{job_id}/report",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "the report page"}},
+)
+def job_report(job_id: str, team: CurrentTeam, session: SessionDep) -> HTMLResponse:
+    """The job as one self-contained HTML page: before/after bars, the steps with their
+    verdicts, per-layer sensitivity, the variants tried, training curves, warnings. Inline SVG
+    and CSS only: no script and nothing fetched, so it can be saved and opened offline."""
+    job = job_service.read(session, team.id, job_id)
+    return HTMLResponse(
+        render_report(job.model_dump(mode="json")),
+        headers={
+            "Content-Security-Policy": content_security_policy(),
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
