@@ -3,9 +3,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas.common import ErrorInfo, ReadModel
+from engine.quality import DEFAULT_FLOORS, check_floor
+
+VerdictName = Literal["ok", "degraded", "rejected"]
 
 
 class Evaluation(BaseModel):
@@ -22,6 +25,27 @@ class Evaluation(BaseModel):
             "qat), else 0 (all samples are measured)."
         ),
     )
+    floor: dict[str, float | None] | None = Field(
+        None,
+        description=(
+            "The quality floor the final result is held to, by metric name, overriding the "
+            f"task's default ({DEFAULT_FLOORS}); null turns a default check off. Keys: "
+            "agreement_top1, accuracy_drop (at most), cosine_similarity, sqnr_db, sqnr_db_min. "
+            "A job whose final result is under it fails with quality_below_floor."
+        ),
+    )
+    allow_below_floor: bool = Field(
+        False,
+        description="Accept a final result under the floor: the job succeeds with verdict "
+        "'degraded' and a warning instead of failing with quality_below_floor.",
+    )
+
+    @field_validator("floor", mode="before")
+    @classmethod
+    def _known_floor_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return check_floor(value)
+        return value
 
 
 class JobCreate(BaseModel):
@@ -58,6 +82,11 @@ class ArtifactRead(ReadModel):
     format: str
     size_bytes: int
     sha256: str
+    verdict: VerdictName | None = Field(
+        None,
+        description="The quality verdict of the model in the file; 'rejected' files are under "
+        "the floor (kept for inspection, not to ship). Null for files from before verdicts.",
+    )
     created_at: datetime
 
 
@@ -67,6 +96,7 @@ class JobStepRead(ReadModel):
     config: dict[str, Any]
     status: str
     metrics: dict[str, Any] | None
+    quality: dict[str, Any] | None = None
     warnings: list[str] | None
     details: dict[str, Any] | None = None
     artifact_id: str | None
@@ -86,6 +116,11 @@ class JobRead(BaseModel):
     export: list[str]
     steps: list[JobStepRead]
     metrics: dict[str, Any] | None
+    quality: dict[str, Any] | None = Field(
+        None,
+        description="The final result's verdict against the floor: {verdict, measured, floor, "
+        "below_floor} (docs/metrics.md).",
+    )
     artifacts: list[ArtifactRead]
     warnings: list[str]
     error: ErrorInfo | None

@@ -272,6 +272,7 @@ def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
         export=job.export,
         steps=[JobStepRead.model_validate(step) for step in job.steps],
         metrics=job.metrics,
+        quality=job.quality,
         artifacts=[ArtifactRead.model_validate(a) for a in artifacts],
         warnings=job.warnings or [],
         error=job.error,  # type: ignore[arg-type]
