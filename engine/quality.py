@@ -36,15 +36,24 @@ DEFAULT_FLOORS: dict[str, dict[str, float]] = {
 Floor = dict[str, float | None]
 
 
+class FloorError(ValueError):
+    """A floor key that is unknown or has an impossible value; `key` is the one at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def check_floor(floor: Mapping[str, Any] | None) -> Floor:
     """A request's `evaluation.floor`, checked: known keys, numbers (null turns a default
-    check off). ValueError names the key at fault and lists the valid ones."""
+    check off). FloorError names the key at fault and lists the valid ones."""
     out: Floor = {}
     for key, value in (floor or {}).items():
         if key not in FLOOR_KEYS:
-            raise ValueError(
-                f"unknown floor key {key!r}; valid keys: {', '.join(sorted(FLOOR_KEYS))} "
-                "(metric names of docs/metrics.md)"
+            raise FloorError(
+                key,
+                f"Unknown floor key {key!r}; valid keys: {', '.join(sorted(FLOOR_KEYS))} "
+                "(metric names of docs/metrics.md).",
             )
         if value is None:
             out[key] = None
@@ -52,9 +61,11 @@ def check_floor(floor: Mapping[str, Any] | None) -> Floor:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
             value
         ):
-            raise ValueError(f"floor {key!r} must be a finite number or null, not {value!r}")
+            raise FloorError(key, f"Floor {key!r} must be a finite number or null, not {value!r}.")
         if key in _FRACTIONS and not 0.0 <= value <= 1.0:
-            raise ValueError(f"floor {key!r} is a fraction in [0, 1] (got {value})")
+            raise FloorError(
+                key, f"Floor {key!r} is a fraction in [0, 1] (got {value}); 0.01 is one point."
+            )
         out[key] = float(value)
     return out
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ErrorInfo, ReadModel
-from engine.quality import DEFAULT_FLOORS, check_floor
+from engine.quality import DEFAULT_FLOORS
 
 VerdictName = Literal["ok", "degraded", "rejected"]
 
@@ -39,13 +39,6 @@ class Evaluation(BaseModel):
         description="Accept a final result under the floor: the job succeeds with verdict "
         "'degraded' and a warning instead of failing with quality_below_floor.",
     )
-
-    @field_validator("floor", mode="before")
-    @classmethod
-    def _known_floor_keys(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return check_floor(value)
-        return value
 
 
 class JobCreate(BaseModel):

@@ -92,7 +92,7 @@ def test_floor_overrides_and_validation() -> None:
         "agreement_top1": 0.9,
         "sqnr_db": None,
     }
-    with pytest.raises(ValueError, match="unknown floor key 'top1'.*agreement_top1"):
+    with pytest.raises(ValueError, match="Unknown floor key 'top1'.*agreement_top1"):
         quality.check_floor({"top1": 0.9})
     with pytest.raises(ValueError, match=r"fraction in \[0, 1\]"):
         quality.check_floor({"agreement_top1": 97})
