@@ -58,8 +58,10 @@ def check_floor(floor: Mapping[str, Any] | None) -> Floor:
         if value is None:
             out[key] = None
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
-            value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
         ):
             raise FloorError(key, f"Floor {key!r} must be a finite number or null, not {value!r}.")
         if key in _FRACTIONS and not 0.0 <= value <= 1.0:

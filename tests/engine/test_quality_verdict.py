@@ -44,9 +44,7 @@ def test_classification_ok_degraded_rejected() -> None:
 def test_accuracy_drop_alone_fails_and_needs_labels() -> None:
     # agreement above its floor, but 3 points of accuracy lost
     dropped = {"accuracy_top1": 0.92, "agreement_top1": 0.975}
-    assert quality.verdict(dropped, ORIGINAL, "classification")["below_floor"] == [
-        "accuracy_drop"
-    ]
+    assert quality.verdict(dropped, ORIGINAL, "classification")["below_floor"] == ["accuracy_drop"]
     # no labels: the drop is not judged (not measured), agreement is
     unlabeled = quality.verdict({"agreement_top1": 0.975}, {}, "classification")
     assert unlabeled["verdict"] == "ok"

@@ -165,6 +165,9 @@ def test_gradient_and_entropy_beat_random(api: Client, digits_files: dict[str, P
                     "sparsity": 0.8,
                 }
             ],
+            # one-shot 80 % without training is under the floor (random far under it): the
+            # criteria are compared, not shipped
+            evaluation={"allow_below_floor": True},
         )
         accuracy[criterion] = job["metrics"]["final"]["accuracy_top1"]
     assert accuracy["gradient"] > accuracy["random"] + 0.1, accuracy

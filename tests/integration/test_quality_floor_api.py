@@ -67,9 +67,7 @@ def test_wrecked_model_fails_below_the_floor_and_keeps_a_rejected_artifact(
     metrics = job["metrics"]
     assert metrics["final"]["sparsity"] >= 0.85
     assert metrics["final"]["agreement_top1"] == agreement
-    assert metrics["ratios"]["accuracy_drop"] == pytest.approx(
-        quality["measured"]["accuracy_drop"]
-    )
+    assert metrics["ratios"]["accuracy_drop"] == pytest.approx(quality["measured"]["accuracy_drop"])
     (step,) = job["steps"]
     assert step["status"] == "succeeded" and step["quality"] == quality
     on = metrics["final"]["measured_on"]
@@ -108,9 +106,7 @@ def test_allow_below_floor_succeeds_degraded_with_a_warning(
     assert art["verdict"] == "degraded"
 
 
-def test_a_lowered_floor_lets_the_same_job_pass(
-    api: Client, digits_files: dict[str, Path]
-) -> None:
+def test_a_lowered_floor_lets_the_same_job_pass(api: Client, digits_files: dict[str, Path]) -> None:
     """The floor is the request's: held to figures this pipeline meets, the job is `ok`."""
     job = _finish(api, digits_files, floor={"agreement_top1": 0.0, "accuracy_drop": None})
     assert job["status"] == "succeeded", job["error"]
