@@ -19,10 +19,10 @@ Verdict = Literal["ok", "degraded", "rejected"]
 # floor key -> (which way it is held: "min" is a lower bound, "max" an upper one; what it is)
 FLOOR_KEYS: dict[str, tuple[Literal["min", "max"], str]] = {
     "agreement_top1": ("min", "top-1 agreement with the original"),
-    "accuracy_drop": ("max", "accuracy drop (original minus result, 0.01 is one point)"),
-    "cosine_similarity": ("min", "mean cosine similarity to the original's outputs"),
-    "sqnr_db": ("min", "SQNR of all outputs (dB)"),
-    "sqnr_db_min": ("min", "SQNR of the worst output or channel slice (dB)"),
+    "accuracy_drop": ("max", "accuracy drop"),  # original minus result; 0.01 is one point
+    "cosine_similarity": ("min", "cosine similarity to the original"),
+    "sqnr_db": ("min", "SQNR"),
+    "sqnr_db_min": ("min", "SQNR of the worst output or channel slice"),
 }
 # Fractions in [0, 1]; the SQNR floors are any finite number of dB.
 _FRACTIONS = {"agreement_top1", "accuracy_drop", "cosine_similarity"}
@@ -139,8 +139,8 @@ def verdict(
 
 
 def shortfall(quality: Mapping[str, Any]) -> str:
-    """The figures under the floor, in words: `top-1 agreement with the original 0.41 (floor
-    ≥ 0.97)`; empty when none is."""
+    """The figures under the floor, in words: `top-1 agreement with the original 0.41 (floor:
+    agreement_top1 ≥ 0.97)`; empty when none is."""
     parts = []
     measured, floors = quality["measured"], quality["floor"]
     for key in quality["below_floor"]:
@@ -149,7 +149,10 @@ def shortfall(quality: Mapping[str, Any]) -> str:
         if key == "sqnr_db_min" and measured.get("sqnr_db_min_slice"):
             where = f" at {measured['sqnr_db_min_slice']}"
         sign = "≤" if way == "max" else "≥"
-        parts.append(f"{key} ({name}) {measured[key]:g}{where}, floor {sign} {floors[key]:g}")
+        unit = " dB" if key.startswith("sqnr") else ""
+        parts.append(
+            f"{name} {measured[key]:g}{unit}{where} (floor: {key} {sign} {floors[key]:g}{unit})"
+        )
     return "; ".join(parts)
 
 

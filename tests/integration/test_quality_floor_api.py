@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from engine.measured_on import cpu
 from tests.integration.conftest import Stack
 from tests.integration.methods import Client, load_npz, run_onnx
 
@@ -74,6 +75,7 @@ def test_wrecked_model_fails_below_the_floor_and_keeps_a_rejected_artifact(
     assert on == metrics["original"]["measured_on"] == step["metrics"]["measured_on"]
     assert on["dataset_id"] == job["dataset_id"]
     assert on["runtime"] == "onnxruntime" and on["samples"] > 0 and on["batch"] == 1
+    assert on["cpu_flags"] == cpu()["flags"]  # read inside the worker's sandbox too
 
     # the artifact stays downloadable, marked rejected, and it is the model measured
     (art,) = [a for a in job["artifacts"] if a["role"] == "final"]
