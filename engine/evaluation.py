@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Evaluation:
     batch: int | None
     threads: int
     reference: list[np.ndarray] | None = None
+    # what every metrics block says it was measured on (engine.measured_on.describe)
+    measured_on: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_samples(
@@ -59,6 +61,8 @@ class Evaluation:
         if peak is not None:
             values["peak_memory_bytes"] = peak
         values.update(m.quality(outputs, self.reference, self.samples.labels, self.task))
+        if self.measured_on:
+            values["measured_on"] = dict(self.measured_on)
         return values, outputs
 
 

@@ -9,5 +9,6 @@ class EventKind(StrEnum):
     PROGRESS = "progress"  # progress (0..1), message
     ORIGINAL_MEASURED = "original_measured"  # metrics
     STEP_STARTED = "step_started"  # index, op
-    STEP_FINISHED = "step_finished"  # index, metrics, warnings, details, artifact (a checkpoint)
+    # index, metrics, quality (engine.quality.verdict), warnings, details, artifact (a checkpoint)
+    STEP_FINISHED = "step_finished"
     LOG = "log"  # level, message

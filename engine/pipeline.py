@@ -1,7 +1,9 @@
 """compress(model, pipeline, dataset) -> result: prepare the job, run each step, finish.
 
 Each step's output is measured on the same held-out samples as the original; the result holds the
-metrics of the original, every step and the final file, their ratios, artifacts and warnings.
+metrics of the original, every step and the final file (each with its `measured_on`), the quality
+verdict of every step and of the final file against the floor (engine.quality), their ratios,
+artifacts and warnings.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import evaluation
+from engine import evaluation, measured_on, quality
 from engine.config import (
     Backend,
     DistillConfig,
@@ -96,6 +98,9 @@ def compress(
     time_limit_s: float | None = None,
     memory_limit_mb: int | None = None,
     device: DeviceSetting = "cpu",
+    dataset_id: str | None = None,
+    floor: dict[str, float | None] | None = None,
+    allow_below_floor: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -106,7 +111,10 @@ def compress(
         pipeline=[c.to_dict() if isinstance(c, OpConfig) else c for c in pipeline],
         workdir=str(workdir),
         dataset_path=str(dataset_path) if dataset_path is not None else None,
+        dataset_id=dataset_id,
         evaluation_task=evaluation_task,
+        floor=floor or {},
+        allow_below_floor=allow_below_floor,
         holdout=holdout,
         export=list(export or ()),
         seed=seed,
@@ -152,6 +160,7 @@ class _Job:
     data: Samples  # what steps train, calibrate and score on
     holdout: float
     evaluation: Evaluation  # what every model is measured on
+    floor: quality.Floor  # the request's evaluation.floor, checked
     warnings: list[str]
     report: Report  # (fraction of the job, message) -> a progress event
     device: str  # where the training steps train: "cpu" or "cuda"
@@ -183,6 +192,10 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         configs = [parse_op(c) for c in spec.pipeline]
     except ValueError as exc:
         raise EngineError("invalid_pipeline", str(exc), field="pipeline") from exc
+    try:
+        floor = quality.check_floor(spec.floor)
+    except ValueError as exc:
+        raise EngineError("invalid_floor", str(exc), field="evaluation.floor") from exc
     model_path = Path(spec.model_path)
     fmt = detect_format(model_path)
     task = spec.evaluation_task
@@ -212,6 +225,16 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         fits = any(c.fits_data() for c in configs)
         holdout = DEFAULT_HOLDOUT if fits and data.source == "dataset" else 0.0
     data, eval_data = _hold_out(data, holdout, spec.seed)
+    ev = Evaluation.from_samples(eval_data, task, batch, spec.latency_threads, spec.seed)
+    ev.measured_on = measured_on.describe(
+        dataset_id=spec.dataset_id,
+        dataset_sha256=m.sha256_file(spec.dataset_path) if spec.dataset_path else None,
+        source=data.source,
+        samples=len(ev.samples),
+        holdout=holdout,
+        threads=spec.latency_threads,
+        batch=batch,
+    )
     job = _Job(
         spec=spec,
         emit=emit,
@@ -226,7 +249,8 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
         batch=batch,
         data=data,
         holdout=holdout,
-        evaluation=Evaluation.from_samples(eval_data, task, batch, spec.latency_threads, spec.seed),
+        evaluation=ev,
+        floor=floor,
         warnings=evaluation.data_warnings(data, task, batch, trains=trains, holdout=holdout),
         report=report,
         device=device,
@@ -388,6 +412,9 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
     values, _ = job.evaluation.measure(measured)
     values.update(ctx.metrics)
     warnings += evaluation.fidelity_warnings(values)
+    verdict = _verdict(job, state, values)
+    if verdict["below_floor"] and index < n - 1:
+        warnings.append(quality.step_warning(verdict))
     artifact = m.artifact_info(measured)
     state.steps.append(
         {
@@ -396,6 +423,7 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
             "backend": backend,
             "config": config.to_dict(),
             "metrics": values,
+            "quality": verdict,
             "artifact": artifact,
             "extras": [m.artifact_info(path, fmt) for path, fmt in ctx.extras],
             "details": ctx.details,
@@ -407,6 +435,7 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
             "type": EventKind.STEP_FINISHED,
             "index": index,
             "metrics": values,
+            "quality": verdict,
             "warnings": warnings,
             "details": ctx.details,
             # The last step's file is the final artifact; only earlier ones are checkpoints
@@ -454,11 +483,15 @@ def _finish(job: _Job, state: _State) -> dict[str, Any]:
     warnings = list(job.warnings)
     if state.steps:
         warnings += evaluation.speed_warnings(ratios["speedup"], job.batch, threads)
+    verdict = _verdict(job, state, final_metrics)
+    if verdict["verdict"] == "degraded":
+        warnings.append(quality.degraded_warning(verdict))
     job.report(1.0, "done")
     return {
         "original": state.original_metrics,
         "steps": state.steps,
         "final": final_metrics,
+        "quality": verdict,
         "ratios": ratios,
         "artifacts": artifacts,
         "warnings": warnings,
@@ -471,6 +504,17 @@ def _finish(job: _Job, state: _State) -> dict[str, Any]:
             "train_samples": len(job.data) if job.holdout > 0 else None,
         },
     }
+
+
+def _verdict(job: _Job, state: _State, values: dict[str, Any]) -> dict[str, Any]:
+    """The quality of a step's or the final metrics against the job's floor (engine.quality)."""
+    return quality.verdict(
+        values,
+        state.original_metrics,
+        job.evaluation.task,
+        job.floor,
+        job.spec.allow_below_floor,
+    )
 
 
 def _reporter(emit: Progress) -> Report:

@@ -43,7 +43,14 @@ class CompressSpec(_Spec):
     pipeline: list[dict[str, Any]]
     workdir: str
     dataset_path: str | None = None
+    # The dataset's id in the service, for `measured_on` (None outside the service).
+    dataset_id: str | None = None
     evaluation_task: str = "classification"
+    # evaluation.floor: floor keys of engine.quality overriding the task's default floor
+    # (null turns a default check off); allow_below_floor: a final result under the floor
+    # is `degraded` (the job succeeds with a warning) instead of `rejected`.
+    floor: dict[str, float | None] = Field(default_factory=dict)
+    allow_below_floor: bool = False
     # Fraction of the dataset kept out of training and used for every measurement;
     # None: 0.3 when a step trains on the dataset, else 0.
     holdout: float | None = None

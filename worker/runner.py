@@ -23,6 +23,7 @@ from app.db.session import session_scope
 from app.services import events
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
+from engine import quality
 from engine.events import EventKind
 from engine.spec import CompressSpec, InspectSpec, Resume
 from engine.torchgraph.device import DeviceSetting
@@ -151,6 +152,7 @@ class _EventRelay:
             status=StepStatus.succeeded,
             finished_at=utcnow(),
             metrics=event.get("metrics"),
+            quality=event.get("quality"),
             warnings=event.get("warnings") or None,
             details=event.get("details") or None,
             artifact_id=artifact_id,
@@ -162,6 +164,7 @@ class _EventRelay:
             index=event["index"],
             status="succeeded",
             metrics=event.get("metrics"),
+            quality=event.get("quality"),
         )
 
     def _store_checkpoint(self, event: dict[str, Any]) -> None:
@@ -191,6 +194,7 @@ class _EventRelay:
                 blob_key=key,
                 size_bytes=art["size_bytes"],
                 sha256=art["sha256"],
+                verdict=(event.get("quality") or {}).get("verdict"),
             )
             self.checkpoints[event["index"]] = row.id
             self._finish_step(repo, event, artifact_id=row.id)
@@ -267,11 +271,14 @@ class _ClaimedJob:
     team_id: str
     model: tuple[str, str] | None  # (blob key, file extension); None once the model is deleted
     dataset: tuple[str, str] | None  # (blob key, file extension)
+    dataset_id: str | None
     students: dict[str, str]  # model id -> blob key, for the models a step names
     checkpoint: _Checkpoint | None
     pipeline: list[dict[str, Any]]
     evaluation_task: str
     holdout: float | None
+    floor: dict[str, float | None]
+    allow_below_floor: bool
     export: list[str]
 
 
@@ -299,11 +306,14 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
             team_id=team_id,
             model=(model.blob_key, EXTENSIONS[model.format]) if model else None,
             dataset=(dataset.blob_key, dataset.format) if dataset else None,
+            dataset_id=dataset.id if dataset else None,
             students=students,
             checkpoint=checkpoint,
             pipeline=pipeline,
             evaluation_task=job.evaluation.get("task", "classification"),
             holdout=job.evaluation.get("holdout"),
+            floor=job.evaluation.get("floor") or {},
+            allow_below_floor=bool(job.evaluation.get("allow_below_floor", False)),
             export=list(job.export),
         )
 
@@ -340,9 +350,12 @@ def _download(
     return CompressSpec(
         model_path=str(model_path),
         dataset_path=str(dataset_path) if dataset_path else None,
+        dataset_id=job.dataset_id,
         pipeline=job.pipeline,
         evaluation_task=job.evaluation_task,
         holdout=job.holdout,
+        floor=job.floor,
+        allow_below_floor=job.allow_below_floor,
         models=models,
         export=job.export,
         workdir=str(workdir / "out"),
@@ -386,8 +399,22 @@ def _finalize(
     result: dict[str, Any],
     relay: _EventRelay,
 ) -> str:
+    """Store the final artifacts and metrics; the job succeeds, or fails with
+    quality_below_floor when the final result is under the floor (its metrics and artifacts,
+    marked rejected, are kept)."""
     prefix = f"teams/{team_id}/jobs/{job_id}/attempt-{token}"
     uploaded = relay.uploaded
+    verdict = result.get("quality") or {}
+    rejected = verdict.get("verdict") == "rejected"
+    status = JobStatus.failed if rejected else JobStatus.succeeded
+    error = None
+    if rejected:
+        error = {
+            "code": "quality_below_floor",
+            "detail": quality.rejected_detail(verdict),
+            "field": "evaluation.floor",
+            "step": None,
+        }
     finals = []
     for art in result["artifacts"]:
         key = f"{prefix}/final.{art['format']}"
@@ -400,7 +427,7 @@ def _finalize(
             ok = repo.update_fenced(
                 job_id,
                 token,
-                status=JobStatus.succeeded,
+                status=status,
                 progress=1.0,
                 current_step=None,
                 finished_at=utcnow(),
@@ -414,8 +441,9 @@ def _finalize(
                     "evaluation": result.get("evaluation"),
                     "latency_side_by_side": result.get("latency_side_by_side"),
                 },
+                quality=verdict or None,
                 warnings=list(result.get("warnings") or []),
-                error=None,
+                error=error,
             )
             if not ok:
                 raise _LostLease()
@@ -430,6 +458,7 @@ def _finalize(
                     blob_key=art["blob_key"],
                     size_bytes=art["size_bytes"],
                     sha256=art["sha256"],
+                    verdict=verdict.get("verdict"),
                 )
                 final_ids.append(row.id)
             last_index = max((s["index"] for s in result["steps"]), default=None)
@@ -441,17 +470,26 @@ def _finalize(
                     step["index"],
                     status=StepStatus.succeeded,
                     metrics=step.get("metrics"),
+                    quality=step.get("quality"),
                     warnings=step.get("warnings") or None,
                     details=step.get("details") or None,
                     artifact_id=final_ids[0] if step["index"] == last_index and final_ids else None,
                 )
-            events.record(session, job_id, "status", status="succeeded", ratios=result["ratios"])
-            events.record(session, job_id, events.TERMINAL_EVENT, status="succeeded")
+            events.record(
+                session,
+                job_id,
+                "status",
+                status=str(status),
+                ratios=result["ratios"],
+                quality=verdict or None,
+                **({"error": error} if error else {}),
+            )
+            events.record(session, job_id, events.TERMINAL_EVENT, status=str(status))
     except _LostLease:
         log.warning("job %s: token %s is stale; discarding this attempt's artifacts", job_id, token)
         _discard(settings, storage, job_id, uploaded)
         return "abandoned"
-    return "succeeded"
+    return str(status)
 
 
 class _LostLease(Exception):

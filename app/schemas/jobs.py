@@ -6,6 +6,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.common import ErrorInfo, ReadModel
+from engine.quality import DEFAULT_FLOORS
+
+VerdictName = Literal["ok", "degraded", "rejected"]
 
 
 class Evaluation(BaseModel):
@@ -22,6 +25,20 @@ class Evaluation(BaseModel):
             "qat, prune with training, prune channels with reconstruct or scope measured), "
             "else 0 (all samples are measured)."
         ),
+    )
+    floor: dict[str, float | None] | None = Field(
+        None,
+        description=(
+            "The quality floor the final result is held to, by metric name, overriding the "
+            f"task's default ({DEFAULT_FLOORS}); null turns a default check off. Keys: "
+            "agreement_top1, accuracy_drop (at most), cosine_similarity, sqnr_db, sqnr_db_min. "
+            "A job whose final result is under it fails with quality_below_floor."
+        ),
+    )
+    allow_below_floor: bool = Field(
+        False,
+        description="Accept a final result under the floor: the job succeeds with verdict "
+        "'degraded' and a warning instead of failing with quality_below_floor.",
     )
 
 
@@ -59,6 +76,11 @@ class ArtifactRead(ReadModel):
     format: str
     size_bytes: int
     sha256: str
+    verdict: VerdictName | None = Field(
+        None,
+        description="The quality verdict of the model in the file; 'rejected' files are under "
+        "the floor (kept for inspection, not to ship). Null for files from before verdicts.",
+    )
     created_at: datetime
 
 
@@ -68,6 +90,7 @@ class JobStepRead(ReadModel):
     config: dict[str, Any]
     status: str
     metrics: dict[str, Any] | None
+    quality: dict[str, Any] | None = None
     warnings: list[str] | None
     details: dict[str, Any] | None = None
     artifact_id: str | None
@@ -87,6 +110,11 @@ class JobRead(BaseModel):
     export: list[str]
     steps: list[JobStepRead]
     metrics: dict[str, Any] | None
+    quality: dict[str, Any] | None = Field(
+        None,
+        description="The final result's verdict against the floor: {verdict, measured, floor, "
+        "below_floor} (docs/metrics.md).",
+    )
     artifacts: list[ArtifactRead]
     warnings: list[str]
     error: ErrorInfo | None

@@ -29,6 +29,7 @@ from app.storage import BlobStore
 from engine.config import OpConfig, PipelineError, parse_steps, preset_pipeline, validate_request
 from engine.io.datasets import DatasetMismatch, arrays_for_inputs
 from engine.io.formats import TensorSpec
+from engine.quality import FLOOR_KEYS, FloorError, check_floor
 
 
 def _repo(session: Session, team_id: str) -> TeamJobRepository:
@@ -116,6 +117,7 @@ def create(
     if body.dataset_id is not None:
         dataset = uploaded.get_or_raise(session, DATASETS, team_id, body.dataset_id)
         check_dataset_fits(model, dataset)
+    _check_floor(body)
     configs = _resolve_pipeline(body, settings.max_pipeline_steps)
     check_active_jobs(session, settings, team_id)
     _check_plan(model.format, configs, dataset, body)
@@ -171,6 +173,19 @@ def _check_plan(
         )
     except PipelineError as exc:
         raise _problem(exc) from exc
+
+
+def _check_floor(body: JobCreate) -> None:
+    """evaluation.floor names known metrics with possible values (engine.quality)."""
+    try:
+        check_floor(body.evaluation.floor)
+    except FloorError as exc:
+        raise Invalid(
+            "invalid_floor",
+            str(exc),
+            field=f"evaluation.floor.{exc.key}",
+            valid_keys=sorted(FLOOR_KEYS),
+        ) from exc
 
 
 def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> None:
@@ -272,6 +287,7 @@ def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
         export=job.export,
         steps=[JobStepRead.model_validate(step) for step in job.steps],
         metrics=job.metrics,
+        quality=job.quality,
         artifacts=[ArtifactRead.model_validate(a) for a in artifacts],
         warnings=job.warnings or [],
         error=job.error,  # type: ignore[arg-type]

@@ -151,9 +151,11 @@ def test_dynamic_int8_and_fp16_without_dataset(
         "dynamic": {"op": "quantize", "mode": "dynamic", "dtype": "int8"},
         "static": {"op": "quantize", "mode": "static", "dtype": "int8"},
     }.items():
-        resp = client.post(
-            "/v1/jobs", json={"model_id": model["id"], "pipeline": [step]}, headers=headers
-        )
+        # Fidelity on synthetic random-normal inputs (near-tied logits) can put dynamic int8
+        # under the 0.97 agreement floor; this test is about jobs without a dataset.
+        evaluation = {"allow_below_floor": True}
+        body = {"model_id": model["id"], "pipeline": [step], "evaluation": evaluation}
+        resp = client.post("/v1/jobs", json=body, headers=headers)
         assert resp.status_code == 202, resp.text
         jobs[name] = resp.json()["id"]
     results = {name: stack.wait_job(job_id, headers) for name, job_id in jobs.items()}

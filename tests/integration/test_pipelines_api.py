@@ -32,6 +32,13 @@ def unlabelled(digits_files: dict[str, Path], tmp_path_factory: pytest.TempPathF
     return path
 
 
+# These tests are about what a method does (an archive that decodes, accuracy regained, one
+# student against another), not about shipping: their results may be under the quality floor
+# (retrained models agree with the original on fewer than 97 % of the samples even where their
+# accuracy holds; tests/integration/test_quality_floor_api.py is about the floor).
+BELOW_FLOOR_OK = {"allow_below_floor": True}
+
+
 def _held_out(npz: Path) -> tuple[np.ndarray, np.ndarray]:
     """The samples a training job measures on: the engine's seeded, stratified 30% split."""
     data = load_npz(npz)
@@ -43,7 +50,9 @@ def _held_out(npz: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_deep_compression_on_the_mlp(
     api: Client, mlp_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    job = api.run(mlp_files["pt2"], mlp_files["npz"], preset="deep-compression")
+    job = api.run(
+        mlp_files["pt2"], mlp_files["npz"], preset="deep-compression", evaluation=BELOW_FLOOR_OK
+    )
     assert [s["op"] for s in job["steps"]] == ["prune", "weight_share"]
     metrics = job["metrics"]
     final, original = metrics["final"], metrics["original"]
@@ -93,7 +102,7 @@ def test_distillation_recovers_accuracy_after_pruning(
     # The prune step's own checkpoint is the pruned model before distillation: every step is
     # measured on the job's held-out samples, the same for both steps.
     pipeline = [PRUNE_70, {"op": "distill", "epochs": 10}]
-    same_eval = {"holdout": 0.3}
+    same_eval = {"holdout": 0.3, **BELOW_FLOOR_OK}
     distilled = api.run(
         digits_files["pt2"], digits_files["npz"], pipeline=pipeline, evaluation=same_eval
     )
@@ -124,9 +133,13 @@ def test_distilled_width_student_beats_training_from_scratch(
         digits_files["pt2"],
         digits_files["npz"],
         pipeline=[{**student, "alpha": 0.5, "temperature": 4.0}],
+        evaluation=BELOW_FLOOR_OK,
     )
     scratch = api.run(  # alpha 0: cross-entropy on the labels only, same init and epochs
-        digits_files["pt2"], digits_files["npz"], pipeline=[{**student, "alpha": 0.0}]
+        digits_files["pt2"],
+        digits_files["npz"],
+        pipeline=[{**student, "alpha": 0.0}],
+        evaluation=BELOW_FLOOR_OK,
     )
     assert ratio(kd, "params") < 0.35
     assert kd["metrics"]["final"]["params"] == scratch["metrics"]["final"]["params"]
@@ -176,6 +189,7 @@ def test_distill_into_an_uploaded_student(
                 "lr": 0.003,
             }
         ],
+        evaluation=BELOW_FLOOR_OK,
     )
     assert ratio(job, "params") < 0.1
     assert job["metrics"]["final"]["accuracy_top1"] >= 0.85

@@ -139,6 +139,9 @@ def test_two_four_semi_structured(api: Client, digits_files: dict[str, Path]) ->
         digits_files["onnx"],
         digits_files["npz"],
         pipeline=[{"op": "prune", "granularity": "n:m", "n": 2, "m": 4}],
+        # half of every layer's weights at once, no training: about 10 points of accuracy
+        # lost, under the floor; this test is about the 2:4 pattern
+        evaluation={"allow_below_floor": True},
     )
     pruned = weights(api.artifact(job))
     layers = list(pruned.values())[:-1]  # the classifier is kept whole by default
@@ -165,6 +168,9 @@ def test_gradient_and_entropy_beat_random(api: Client, digits_files: dict[str, P
                     "sparsity": 0.8,
                 }
             ],
+            # one-shot 80 % without training is under the floor (random far under it): the
+            # criteria are compared, not shipped
+            evaluation={"allow_below_floor": True},
         )
         accuracy[criterion] = job["metrics"]["final"]["accuracy_top1"]
     assert accuracy["gradient"] > accuracy["random"] + 0.1, accuracy

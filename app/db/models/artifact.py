@@ -19,3 +19,6 @@ class Artifact(IdMixin, TimestampMixin, Base):
     blob_key: Mapped[str] = mapped_column(String(500))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The quality verdict of the model in the file: ok, degraded (accepted under the floor) or
+    # rejected (under the floor: kept downloadable, not to be shipped); None before 0005.
+    verdict: Mapped[str | None] = mapped_column(String(20), default=None)

@@ -47,6 +47,8 @@ class Job(IdMixin, TimestampMixin, Base):
     evaluation: Mapped[dict[str, Any]]
     export: Mapped[list[Any]]
     metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The final result's verdict against the floor (engine.quality.verdict).
+    quality: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     warnings: Mapped[list[Any] | None] = mapped_column(default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(default=0)
@@ -74,6 +76,8 @@ class JobStep(IdMixin, TimestampMixin, Base):
     config: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(20), default=StepStatus.pending)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The step output's verdict against the floor (only the final result's decides the job).
+    quality: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     warnings: Mapped[list[Any] | None] = mapped_column(default=None)
     # Op-specific report (e.g. per-layer sensitivity, layers kept in float, training curves).
     details: Mapped[dict[str, Any] | None] = mapped_column(default=None)
