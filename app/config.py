@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     api_key_pepper: str = ""
+    # The ed25519 private key (PEM, PKCS8) that signs provenance statements; unset in embedded
+    # mode: DATA_DIR/signing_key.pem, generated on first start (app.signing).
+    signing_key_file: Path | None = None
+    # Public keys (PEM files, comma-separated) of retired signing keys, still served by
+    # GET /v1/keys so that statements they signed keep verifying.
+    signing_previous_public_keys: str = ""
     ops_token: str = ""
     max_upload_bytes: int = 512 * 1024 * 1024
     # Longest pause between body chunks, and longest whole upload, before a 408.

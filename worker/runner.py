@@ -24,6 +24,7 @@ from app.services import events
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from engine.events import EventKind
+from engine.recipe import library_versions
 from engine.spec import CompressSpec, InspectSpec, Resume
 from engine.torchgraph.device import DeviceSetting
 from worker import sandbox
@@ -273,6 +274,7 @@ class _ClaimedJob:
     evaluation_task: str
     holdout: float | None
     export: list[str]
+    seed: int
 
 
 def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
@@ -285,6 +287,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
         job = repo.get(job_id)
         assert job is not None
         events.record(session, job_id, "status", status="running", attempt=job.attempts)
+        job.versions = library_versions()  # what this attempt runs with (the job's recipe)
         model = session.get(Model, job.model_id) if job.model_id else None
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         team_id = job.team_id
@@ -305,6 +308,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
             evaluation_task=job.evaluation.get("task", "classification"),
             holdout=job.evaluation.get("holdout"),
             export=list(job.export),
+            seed=job.seed,
         )
 
 
@@ -345,6 +349,7 @@ def _download(
         holdout=job.holdout,
         models=models,
         export=job.export,
+        seed=job.seed,
         workdir=str(workdir / "out"),
         latency_threads=settings.latency_threads,
         device=device,

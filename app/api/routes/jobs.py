@@ -18,6 +18,7 @@ from app.schemas.common import Page
 from app.schemas.jobs import JobCreate, JobRead
 from app.services import events
 from app.services import jobs as job_service
+from app.services import recipes as recipe_service
 from app.services.idempotency import save_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -68,6 +69,14 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobRead:
     return job_service.read(session, team.id, job_id)
+
+
+@router.get("/{job_id}/recipe")
+def get_job_recipe(job_id: str, team: CurrentTeam, session: SessionDep) -> dict[str, Any]:
+    """Everything needed to run the job again (inputs by sha256, the pipeline with every default
+    filled in, evaluation, export, seed, versions) and its content hash; POST it back as
+    `{"recipe": ...}` to /v1/jobs."""
+    return recipe_service.read_recipe(session, team.id, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
