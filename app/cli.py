@@ -370,8 +370,12 @@ def _trusted_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
     else:
         import httpx
 
-        response = httpx.get(f"{args.url.rstrip('/')}/v1/keys", timeout=30)
-        response.raise_for_status()
+        url = f"{args.url.rstrip('/')}/v1/keys"
+        try:
+            response = httpx.get(url, timeout=30)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise OSError(f"cannot fetch the public keys from {url}: {exc}") from exc
         items = response.json()["items"]
     return [load_public_key(item["public_key_pem"].encode()) for item in items]
 

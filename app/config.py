@@ -90,6 +90,8 @@ class Settings(BaseSettings):
             self.run_reconciler = self.mode == "embedded"
         if self.blob_dir is None:
             self.blob_dir = data_dir / "blobs"
+        if self.signing_key_file == Path():  # set but empty (compose's `${VAR:-}`): unset
+            self.signing_key_file = None
         if self.ops_token and len(self.ops_token) < 32:
             raise ValueError(
                 "COMPAAS_OPS_TOKEN must be a random secret of at least 32 characters "

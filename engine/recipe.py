@@ -103,7 +103,7 @@ class Recipe(BaseModel):
     export: list[str]
     seed: int = Field(ge=0, le=2**31 - 1)
     versions: dict[str, str | None] | None
-    content_sha256: str
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class RecipeEdited(ValueError):

@@ -4,8 +4,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from app.schemas.common import ErrorInfo, ReadModel
+from engine.recipe import Recipe
 
 
 class Evaluation(BaseModel):
@@ -30,9 +32,12 @@ SEED_MAX = 2**31 - 1
 class JobCreate(BaseModel):
     """A compression request: a preset, an explicit pipeline of ops, or a recipe to run again."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"anyOf": [{"required": ["model_id"]}, {"required": ["recipe"]}]},
+    )
 
-    model_id: str | None = Field(
+    model_id: str | SkipJsonSchema[None] = Field(
         default=None,
         description="Required, except with 'recipe' (then the team's model with the recipe's "
         "sha256 is used when it is not given).",
@@ -62,7 +67,7 @@ class JobCreate(BaseModel):
         description="Seeds the held-out split, sample subsets and training: the same seed on "
         "the same inputs gives the same result.",
     )
-    recipe: dict[str, Any] | None = Field(
+    recipe: Recipe | SkipJsonSchema[None] = Field(
         default=None,
         description="A recipe from GET /v1/jobs/{id}/recipe, unchanged: runs that job again "
         "(its pipeline, evaluation, export and seed) on the team's model and dataset with "

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import Artifact, Dataset, Job, Model, ModelStatus
 from app.db.repositories import TeamJobRepository, TeamRepository
-from app.errors import Conflict, Invalid, not_found
+from app.errors import Conflict, Invalid, NotFound, not_found
 from app.schemas.jobs import Evaluation, JobCreate
 from app.services import uploaded
 from app.services.datasets import DATASETS
@@ -111,9 +111,9 @@ def _only_recipe(body: JobCreate) -> None:
         )
 
 
-def _parse(data: dict[str, Any]) -> Recipe:
+def _check_hash(recipe: Recipe) -> None:
     try:
-        return check_recipe(data)
+        check_recipe(recipe.model_dump(mode="json"))
     except RecipeEdited as exc:
         raise Invalid(
             "recipe_edited",
@@ -124,25 +124,18 @@ def _parse(data: dict[str, Any]) -> Recipe:
             "instead of 'recipe'.",
             field=f"recipe.{HASH_FIELD}",
         ) from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise Invalid(
-            "invalid_recipe",
-            f"The recipe is not one GET /v1/jobs/{{id}}/recipe makes: {where}: {first['msg']}.",
-            field=f"recipe.{where}" if where else "recipe",
-        ) from exc
 
 
 def _find(
     session: Session, team_id: str, kind: type[Model] | type[Dataset], sha256: str, name: str
 ) -> Any:
+    """The team's upload with this content (a ready model first); 404 like an unknown id."""
     repo = TeamRepository(session, kind, team_id)
     row = (
         repo.latest_by(sha256=sha256, status=ModelStatus.ready) if kind is Model else None
     ) or repo.latest_by(sha256=sha256)
     if row is None:
-        raise Invalid(
+        raise NotFound(
             f"recipe_{name}_not_found",
             f"Your team has no {name} with sha256 {sha256} (the recipe's {name}). Upload that "
             f"file with POST /v1/{name}s (wait until a model is 'ready'), then send the recipe "
@@ -174,10 +167,13 @@ def _given(
 def job_request(
     session: Session, team_id: str, body: JobCreate
 ) -> tuple[JobCreate, dict[str, Any] | None]:
-    """The normal job request a recipe stands for, and the versions the recipe ran with."""
-    assert body.recipe is not None
-    _only_recipe(body)
-    recipe = _parse(body.recipe)
+    """The normal job request a recipe stands for, and the versions the recipe ran with.
+
+    The inputs are looked up first (404 when the team has no such upload, as for an unknown
+    id), then the request and the recipe's hash are checked (422).
+    """
+    recipe = body.recipe
+    assert recipe is not None
     model_sha = recipe.model.sha256
     model = (
         _given(session, team_id, "model", body.model_id, model_sha)
@@ -185,18 +181,21 @@ def job_request(
         else _find(session, team_id, Model, model_sha, "model")
     )
     dataset = None
-    if recipe.dataset is None:
-        if body.dataset_id is not None:
-            raise Invalid(
-                "validation_error",
-                "The recipe's job ran without a dataset; remove dataset_id (or run a normal job "
-                "with it).",
-                field="dataset_id",
-            )
+    if recipe.dataset is not None:
+        dataset = (
+            _given(session, team_id, "dataset", body.dataset_id, recipe.dataset.sha256)
+            if body.dataset_id is not None
+            else _find(session, team_id, Dataset, recipe.dataset.sha256, "dataset")
+        )
     elif body.dataset_id is not None:
-        dataset = _given(session, team_id, "dataset", body.dataset_id, recipe.dataset.sha256)
-    else:
-        dataset = _find(session, team_id, Dataset, recipe.dataset.sha256, "dataset")
+        raise Invalid(
+            "validation_error",
+            "The recipe's job ran without a dataset; remove dataset_id (or run a normal job "
+            "with it).",
+            field="dataset_id",
+        )
+    _only_recipe(body)
+    _check_hash(recipe)
     try:
         request = JobCreate(
             model_id=model.id,
@@ -210,7 +209,10 @@ def job_request(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise Invalid(
-            "invalid_recipe", f"recipe.{where}: {first['msg']}", field=f"recipe.{where}"
+            "invalid_recipe",
+            f"The recipe is not one GET /v1/jobs/{{id}}/recipe makes: recipe.{where}: "
+            f"{first['msg']}.",
+            field=f"recipe.{where}",
         ) from exc
     return request, recipe.versions
 

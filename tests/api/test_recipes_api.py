@@ -124,7 +124,7 @@ def test_edited_misplaced_and_foreign_recipes_are_refused(
     problem(client.get(f"/v1/jobs/{job['id']}/recipe", headers=api_other_team), 404, "not_found")
     body = problem(
         client.post("/v1/jobs", json={"recipe": recipe}, headers=api_other_team),
-        422,
+        404,
         "recipe_model_not_found",
     )
     assert body["field"] == "recipe.model.sha256"
@@ -201,3 +201,32 @@ def test_production_signs_with_the_configured_key_or_says_how_to_make_one(
         (keyid(current.public_key()), True),
         (keyid(retired.public_key()), False),
     ]
+
+
+def test_a_recipe_outlives_its_model_and_finds_the_same_bytes_uploaded_again(
+    api_stack: Stack,
+    api_team: dict[str, str],
+    api_digits: dict[str, dict[str, Any]],
+    digits_files: dict[str, Path],
+) -> None:
+    client = api_stack.client
+    copy_of = api_stack.upload("models", digits_files["onnx"], api_team, name="digits-copy")
+    model = api_stack.inspect_here(copy_of.json()["id"], api_team)
+    pipeline = [{"op": "quantize", "dtype": "fp16"}]
+    job = _job(api_stack, api_team, model_id=model["id"], pipeline=pipeline)
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=api_team).status_code == 200
+    assert client.delete(f"/v1/models/{model['id']}", headers=api_team).status_code == 204
+
+    recipe = _recipe(api_stack, api_team, job["id"])
+    assert recipe["model"]["sha256"] == model["sha256"] == api_digits["onnx"]["sha256"]
+    again = _job(api_stack, api_team, recipe=recipe)
+    assert again["model_id"] != model["id"]  # the team's other upload of the same bytes
+    found = client.get(f"/v1/models/{again['model_id']}", headers=api_team).json()
+    assert found["sha256"] == model["sha256"] and found["status"] == "ready"
+
+    body = problem(
+        client.post("/v1/jobs", json={"recipe": {**recipe, "note": "x"}}, headers=api_team),
+        422,
+        "validation_error",
+    )
+    assert body["field"].startswith("recipe")
