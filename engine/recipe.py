@@ -83,13 +83,6 @@ class Material(BaseModel):
     format: str | None = None
 
 
-class RecipeEvaluation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str
-    holdout: float = Field(ge=0.0, le=0.9)
-
-
 class Recipe(BaseModel):
     """The parsed form of a recipe a client sends back (after its hash was checked)."""
 
@@ -99,7 +92,8 @@ class Recipe(BaseModel):
     model: Material
     dataset: Material | None
     pipeline: list[dict[str, Any]]
-    evaluation: RecipeEvaluation
+    # the job's evaluation settings as the API stores them (it checks them when they come back)
+    evaluation: dict[str, Any]
     export: list[str]
     seed: int = Field(ge=0, le=2**31 - 1)
     versions: dict[str, str | None] | None
@@ -135,7 +129,11 @@ def build_recipe(
             {"sha256": dataset["sha256"], "format": dataset.get("format")} if dataset else None
         ),
         "pipeline": [config.to_dict() for config in configs],
-        "evaluation": {"task": evaluation.get("task", "classification"), "holdout": holdout},
+        "evaluation": {
+            **evaluation,
+            "task": evaluation.get("task", "classification"),
+            "holdout": holdout,
+        },
         "export": list(export),
         "seed": seed,
         "versions": dict(versions) if versions is not None else None,

@@ -12,7 +12,7 @@ from app.config import Settings
 from app.db.models import Artifact, Dataset, Job, Model, ModelStatus
 from app.db.repositories import TeamJobRepository, TeamRepository
 from app.errors import Conflict, Invalid, NotFound, not_found
-from app.schemas.jobs import Evaluation, JobCreate
+from app.schemas.jobs import JobCreate
 from app.services import uploaded
 from app.services.datasets import DATASETS
 from app.services.models import MODELS
@@ -197,13 +197,15 @@ def job_request(
     _only_recipe(body)
     _check_hash(recipe)
     try:
-        request = JobCreate(
-            model_id=model.id,
-            dataset_id=dataset.id if dataset else None,
-            pipeline=recipe.pipeline,
-            evaluation=Evaluation.model_validate(recipe.evaluation.model_dump()),
-            export=recipe.export,  # type: ignore[arg-type]
-            seed=recipe.seed,
+        request = JobCreate.model_validate(
+            {
+                "model_id": model.id,
+                "dataset_id": dataset.id if dataset else None,
+                "pipeline": recipe.pipeline,
+                "evaluation": recipe.evaluation,
+                "export": recipe.export,
+                "seed": recipe.seed,
+            }
         )
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -101,6 +101,14 @@ def test_edited_misplaced_and_foreign_recipes_are_refused(
         client.post("/v1/jobs", json={"recipe": tampered}, headers=api_team), 422, "recipe_edited"
     )
 
+    odd = copy.deepcopy(recipe)  # re-hashed, but holding a setting this service does not have
+    odd["evaluation"]["bogus"] = 1
+    odd["content_sha256"] = content_hash(odd)
+    body = problem(
+        client.post("/v1/jobs", json={"recipe": odd}, headers=api_team), 422, "invalid_recipe"
+    )
+    assert body["field"] == "recipe.evaluation.bogus"
+
     both = {"recipe": recipe, "pipeline": pipeline}
     body = problem(client.post("/v1/jobs", json=both, headers=api_team), 422, "validation_error")
     assert body["field"] == "pipeline"
