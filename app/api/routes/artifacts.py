@@ -8,7 +8,7 @@ from app.api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
 from app.api.downloads import blob_response
 from app.schemas.jobs import ArtifactRead
 from app.services import jobs as job_service
-from app.services import recipes
+from app.services import provenance
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -30,7 +30,7 @@ def download_artifact(
 ) -> Response:
     """Stream the artifact (Range, ETag, Digest and X-Checksum-SHA256 headers)."""
     artifact = job_service.get_artifact_or_raise(session, team.id, artifact_id)
-    return blob_response(request, storage, artifact, recipes.artifact_filename(artifact))
+    return blob_response(request, storage, artifact, provenance.artifact_filename(artifact))
 
 
 @router.get("/{artifact_id}/provenance")
@@ -39,4 +39,4 @@ def artifact_provenance(
 ) -> dict[str, Any]:
     """The artifact's in-toto provenance statement (subject sha256, recipe, materials) in a
     DSSE envelope signed with the deployment's ed25519 key; check it with `compaas verify`."""
-    return recipes.provenance(session, settings, team.id, artifact_id)
+    return provenance.signed_statement(session, settings, team.id, artifact_id)
