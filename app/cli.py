@@ -1,4 +1,4 @@
-"""The `compaas` command: up, api, worker, reconciler, migrate, admin, example, decode."""
+"""The `compaas` command: up, api, worker, reconciler, migrate, admin, example, decode, verify."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from app.config import Settings, get_settings
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from app.db.models import Team
     from app.db.repositories import TeamAdminRepository
 
@@ -356,6 +358,55 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trusted_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
+    """The public keys from --key (a PEM, or the JSON of GET /v1/keys) or --url's /v1/keys."""
+    from engine.provenance import load_public_key
+
+    if args.key:
+        raw = Path(args.key).read_bytes()
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            return [load_public_key(raw)]
+        items = json.loads(raw)["items"]
+    else:
+        import httpx
+
+        url = f"{args.url.rstrip('/')}/v1/keys"
+        try:
+            response = httpx.get(url, timeout=30)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise OSError(f"cannot fetch the public keys from {url}: {exc}") from exc
+        items = response.json()["items"]
+    return [load_public_key(item["public_key_pem"].encode()) for item in items]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check an artifact against its provenance statement: the signature, then the sha256."""
+    from engine.provenance import ProvenanceError, verify_envelope
+
+    if not (args.key or args.url):
+        print(
+            "give --key PUBKEY.pem (saved from GET /v1/keys) or --url API to fetch the keys",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        keys = _trusted_keys(args)
+        envelope = json.loads(Path(args.statement).read_bytes())
+        verified = verify_envelope(envelope, Path(args.artifact), keys)
+    except ProvenanceError as exc:
+        print(f"FAILED {exc.check} check: {exc.detail}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"cannot verify: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"OK {args.artifact}: sha256 {verified.sha256} is the subject {verified.subject_name!r} "
+        f"of a statement signed by key {verified.keyid} (recipe {verified.recipe_sha256})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -428,6 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("archive")
     decode.add_argument("-o", "--output", default=None, help="default: ARCHIVE with .onnx")
     decode.set_defaults(func=cmd_decode)
+
+    verify = sub.add_parser(
+        "verify",
+        help="check an artifact against its signed provenance statement (offline with --key)",
+        description="Exit 0: the signature is valid and the artifact's sha256 is the statement's "
+        "subject. 1: a check failed (the message names it: signature, digest or format). "
+        "2: an input could not be read.",
+    )
+    verify.add_argument("artifact", metavar="ARTIFACT", help="the downloaded artifact file")
+    verify.add_argument(
+        "statement", metavar="STATEMENT", help="GET /v1/artifacts/{id}/provenance, saved"
+    )
+    source = verify.add_mutually_exclusive_group()
+    source.add_argument(
+        "--key", metavar="PUBKEY.pem", help="a public key PEM, or the saved JSON of GET /v1/keys"
+    )
+    source.add_argument("--url", metavar="URL", help="the API's base URL, to fetch GET /v1/keys")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 

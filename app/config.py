@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     api_key_pepper: str = ""
+    # The ed25519 private key (PEM, PKCS8) that signs provenance statements; unset in embedded
+    # mode: DATA_DIR/signing_key.pem, generated on first start (app.signing).
+    signing_key_file: Path | None = None
+    # Public keys (PEM files, comma-separated) of retired signing keys, still served by
+    # GET /v1/keys so that statements they signed keep verifying.
+    signing_previous_public_keys: str = ""
     ops_token: str = ""
     max_upload_bytes: int = 512 * 1024 * 1024
     # Longest pause between body chunks, and longest whole upload, before a 408.
@@ -84,6 +90,8 @@ class Settings(BaseSettings):
             self.run_reconciler = self.mode == "embedded"
         if self.blob_dir is None:
             self.blob_dir = data_dir / "blobs"
+        if self.signing_key_file == Path():  # set but empty (compose's `${VAR:-}`): unset
+            self.signing_key_file = None
         if self.ops_token and len(self.ops_token) < 32:
             raise ValueError(
                 "COMPAAS_OPS_TOKEN must be a random secret of at least 32 characters "

@@ -45,6 +45,10 @@ class LimitReached(AppError):
     """The team is at a quota; wait for some of its work to finish."""
 
 
+class Unavailable(AppError):
+    """The deployment is not set up for this (an operator must configure it)."""
+
+
 def not_found(kind: str, object_id: str) -> NotFound:
     return NotFound(
         "not_found",

@@ -11,8 +11,9 @@ from fastapi import Depends, FastAPI
 from app.api import ops, problems
 from app.api.headers import SecurityHeaders
 from app.api.ratelimit import AuthFailureLimit, JsonBodyLimit, Limiter, team_limits
-from app.api.routes import artifacts, catalog, datasets, health, jobs, models
+from app.api.routes import artifacts, catalog, datasets, health, jobs, keys, models
 from app.config import Settings, get_settings
+from app.signing import signing_key
 from app.storage import get_blob_store
 
 
@@ -46,10 +47,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    if settings.mode == "embedded":
+        signing_key(settings)  # generated on first start, so GET /v1/keys is stable from now on
     app.state.storage = get_blob_store(settings)
     app.state.limiter = Limiter(settings)
     problems.install(app)
-    for module in (health, catalog, ops):
+    for module in (health, catalog, keys, ops):
         app.include_router(module.router)
     for module in (models, datasets, jobs, artifacts):
         app.include_router(module.router, dependencies=[Depends(team_limits)])

@@ -22,6 +22,7 @@ from engine.config import (
     OpConfig,
     PruneConfig,
     parse_op,
+    resolve_holdout,
     trains_on_torch,
     validate_request,
 )
@@ -45,7 +46,6 @@ from engine.ops.registry import Handler, handler_for
 from engine.spec import CompressSpec, Resume
 from engine.torchgraph.device import DeviceSetting
 
-DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step fits weights to it
 Progress = Callable[[dict[str, Any]], None]
 Report = Callable[[float, str], None]
 
@@ -220,10 +220,7 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
     batch = fixed_batch(inputs)
     data = _samples(spec.dataset_path, inputs, outputs, task, spec.seed)
     trains = any(c.trains() for c in configs)
-    holdout = spec.holdout
-    if holdout is None:
-        fits = any(c.fits_data() for c in configs)
-        holdout = DEFAULT_HOLDOUT if fits and data.source == "dataset" else 0.0
+    holdout = resolve_holdout(spec.holdout, configs, has_dataset=data.source == "dataset")
     data, eval_data = _hold_out(data, holdout, spec.seed)
     ev = Evaluation.from_samples(eval_data, task, batch, spec.latency_threads, spec.seed)
     ev.measured_on = measured_on.describe(

@@ -25,6 +25,7 @@ from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from engine import quality
 from engine.events import EventKind
+from engine.recipe import library_versions
 from engine.spec import CompressSpec, InspectSpec, Resume
 from engine.torchgraph.device import DeviceSetting
 from worker import sandbox
@@ -280,6 +281,7 @@ class _ClaimedJob:
     floor: dict[str, float | None]
     allow_below_floor: bool
     export: list[str]
+    seed: int
 
 
 def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
@@ -292,6 +294,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
         job = repo.get(job_id)
         assert job is not None
         events.record(session, job_id, "status", status="running", attempt=job.attempts)
+        job.versions = library_versions()  # what this attempt runs with (the job's recipe)
         model = session.get(Model, job.model_id) if job.model_id else None
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         team_id = job.team_id
@@ -315,6 +318,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
             floor=job.evaluation.get("floor") or {},
             allow_below_floor=bool(job.evaluation.get("allow_below_floor", False)),
             export=list(job.export),
+            seed=job.seed,
         )
 
 
@@ -358,6 +362,7 @@ def _download(
         allow_below_floor=job.allow_below_floor,
         models=models,
         export=job.export,
+        seed=job.seed,
         workdir=str(workdir / "out"),
         latency_threads=settings.latency_threads,
         device=device,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import AppError, Conflict, Invalid, LimitReached, NotFound
+from app.errors import AppError, Conflict, Invalid, LimitReached, NotFound, Unavailable
 from app.redact import relative_paths
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ STATUS: dict[type[AppError], int] = {
     NotFound: 404,
     Conflict: 409,
     LimitReached: 429,
+    Unavailable: 503,
 }
 
 

@@ -4,9 +4,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from app.schemas.common import ErrorInfo, ReadModel
 from engine.quality import DEFAULT_FLOORS
+from engine.recipe import Recipe
 
 VerdictName = Literal["ok", "degraded", "rejected"]
 
@@ -42,12 +44,22 @@ class Evaluation(BaseModel):
     )
 
 
+SEED_MAX = 2**31 - 1
+
+
 class JobCreate(BaseModel):
-    """A compression request: a preset or an explicit pipeline of ops."""
+    """A compression request: a preset, an explicit pipeline of ops, or a recipe to run again."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"anyOf": [{"required": ["model_id"]}, {"required": ["recipe"]}]},
+    )
 
-    model_id: str
+    model_id: str | SkipJsonSchema[None] = Field(
+        default=None,
+        description="Required, except with 'recipe' (then the team's model with the recipe's "
+        "sha256 is used when it is not given).",
+    )
     dataset_id: str | None = None
     preset: str | None = None
     pipeline: list[dict[str, Any]] | None = Field(
@@ -65,6 +77,19 @@ class JobCreate(BaseModel):
         default=["onnx"],
         description="'pt2' is available when every step keeps a torch model (a .pt2 upload "
         "and no ONNX-only op such as quantize).",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=SEED_MAX,
+        description="Seeds the held-out split, sample subsets and training: the same seed on "
+        "the same inputs gives the same result.",
+    )
+    recipe: Recipe | SkipJsonSchema[None] = Field(
+        default=None,
+        description="A recipe from GET /v1/jobs/{id}/recipe, unchanged: runs that job again "
+        "(its pipeline, evaluation, export and seed) on the team's model and dataset with "
+        "the recipe's sha256. Alone, or with model_id/dataset_id.",
     )
 
 
@@ -108,6 +133,7 @@ class JobRead(BaseModel):
     preset: str | None
     evaluation: dict[str, Any]
     export: list[str]
+    seed: int
     steps: list[JobStepRead]
     metrics: dict[str, Any] | None
     quality: dict[str, Any] | None = Field(

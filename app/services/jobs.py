@@ -20,7 +20,7 @@ from app.db.repositories import JobRepository, Page, TeamJobRepository, TeamRepo
 from app.errors import Conflict, Invalid, LimitReached, not_found
 from app.queue import TASK_RUN_JOB, publish
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
-from app.services import events, idempotency, routing, uploaded
+from app.services import events, idempotency, recipes, routing, uploaded
 from app.services.common import page_or_422
 from app.services.datasets import DATASETS
 from app.services.idempotency import IdempotentRequest
@@ -101,6 +101,16 @@ def create(
     body: JobCreate,
     idem: IdempotentRequest | None = None,
 ) -> Job:
+    recipe_versions = None
+    if body.recipe is not None:
+        body, recipe_versions = recipes.job_request(session, team_id, body)
+    if body.model_id is None:
+        raise Invalid(
+            "validation_error",
+            "Give 'model_id' (POST /v1/models uploads a model; GET /v1/models lists yours), or "
+            "a 'recipe' from GET /v1/jobs/{id}/recipe.",
+            field="model_id",
+        )
     model = uploaded.get_or_raise(session, MODELS, team_id, body.model_id)
     if model.status == ModelStatus.pending:
         raise Conflict(
@@ -130,6 +140,9 @@ def create(
         preset=body.preset,
         evaluation=body.evaluation.model_dump(),
         export=list(body.export),
+        seed=body.seed,
+        materials=recipes.materials(model, dataset),
+        recipe_versions=recipe_versions,
     )
     for index, config in enumerate(configs):
         jobs.add_step(job.id, index, config.op, config.to_dict())
@@ -285,11 +298,12 @@ def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
         preset=job.preset,
         evaluation=job.evaluation,
         export=job.export,
+        seed=job.seed,
         steps=[JobStepRead.model_validate(step) for step in job.steps],
         metrics=job.metrics,
         quality=job.quality,
         artifacts=[ArtifactRead.model_validate(a) for a in artifacts],
-        warnings=job.warnings or [],
+        warnings=[*(job.warnings or []), *recipes.version_warnings(job)],
         error=job.error,  # type: ignore[arg-type]
         attempts=job.attempts,
         created_at=job.created_at,

@@ -9,10 +9,12 @@ from engine.config.base import Backend, OpConfig, PipelineError
 from engine.config.catalog import OPS, op_schemas, parse_op, parse_pipeline, parse_steps
 from engine.config.low_rank import LowRankConfig
 from engine.config.plan import (
+    DEFAULT_HOLDOUT,
     EXPORTS,
     TASKS,
     keeps_torch_model,
     plan_pipeline,
+    resolve_holdout,
     trains_on_torch,
     validate_request,
 )
@@ -31,6 +33,7 @@ from engine.config.training import DistillConfig, FineTuneConfig
 from engine.config.weight_share import WeightShareConfig
 
 __all__ = [
+    "DEFAULT_HOLDOUT",
     "DEFAULT_MODE",
     "EXPORTS",
     "OPS",
@@ -58,6 +61,7 @@ __all__ = [
     "parse_steps",
     "plan_pipeline",
     "preset_pipeline",
+    "resolve_holdout",
     "trains_on_torch",
     "validate_request",
 ]

@@ -14,6 +14,18 @@ from engine.config.quantize import QuantizeConfig
 
 TASKS = ("classification", "embedding", "generic")
 EXPORTS = ("onnx", "pt2", "torchscript")
+DEFAULT_HOLDOUT = 0.3  # of the dataset, held out for measuring when a step trains
+
+
+def resolve_holdout(
+    holdout: float | None, configs: Sequence[OpConfig], *, has_dataset: bool
+) -> float:
+    """`evaluation.holdout` with its default filled in: 0.3 of the dataset when a step fits
+    weights to it (`fits_data`: training, or a least-squares refit), else 0 (every sample is
+    measured)."""
+    if holdout is not None:
+        return holdout
+    return DEFAULT_HOLDOUT if has_dataset and any(c.fits_data() for c in configs) else 0.0
 
 
 def validate_request(

@@ -98,6 +98,7 @@ def test_readme_first_command_and_quickstart(tmp_path: Path) -> None:
     assert f"x-checksum-sha256: {digest}" in headers
     assert digest == final["sha256"]
     assert digest in run.stdout  # sha256sum's line, printed by the quickstart
+    assert f"OK digits_int8.onnx: sha256 {digest}" in run.stdout  # compaas verify
     print(
         f"\nquickstart wall time {wall:.1f} s; ratio {ratios['compression_ratio']:.2f}, "
         f"drop {ratios['accuracy_drop']:.4f}, speedup {ratios['speedup']:.2f}"

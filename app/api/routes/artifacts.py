@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import CurrentTeam, SessionDep, StorageDep
+from app.api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
 from app.api.downloads import blob_response
 from app.schemas.jobs import ArtifactRead
 from app.services import jobs as job_service
+from app.services import provenance
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -27,7 +30,13 @@ def download_artifact(
 ) -> Response:
     """Stream the artifact (Range, ETag, Digest and X-Checksum-SHA256 headers)."""
     artifact = job_service.get_artifact_or_raise(session, team.id, artifact_id)
-    stem = f"{artifact.job_id[:8]}-{artifact.role}"
-    if artifact.step_index is not None and artifact.role == "checkpoint":
-        stem += f"-step{artifact.step_index}"
-    return blob_response(request, storage, artifact, f"{stem}.{artifact.format}")
+    return blob_response(request, storage, artifact, provenance.artifact_filename(artifact))
+
+
+@router.get("/{artifact_id}/provenance")
+def artifact_provenance(
+    artifact_id: str, team: CurrentTeam, session: SessionDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """The artifact's in-toto provenance statement (subject sha256, recipe, materials) in a
+    DSSE envelope signed with the deployment's ed25519 key; check it with `compaas verify`."""
+    return provenance.signed_statement(session, settings, team.id, artifact_id)

@@ -19,6 +19,7 @@ from app.schemas.common import Page
 from app.schemas.jobs import JobCreate, JobRead
 from app.services import events
 from app.services import jobs as job_service
+from app.services import recipes as recipe_service
 from app.services.idempotency import save_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -88,6 +89,14 @@ def job_report(job_id: str, team: CurrentTeam, session: SessionDep) -> HTMLRespo
             "Cache-Control": "no-store",
         },
     )
+
+
+@router.get("/{job_id}/recipe")
+def get_job_recipe(job_id: str, team: CurrentTeam, session: SessionDep) -> dict[str, Any]:
+    """Everything needed to run the job again (inputs by sha256, the pipeline with every default
+    filled in, evaluation, export, seed, versions) and its content hash; POST it back as
+    `{"recipe": ...}` to /v1/jobs."""
+    return recipe_service.read_recipe(session, team.id, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)

@@ -46,6 +46,14 @@ class Job(IdMixin, TimestampMixin, Base):
     preset: Mapped[str | None] = mapped_column(String(50), default=None)
     evaluation: Mapped[dict[str, Any]]
     export: Mapped[list[Any]]
+    seed: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Versions of the engine and libraries of the worker that last claimed the job, and of the
+    # recipe the job was made from (POST /v1/jobs with `recipe`), if it was.
+    versions: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    recipe_versions: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # {"model": {sha256, format}, "dataset": {sha256, format} | None} when the job was created,
+    # so its recipe names its inputs after they are deleted.
+    materials: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     # The final result's verdict against the floor (engine.quality.verdict).
     quality: Mapped[dict[str, Any] | None] = mapped_column(default=None)

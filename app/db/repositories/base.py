@@ -52,6 +52,14 @@ class TeamRepository(Generic[T]):
         stmt = self._scoped().where(self.model.id == object_id)  # type: ignore[attr-defined]
         return cast(T | None, self.session.scalars(stmt).first())
 
+    def latest_by(self, **filters: Any) -> T | None:
+        """The team's newest row whose columns equal `filters` (e.g. sha256=...)."""
+        stmt = self._scoped()
+        for name, value in filters.items():
+            stmt = stmt.where(getattr(self.model, name) == value)
+        stmt = stmt.order_by(self.model.id.desc())  # type: ignore[attr-defined]
+        return cast(T | None, self.session.scalars(stmt).first())
+
     def create(self, **values: Any) -> T:
         obj = self.model(team_id=self.team_id, **values)
         self.session.add(obj)
