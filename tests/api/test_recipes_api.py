@@ -65,7 +65,12 @@ def test_recipe_resolves_the_preset_and_runs_again_as_the_same_job(
     fields = next(m["schema"]["properties"] for m in methods if m["op"] == "quantize")
     assert set(step) == set(fields)  # every field of the op, defaults filled in
     assert step == {**step, **preset_pipeline("edge-int8")[0], "per_channel": False}
-    assert recipe["evaluation"] == {"task": "classification", "holdout": 0.0}
+    assert recipe["evaluation"] == {
+        "task": "classification",
+        "holdout": 0.0,
+        "floor": None,  # the task's default floor
+        "allow_below_floor": False,
+    }
     assert recipe["export"] == ["onnx"] and recipe["seed"] == 11
     assert recipe["versions"] is None  # no worker has run it yet
     assert recipe["content_sha256"] == content_hash(recipe)
