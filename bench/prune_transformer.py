@@ -176,8 +176,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--head-sparsity", type=float, default=None)
-    parser.add_argument("--criterion", default="magnitude")
-    parser.add_argument("--scope", choices=("layer", "global", "measured"), default="layer")
+    parser.add_argument("--criterion", default="auto")
+    parser.add_argument("--scope", choices=("auto", "layer", "global", "measured"), default="auto")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="gradual rounds without training (1: one shot)"
+    )
     parser.add_argument(
         "--reconstruct",
         choices=("auto", "on", "off"),
@@ -228,6 +231,8 @@ def main() -> None:
             "head_sparsity": args.head_sparsity,
             "scope": args.scope,
         }
+        if args.rounds > 1:
+            prune["schedule"] = {"kind": "gradual", "steps": args.rounds, "epochs_per_step": 0}
         if args.reconstruct != "auto":
             prune["reconstruct"] = args.reconstruct == "on"
         pipeline = [prune] if args.sparsity > 0 and args.low_rank is None else []

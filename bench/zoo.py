@@ -927,7 +927,8 @@ class Service:
             "model_id": model_id,
             "dataset_id": dataset_id,
             "pipeline": [quantize_op(spec, request)],
-            "evaluation": {"task": spec.task},
+            # measured side by side even under the quality floor; the row shows the verdict
+            "evaluation": {"task": spec.task, "allow_below_floor": True},
             "export": ["onnx"],
         }
         return self.create_job(body)

@@ -16,7 +16,8 @@ head, trace(W_u G_uu W_uᵀ) with G the Gram matrix of the sink's inputs).
 
 `scope: measured` (engine.ops.prune.allocate) cuts each block alone at several widths, measures
 the model's output error, and moves the per-layer fractions' budget of removed weights to where
-it costs least.
+it costs least; with a gradual schedule it measures again before every round, on the model the
+earlier rounds cut and corrected.
 
 Reconstruction (`reconstruct`, on by default when the job has a dataset): once a round's blocks
 are cut, each output projection is refitted by least squares in graph order against the
@@ -138,11 +139,10 @@ def _chosen(
     targets: dict[str, float],
     config: PruneConfig,
     round_to: int | None,
-    fraction: float,
     measured: dict[str, int] | None = None,
 ) -> list[list[int]]:
-    """Per block, the (current) unit indices to keep; `measured`: the final keep count per
-    block (scope measured), of which round `fraction` (0..1) of the way is reached."""
+    """Per block, the (current) unit indices to keep; `measured`: this round's keep count per
+    block (scope measured)."""
     import torch
 
     counts = [
@@ -150,9 +150,7 @@ def _chosen(
         for b in blocks
     ]
     if measured is not None:
-        for i, b in enumerate(blocks):
-            total = kept[b.sink].units
-            counts[i] = min(b.units, total - round(fraction * (total - measured[b.sink])))
+        counts = [min(b.units, measured[b.sink]) for b in blocks]
     if config.scope == "global":
         for kind in ("attention", "ffn"):
             members = [i for i, b in enumerate(blocks) if b.kind == kind]
@@ -210,25 +208,25 @@ def prune_blocks(
     macs0, params0 = tp.utils.count_ops_and_params(gm, example)
     span = 0.8 / (len(ramp) + (1 if config.fine_tune_epochs else 0))
     rounds = []
-    measured: dict[str, int] | None = None
     allocation: list[dict[str, Any]] | None = None
     for r, fraction in enumerate(ramp):
         if r:
             found, _ = find_blocks(gm, traced_shapes(gm, example))
             chosen = [b for b in found if b.sink in kept]
         targets = {"ffn": config.sparsity * fraction, "attention": heads_target * fraction}
-        probing = config.scope == "measured" and measured is None
+        probing = config.scope == "measured" and data is not None
         grams = (
             sink_grams(gm, chosen, data, config.batch_size, mask)
             if data is not None and (probing or config.criterion == "activation")
             else {}
         )
         scores = unit_scores(gm, chosen, config, ctx, data, r, grams)
+        measured = None
         if probing and data is not None:
             measured, allocation = _measured(
-                gm, chosen, scores, grams if refit else {}, config, ctx, data, round_to
+                gm, chosen, scores, grams if refit else {}, kept, targets, ctx, data, config
             )
-        picks = _chosen(chosen, scores, kept, targets, config, round_to, fraction, measured)
+        picks = _chosen(chosen, scores, kept, targets, config, round_to, measured)
         for block, keep in zip(chosen, picks, strict=True):
             if len(keep) < block.units:
                 ids = kept[block.sink].ids
@@ -285,17 +283,21 @@ def _measured(
     blocks: list[Block],
     scores: list[torch.Tensor],
     grams: dict[str, torch.Tensor],
-    config: PruneConfig,
+    kept: dict[str, _Kept],
+    targets: dict[str, float],
     ctx: StepContext,
     data: Data,
-    round_to: int | None,
+    config: PruneConfig,
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """Final keep counts per block for scope measured (engine.ops.prune.allocate), and the
-    details' per-block report: the probed output errors and the count chosen."""
-    heads = config.head_sparsity if config.head_sparsity is not None else config.sparsity
-    targets = {"ffn": config.sparsity, "attention": heads}
+    """This round's keep counts per block for scope measured (engine.ops.prune.allocate): the
+    weights that the round's per-layer fractions would have removed from the original, less
+    what earlier rounds removed, taken where the measured output error is least; and the
+    details' per-block report (the probed errors and the count chosen)."""
+    round_to = config.kept_multiple()
     costs = [unit_cost(gm, b) for b in blocks]
-    uniform = [_keep_count(b.units, targets[b.kind], b.kind, round_to) for b in blocks]
+    # per block, what the per-layer fraction keeps of the original (a block earlier rounds cut
+    # deeper counts against the budget)
+    uniform = [_keep_count(kept[b.sink].units, targets[b.kind], b.kind, round_to) for b in blocks]
     budget = sum(c * (b.units - k) for b, c, k in zip(blocks, costs, uniform, strict=True))
     errors = sensitivities(
         gm,
