@@ -3,7 +3,8 @@
 - queued jobs with no recent publish are published again (Redis may have lost the message);
 - running jobs whose lease expired (worker killed, OOM, crash) go back to queued, or fail once
   they used up `max_attempts`, so a poison job cannot loop;
-- idempotency keys older than 24 h are purged.
+- idempotency keys older than 24 h are purged;
+- the janitor (app.services.janitor) removes what crashes left behind, every janitor_interval_s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from app.db.repositories import JobRepository
 from app.db.repositories.idempotency import purge_created_before
 from app.db.session import session_scope
 from app.queue import TASK_RUN_JOB, publish
-from app.services import events, idempotency, routing
+from app.services import events, idempotency, janitor, routing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
         counts["purged_keys"] = purge_created_before(session, now - idempotency.TTL)
     if any(counts.values()):
         log.info("reconcile: %s", counts)
+    janitor.sweep_if_due(settings)
     return counts
 
 
