@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +25,11 @@ from onnx import TensorProto, helper, numpy_helper
 from app.db.base import new_id
 from app.db.models import Artifact, Dataset, Model
 from app.db.session import session_scope
+from app.services import janitor
 from app.services.reconciler import reconcile_once
 from app.storage.local import LocalBlobStore
 from tests.conftest import settings_from
-from tests.integration.conftest import PostgresCluster, wait_for
+from tests.integration.conftest import PostgresCluster, RedisServer, Stack, start_stack, wait_for
 from tests.security.uploads_support import (
     Server,
     api_server,
@@ -47,9 +49,14 @@ CHUNK = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def janitor_db() -> Iterator[str]:
+def janitor_pg() -> Iterator[PostgresCluster]:
     with PostgresCluster.running() as cluster:
-        yield cluster.create_database()
+        yield cluster
+
+
+@pytest.fixture
+def janitor_db(janitor_pg: PostgresCluster) -> str:
+    return janitor_pg.create_database()
 
 
 def onnx_bytes(path: Path, weights: int = 256) -> bytes:
@@ -211,3 +218,107 @@ def test_the_janitor_leaves_no_orphan_bytes_after_kills(
         assert f'compaas_janitor_reclaimed_bytes_total{{kind="orphan_blob"}} {orphaned}' in metrics
         assert 'compaas_janitor_reclaimed_files_total{kind="orphan_blob"} 2' in metrics
         assert "compaas_janitor_orphan_candidates 0" in metrics
+
+
+# ----------------------------------------------------------------------------- killed worker
+
+
+@pytest.fixture(scope="module")
+def worker_stack(
+    tmp_path_factory: pytest.TempPathFactory, janitor_pg: PostgresCluster
+) -> Iterator[Stack]:
+    """Short leases; the API's reconciler thread runs every second with the janitor on every
+    pass; workers are started by the test."""
+    tmp = tmp_path_factory.mktemp("janitor-stack")
+    with RedisServer.running(tmp_path_factory.mktemp("janitor-redis")) as redis_server:
+        env = {
+            "COMPAAS_MODE": "embedded",
+            "COMPAAS_DATA_DIR": str(tmp),
+            "COMPAAS_DATABASE_URL": janitor_pg.create_database(),
+            "COMPAAS_BROKER_URL": redis_server.url,
+            "COMPAAS_WORKER_QUEUES": f"janitor-{uuid.uuid4().hex[:8]}",
+            "COMPAAS_LEASE_S": "6",
+            "COMPAAS_HEARTBEAT_S": "1",
+            "COMPAAS_REQUEUE_AFTER_S": "4",
+            "COMPAAS_RECONCILE_INTERVAL_S": "1",
+            "COMPAAS_RUN_RECONCILER": "true",
+            "COMPAAS_JANITOR_INTERVAL_S": "0",
+            "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
+        }
+        yield from start_stack("janitor", env, tmp, workers=0)
+
+
+def slow_model(out: Path) -> dict[str, Path]:
+    """An MLP 64-1024-1024-1024-10 (9 MB): its static int8 job takes a few seconds."""
+    import torch
+
+    from engine.examples import export_model
+
+    torch.manual_seed(0)
+    width = 1024
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
+    )
+    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    files = export_model(model, x, out / "slow")
+    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
+    return {"onnx": files["onnx"], "npz": out / "slow.npz"}
+
+
+def test_a_killed_workers_scratch_goes_and_the_current_attempts_stays(
+    worker_stack: Stack, tmp_path: Path
+) -> None:
+    stack = worker_stack
+    _, team = stack.new_team("scratch")
+    files = slow_model(tmp_path)
+    worker = stack.start_worker()
+    model = stack.upload("models", files["onnx"], team).json()
+    assert stack.wait_model(model["id"], team)["status"] == "ready"
+    dataset = stack.upload("datasets", files["npz"], team).json()
+    body = {
+        "model_id": model["id"],
+        "dataset_id": dataset["id"],
+        "pipeline": [
+            {"op": "quantize", "mode": "static", "dtype": "int8", "calibration": {"samples": 1000}}
+        ],
+        "evaluation": {"task": "generic"},
+    }
+    created = stack.client.post("/v1/jobs", json=body, headers=team)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    scratch = stack.settings.tmp_dir / "jobs"
+
+    def attempt_dirs(token: int) -> list[Path]:
+        return sorted(scratch.glob(f"{job_id}.attempt-{token}.*"))
+
+    first = wait_for(lambda: attempt_dirs(1), timeout=60, interval=0.1)
+    time.sleep(1.5)  # into the step
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    stack.workers.remove(worker)
+    assert all(d.exists() for d in first), "the killed attempt's scratch is there after the kill"
+
+    # Once the lease expires the job goes back to queued: that attempt is over, and the
+    # janitor (on the reconciler's next pass) removes its scratch.
+    wait_for(lambda: not any(d.exists() for d in first), timeout=30, interval=0.2)
+    stack.start_worker()
+    second = wait_for(lambda: attempt_dirs(2), timeout=60, interval=0.1)
+    # A pass while the second attempt runs keeps its scratch (the reconciler thread's passes
+    # run meanwhile too).
+    before = stack.client.get(f"/v1/jobs/{job_id}", headers=team).json()
+    janitor.sweep(stack.settings)
+    after = stack.client.get(f"/v1/jobs/{job_id}", headers=team).json()
+    assert before["status"] == after["status"] == "running", "the job ended too soon to check"
+    assert all(d.exists() for d in second), "the current attempt's scratch was removed"
+    done = stack.wait_job(job_id, team, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    assert not any(scratch.iterdir()), "scratch left after the job finished"
+    metrics = stack.client.get("/metrics").text
+    assert 'compaas_janitor_reclaimed_files_total{kind="scratch_dir"} 1' in metrics
