@@ -3,8 +3,7 @@
 - queued jobs with no recent publish are published again (Redis may have lost the message);
 - running jobs whose lease expired (worker killed, OOM, crash) go back to queued, or fail once
   they used up `max_attempts`, so a poison job cannot loop;
-- idempotency keys older than 24 h are purged;
-- the janitor (app.services.janitor) removes what crashes left behind, every janitor_interval_s.
+- idempotency keys older than 24 h are purged.
 """
 
 from __future__ import annotations
