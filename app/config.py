@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = 2.0
     requeue_after_s: int = 60
     reconcile_interval_s: float = 5.0
+    # The janitor (app.services.janitor), run from the reconciler loop at most this often
+    # (0: on every pass); a blob with no row is deleted once it has been seen without one for
+    # orphan_blob_grace_s.
+    janitor_interval_s: float = Field(default=300.0, ge=0)
+    orphan_blob_grace_s: float = Field(default=3600.0, ge=0)
     run_reconciler: bool | None = None
     broker_visibility_timeout_s: int | None = None
     worker_queues: str = "default"

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,7 +19,7 @@ from app.db.base import utcnow
 from app.db.models import Artifact, Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository, ModelInspectionRepository
 from app.db.session import session_scope
-from app.services import events
+from app.services import events, janitor
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from engine import quality
@@ -39,12 +38,6 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _workdir(settings: Settings, kind: str) -> Path:
-    root = settings.tmp_dir / kind
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=root))
-
-
 def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     """Inspect a pending model in the sandbox and mark it ready or invalid."""
     with session_scope(settings.database_url) as session:
@@ -52,7 +45,7 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
         if model is None:
             return "skipped"
         blob_key, ext = model.blob_key, EXTENSIONS[model.format]
-    workdir = _workdir(settings, "inspect")
+    workdir = janitor.inspect_scratch(settings, model_id)
     try:
         path = workdir / f"model.{ext}"
         storage.get_to_path(blob_key, path)
@@ -224,7 +217,7 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     if job.model is None:
         _fail(settings, job_id, token, "model_deleted", "The job's model was deleted.")
         return "failed"
-    workdir = _workdir(settings, "jobs")
+    workdir = janitor.job_scratch(settings, job_id, token)
     relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     try:
         device = sandbox.device_for(settings.device)

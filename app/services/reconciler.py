@@ -19,7 +19,7 @@ from app.db.repositories import JobRepository
 from app.db.repositories.idempotency import purge_created_before
 from app.db.session import session_scope
 from app.queue import TASK_RUN_JOB, publish
-from app.services import events, idempotency, routing
+from app.services import events, idempotency, janitor, routing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
         counts["purged_keys"] = purge_created_before(session, now - idempotency.TTL)
     if any(counts.values()):
         log.info("reconcile: %s", counts)
+    janitor.sweep_if_due(settings)
     return counts
 
 

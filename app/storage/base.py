@@ -33,3 +33,6 @@ class BlobStore(Protocol):
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every blob under prefix; return how many."""
+
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        """Every key in the store with its size in bytes (the janitor's listing)."""

@@ -82,6 +82,16 @@ class LocalBlobStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = Path(directory, name)
+                try:
+                    size = path.lstat().st_size
+                except FileNotFoundError:  # deleted while we walked
+                    continue
+                yield path.relative_to(self.root).as_posix(), size
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key that starts with prefix, as S3 does ("a/b" also matches "a/bc")."""
         self._path(prefix)

@@ -149,6 +149,12 @@ class S3BlobStore:
             deleted += self._delete_batch(batch)
         return deleted
 
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix) :], int(obj["Size"])
+
     def _delete_batch(self, batch: list[dict[str, str]]) -> int:
         response = self.client.delete_objects(
             Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}

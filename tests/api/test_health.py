@@ -19,3 +19,7 @@ def test_health_ready_and_metrics(api_stack: Stack) -> None:
     for status in ("queued", "running", "succeeded", "failed", "canceled"):
         assert f'compaas_jobs{{status="{status}"}}' in text
     assert 'compaas_models{status="ready"}' in text
+    for kind in ("upload_part", "orphan_blob", "scratch_dir"):
+        assert f'compaas_janitor_reclaimed_bytes_total{{kind="{kind}"}}' in text
+        assert f'compaas_janitor_reclaimed_files_total{{kind="{kind}"}}' in text
+    assert "# TYPE compaas_janitor_reclaimed_bytes_total counter" in text

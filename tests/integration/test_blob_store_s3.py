@@ -10,11 +10,16 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from boto3.s3.transfer import TransferConfig
 
+from app.config import Settings
+from app.db.base import utcnow
+from app.db.migrate import upgrade
+from app.services import janitor
 from app.storage import BlobNotFound, BlobStore
 from app.storage import s3 as s3_module
 from app.storage.local import LocalBlobStore
@@ -164,6 +169,34 @@ def test_delete_prefix(store: BlobStore, tmp_path: Path) -> None:
     assert store.delete_prefix("a") == 1
     assert store.exists("b/5")
     assert store.delete_prefix("nothing/") == 0
+
+
+def test_iter_blobs_lists_every_key_with_its_size(store: BlobStore, tmp_path: Path) -> None:
+    assert list(store.iter_blobs()) == []
+    for i, key in enumerate(["a/1", "a/sub/22", "b/333"]):
+        store.put_file(key, write(tmp_path / str(i), b"x" * len(key)))
+    assert sorted(store.iter_blobs()) == [("a/1", 3), ("a/sub/22", 8), ("b/333", 5)]
+
+
+def test_the_janitor_deletes_s3_orphans_on_a_second_pass_and_only_its_own(
+    moto_url: str, tmp_path: Path
+) -> None:
+    bucket = f"compaas-{uuid.uuid4().hex[:12]}"
+    ours, neighbour = s3_store(moto_url, bucket, "ours"), s3_store(moto_url, bucket, "theirs")
+    ours.ensure_bucket()
+    ours.put_file("teams/t/models/m/model.onnx", write(tmp_path / "a", b"orphan"))
+    neighbour.put_file("teams/t/models/n/model.onnx", write(tmp_path / "b", b"not ours"))
+    settings = Settings(
+        data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'db'}", orphan_blob_grace_s=10
+    )
+    upgrade(settings.database_url)
+    now = utcnow()
+    assert janitor.sweep(settings, ours, now=now).watching == 1
+    assert ours.exists("teams/t/models/m/model.onnx")
+    done = janitor.sweep(settings, ours, now=now + timedelta(seconds=10))
+    assert done.files["orphan_blob"] == 1 and done.bytes["orphan_blob"] == len(b"orphan")
+    assert not ours.exists("teams/t/models/m/model.onnx")
+    assert neighbour.exists("teams/t/models/n/model.onnx"), "another prefix's blob was touched"
 
 
 @pytest.mark.parametrize("key", ["", "/etc/passwd", "../outside", "a/../../outside"])

@@ -9,10 +9,11 @@ from app.api.deps import SettingsDep
 from app.api.ops import OPS_TOKEN_RESPONSES, OpsTokenDep
 from app.config import Settings
 from app.db.models import JobStatus, ModelStatus
+from app.db.repositories.janitor import JanitorRepository
 from app.db.repositories.operations import OperationsRepository
 from app.db.session import get_sessionmaker
 from app.queue import get_publisher
-from app.services import worker_hosts
+from app.services import janitor, worker_hosts
 
 router = APIRouter(tags=["health"])
 
@@ -30,14 +31,25 @@ def healthz() -> dict[str, str]:
     responses=OPS_TOKEN_RESPONSES,
 )
 def metrics(settings: SettingsDep) -> str:
-    """Prometheus text format: jobs and models by status (for operators, across teams)."""
+    """Prometheus text format: jobs and models by status, and what the janitor reclaimed (for
+    operators, across teams)."""
     lines = ["# TYPE compaas_jobs gauge"]
     with get_sessionmaker(settings.database_url)() as session:
         counts = OperationsRepository(session)
         jobs, models = counts.jobs_by_status(), counts.models_by_status()
+        cleaned = JanitorRepository(session)
+        reclaimed, (watching, watching_bytes) = cleaned.reclaimed(), cleaned.candidate_count()
     lines += [f'compaas_jobs{{status="{s}"}} {jobs.get(s, 0)}' for s in JobStatus]
     lines.append("# TYPE compaas_models gauge")
     lines += [f'compaas_models{{status="{s}"}} {models.get(s, 0)}' for s in ModelStatus]
+    for index, unit in enumerate(("files", "bytes")):
+        name = f"compaas_janitor_reclaimed_{unit}_total"
+        lines.append(f"# TYPE {name} counter")
+        lines += [f'{name}{{kind="{k}"}} {reclaimed.get(k, (0, 0))[index]}' for k in janitor.KINDS]
+    lines.append("# TYPE compaas_janitor_orphan_candidates gauge")
+    lines.append(f"compaas_janitor_orphan_candidates {watching}")
+    lines.append("# TYPE compaas_janitor_orphan_candidate_bytes gauge")
+    lines.append(f"compaas_janitor_orphan_candidate_bytes {watching_bytes}")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from app.db.models.artifact import Artifact
 from app.db.models.dataset import Dataset
 from app.db.models.event import JobEvent
 from app.db.models.idempotency import IdempotencyKey
+from app.db.models.janitor import JanitorReclaimed, OrphanBlob
 from app.db.models.job import Job, JobStatus, JobStep, StepStatus
 from app.db.models.model import Model, ModelStatus
 from app.db.models.team import ApiKey, Team
@@ -14,12 +15,14 @@ __all__ = [
     "Artifact",
     "Dataset",
     "IdempotencyKey",
+    "JanitorReclaimed",
     "Job",
     "JobEvent",
     "JobStatus",
     "JobStep",
     "Model",
     "ModelStatus",
+    "OrphanBlob",
     "StepStatus",
     "Team",
     "WorkerHost",
