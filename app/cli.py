@@ -124,8 +124,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.processes import TooManyProcesses, api_processes
+
+    if args.workers is not None:
+        os.environ["COMPAAS_API_WORKERS"] = str(args.workers)
+    try:
+        workers = api_processes(_settings())
+    except TooManyProcesses as exc:
+        print(f"compaas api: {exc}", file=sys.stderr)
+        return 2
+    # every process reads it back in create_app, to size its share of the database pool
+    os.environ["COMPAAS_API_WORKERS"] = str(workers)
+    print(f"compaas API: {workers} process(es)", flush=True)
     uvicorn.run(
-        "app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers
+        "app.main:create_app", factory=True, host=args.host, port=args.port, workers=workers
     )
     return 0
 
@@ -421,7 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the API server only")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--workers", type=int, default=1)
+    api.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="API processes (default: COMPAAS_API_WORKERS, else one per usable CPU core)",
+    )
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run a Celery worker")

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     # orphan_blob_grace_s.
     janitor_interval_s: float = Field(default=300.0, ge=0)
     orphan_blob_grace_s: float = Field(default=3600.0, ge=0)
+    # `compaas api` processes (uvicorn workers); 0 = one per CPU core this container or machine
+    # may use (app.processes). The embedded reconciler thread (run_reconciler) allows only one.
+    api_workers: int = Field(default=0, ge=0)
+    # Database connections, per process: kept open (pool size) and opened on demand on top
+    # (overflow). Unset: the API's share of api_db_connections (the most that all
+    # api_workers processes together open), and 5 + 5 in workers and the reconciler.
+    db_pool_size: int | None = Field(default=None, ge=1)
+    db_max_overflow: int | None = Field(default=None, ge=0)
+    api_db_connections: int = Field(default=40, ge=2)
     run_reconciler: bool | None = None
     broker_visibility_timeout_s: int | None = None
     worker_queues: str = "default"
@@ -115,6 +124,21 @@ class Settings(BaseSettings):
                     "COMPAAS_S3_ACCESS_KEY_ID/COMPAAS_S3_SECRET_ACCESS_KEY are required"
                 )
         return self
+
+    def db_pool(self, api_processes: int | None = None) -> tuple[int, int]:
+        """(pool size, max overflow) for one process: what db_pool_size/db_max_overflow say,
+        else, in one of `api_processes` API processes, its share of api_db_connections (half
+        kept open, half on demand), else 5 + 5."""
+        if api_processes is None:
+            size, overflow = 5, 5
+        else:
+            share = max(2, self.api_db_connections // max(1, api_processes))
+            size = (share + 1) // 2
+            overflow = share - size
+        return (
+            self.db_pool_size if self.db_pool_size is not None else size,
+            self.db_max_overflow if self.db_max_overflow is not None else overflow,
+        )
 
     @property
     def default_queue(self) -> str:

@@ -13,6 +13,7 @@ from app.api.headers import SecurityHeaders
 from app.api.ratelimit import AuthFailureLimit, JsonBodyLimit, Limiter, team_limits
 from app.api.routes import artifacts, catalog, datasets, health, jobs, keys, models
 from app.config import Settings, get_settings
+from app.db.session import configure_pool
 from app.signing import signing_key
 from app.storage import get_blob_store
 
@@ -47,10 +48,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    # `compaas api` tells each of its processes how many there are (COMPAAS_API_WORKERS).
+    processes = settings.api_workers or 1
+    configure_pool(*settings.db_pool(processes))
     if settings.mode == "embedded":
         signing_key(settings)  # generated on first start, so GET /v1/keys is stable from now on
     app.state.storage = get_blob_store(settings)
     app.state.limiter = Limiter(settings)
+    if processes > 1 and not app.state.limiter.shared:
+        logging.getLogger(__name__).warning(
+            "%d API processes count rate limits each on their own (no Redis): a team may send "
+            "up to %d times COMPAAS_TEAM_REQUESTS_PER_WINDOW; set COMPAAS_RATE_LIMIT_STORAGE_URL",
+            processes,
+            processes,
+        )
     problems.install(app)
     for module in (health, catalog, keys, ops):
         app.include_router(module.router)

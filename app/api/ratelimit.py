@@ -35,7 +35,13 @@ def storage_url(settings: Settings) -> str:
 
 
 class Limiter:
-    """Moving-window counters (the `limits` library) and this process's in-flight counts."""
+    """Moving-window counters (the `limits` library) and this process's in-flight counts.
+
+    With several API processes (COMPAAS_API_WORKERS) the request and auth-failure windows are
+    shared through Redis, while the in-flight caps hold per process: a team may have
+    team_max_inflight_requests requests running in each process, which is what the cap protects
+    (a process's threads and database connections).
+    """
 
     def __init__(self, settings: Settings) -> None:
         url = storage_url(settings)
@@ -43,7 +49,8 @@ class Limiter:
         if not isinstance(storage, Storage):
             raise ValueError(f"COMPAAS_RATE_LIMIT_STORAGE_URL {url!r} names an async storage")
         self.storage = storage
-        self.blocking = not url.startswith("memory://")
+        # Shared by every API process (Redis), or this process's own (memory).
+        self.shared = self.blocking = not url.startswith("memory://")
         self.window = MovingWindowRateLimiter(self.storage)
         self.team_rate: RateLimitItem = RateLimitItemPerSecond(
             settings.team_requests_per_window, settings.team_window_s

@@ -1,4 +1,10 @@
-"""Engine and session factory; SQLite gets WAL and a busy timeout so API and worker can share it."""
+"""Engine and session factory; SQLite gets WAL and a busy timeout so API and worker can share it.
+
+Each process has one engine per database URL, with a connection pool of `configure_pool`'s size
+(SQLAlchemy's QueuePool: `pool_size` kept open, `max_overflow` more opened on demand, a request
+waits up to POOL_TIMEOUT_S for one beyond that). The API sizes it to its processes
+(Settings.db_pool, set by create_app).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,32 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+DEFAULT_POOL = (5, 5)
+POOL_TIMEOUT_S = 30.0
+_pool = DEFAULT_POOL
 
-def make_engine(url: str) -> Engine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+
+def configure_pool(pool_size: int, max_overflow: int) -> None:
+    """This process's pool size for engines made from now on (existing ones are replaced)."""
+    global _pool
+    if (pool_size, max_overflow) != _pool:
+        _pool = (pool_size, max_overflow)
+        get_sessionmaker.cache_clear()
+
+
+def pool_limits() -> tuple[int, int]:
+    """(pool_size, max_overflow) of this process's engines."""
+    return _pool
+
+
+def make_engine(url: str, pool: tuple[int, int] | None = None) -> Engine:
+    pool_size, max_overflow = pool or _pool
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": POOL_TIMEOUT_S,
+    }
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":

@@ -148,3 +148,13 @@ class JobRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class JobStatusRead(BaseModel):
+    """GET /v1/jobs/{id}?view=status: what a poller needs, read from one row."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: float
+    current_step: int | None
+    updated_at: datetime = Field(description="When the job row last changed.")

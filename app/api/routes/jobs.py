@@ -10,14 +10,15 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api.conditional import IfNoneMatchHeader, etag, matches, not_modified, set_validators
 from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
 from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
 from app.db.session import get_sessionmaker
 from app.redact import relative_paths
 from app.report.render import content_security_policy, render_report
 from app.schemas.common import Page
-from app.schemas.jobs import JobCreate, JobRead
-from app.services import events
+from app.schemas.jobs import JobCreate, JobRead, JobStatusRead
+from app.services import events, job_views
 from app.services import jobs as job_service
 from app.services import recipes as recipe_service
 from app.services.idempotency import save_response
@@ -67,9 +68,48 @@ def list_jobs(
     return Page(items=items, next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobRead)
-def get_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobRead:
-    return job_service.read(session, team.id, job_id)
+@router.get(
+    "/{job_id}",
+    response_model=JobRead | JobStatusRead,
+    responses={
+        200: {
+            "description": "The job (`view=full`), or its status view (`view=status`). The "
+            "ETag header names this version of the view you asked for.",
+            "headers": {"ETag": {"description": "send back as If-None-Match", "schema": {}}},
+        },
+        304: {"description": "Not Modified: your copy (If-None-Match) is current; no body."},
+    },
+)
+def get_job(
+    job_id: str,
+    response: Response,
+    team: CurrentTeam,
+    session: SessionDep,
+    view: Annotated[
+        Literal["full", "status"],
+        Query(
+            description="`status`: only id, status, progress, current_step and updated_at, "
+            "read from one row: the cheap way to poll."
+        ),
+    ] = "full",
+    if_none_match: IfNoneMatchHeader = None,
+) -> Any:
+    """The job; poll it with If-None-Match (the ETag you got) and get 304 while nothing
+    changed, or with ?view=status for the few fields a progress bar needs."""
+    body: JobRead | JobStatusRead
+    if view == "status":
+        body, version = job_views.read_status(session, team.id, job_id)
+    else:
+        if if_none_match:
+            tag = etag(job_views.stored_document_version(session, team.id, job_id))
+            if matches(if_none_match, tag):
+                return not_modified(tag)
+        body, version = job_views.read(session, team.id, job_id)
+    tag = etag(version)
+    if matches(if_none_match, tag):
+        return not_modified(tag)
+    set_validators(response, tag)
+    return body
 
 
 @router.get(

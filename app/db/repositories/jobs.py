@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Row, Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
@@ -143,6 +143,30 @@ class TeamJobRepository(TeamRepository[Job]):
     def get_with_steps(self, job_id: str) -> Job | None:
         stmt = self._scoped().where(Job.id == job_id).options(selectinload(Job.steps))
         return self.session.scalars(stmt).first()
+
+    def status_row(self, job_id: str) -> Row[str, str, float, int | None, datetime] | None:
+        """(id, status, progress, current_step, updated_at): the job's status view, one row."""
+        stmt = select(Job.id, Job.status, Job.progress, Job.current_step, Job.updated_at).where(
+            Job.team_id == self.team_id, Job.id == job_id
+        )
+        return self.session.execute(stmt).first()
+
+    def version_row(self, job_id: str) -> Row[Any] | None:
+        """What the job's whole document depends on, in one statement and without its JSON
+        columns (app.services.job_views.VERSION_COLUMNS says what each is)."""
+        steps = select(JobStep).where(JobStep.job_id == Job.id)
+        arts = select(Artifact).where(Artifact.job_id == Job.id, Artifact.team_id == self.team_id)
+        stmt = select(
+            Job.updated_at,
+            Job.model_id,
+            Job.dataset_id,
+            steps.with_only_columns(func.max(JobStep.updated_at)).scalar_subquery(),
+            steps.with_only_columns(func.count(JobStep.artifact_id)).scalar_subquery(),
+            arts.with_only_columns(func.count()).scalar_subquery(),
+            arts.with_only_columns(func.max(Artifact.id)).scalar_subquery(),
+            arts.with_only_columns(func.max(Artifact.updated_at)).scalar_subquery(),
+        ).where(Job.team_id == self.team_id, Job.id == job_id)
+        return self.session.execute(stmt).first()
 
     def add_step(self, job_id: str, index: int, op: str, config: dict[str, Any]) -> None:
         self.session.add(JobStep(job_id=job_id, index=index, op=op, config=config))
