@@ -36,6 +36,9 @@ CMD ["compaas", "worker"]
 
 FROM base AS api
 USER compaas
+# `compaas api` runs this many processes; 0 = one per CPU core the container may use (its
+# cgroup quota included). Set COMPAAS_API_WORKERS to choose.
+ENV COMPAAS_API_WORKERS=0
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]

@@ -361,3 +361,29 @@ def test_the_gpu_worker_consumes_the_queue_the_api_routes_training_to(
         re.search(r"pip install torch==\S+ --index-url https://download\.pytorch\.org/whl/cu\d+", r)
         for r in runs
     ), runs
+
+
+def test_the_api_runs_one_process_per_core_unless_told(
+    services: dict[str, Any], stages: dict[str, Stage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMPAAS_API_WORKERS reaches `compaas api` from compose and from the image: unset, the
+    API runs one process per usable core; set, that many."""
+    from app.processes import api_processes, available_cpus
+
+    env_lines = [args for keyword, args in chain(stages, "api") if keyword == "ENV"]
+    assert "COMPAAS_API_WORKERS=0" in env_lines, "the api image documents the default"
+    api_args = build_parser().parse_args(effective_command(services["api"], stages)[1:])  # type: ignore[index]
+    assert api_args.command == "api" and api_args.workers is None, "the CMD leaves it to the env"
+    for given, expected in ((None, available_cpus()), ("3", 3)):
+        env = {"COMPAAS_API_KEY_PEPPER": PEPPER}
+        if given is not None:
+            env["COMPAAS_API_WORKERS"] = given
+        api_env = load_compose(env)["services"]["api"]["environment"]
+        for name in SETTINGS_VARS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in api_env.items():
+            monkeypatch.setenv(name, str(value))
+        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        assert settings.run_reconciler is False, "compose runs the reconciler as its own service"
+        assert api_processes(settings) == expected
+        assert "reconciler" in services and services["reconciler"]["command"][-1] == "reconciler"
