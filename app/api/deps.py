@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.api.problems import Problem
 from app.config import Settings
@@ -18,7 +19,9 @@ from app.services.auth import ExpiredApiKey, InvalidApiKey, authenticate
 from app.storage import BlobStore
 
 
-def _settings(request: Request) -> Settings:
+# Dependencies that do no I/O are coroutines: a plain `def` would cost each request a hop to
+# the thread pool and back (most routes use these).
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -36,15 +39,20 @@ def open_session(settings: Settings) -> Iterator[Session]:
         session.close()
 
 
-def _session(settings: SettingsDep) -> Iterator[Session]:
-    with open_session(settings) as session:
+async def _session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """The request's session: made here (no I/O; it takes a connection at its first query, in
+    the route's thread) and closed in the thread pool (returning the connection is a rollback)."""
+    session = get_sessionmaker(settings.database_url)()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-def _storage(request: Request) -> BlobStore:
+async def _storage(request: Request) -> BlobStore:
     storage: BlobStore = request.app.state.storage
     return storage
 
