@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
 import time
@@ -11,9 +13,10 @@ from typing import Any
 
 from fastapi import Request
 from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import Storage as AsyncStorage
+from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindowRateLimiter
 from limits.storage import Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import CurrentTeam
@@ -44,14 +47,19 @@ class Limiter:
     """
 
     def __init__(self, settings: Settings) -> None:
-        url = storage_url(settings)
-        storage = storage_from_string(url)
-        if not isinstance(storage, Storage):
-            raise ValueError(f"COMPAAS_RATE_LIMIT_STORAGE_URL {url!r} names an async storage")
-        self.storage = storage
+        url = storage_url(settings).removeprefix("async+")
         # Shared by every API process (Redis), or this process's own (memory).
-        self.shared = self.blocking = not url.startswith("memory://")
-        self.window = MovingWindowRateLimiter(self.storage)
+        self.shared = not url.startswith("memory://")
+        self.url = url
+        self._memory: MovingWindowRateLimiter | None = None
+        self._shared: AsyncMovingWindowRateLimiter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if self.shared:
+            self._async_window()  # a bad URL fails at start
+        else:
+            memory = storage_from_string(url)
+            assert isinstance(memory, Storage)
+            self._memory = MovingWindowRateLimiter(memory)  # plain dict operations
         self.team_rate: RateLimitItem = RateLimitItemPerSecond(
             settings.team_requests_per_window, settings.team_window_s
         )
@@ -63,6 +71,27 @@ class Limiter:
         self.uploads: Counter[str] = Counter()
         self.storage_down_until = 0.0
 
+    def _async_window(self) -> AsyncMovingWindowRateLimiter:
+        """The shared counters through an async client: a round trip awaits on the event loop
+        instead of holding a thread (two per request: the auth-failure check and the team's
+        count). The client's connections belong to one event loop: a new loop (a test client
+        started again) gets a new client."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._shared is None or (loop is not None and loop is not self._loop):
+            options = {"implementation": "redispy"} if self.url.startswith("redis") else {}
+            storage = storage_from_string(f"async+{self.url}", **options)
+            if not isinstance(storage, AsyncStorage):
+                raise ValueError(f"COMPAAS_RATE_LIMIT_STORAGE_URL {self.url!r}: no async client")
+            self._shared, self._loop = AsyncMovingWindowRateLimiter(storage), loop
+        return self._shared
+
+    @property
+    def window(self) -> MovingWindowRateLimiter | AsyncMovingWindowRateLimiter:
+        return self._memory if self._memory is not None else self._async_window()
+
     async def _run(self, fn: Callable[..., Any], *args: Any, unavailable: Any) -> Any:
         """fn's answer; `unavailable` (fail open) while the counters' storage is down.
 
@@ -73,8 +102,8 @@ class Limiter:
         if time.monotonic() < self.storage_down_until:
             return unavailable
         try:
-            # A Redis round trip must not block the event loop; memory counters are cheap.
-            return await run_in_threadpool(fn, *args) if self.blocking else fn(*args)
+            result = fn(*args)
+            return await result if inspect.isawaitable(result) else result
         except Exception as exc:
             self.storage_down_until = time.monotonic() + STORAGE_RETRY_S
             log.warning("rate-limit storage unavailable (%s); requests are not counted", exc)
