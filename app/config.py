@@ -52,7 +52,10 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     lease_s: int = 30
     heartbeat_s: float = 2.0
+    # A published message not seen in the broker this long after is lost, and published again.
     requeue_after_s: int = 60
+    # A model whose inspection message was lost this many times ends invalid (inspection_lost).
+    inspect_max_publishes: int = Field(default=3, ge=1)
     reconcile_interval_s: float = 5.0
     # The janitor (app.services.janitor), run from the reconciler loop at most this often
     # (0: on every pass); a blob with no row is deleted once it has been seen without one for

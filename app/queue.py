@@ -1,8 +1,14 @@
-"""Celery configuration in one place; the API uses it to publish by task name, the worker to run."""
+"""Celery configuration in one place; the API uses it to publish by task name, the worker to run;
+the reconciler peeks at what still waits in the broker (`waiting`)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -13,6 +19,13 @@ log = logging.getLogger(__name__)
 
 TASK_INSPECT_MODEL = "models.inspect"
 TASK_RUN_JOB = "jobs.run"
+
+# Message priorities (Redis: 0 is served first; kombu keeps one list per step of 0, 3, 6, 9 and
+# a worker pops them in that order). Work that already waited (a re-queued attempt, whose lease
+# expired) and model inspections (short; a user's next request waits on them) go ahead of new
+# jobs. The filesystem transport of `compaas up` ignores priorities: its queue is FIFO.
+PRIORITY_FIRST = 0
+PRIORITY_NEW = 3
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -79,15 +92,106 @@ def get_publisher(settings: Settings | None = None) -> Celery:
     return _publishers[key]
 
 
-def publish(settings: Settings, task_name: str, *args: Any, queue: str | None = None) -> bool:
+def publish(
+    settings: Settings,
+    task_name: str,
+    *args: Any,
+    queue: str | None = None,
+    priority: int = PRIORITY_NEW,
+) -> bool:
     """Send a task by name to `queue` (default: settings.default_queue); False (logged) when the
     broker is unreachable: the DB keeps the job."""
     queue = queue or settings.default_queue
     try:
-        get_publisher(settings).send_task(task_name, args=list(args), queue=queue)
+        get_publisher(settings).send_task(
+            task_name, args=list(args), queue=queue, priority=priority
+        )
     except Exception:
         log.exception(
             "could not publish %s%r; the reconciler will publish it later", task_name, args
         )
         return False
     return True
+
+
+# ----------------------------------------------------------------------------- what still waits
+
+Ref = tuple[str, str]  # (task name, its first argument: the job or model id)
+
+
+@dataclass
+class Waiting:
+    """The messages the broker still holds for the published queues.
+
+    `queued`: in a queue, not yet handed to a worker. `delivered`: handed to a worker and not yet
+    acknowledged, with how long ago (seconds); None when the transport cannot tell (the
+    filesystem transport keeps them in the worker's memory)."""
+
+    queued: set[Ref] = field(default_factory=set)
+    delivered: dict[Ref, float] | None = None
+
+
+def _ref(payload: Any) -> Ref | None:
+    """(task, first arg) of a Celery (protocol 2) message as the transport stores it."""
+    try:
+        headers = payload.get("headers") or {}
+        task = headers["task"]
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return (str(task), str(args[0])) if args else None
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return None  # not a message of ours
+
+
+def _redis_waiting(channel: Any, queues: list[str]) -> Waiting:
+    client = channel.client
+    found = Waiting(delivered={})
+    for queue in queues:
+        for priority in channel.priority_steps:
+            for raw in client.lrange(channel._q_for_pri(queue, priority), 0, -1):
+                ref = _ref(json.loads(raw))
+                if ref is not None:
+                    found.queued.add(ref)
+    now = time.time()
+    since = {
+        (tag.decode() if isinstance(tag, bytes) else tag): float(at)
+        for tag, at in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)
+    }
+    assert found.delivered is not None
+    for tag, raw in client.hgetall(channel.unacked_key).items():
+        ref = _ref(json.loads(raw)[0])
+        tag = tag.decode() if isinstance(tag, bytes) else tag
+        if ref is not None:
+            age = now - since.get(tag, 0.0)
+            found.delivered[ref] = min(age, found.delivered.get(ref, age))
+    return found
+
+
+def _folder_waiting(folder: Path, queues: list[str]) -> Waiting:
+    found = Waiting(delivered=None)
+    suffixes = tuple(f".{queue}.msg" for queue in queues)
+    for path in folder.iterdir():
+        if not path.name.endswith(suffixes):
+            continue
+        try:
+            ref = _ref(json.loads(path.read_bytes()))
+        except (OSError, ValueError):
+            continue  # consumed meanwhile, or still being written
+        if ref is not None:
+            found.queued.add(ref)
+    return found
+
+
+def waiting(settings: Settings) -> Waiting | None:
+    """What the broker still holds for every queue the API publishes to; None for a transport
+    this cannot read (then only the age of a publish counts). Raises when the broker is
+    unreachable (kombu's OperationalError, redis' ConnectionError, OSError)."""
+    queues = settings.published_queues.split(",")
+    if settings.broker_url.startswith("filesystem"):
+        return _folder_waiting(settings.broker_dir / "queue", queues)
+    if not settings.broker_url.startswith("redis"):
+        return None
+    with get_publisher(settings).connection_for_read() as conn:
+        return _redis_waiting(conn.default_channel, queues)

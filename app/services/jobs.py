@@ -18,9 +18,8 @@ from app.db.models import (
 )
 from app.db.repositories import JobRepository, Page, TeamJobRepository, TeamRepository
 from app.errors import Conflict, Invalid, LimitReached, not_found
-from app.queue import TASK_RUN_JOB, publish
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
-from app.services import events, idempotency, recipes, routing, uploaded
+from app.services import events, idempotency, publishing, recipes, uploaded
 from app.services.common import page_or_422
 from app.services.datasets import DATASETS
 from app.services.idempotency import IdempotentRequest
@@ -224,9 +223,7 @@ def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:
     """After commit: a failed publish leaves the job queued for the reconciler to publish."""
-    queue = routing.queue_of_job(session, settings, job.id)
-    if publish(settings, TASK_RUN_JOB, job.id, queue=queue):
-        JobRepository(session).mark_enqueued(job.id)
+    if publishing.publish_job(session, settings, job.id, recovered=False):
         session.commit()
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app.config import Settings
 from app.db.models import Model, ModelStatus
-from app.queue import TASK_INSPECT_MODEL, publish
+from app.services.publishing import publish_inspection
 from app.services.sniff import sniff_model
 from app.services.uploaded import UploadedKind
 
@@ -20,8 +22,10 @@ def _describe(path: Path) -> tuple[str, dict[str, Any]]:
     return EXTENSIONS[fmt], {"format": fmt, "status": ModelStatus.pending}
 
 
-def _inspect(settings: Settings, model_id: str) -> None:
-    publish(settings, TASK_INSPECT_MODEL, model_id)
+def _inspect(session: Session, settings: Settings, model_id: str) -> None:
+    """After the commit; a failed publish leaves the model pending for the reconciler."""
+    if publish_inspection(session, settings, model_id):
+        session.commit()
 
 
 MODELS = UploadedKind(

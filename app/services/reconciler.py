@@ -1,8 +1,13 @@
-"""Postgres is the truth about jobs; the queue is only a wake-up call. This keeps them in step.
+"""Postgres is the truth about jobs and models; the queue is only a wake-up call. This keeps them
+in step.
 
-- queued jobs with no recent publish are published again (Redis may have lost the message);
-- running jobs whose lease expired (worker killed, OOM, crash) go back to queued, or fail once
-  they used up `max_attempts`, so a poison job cannot loop;
+- running jobs whose lease expired (worker killed, OOM, crash) go back to queued and are
+  published at once ahead of new work, or fail once they used up `max_attempts`, so a poison
+  job cannot loop;
+- queued jobs and pending models whose message was never published (the broker was down) are
+  published; those whose message the broker lost (not in its queues, not with a live worker:
+  app.services.publishing.decide) are published again; a model whose inspection was lost
+  `inspect_max_publishes` times ends invalid;
 - idempotency keys older than 24 h are purged.
 """
 
@@ -12,14 +17,25 @@ import logging
 import threading
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import JobStatus, StepStatus
-from app.db.repositories import JobRepository
+from app.db.models import JobStatus, ModelStatus, StepStatus
+from app.db.repositories import JobRepository, ModelInspectionRepository
 from app.db.repositories.idempotency import purge_created_before
 from app.db.session import session_scope
-from app.queue import TASK_RUN_JOB, publish
-from app.services import events, idempotency, janitor, routing
+from app.queue import TASK_INSPECT_MODEL, TASK_RUN_JOB, Waiting, waiting
+from app.services import events, idempotency, janitor
+from app.services.publishing import (
+    Action,
+    decide,
+    inspection_lost,
+    inspection_rule,
+    job_rule,
+    publish_inspection,
+    publish_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +45,14 @@ BATCH = 100
 def reconcile_once(settings: Settings) -> dict[str, int]:
     """One pass; safe to run from several processes at once (row locks, SKIP LOCKED)."""
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "published": 0, "purged_keys": 0}
+    counts = {
+        "requeued": 0,
+        "failed": 0,
+        "published": 0,
+        "inspections_published": 0,
+        "inspections_invalid": 0,
+        "purged_keys": 0,
+    }
     with session_scope(settings.database_url) as session:
         jobs = JobRepository(session)
         for job in jobs.lock_expired_leases(now, BATCH):
@@ -69,18 +92,60 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
                     attempts=job.attempts,
                 )
                 counts["requeued"] += 1
-        stale = utcnow() - timedelta(seconds=settings.requeue_after_s)
-        for job_id in jobs.lock_unpublished(stale, BATCH):
-            queue = routing.queue_of_job(session, settings, job_id)
-            if not publish(settings, TASK_RUN_JOB, job_id, queue=queue):
-                break  # broker down: the rest wait for the next pass
-            jobs.mark_enqueued(job_id)
-            counts["published"] += 1
+        session.flush()
+        _publish_waiting(session, settings, counts)
         counts["purged_keys"] = purge_created_before(session, now - idempotency.TTL)
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     janitor.sweep_if_due(settings)
     return counts
+
+
+def _publish_waiting(session: Session, settings: Settings, counts: dict[str, int]) -> None:
+    """Publish what was never published or what the broker lost; leave what it still holds."""
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.requeue_after_s)
+    jobs = JobRepository(session)
+    models = ModelInspectionRepository(session)
+    job_rows = jobs.lock_unpublished(stale, BATCH)
+    model_rows = models.lock_unpublished(stale, BATCH)
+    if not job_rows and not model_rows:
+        return
+    broker: Waiting | None = None
+    if any(row[1] is not None for row in [*job_rows, *model_rows]):
+        try:  # only when a published message may be lost: a read of every queued message
+            broker = waiting(settings)
+        except Exception:
+            log.warning("the broker is unreachable; nothing is published this pass", exc_info=True)
+            return
+    rule = job_rule(settings)
+    held: list[str] = []
+    for job_id, published_at, count, attempts in job_rows:
+        action = decide(rule, (TASK_RUN_JOB, job_id), published_at, count, now, broker)
+        if action is Action.held:
+            held.append(job_id)
+        elif action is Action.publish:
+            if not publish_job(session, settings, job_id, recovered=attempts > 0):
+                return  # broker down: the rest wait for the next pass
+            counts["published"] += 1
+    jobs.mark_held(held)
+    rule = inspection_rule(settings)
+    held = []
+    for model_id, published_at, count in model_rows:
+        action = decide(rule, (TASK_INSPECT_MODEL, model_id), published_at, count, now, broker)
+        if action is Action.held:
+            held.append(model_id)
+        elif action is Action.give_up:
+            models.record(
+                model_id, status=ModelStatus.invalid, error=inspection_lost(settings, count)
+            )
+            log.warning("model %s: inspection lost %d times; marked invalid", model_id, count)
+            counts["inspections_invalid"] += 1
+        elif action is Action.publish:
+            if not publish_inspection(session, settings, model_id):
+                return
+            counts["inspections_published"] += 1
+    models.mark_held(held)
 
 
 class ReconcilerThread(threading.Thread):

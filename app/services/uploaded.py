@@ -35,7 +35,8 @@ class UploadedKind(Generic[T]):
     blob_stem: str  # teams/{team}/{name}s/{id}/{blob_stem}.{extension}
     job_column: str  # the Job column that refers to it
     describe: Describe
-    on_created: Callable[[Settings, str], None] | None = None  # after the commit, with the id
+    # After the commit, with the id (it may write and commit again).
+    on_created: Callable[[Session, Settings, str], None] | None = None
 
     @property
     def collection(self) -> str:
@@ -82,7 +83,7 @@ def create(
         storage.delete(key)
         raise
     if kind.on_created is not None:
-        kind.on_created(settings, object_id)
+        kind.on_created(session, settings, object_id)
     return row
 
 

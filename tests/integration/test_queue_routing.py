@@ -59,7 +59,9 @@ def routed(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def _queued(redis: RedisServer, queue: str, task: str = "jobs.run") -> list[str]:
     """The first argument (a job or model id) of each `task` message waiting in a queue."""
     ids = []
-    for raw in redis.client().lrange(queue, 0, -1):
+    keys = [queue, *(f"{queue}\x06\x16{priority}" for priority in (3, 6, 9))]  # kombu's lists
+    raws = [raw for key in keys for raw in redis.client().lrange(key, 0, -1)]
+    for raw in raws:
         message = json.loads(raw)
         if message["headers"]["task"] == task:
             args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))

@@ -63,7 +63,11 @@ class Job(IdMixin, TimestampMixin, Base):
     lease_token: Mapped[int] = mapped_column(default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When the run message was last known in the broker (published, or seen there by the
+    # reconciler; None: not published yet, the broker was down) and how many times it was
+    # published; the reconciler publishes again only a message the broker lost.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    publish_count: Mapped[int] = mapped_column(default=0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 

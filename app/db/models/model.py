@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, ForeignKey, String
@@ -32,3 +33,8 @@ class Model(IdMixin, TimestampMixin, Base):
     params: Mapped[int | None] = mapped_column(BigInteger, default=None)
     opset: Mapped[int | None] = mapped_column(default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # When the inspection message was last known in the broker (published, or seen there by
+    # the reconciler; None: not published yet) and how many times it was published
+    # (app.services.publishing).
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
+    publish_count: Mapped[int] = mapped_column(default=0, server_default="0")

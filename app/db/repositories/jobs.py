@@ -45,7 +45,8 @@ class JobRepository:
         self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.queued)
-            .values(enqueued_at=utcnow())
+            .values(enqueued_at=utcnow(), publish_count=Job.publish_count + 1)
+            .execution_options(synchronize_session=False)
         )
 
     def lock_expired_leases(self, now: datetime, limit: int) -> Sequence[Job]:
@@ -58,10 +59,23 @@ class JobRepository:
         )
         return self.session.scalars(stmt).all()
 
-    def lock_unpublished(self, published_before: datetime, limit: int) -> list[str]:
-        """Ids of queued jobs never published or published before then, locked, oldest first."""
+    def mark_held(self, ids: list[str]) -> None:
+        """Note that the broker was just seen holding these rows' messages (not a publish)."""
+        if ids:
+            self.session.execute(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(enqueued_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+
+    def lock_unpublished(
+        self, published_before: datetime, limit: int
+    ) -> list[tuple[str, datetime | None, int, int]]:
+        """Queued jobs never published or last published before then, locked, oldest first:
+        (id, enqueued_at, publish_count, attempts)."""
         stmt = (
-            select(Job.id)
+            select(Job.id, Job.enqueued_at, Job.publish_count, Job.attempts)
             .where(
                 Job.status == JobStatus.queued,
                 or_(Job.enqueued_at.is_(None), Job.enqueued_at < published_before),
@@ -70,7 +84,7 @@ class JobRepository:
             .with_for_update(skip_locked=True)
             .limit(limit)
         )
-        return list(self.session.scalars(stmt).all())
+        return [(i, at, count, attempts) for i, at, count, attempts in self.session.execute(stmt)]
 
     def claim(self, job_id: str, owner: str, lease_until: datetime) -> int | None:
         """Take a queued job (or one whose lease expired); return the new fencing token."""

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -27,6 +28,42 @@ class ModelInspectionRepository:
             .where(Model.id == model_id, Model.status == ModelStatus.pending)
             .values(updated_at=utcnow(), **values)
         )
+
+    def mark_published(self, model_id: str) -> None:
+        """Note that the model's inspection message was just published."""
+        self.session.execute(
+            update(Model)
+            .where(Model.id == model_id, Model.status == ModelStatus.pending)
+            .values(published_at=utcnow(), publish_count=Model.publish_count + 1)
+            .execution_options(synchronize_session=False)
+        )
+
+    def mark_held(self, ids: list[str]) -> None:
+        """Note that the broker was just seen holding these rows' messages (not a publish)."""
+        if ids:
+            self.session.execute(
+                update(Model)
+                .where(Model.id.in_(ids))
+                .values(published_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+
+    def lock_unpublished(
+        self, published_before: datetime, limit: int
+    ) -> list[tuple[str, datetime | None, int]]:
+        """Pending models never published or last published before then, locked, oldest
+        first: (id, published_at, publish_count)."""
+        stmt = (
+            select(Model.id, Model.published_at, Model.publish_count)
+            .where(
+                Model.status == ModelStatus.pending,
+                or_(Model.published_at.is_(None), Model.published_at < published_before),
+            )
+            .order_by(Model.id)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+        return [(i, at, count) for i, at, count in self.session.execute(stmt)]
 
     def blob_keys_of_team(self, team_id: str, model_ids: set[str]) -> dict[str, str]:
         """Blob keys of the team's models among `model_ids` (another team's ids are absent)."""
