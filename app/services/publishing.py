@@ -29,6 +29,7 @@ from app.queue import (
     publish,
 )
 from app.services import routing
+from app.services.auth import as_utc
 
 
 class Action(enum.StrEnum):
@@ -81,7 +82,7 @@ def decide(
     only the age counts: in_flight_s, the longest a message may sit with a live worker."""
     if published_at is None:
         return Action.publish
-    age = (now - published_at).total_seconds()
+    age = (now - as_utc(published_at)).total_seconds()
     if age < rule.after_s:
         return Action.wait
     if broker is not None and ref in broker.queued:
