@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,10 +17,10 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import Artifact, Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
+from app.db.models import Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository, ModelInspectionRepository
 from app.db.session import session_scope
-from app.services import events, janitor
+from app.services import checkpoints, events, janitor
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from engine import quality
@@ -27,7 +28,7 @@ from engine.events import EventKind
 from engine.recipe import library_versions
 from engine.spec import CompressSpec, InspectSpec, Resume
 from engine.torchgraph.device import DeviceSetting
-from worker import sandbox
+from worker import outage, sandbox
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
 class _EventRelay:
     """Relays engine events to the job row, its steps and its event history, fenced by the token.
 
-    Every write to the job row also renews the lease, and only lands while this attempt's token
-    still owns the job; once it does not (canceled, or the lease expired and another worker
-    claimed the job) `lost` is set and the attempt is abandoned.
+    Every write is one transaction that first renews the lease with `UPDATE jobs … WHERE
+    lease_token = <ours> AND status = 'running'` and writes nothing else unless that matched: the
+    row lock it takes holds off a concurrent claim until commit, so no step, event or artifact
+    row of this attempt lands after another attempt claimed the job or it was canceled. Once the
+    fence fails `lost` is set and the attempt is abandoned. Database errors are retried with
+    backoff for as long as the lease lasts (a short Postgres restart costs no attempt).
     """
 
     def __init__(
@@ -92,50 +96,84 @@ class _EventRelay:
         self.token = token
         self.last_write = 0.0
         self.last_heartbeat = time.monotonic()
+        # Where our lease surely still holds: the claim (or last renewal) plus the lease.
+        self.lease_until = time.monotonic() + settings.lease_s
         self.lost = False
         self.uploaded: list[str] = []
         self.checkpoints: dict[int, str] = {}
 
+    def write(self, what: str, change: Callable[[Session], None], **job_values: Any) -> bool:
+        """In one transaction: renew the lease and set `job_values` on the job while this
+        attempt owns it, then `change(session)`; retried on database errors until the lease
+        runs out. False (and `lost`) once the attempt no longer owns the job."""
+        if self.lost:
+            return False
+
+        def transaction() -> bool:
+            began = time.monotonic()
+            with session_scope(self.settings.database_url) as session:
+                values = {
+                    "lease_expires_at": utcnow() + timedelta(seconds=self.settings.lease_s),
+                    **job_values,  # finalize ends the lease
+                }
+                if not JobRepository(session).update_fenced(self.job_id, self.token, **values):
+                    return False
+                change(session)
+            self.lease_until = began + self.settings.lease_s
+            return True
+
+        try:
+            owned = outage.retry_until(
+                transaction, self.lease_until, f"job {self.job_id} attempt {self.token}: {what}"
+            )
+        except outage.OutageOutlasted:
+            log.warning(
+                "job %s: lease of attempt %s ran out during an outage", self.job_id, self.token
+            )
+            owned = False
+        if not owned:
+            self.lost = True
+        return owned
+
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        now = utcnow()
         if kind == EventKind.STEP_FINISHED and event.get("artifact"):
             self._store_checkpoint(event)
-            return
-        with session_scope(self.settings.database_url) as session:
-            repo = JobRepository(session)
-            if kind == EventKind.STEP_STARTED:
-                repo.update_step(
-                    self.job_id, event["index"], status=StepStatus.running, started_at=now
-                )
-                self._update_if_owner(repo, current_step=event["index"])
-                events.record(session, self.job_id, "step", index=event["index"], status="running")
-            elif kind == EventKind.STEP_FINISHED:
-                self._finish_step(repo, event, artifact_id=None)
-            elif (
-                kind == EventKind.PROGRESS
-                and time.monotonic() - self.last_write >= PROGRESS_WRITE_S
-            ):
-                self.last_write = time.monotonic()
-                progress = round(min(float(event.get("progress", 0.0)), 0.99), 4)
-                self._update_if_owner(repo, progress=progress)
-                events.record(
-                    session,
-                    self.job_id,
-                    "progress",
-                    progress=progress,
-                    message=event.get("message"),
-                )
-            elif kind == EventKind.ORIGINAL_MEASURED:
-                self._update_if_owner(repo, metrics={"original": event["metrics"]})
-            elif kind == EventKind.LOG:
-                events.record(
-                    session,
-                    self.job_id,
-                    "log",
-                    level=event.get("level", "info"),
-                    message=event.get("message"),
-                )
+        elif kind == EventKind.STEP_STARTED:
+            index = event["index"]
+
+            def started(session: Session) -> None:
+                repo = JobRepository(session)
+                repo.update_step(self.job_id, index, status=StepStatus.running, started_at=utcnow())
+                events.record(session, self.job_id, "step", index=index, status="running")
+
+            self.write("step started", started, current_step=index)
+        elif kind == EventKind.STEP_FINISHED:
+            self.write(
+                "step finished",
+                lambda session: self._finish_step(JobRepository(session), event, None),
+            )
+        elif kind == EventKind.PROGRESS and time.monotonic() - self.last_write >= PROGRESS_WRITE_S:
+            self.last_write = time.monotonic()
+            progress = round(min(float(event.get("progress", 0.0)), 0.99), 4)
+            message = event.get("message")
+            self.write(
+                "progress",
+                lambda session: events.record(
+                    session, self.job_id, "progress", progress=progress, message=message
+                ),
+                progress=progress,
+            )
+        elif kind == EventKind.ORIGINAL_MEASURED:
+            self.write("original metrics", lambda _: None, metrics={"original": event["metrics"]})
+        elif kind == EventKind.LOG:
+            level, message = event.get("level", "info"), event.get("message")
+            self.write(
+                "log",
+                lambda session: events.record(
+                    session, self.job_id, "log", level=level, message=message
+                ),
+            )
 
     def _finish_step(
         self, repo: JobRepository, event: dict[str, Any], artifact_id: str | None
@@ -162,63 +200,68 @@ class _EventRelay:
         )
 
     def _store_checkpoint(self, event: dict[str, Any]) -> None:
-        """Upload the step's output right away, so a retried job resumes after this step."""
+        """Upload the step's output right away, so a retried job resumes after this step.
+
+        The blob's key names this attempt, so no other attempt writes it; its row (which
+        replaces any earlier checkpoint of the same step) is written under the fence. A blob
+        whose row did not land is this attempt's alone and is removed when it is discarded."""
+        if self.lost:
+            return
         art = event["artifact"]
-        key = (
-            f"teams/{self.team_id}/jobs/{self.job_id}/attempt-{self.token}/"
-            f"step{event['index']}.{art['format']}"
-        )
+        index = event["index"]
+        key = f"{_prefix(self.team_id, self.job_id, self.token)}/step{index}.{art['format']}"
         # Upload a copy: the engine reads this file as the next step's input while we store it.
         source = Path(art["path"])
         copy = source.with_name(f".upload-{source.name}")
         shutil.copyfile(source, copy)
         self.storage.put_file(key, copy)
         self.uploaded.append(key)
-        with session_scope(self.settings.database_url) as session:
+        replaced: list[str] = []
+
+        def store(session: Session) -> None:
             repo = JobRepository(session)
-            self._update_if_owner(repo)
-            if self.lost:
-                return
-            row = repo.add_artifact(
+            row, old = repo.replace_checkpoint(
                 team_id=self.team_id,
                 job_id=self.job_id,
-                step_index=event["index"],
-                role="checkpoint",
+                step_index=index,
                 format=art["format"],
                 blob_key=key,
                 size_bytes=art["size_bytes"],
                 sha256=art["sha256"],
                 verdict=(event.get("quality") or {}).get("verdict"),
             )
-            self.checkpoints[event["index"]] = row.id
+            self.checkpoints[index] = row.id
+            replaced[:] = old
             self._finish_step(repo, event, artifact_id=row.id)
 
-    def _update_if_owner(self, repo: JobRepository, **values: Any) -> None:
-        """Write `values` and a renewed lease to the job row while this attempt owns it."""
-        values["lease_expires_at"] = utcnow() + timedelta(seconds=self.settings.lease_s)
-        if not repo.update_fenced(self.job_id, self.token, **values):
-            self.lost = True
+        if self.write("checkpoint", store):
+            for old_key in replaced:  # an earlier attempt's checkpoint of this step: superseded
+                self.storage.delete(old_key)
 
     def keep_going(self) -> bool:
         """Heartbeat: renew the lease; False once the job was canceled or another owner took it."""
         if time.monotonic() - self.last_heartbeat >= self.settings.heartbeat_s:
             self.last_heartbeat = time.monotonic()
-            with session_scope(self.settings.database_url) as session:
-                self._update_if_owner(JobRepository(session))
+            self.write("heartbeat", lambda _: None)
         return not self.lost
+
+
+def _prefix(team_id: str, job_id: str, token: int) -> str:
+    """Where one attempt's blobs go: no other attempt writes under it."""
+    return f"teams/{team_id}/jobs/{job_id}/attempt-{token}"
 
 
 def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     """Claim the job, run its pipeline in the sandbox, persist the results; finalize once."""
-    claimed = _claim(job_id, settings)
+    claimed = _claim(job_id, settings, storage)
     if claimed is None:
         return "skipped"
     token, job = claimed
+    relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     if job.model is None:
-        _fail(settings, job_id, token, "model_deleted", "The job's model was deleted.")
+        _fail(relay, "model_deleted", "The job's model was deleted.")
         return "failed"
     workdir = janitor.job_scratch(settings, job_id, token)
-    relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     try:
         device = sandbox.device_for(settings.device)
         spec = _download(job, storage, workdir, settings, device)
@@ -238,12 +281,12 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
             )
         except sandbox.SandboxAborted:
             log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)
-            _discard(settings, storage, job_id, relay.uploaded)
+            _discard_unclaimed(relay)
             return "abandoned"
         except sandbox.SandboxError as exc:
-            _fail(settings, job_id, token, exc.code, exc.detail, exc.field)
+            _fail(relay, exc.code, exc.detail, exc.field)
             return "failed"
-        return _finalize(settings, storage, job_id, job.team_id, token, result, relay)
+        return _finalize(relay, result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -277,8 +320,19 @@ class _ClaimedJob:
     seed: int
 
 
-def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
-    """Take the job's lease (None when another delivery holds it or it is done) and read it."""
+def _claim(job_id: str, settings: Settings, storage: BlobStore) -> tuple[int, _ClaimedJob] | None:
+    """Take the job's lease (None when another delivery holds it or it is done) and read it;
+    database errors are retried for a lease's length."""
+    return outage.retry_until(
+        lambda: _claim_once(job_id, settings, storage),
+        time.monotonic() + settings.lease_s,
+        f"job {job_id}: claim",
+    )
+
+
+def _claim_once(
+    job_id: str, settings: Settings, storage: BlobStore
+) -> tuple[int, _ClaimedJob] | None:
     with session_scope(settings.database_url) as session:
         repo = JobRepository(session)
         token = repo.claim(job_id, _worker_id(), utcnow() + timedelta(seconds=settings.lease_s))
@@ -292,7 +346,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, _ClaimedJob] | None:
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         team_id = job.team_id
         pipeline = [step.config for step in job.steps]
-        checkpoint = _resume_point(session, job)
+        checkpoint = _resume_from(session, storage, repo, job)
         # Other models a step names (a distillation student), only from the job's own team.
         wanted = {
             str(s.config["student_model_id"]) for s in job.steps if s.config.get("student_model_id")
@@ -365,43 +419,57 @@ def _download(
     )
 
 
-def _resume_point(session: Session, job: Job) -> _Checkpoint | None:
-    """After a crash, continue after the last step whose checkpoint was stored."""
-    done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
-    original = (job.metrics or {}).get("original")
-    if not done or not original:
+def _resume_from(
+    session: Session, storage: BlobStore, repo: JobRepository, job: Job
+) -> _Checkpoint | None:
+    """Continue after the last step whose checkpoint is still valid (its row and its file);
+    the steps after it are run again, so they go back to pending (in the claim's transaction)."""
+    point = checkpoints.resume_point(session, job, storage.exists)
+    start = point.start_index if point else 0
+    if any(s.index >= start and s.status != StepStatus.pending for s in job.steps):
+        repo.reset_steps_from(job.id, start)
+    if point is None:
         return None
-    last = done[-1]
-    if [s.index for s in done] != list(range(last.index + 1)) or last.index + 1 >= len(job.steps):
-        return None
-    artifact = session.get(Artifact, last.artifact_id)
-    if artifact is None:
-        return None
-    return _Checkpoint(last.index + 1, artifact.blob_key, artifact.format, original)
+    original = (job.metrics or {})["original"]
+    return _Checkpoint(start, point.artifact.blob_key, point.artifact.format, original)
 
 
-def _discard(settings: Settings, storage: BlobStore, job_id: str, keys: list[str]) -> None:
-    """Remove this attempt's blobs and their artifact rows (cancel or lost lease)."""
-    with session_scope(settings.database_url) as session:
-        JobRepository(session).delete_artifacts(job_id, keys)
-    for key in keys:
-        storage.delete(key)
+def _discard_unclaimed(relay: _EventRelay) -> None:
+    """Remove the blobs this attempt uploaded that no artifact row names (cancel, lost lease).
+
+    Keys name the attempt, so these blobs are its alone. A blob whose row committed while the
+    attempt owned the job is kept: it is the job's now (a checkpoint a newer attempt or a
+    retry resumes from). If the database cannot say, nothing is deleted (the janitor removes
+    blobs that stay without a row)."""
+    if not relay.uploaded:
+        return
+
+    def referenced() -> set[str]:
+        with session_scope(relay.settings.database_url) as session:
+            return JobRepository(session).referenced_keys(relay.job_id, relay.uploaded)
+
+    try:
+        kept = outage.retry_until(
+            referenced,
+            time.monotonic() + relay.settings.lease_s,
+            f"job {relay.job_id} attempt {relay.token}: discard",
+        )
+    except outage.OutageOutlasted:
+        log.warning(
+            "job %s: database unreachable; left attempt %s's blobs", relay.job_id, relay.token
+        )
+        return
+    for key in relay.uploaded:
+        if key not in kept:
+            relay.storage.delete(key)
 
 
-def _finalize(
-    settings: Settings,
-    storage: BlobStore,
-    job_id: str,
-    team_id: str,
-    token: int,
-    result: dict[str, Any],
-    relay: _EventRelay,
-) -> str:
+def _finalize(relay: _EventRelay, result: dict[str, Any]) -> str:
     """Store the final artifacts and metrics; the job succeeds, or fails with
     quality_below_floor when the final result is under the floor (its metrics and artifacts,
-    marked rejected, are kept)."""
-    prefix = f"teams/{team_id}/jobs/{job_id}/attempt-{token}"
-    uploaded = relay.uploaded
+    marked rejected, are kept). One fenced transaction: a stale attempt writes none of it and
+    removes the files it uploaded."""
+    job_id, team_id = relay.job_id, relay.team_id
     verdict = result.get("quality") or {}
     rejected = verdict.get("verdict") == "rejected"
     status = JobStatus.failed if rejected else JobStatus.succeeded
@@ -415,109 +483,100 @@ def _finalize(
         }
     finals = []
     for art in result["artifacts"]:
-        key = f"{prefix}/final.{art['format']}"
-        storage.put_file(key, Path(art["path"]))
-        uploaded.append(key)
+        key = f"{_prefix(team_id, job_id, relay.token)}/final.{art['format']}"
+        relay.storage.put_file(key, Path(art["path"]))
+        relay.uploaded.append(key)
         finals.append({**art, "blob_key": key})
-    try:
-        with session_scope(settings.database_url) as session:
-            repo = JobRepository(session)
-            ok = repo.update_fenced(
-                job_id,
-                token,
-                status=status,
-                progress=1.0,
-                current_step=None,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                metrics={
-                    "original": result["original"],
-                    "final": result["final"],
-                    "ratios": result["ratios"],
-                    "accuracy_measured": result.get("accuracy_measured", False),
-                    "calibration_source": result.get("calibration_source"),
-                    "evaluation": result.get("evaluation"),
-                    "latency_side_by_side": result.get("latency_side_by_side"),
-                },
-                quality=verdict or None,
-                warnings=list(result.get("warnings") or []),
-                error=error,
+
+    def record(session: Session) -> None:
+        repo = JobRepository(session)
+        final_ids = []
+        for art in finals:
+            row = repo.add_artifact(
+                team_id=team_id,
+                job_id=job_id,
+                step_index=None,
+                role="final",
+                format=art["format"],
+                blob_key=art["blob_key"],
+                size_bytes=art["size_bytes"],
+                sha256=art["sha256"],
+                verdict=verdict.get("verdict"),
             )
-            if not ok:
-                raise _LostLease()
-            final_ids = []
-            for art in finals:
-                row = repo.add_artifact(
-                    team_id=team_id,
-                    job_id=job_id,
-                    step_index=None,
-                    role="final",
-                    format=art["format"],
-                    blob_key=art["blob_key"],
-                    size_bytes=art["size_bytes"],
-                    sha256=art["sha256"],
-                    verdict=verdict.get("verdict"),
-                )
-                final_ids.append(row.id)
-            last_index = max((s["index"] for s in result["steps"]), default=None)
-            for step in result["steps"]:
-                if step["index"] in relay.checkpoints:
-                    continue
-                repo.update_step(
-                    job_id,
-                    step["index"],
-                    status=StepStatus.succeeded,
-                    metrics=step.get("metrics"),
-                    quality=step.get("quality"),
-                    warnings=step.get("warnings") or None,
-                    details=step.get("details") or None,
-                    artifact_id=final_ids[0] if step["index"] == last_index and final_ids else None,
-                )
-            events.record(
-                session,
+            final_ids.append(row.id)
+        last_index = max((s["index"] for s in result["steps"]), default=None)
+        for step in result["steps"]:
+            if step["index"] in relay.checkpoints:
+                continue
+            repo.update_step(
                 job_id,
-                "status",
-                status=str(status),
-                ratios=result["ratios"],
-                quality=verdict or None,
-                **({"error": error} if error else {}),
+                step["index"],
+                status=StepStatus.succeeded,
+                metrics=step.get("metrics"),
+                quality=step.get("quality"),
+                warnings=step.get("warnings") or None,
+                details=step.get("details") or None,
+                artifact_id=final_ids[0] if step["index"] == last_index and final_ids else None,
             )
-            events.record(session, job_id, events.TERMINAL_EVENT, status=str(status))
-    except _LostLease:
-        log.warning("job %s: token %s is stale; discarding this attempt's artifacts", job_id, token)
-        _discard(settings, storage, job_id, uploaded)
+        events.record(
+            session,
+            job_id,
+            "status",
+            status=str(status),
+            ratios=result["ratios"],
+            quality=verdict or None,
+            **({"error": error} if error else {}),
+        )
+        events.record(session, job_id, events.TERMINAL_EVENT, status=str(status))
+
+    owned = relay.write(
+        "finalize",
+        record,
+        status=status,
+        progress=1.0,
+        current_step=None,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+        metrics={
+            "original": result["original"],
+            "final": result["final"],
+            "ratios": result["ratios"],
+            "accuracy_measured": result.get("accuracy_measured", False),
+            "calibration_source": result.get("calibration_source"),
+            "evaluation": result.get("evaluation"),
+            "latency_side_by_side": result.get("latency_side_by_side"),
+        },
+        quality=verdict or None,
+        warnings=list(result.get("warnings") or []),
+        error=error,
+    )
+    if not owned:
+        log.warning(
+            "job %s: token %s is stale; discarding this attempt's files", job_id, relay.token
+        )
+        _discard_unclaimed(relay)
         return "abandoned"
     return str(status)
 
 
-class _LostLease(Exception):
-    pass
+def _fail(relay: _EventRelay, code: str, detail: str, field: str | None = None) -> None:
+    """The job fails with this error, at the step it was on, if this attempt still owns it."""
 
-
-def _fail(
-    settings: Settings,
-    job_id: str,
-    token: int,
-    code: str,
-    detail: str,
-    field: str | None = None,
-) -> None:
-    with session_scope(settings.database_url) as session:
+    def record(session: Session) -> None:
         repo = JobRepository(session)
-        job = session.get(Job, job_id)
+        job = session.get(Job, relay.job_id)
         step_index = job.current_step if job else None
         error = {"code": code, "detail": detail, "field": field, "step": step_index}
-        ok = repo.update_fenced(
-            job_id,
-            token,
-            status=JobStatus.failed,
-            finished_at=utcnow(),
-            lease_expires_at=None,
-            error=error,
-        )
-        if not ok:
-            return
+        if job is not None:
+            job.error = error
         if step_index is not None:
-            repo.update_step(job_id, step_index, status=StepStatus.failed, finished_at=utcnow())
-        events.record(session, job_id, "status", status="failed", error=error)
-        events.record(session, job_id, events.TERMINAL_EVENT, status="failed")
+            repo.update_step(
+                relay.job_id, step_index, status=StepStatus.failed, finished_at=utcnow()
+            )
+        events.record(session, relay.job_id, "status", status="failed", error=error)
+        events.record(session, relay.job_id, events.TERMINAL_EVENT, status="failed")
+
+    relay.write(
+        "fail", record, status=JobStatus.failed, finished_at=utcnow(), lease_expires_at=None
+    )
+    _discard_unclaimed(relay)

@@ -14,17 +14,15 @@ from app.db.models import (
     JobStatus,
     Model,
     ModelStatus,
-    StepStatus,
 )
 from app.db.repositories import JobRepository, Page, TeamJobRepository, TeamRepository
 from app.errors import Conflict, Invalid, LimitReached, not_found
 from app.schemas.jobs import ArtifactRead, JobCreate, JobRead, JobStepRead
-from app.services import events, idempotency, publishing, recipes, uploaded
+from app.services import checkpoints, events, idempotency, publishing, recipes, uploaded
 from app.services.common import page_or_422
 from app.services.datasets import DATASETS
 from app.services.idempotency import IdempotentRequest
 from app.services.models import MODELS
-from app.storage import BlobStore
 from engine.config import OpConfig, PipelineError, parse_steps, preset_pipeline, validate_request
 from engine.io.datasets import DatasetMismatch, arrays_for_inputs
 from engine.io.formats import TensorSpec
@@ -227,8 +225,10 @@ def _publish(session: Session, settings: Settings, job: Job) -> None:
         session.commit()
 
 
-def cancel(session: Session, storage: BlobStore, team_id: str, job_id: str) -> None:
-    """Stop a queued or running job; the worker notices within a heartbeat and stops its child."""
+def cancel(session: Session, team_id: str, job_id: str) -> None:
+    """Stop a queued or running job; the worker notices within a heartbeat and stops its child.
+
+    The checkpoints of the steps that finished are kept, so a retry resumes after them."""
     job = get_or_raise(session, team_id, job_id)
     if job.status == JobStatus.canceled:
         return
@@ -240,17 +240,15 @@ def cancel(session: Session, storage: BlobStore, team_id: str, job_id: str) -> N
             "job_not_cancelable",
             f"The job already {job.status}; only queued or running jobs can be canceled.",
         )
-    keys = jobs.delete_checkpoints(job.id)
     jobs.reset_unfinished_steps(job.id)
     events.record(session, job.id, "status", status="canceled")
     events.record(session, job.id, events.TERMINAL_EVENT, status="canceled")
     session.commit()
-    for key in keys:
-        storage.delete(key)
 
 
 def retry(session: Session, settings: Settings, team_id: str, job_id: str) -> Job:
-    """Queue a failed or canceled job again; steps with a stored checkpoint are not redone."""
+    """Queue a failed or canceled job again; it resumes after the last valid stored checkpoint
+    (the worker checks the checkpoint's file again when it claims the job)."""
     job = get_or_raise(session, team_id, job_id)
     if job.status not in (JobStatus.failed, JobStatus.canceled):
         raise Conflict(
@@ -258,13 +256,14 @@ def retry(session: Session, settings: Settings, team_id: str, job_id: str) -> Jo
             f"The job is {job.status}; only failed or canceled jobs can be retried.",
         )
     check_active_jobs(session, settings, team_id)
-    done = [s for s in job.steps if s.status == StepStatus.succeeded and s.artifact_id]
+    resume = checkpoints.resume_point(session, job)
+    start = resume.start_index if resume else 0
     jobs = _repo(session, team_id)
-    jobs.reset_steps_from(job.id, len(done))
-    if not jobs.requeue(job.id, progress=len(done) / max(len(job.steps), 1)):
+    jobs.reset_steps_from(job.id, start)
+    if not jobs.requeue(job.id, progress=start / max(len(job.steps), 1)):
         session.rollback()
         raise Conflict("job_not_retryable", "The job changed state; read it and try again.")
-    events.record(session, job.id, "status", status="queued", reason="retry", resume_from=len(done))
+    events.record(session, job.id, "status", status="queued", reason="retry", resume_from=start)
     session.commit()
     session.refresh(job)
     _publish(session, settings, job)

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.conditional import IfNoneMatchHeader, etag, matches, not_modified, set_validators
-from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import CurrentTeam, PageDep, SessionDep, SettingsDep
 from app.api.idempotency import IdempotencyKeyHeader, replay, request_for
 from app.db.session import get_sessionmaker
 from app.redact import relative_paths
@@ -140,9 +140,9 @@ def get_job_recipe(job_id: str, team: CurrentTeam, session: SessionDep) -> dict[
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep, storage: StorageDep) -> JobRead:
+def cancel_job(job_id: str, team: CurrentTeam, session: SessionDep) -> JobRead:
     """Cancel a queued or running job; a running one stops within a heartbeat (about 2 s)."""
-    job_service.cancel(session, storage, team.id, job_id)
+    job_service.cancel(session, team.id, job_id)
     return job_service.read(session, team.id, job_id)
 
 

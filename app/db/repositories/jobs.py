@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, Select, delete, func, or_, select, update
+from sqlalchemy import Row, Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
@@ -136,12 +136,42 @@ class JobRepository:
         self.session.flush()
         return artifact
 
-    def delete_artifacts(self, job_id: str, blob_keys: list[str]) -> None:
-        """Drop the artifact rows of blobs an attempt wrote and is discarding."""
-        if blob_keys:
-            self.session.execute(
-                delete(Artifact).where(Artifact.job_id == job_id, Artifact.blob_key.in_(blob_keys))
+    def replace_checkpoint(self, **values: Any) -> tuple[Artifact, list[str]]:
+        """Store a step's checkpoint row in place of any earlier one of the same (job, step):
+        the job keeps one checkpoint per step. Returns the new row and the blob keys of the rows
+        it replaced (the caller deletes those blobs after commit). Call it only under the
+        attempt's fence: then no newer attempt exists that could be resuming from them."""
+        old = self.session.scalars(
+            select(Artifact).where(
+                Artifact.job_id == values["job_id"],
+                Artifact.step_index == values["step_index"],
+                Artifact.role == "checkpoint",
             )
+        ).all()
+        replaced = [a.blob_key for a in old if a.blob_key != values["blob_key"]]
+        for artifact in old:
+            self.session.delete(artifact)
+        self.session.flush()
+        return self.add_artifact(role="checkpoint", **values), replaced
+
+    def referenced_keys(self, job_id: str, blob_keys: list[str]) -> set[str]:
+        """Those of `blob_keys` that an artifact row of the job names (committed, so kept)."""
+        if not blob_keys:
+            return set()
+        stmt = select(Artifact.blob_key).where(
+            Artifact.job_id == job_id, Artifact.blob_key.in_(blob_keys)
+        )
+        return set(self.session.scalars(stmt).all())
+
+    def reset_steps_from(self, job_id: str, index: int) -> None:
+        """Steps at `index` and after go back to pending, without their artifacts (the worker
+        runs them again: it resumes at `index`)."""
+        self.session.execute(
+            update(JobStep)
+            .where(JobStep.job_id == job_id, JobStep.index >= index)
+            .values(status=StepStatus.pending, started_at=None, finished_at=None, artifact_id=None)
+            .execution_options(synchronize_session=False)
+        )
 
 
 class TeamJobRepository(TeamRepository[Job]):
@@ -206,32 +236,13 @@ class TeamJobRepository(TeamRepository[Job]):
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def delete_checkpoints(self, job_id: str) -> list[str]:
-        """Delete the job's checkpoint artifact rows; return their blob keys."""
-        checkpoints = self.session.scalars(
-            select(Artifact).where(
-                Artifact.team_id == self.team_id,
-                Artifact.job_id == job_id,
-                Artifact.role == "checkpoint",
-            )
-        ).all()
-        for artifact in checkpoints:
-            self.session.delete(artifact)
-        return [a.blob_key for a in checkpoints]
-
     def reset_unfinished_steps(self, job_id: str) -> None:
-        """Steps that did not succeed go back to pending; no step keeps its artifact."""
-        of_job = JobStep.job_id.in_(self._job_id(job_id))
+        """Steps that did not succeed go back to pending, without an artifact; finished steps
+        keep theirs (their checkpoints are where a retry resumes)."""
         self.session.execute(
             update(JobStep)
-            .where(of_job, JobStep.status != StepStatus.succeeded)
-            .values(status=StepStatus.pending, started_at=None, finished_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        self.session.execute(
-            update(JobStep)
-            .where(of_job)
-            .values(artifact_id=None)
+            .where(JobStep.job_id.in_(self._job_id(job_id)), JobStep.status != StepStatus.succeeded)
+            .values(status=StepStatus.pending, started_at=None, finished_at=None, artifact_id=None)
             .execution_options(synchronize_session=False)
         )
 
