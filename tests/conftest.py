@@ -86,6 +86,27 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 120, interval: float
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def slow_mlp(out: Path, width: int = 2048, hidden: int = 3) -> dict[str, Path]:
+    """An MLP 64 → `hidden` × `width` → 10 (ReLU) as ONNX plus 2000 random samples with labels
+    (`onnx`, `npz` under `out`): a job on it runs long enough (static int8: seconds) for a
+    test to kill, freeze or restart something while it runs."""
+    import numpy as np
+    import torch
+
+    from engine.examples import export_model
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(64, width), torch.nn.ReLU()]
+    for _ in range(hidden - 1):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+    out.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    files = export_model(model, x, out / "slow")
+    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
+    return {"onnx": files["onnx"], "npz": out / "slow.npz"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -369,6 +390,18 @@ class Stack:
             return body if body["status"] != "pending" else None
 
         return wait_for(done, timeout=120)
+
+    def upload_ready(self, files: dict[str, Path], headers: dict[str, str]) -> dict[str, str]:
+        """Upload `files` (`onnx` and `npz`, as `slow_mlp` writes them), have a worker of its
+        own inspect the model, stop that worker; the model and dataset ids."""
+        worker = self.start_worker()
+        model = self.upload("models", files["onnx"], headers).json()
+        assert self.wait_model(model["id"], headers)["status"] == "ready"
+        dataset = self.upload("datasets", files["npz"], headers).json()
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+        self.workers.remove(worker)
+        return {"model_id": model["id"], "dataset_id": dataset["id"]}
 
     def wait_job(
         self, job_id: str, headers: dict[str, str], timeout: float = 300

@@ -15,6 +15,7 @@ from tests.conftest import (
     Stack,
     free_port,
     settings_from,
+    slow_mlp,
     start_stack,
     wait_for,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Stack",
     "free_port",
     "settings_from",
+    "slow_mlp",
     "start_stack",
     "wait_for",
 ]

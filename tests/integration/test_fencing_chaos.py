@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     PostgresCluster,
     RedisServer,
     Stack,
+    slow_mlp,
     start_stack,
     wait_for,
 )
@@ -94,32 +95,7 @@ def slow(
 ) -> dict[str, str]:
     """The slow MLP of test_reliability (its static int8 step takes several seconds), uploaded
     and inspected by a worker that is then stopped."""
-    import numpy as np
-    import torch
-
-    from engine.examples import export_model
-
-    torch.manual_seed(0)
-    width = 2048
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, 10),
-    )
-    out = tmp_path_factory.mktemp("fence-slow")
-    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-    files = export_model(model, x, out / "slow")
-    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
-    rel_stack.start_worker()
-    uploaded = rel_stack.upload("models", files["onnx"], team).json()
-    assert rel_stack.wait_model(uploaded["id"], team)["status"] == "ready"
-    dataset = rel_stack.upload("datasets", out / "slow.npz", team).json()
-    rel_stack.stop_workers()
-    return {"model_id": uploaded["id"], "dataset_id": dataset["id"]}
+    return rel_stack.upload_ready(slow_mlp(tmp_path_factory.mktemp("fence-slow")), team)
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,14 @@ from app.services import janitor
 from app.services.reconciler import reconcile_once
 from app.storage.local import LocalBlobStore
 from tests.conftest import settings_from
-from tests.integration.conftest import PostgresCluster, RedisServer, Stack, start_stack, wait_for
+from tests.integration.conftest import (
+    PostgresCluster,
+    RedisServer,
+    Stack,
+    slow_mlp,
+    start_stack,
+    wait_for,
+)
 from tests.security.uploads_support import (
     Server,
     api_server,
@@ -248,35 +255,12 @@ def worker_stack(
         yield from start_stack("janitor", env, tmp, workers=0)
 
 
-def slow_model(out: Path) -> dict[str, Path]:
-    """An MLP 64-1024-1024-1024-10 (9 MB): its static int8 job takes a few seconds."""
-    import torch
-
-    from engine.examples import export_model
-
-    torch.manual_seed(0)
-    width = 1024
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, 10),
-    )
-    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-    files = export_model(model, x, out / "slow")
-    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
-    return {"onnx": files["onnx"], "npz": out / "slow.npz"}
-
-
 def test_a_killed_workers_scratch_goes_and_the_current_attempts_stays(
     worker_stack: Stack, tmp_path: Path
 ) -> None:
     stack = worker_stack
     _, team = stack.new_team("scratch")
-    files = slow_model(tmp_path)
+    files = slow_mlp(tmp_path, width=1024)  # static int8: a few seconds
     worker = stack.start_worker()
     model = stack.upload("models", files["onnx"], team).json()
     assert stack.wait_model(model["id"], team)["status"] == "ready"

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -30,7 +29,14 @@ from app.queue import (
     waiting,
 )
 from app.services.reconciler import reconcile_once
-from tests.integration.conftest import PostgresCluster, RedisServer, Stack, start_stack, wait_for
+from tests.integration.conftest import (
+    PostgresCluster,
+    RedisServer,
+    Stack,
+    slow_mlp,
+    start_stack,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -78,23 +84,7 @@ def rc_stack(
 @pytest.fixture(scope="module")
 def slow_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An MLP 64-1024-1024-10: its static int8 job takes a few seconds."""
-    import torch
-
-    from engine.examples import export_model
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 10),
-    )
-    out = tmp_path_factory.mktemp("rc-slow")
-    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-    files = export_model(model, x, out / "slow")
-    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
-    return {"onnx": files["onnx"], "npz": out / "slow.npz"}
+    return slow_mlp(tmp_path_factory.mktemp("rc-slow"), width=1024, hidden=2)
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +94,7 @@ def team(rc_stack: Stack) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def slow(rc_stack: Stack, team: dict[str, str], slow_files: dict[str, Path]) -> dict[str, str]:
-    worker = rc_stack.start_worker()
-    model = rc_stack.upload("models", slow_files["onnx"], team).json()
-    assert rc_stack.wait_model(model["id"], team)["status"] == "ready"
-    dataset = rc_stack.upload("datasets", slow_files["npz"], team).json()
-    os.killpg(worker.pid, signal.SIGTERM)
-    worker.wait(timeout=30)
-    rc_stack.workers.remove(worker)
-    return {"model_id": model["id"], "dataset_id": dataset["id"]}
+    return rc_stack.upload_ready(slow_files, team)
 
 
 @pytest.fixture(autouse=True)

@@ -14,11 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from app.services.reconciler import reconcile_once
-from tests.integration.conftest import PostgresCluster, RedisServer, Stack, start_stack, wait_for
+from tests.integration.conftest import (
+    PostgresCluster,
+    RedisServer,
+    Stack,
+    slow_mlp,
+    start_stack,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -67,26 +73,7 @@ def rel_stack(
 @pytest.fixture(scope="module")
 def slow_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An MLP 64-2048-2048-2048-10 (35 MB): its static int8 job takes several seconds."""
-    import torch
-
-    from engine.examples import export_model
-
-    torch.manual_seed(0)
-    width = 2048
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, 10),
-    )
-    out = tmp_path_factory.mktemp("slow")
-    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-    files = export_model(model, x, out / "slow")
-    np.savez(out / "slow.npz", x=x, labels=np.zeros(2000, np.int64))
-    return {"onnx": files["onnx"], "npz": out / "slow.npz"}
+    return slow_mlp(tmp_path_factory.mktemp("slow"))
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +83,7 @@ def team(rel_stack: Stack) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def slow(rel_stack: Stack, team: dict[str, str], slow_files: dict[str, Path]) -> dict[str, str]:
-    worker = rel_stack.start_worker()
-    model = rel_stack.upload("models", slow_files["onnx"], team).json()
-    assert rel_stack.wait_model(model["id"], team)["status"] == "ready"
-    dataset = rel_stack.upload("datasets", slow_files["npz"], team).json()
-    os.killpg(worker.pid, signal.SIGTERM)
-    worker.wait(timeout=30)
-    rel_stack.workers.remove(worker)
-    return {"model_id": model["id"], "dataset_id": dataset["id"]}
+    return rel_stack.upload_ready(slow_files, team)
 
 
 @pytest.fixture(autouse=True)
