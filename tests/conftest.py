@@ -107,6 +107,28 @@ def slow_mlp(out: Path, width: int = 2048, hidden: int = 3) -> dict[str, Path]:
     return {"onnx": files["onnx"], "npz": out / "slow.npz"}
 
 
+def chaos_env(
+    tmp: Path, database_url: str, broker_url: str, queue: str, **overrides: str
+) -> dict[str, str]:
+    """The stack settings of the chaos tests (a test's own Redis and Postgres): tight leases, a
+    reconciler every second in the API process, a queue of its own; `overrides` by name."""
+    return {
+        "COMPAAS_MODE": "embedded",
+        "COMPAAS_DATA_DIR": str(tmp),
+        "COMPAAS_DATABASE_URL": database_url,
+        "COMPAAS_BROKER_URL": broker_url,
+        "COMPAAS_WORKER_QUEUES": f"{queue}-{uuid.uuid4().hex[:8]}",
+        "COMPAAS_LEASE_S": "6",
+        "COMPAAS_HEARTBEAT_S": "1",
+        "COMPAAS_REQUEUE_AFTER_S": "4",
+        "COMPAAS_RECONCILE_INTERVAL_S": "1",
+        "COMPAAS_RUN_RECONCILER": "true",
+        "COMPAAS_MAX_ATTEMPTS": "3",
+        "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
+        **overrides,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.integration.conftest import (
     PostgresCluster,
     RedisServer,
     Stack,
+    chaos_env,
     slow_mlp,
     start_stack,
     wait_for,
@@ -67,20 +67,13 @@ def rel_stack(
 ) -> Iterator[Stack]:
     """Tight leases and a fast reconciler, so a frozen worker loses its job within seconds."""
     tmp = tmp_path_factory.mktemp("fencing-stack")
-    env = {
-        "COMPAAS_MODE": "embedded",
-        "COMPAAS_DATA_DIR": str(tmp),
-        "COMPAAS_DATABASE_URL": fence_postgres.create_database(),
-        "COMPAAS_BROKER_URL": fence_redis.url,
-        "COMPAAS_WORKER_QUEUES": f"fence-{uuid.uuid4().hex[:8]}",
-        "COMPAAS_LEASE_S": str(LEASE_S),
-        "COMPAAS_HEARTBEAT_S": "1",
-        "COMPAAS_REQUEUE_AFTER_S": "4",
-        "COMPAAS_RECONCILE_INTERVAL_S": "1",
-        "COMPAAS_RUN_RECONCILER": "true",
-        "COMPAAS_MAX_ATTEMPTS": "3",
-        "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
-    }
+    env = chaos_env(
+        tmp,
+        fence_postgres.create_database(),
+        fence_redis.url,
+        "fence",
+        COMPAAS_LEASE_S=str(LEASE_S),
+    )
     yield from start_stack("fencing", env, tmp, workers=0)
 
 

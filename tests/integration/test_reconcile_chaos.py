@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.integration.conftest import (
     PostgresCluster,
     RedisServer,
     Stack,
+    chaos_env,
     slow_mlp,
     start_stack,
     wait_for,
@@ -64,20 +64,14 @@ def rc_stack(
 ) -> Iterator[Stack]:
     """Tight leases and a reconciler every second in the API process; no worker yet."""
     tmp = tmp_path_factory.mktemp("rc-stack")
-    env = {
-        "COMPAAS_MODE": "embedded",
-        "COMPAAS_DATA_DIR": str(tmp),
-        "COMPAAS_DATABASE_URL": rc_postgres.create_database(),
-        "COMPAAS_BROKER_URL": rc_redis.url,
-        "COMPAAS_WORKER_QUEUES": f"rc-{uuid.uuid4().hex[:8]}",
-        "COMPAAS_LEASE_S": "6",
-        "COMPAAS_HEARTBEAT_S": "1",
-        "COMPAAS_REQUEUE_AFTER_S": str(REQUEUE_AFTER_S),
-        "COMPAAS_RECONCILE_INTERVAL_S": "1",
-        "COMPAAS_RUN_RECONCILER": "true",
-        "COMPAAS_INSPECT_MAX_PUBLISHES": "3",
-        "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
-    }
+    env = chaos_env(
+        tmp,
+        rc_postgres.create_database(),
+        rc_redis.url,
+        "rc",
+        COMPAAS_REQUEUE_AFTER_S=str(REQUEUE_AFTER_S),
+        COMPAAS_INSPECT_MAX_PUBLISHES="3",
+    )
     yield from start_stack("reconcile", env, tmp, workers=0)
 
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tests.integration.conftest import (
     PostgresCluster,
     RedisServer,
     Stack,
+    chaos_env,
     slow_mlp,
     start_stack,
     wait_for,
@@ -53,20 +53,7 @@ def rel_stack(
 ) -> Iterator[Stack]:
     """Tight leases and a fast reconciler, so recovery shows within seconds; no worker yet."""
     tmp = tmp_path_factory.mktemp("rel-stack")
-    env = {
-        "COMPAAS_MODE": "embedded",
-        "COMPAAS_DATA_DIR": str(tmp),
-        "COMPAAS_DATABASE_URL": rel_postgres.create_database(),
-        "COMPAAS_BROKER_URL": rel_redis.url,
-        "COMPAAS_WORKER_QUEUES": f"rel-{uuid.uuid4().hex[:8]}",
-        "COMPAAS_LEASE_S": "6",
-        "COMPAAS_HEARTBEAT_S": "1",
-        "COMPAAS_REQUEUE_AFTER_S": "4",
-        "COMPAAS_RECONCILE_INTERVAL_S": "1",
-        "COMPAAS_RUN_RECONCILER": "true",
-        "COMPAAS_MAX_ATTEMPTS": "3",
-        "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
-    }
+    env = chaos_env(tmp, rel_postgres.create_database(), rel_redis.url, "rel")
     yield from start_stack("reliability", env, tmp, workers=0)
 
 
