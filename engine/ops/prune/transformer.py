@@ -146,11 +146,14 @@ def _chosen(
     import torch
 
     counts = [
-        min(b.units, _keep_count(kept[b.sink].units, targets[b.kind], b.kind, round_to))
+        min(
+            b.units,
+            measured[b.sink]
+            if measured is not None
+            else _keep_count(kept[b.sink].units, targets[b.kind], b.kind, round_to),
+        )
         for b in blocks
     ]
-    if measured is not None:
-        counts = [min(b.units, measured[b.sink]) for b in blocks]
     if config.scope == "global":
         for kind in ("attention", "ffn"):
             members = [i for i, b in enumerate(blocks) if b.kind == kind]
