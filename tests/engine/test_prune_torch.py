@@ -225,3 +225,19 @@ def test_activation_criterion_scores_cnn_channels_by_what_they_pass_on(
     assert step["details"]["criterion"] == "activation"
     assert result["final"]["macs"] < 0.8 * result["original"]["macs"]
     assert result["final"]["agreement_top1"] >= 0.7
+
+
+def test_measured_scope_on_a_model_without_attention_is_refused(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError) as err:
+        compress(
+            mlp_files["pt2"],
+            [{"op": "prune", "granularity": "channels", "sparsity": 0.5, "scope": "measured"}],
+            dataset_path=mlp_files["npz"],
+            workdir=tmp_path / "w",
+        )
+    assert err.value.code == "invalid_pipeline" and err.value.field == "pipeline"
+    assert "has no attention block" in str(err.value) and "scope 'layer'" in str(err.value)
