@@ -86,10 +86,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 120, interval: float
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def slow_mlp(out: Path, width: int = 2048, hidden: int = 3) -> dict[str, Path]:
+def slow_mlp(out: Path, width: int = 1024, hidden: int = 2) -> dict[str, Path]:
     """An MLP 64 → `hidden` × `width` → 10 (ReLU) as ONNX plus 2000 random samples with labels
-    (`onnx`, `npz` under `out`): a job on it runs long enough (static int8: seconds) for a
-    test to kill, freeze or restart something while it runs."""
+    (`onnx`, `npz` under `out`): a job on it runs long enough (static int8 over 2000 samples:
+    about 8 s on an idle 2-core machine at the default size) for a test to kill, freeze or
+    restart something while it runs, and short enough that a test can run it again."""
     import numpy as np
     import torch
 

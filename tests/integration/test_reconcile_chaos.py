@@ -78,7 +78,7 @@ def rc_stack(
 @pytest.fixture(scope="module")
 def slow_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An MLP 64-1024-1024-10: its static int8 job takes a few seconds."""
-    return slow_mlp(tmp_path_factory.mktemp("rc-slow"), width=1024, hidden=2)
+    return slow_mlp(tmp_path_factory.mktemp("rc-slow"))
 
 
 @pytest.fixture(scope="module")
