@@ -164,8 +164,11 @@ function liveJob() {
     if (data.status) setStatus(data.status);
     if (data.status === "succeeded") setProgress(1);
   });
+  let finished = false;
   source.addEventListener("done", (e) => {
-    source.close();
+    // the server ends the stream right after `done`; closing on that end (below) instead of
+    // here lets the response finish rather than be aborted
+    finished = true;
     const data = JSON.parse(e.data);
     if (data.status) setStatus(data.status);
     if (data.status === "succeeded") setProgress(1);
@@ -173,7 +176,8 @@ function liveJob() {
     setTimeout(() => location.reload(), 1500);
   });
   source.addEventListener("error", () => {
-    if (source.readyState === EventSource.CLOSED) note.textContent = "the event stream closed; reload to see the job";
+    if (finished) source.close(); // the stream ended after `done`: do not reconnect
+    else if (source.readyState === EventSource.CLOSED) note.textContent = "the event stream closed; reload to see the job";
   });
 }
 
