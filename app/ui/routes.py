@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -16,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import open_session
 from app.api.multipart import receive_upload
 from app.api.problems import Problem
+from app.api.ratelimit import team_limits
 from app.config import Settings
 from app.db.base import utcnow
 from app.errors import AppError, NotFound
@@ -55,6 +57,11 @@ router = APIRouter(include_in_schema=False)
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL = ("succeeded", "failed", "canceled")
 StatusFilter = Literal["", "queued", "running", "succeeded", "failed", "canceled"]
+
+
+# The /v1 per-team limits (rate, requests and uploads in flight) on the dashboard's forms too;
+# over them the answer is the API's 429 problem with Retry-After.
+counted = asynccontextmanager(team_limits)
 
 
 def _settings(request: Request) -> Settings:
@@ -233,7 +240,8 @@ async def create_job(request: Request) -> Response:
     form = await request.form()
     check_csrf(request, who, str(form.get("csrf") or ""))
     values = {k: str(v) for k, v in form.items() if k != "csrf" and isinstance(v, str)}
-    return await run_in_threadpool(_create_job, request, who, values)
+    async with counted(request, who.team):
+        return await run_in_threadpool(_create_job, request, who, values)
 
 
 def _job_body(values: dict[str, str]) -> dict[str, Any]:
@@ -315,7 +323,8 @@ async def job_action(request: Request, job_id: str, action: Literal["cancel", "r
                 return render("error.html.j2", who, 409, title=f"Cannot {action}", error=exc)
         return see_other(f"/ui/jobs/{job_id}")
 
-    return await run_in_threadpool(act)
+    async with counted(request, who.team):
+        return await run_in_threadpool(act)
 
 
 @router.get("/ui/compare")
@@ -377,6 +386,11 @@ def _uploads(
 
 async def _upload(request: Request, kind: UploadedKind[Any]) -> Response:
     who = await run_in_threadpool(viewer, request)
+    async with counted(request, who.team):
+        return await _receive(request, who, kind)
+
+
+async def _receive(request: Request, who: Viewer, kind: UploadedKind[Any]) -> Response:
     settings = _settings(request)
     try:
         upload = await receive_upload(

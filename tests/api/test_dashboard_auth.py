@@ -222,7 +222,11 @@ def test_the_cookie_only_reads_on_v1_and_never_changes_anything(
 
 
 def test_a_session_sees_only_its_team(
-    api_stack: Stack, team_a: dict[str, str], team_b: dict[str, str], job_a: dict[str, Any]
+    api_stack: Stack,
+    team_a: dict[str, str],
+    team_b: dict[str, str],
+    job_a: dict[str, Any],
+    digits_files: dict[str, Path],
 ) -> None:
     browser = _browser(api_stack)
     _sign_in(browser, _key(team_b))
@@ -243,6 +247,18 @@ def test_a_session_sees_only_its_team(
 
     mine = _browser(api_stack)
     _sign_in(mine, _key(team_a))
+    with digits_files["npz"].open("rb") as fh:
+        up = mine.post(
+            "/ui/datasets",
+            data={"csrf": _csrf(mine), "name": "digits-ui"},
+            files={"file": ("digits.npz", fh)},
+        )
+    assert up.status_code == 303, up.text
+    dataset_id = up.headers["location"].split("uploaded_id=", 1)[1]
+    listed = api_stack.client.get(f"/v1/datasets/{dataset_id}", headers=team_a).json()
+    assert listed["name"] == "digits-ui" and listed["num_samples"] > 0
+    assert dataset_id in mine.get("/ui/uploads").text
+    assert dataset_id not in browser.get("/ui/uploads").text
     page = mine.get(f"/ui/jobs/{job_id}")
     assert page.status_code == 200 and 'id="progress"' in page.text
     assert f'data-events="/v1/jobs/{job_id}/events"' in page.text
