@@ -150,7 +150,14 @@ def test_the_dashboard_in_chromium(
             page.wait_for_function(
                 "() => document.querySelectorAll('#op-select option').length > 3"
             )
+            # the builder: a step added from the schema's defaults becomes the pipeline JSON
+            page.check("#kind-pipeline")
+            page.select_option("#op-select", "quantize")
+            page.click("#add-step")
+            built = json.loads(page.input_value("#pipeline-json"))
+            seen["built"] = built
             shot("03-new-job")
+            page.check("#kind-preset")
             page.click("#start-job")
             page.wait_for_url("**/ui/jobs/*")
             job_id = page.url.rsplit("/", 1)[1]
@@ -235,6 +242,8 @@ def test_the_dashboard_in_chromium(
     assert all(w > 100 and h > 30 for w, h in sizes), sizes
     assert styled == "rgb(43, 108, 176)"  # the report's stylesheet, served by the app
     assert compare_points >= 1
+    (step,) = seen["built"]
+    assert step["op"] == "quantize" and step["dtype"] == "int8" and "version" not in step
     assert sorted(f.name for f in shots.glob("*.png")) == [
         "01-login.png",
         "02-uploads.png",
