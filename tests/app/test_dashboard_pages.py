@@ -106,3 +106,21 @@ def test_compare_plots_size_or_latency_against_fidelity() -> None:
     _no_inline_code(html)
     assert html.count('class="point job-point"') == 2 and html.count('<tr class="compared">') == 3
     assert compare.compare([running], "size").chart is None
+
+
+def test_the_builders_defaults_are_valid_steps() -> None:
+    """The pipeline builder (ui.js `defaultsOf`) fills a new step with every property's default
+    from GET /v1/methods' schema, except `op` and `version`: each such step parses as is."""
+    import json
+
+    from app.api.routes.catalog import list_methods
+    from engine.config import OPS
+
+    items = list_methods()["items"]
+    assert {item["op"] for item in items} == set(OPS)
+    for item in items:
+        props = item["schema"]["properties"]
+        step = {k: p["default"] for k, p in props.items() if "default" in p}
+        step.pop("version", None)
+        step["op"] = item["op"]
+        OPS[item["op"]].model_validate(json.loads(json.dumps(step)))
