@@ -16,6 +16,7 @@ from app.config import Settings, get_settings
 from app.db.session import configure_pool
 from app.signing import signing_key
 from app.storage import get_blob_store
+from app.ui import install as install_dashboard
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     for module in (models, datasets, jobs, artifacts):
         app.include_router(module.router, dependencies=[Depends(team_limits)])
+    install_dashboard(app)  # the web dashboard at /ui and `GET /` (issue #16, app/ui)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(AuthFailureLimit, limiter=app.state.limiter)
     # Outside Starlette's error middleware too, so that even a 500 carries the headers.

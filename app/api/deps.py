@@ -15,6 +15,7 @@ from app.config import Settings
 from app.db.models import Team
 from app.db.session import get_sessionmaker
 from app.security import api_key_pepper
+from app.services import ui_sessions
 from app.services.auth import ExpiredApiKey, InvalidApiKey, authenticate
 from app.storage import BlobStore
 
@@ -61,10 +62,44 @@ StorageDep = Annotated[BlobStore, Depends(_storage)]
 
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="compaas"'}
 
+# --- dashboard session cookie (issue #16, app/ui) -------------------------------------------
+# The browser's own requests to /v1 carry no Authorization header: its EventSource, the report
+# link and the download buttons. Only these safe GETs accept the dashboard's session cookie;
+# every other /v1 route, and every state-changing one, still needs the API key, so a cookie
+# can never change anything without the dashboard's CSRF-checked forms.
+COOKIE_ROUTES = frozenset(
+    {
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/report",
+        "/v1/artifacts/{artifact_id}/download",
+    }
+)
+
+
+def cookie_team(request: Request, settings: Settings) -> Team | None:
+    """The team of the request's dashboard session, on a COOKIE_ROUTES GET; else None."""
+    if request.method not in ("GET", "HEAD"):
+        return None
+    route = request.scope.get("route")
+    if getattr(route, "path", None) not in COOKIE_ROUTES:
+        return None
+    secure = request.url.scheme == "https"
+    token = request.cookies.get(ui_sessions.cookie_name(secure), "")
+    if not token:
+        return None
+    with open_session(settings) as session:
+        signed_in = ui_sessions.resolve(session, token, api_key_pepper(settings))
+    return signed_in.team if signed_in is not None else None
+
+
+# --- end dashboard session cookie --------------------------------------------------------
+
 
 def _current_team(request: Request, settings: SettingsDep) -> Team:
     """The key's team, looked up in a short session of its own (never held during a body)."""
     header = request.headers.get("authorization", "")
+    if not header and (team := cookie_team(request, settings)) is not None:  # dashboard (#16)
+        return team
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Problem(

@@ -8,6 +8,7 @@ from app.db.models.janitor import JanitorReclaimed, OrphanBlob
 from app.db.models.job import Job, JobStatus, JobStep, StepStatus
 from app.db.models.model import Model, ModelStatus
 from app.db.models.team import ApiKey, Team
+from app.db.models.ui_session import UiSession
 from app.db.models.worker_host import WorkerHost
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "OrphanBlob",
     "StepStatus",
     "Team",
+    "UiSession",
     "WorkerHost",
 ]
