@@ -162,24 +162,8 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _document(app: FastAPI) -> None:
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = document_problems(FastAPI.openapi(app))
-            # Swagger's Authorize dialog lists the schemes in this order: teams' key first
-            schemes = schema["components"].get("securitySchemes", {})
-            schema["components"]["securitySchemes"] = dict(
-                sorted(schemes.items(), key=lambda item: item[0] != "ApiKey")
-            )
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on the app and document them in its OpenAPI."""
-    _document(app)
+    """Register the problem+json handlers on the app (app.api.openapi documents them)."""
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:

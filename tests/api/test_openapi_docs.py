@@ -6,12 +6,14 @@ answers are validated against (schemathesis)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
 
 from tests.conftest import PROBLEM, Stack, problem
+from tests.security.limits_support import embedded
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
@@ -36,7 +38,9 @@ def test_authenticated_routes_carry_a_bearer_scheme(document: dict[str, Any]) ->
     paths = document["paths"]
     assert paths["/v1/jobs"]["post"]["security"] == [{"ApiKey": []}]
     assert paths["/v1/artifacts/{artifact_id}/download"]["get"]["security"] == [{"ApiKey": []}]
-    assert paths["/metrics"]["get"]["security"] == [{"OpsToken": []}]
+    # no COMPAAS_OPS_TOKEN here: /metrics takes the token, or nothing
+    assert paths["/metrics"]["get"]["security"] == [{"OpsToken": []}, {}]
+    assert list(schemes) == ["ApiKey", "OpsToken"]  # Swagger's Authorize lists teams' first
     for open_route in ("/healthz", "/v1/keys", "/v1/methods"):
         assert "security" not in paths[open_route]["get"], open_route
     secured = [op for item in paths.values() for op in item.values() if op.get("security")]
@@ -167,3 +171,14 @@ def test_swagger_is_configured_for_the_authorize_button(api_stack: Stack) -> Non
 def test_only_the_bundled_files_are_served(api_stack: Stack) -> None:
     for name in ("core.py", "__init__.py", "..%2Fcore.py", "LICENSE"):
         problem(api_stack.client.get(f"/docs/assets/{name}"), 404, "not_found")
+
+
+def test_with_an_ops_token_the_pages_assets_and_metrics_need_it(tmp_path: Path) -> None:
+    token = "t" * 40
+    with embedded(tmp_path, ops_token=token) as stack:
+        ops = {"Authorization": f"Bearer {token}"}
+        for url in ("/docs", "/docs/assets/swagger-ui-bundle.js", "/openapi.json"):
+            problem(stack.client.get(url), 401, "ops_token_required")
+            assert stack.client.get(url, headers=ops).status_code == 200, url
+        document = stack.client.get("/openapi.json", headers=ops).json()
+        assert document["paths"]["/metrics"]["get"]["security"] == [{"OpsToken": []}]
