@@ -72,6 +72,7 @@ def test_every_error_response_is_problem_json(document: dict[str, Any]) -> None:
     assert "HTTPValidationError" not in str(document)
 
 
+@pytest.mark.slow  # 3.6 s: schemathesis loads and resolves the whole document
 def test_real_error_answers_match_the_documented_problem(
     api_stack: Stack, api_team: dict[str, str]
 ) -> None:
@@ -173,6 +174,7 @@ def test_only_the_bundled_files_are_served(api_stack: Stack) -> None:
         problem(api_stack.client.get(f"/docs/assets/{name}"), 404, "not_found")
 
 
+@pytest.mark.slow  # 3.7 s: a deployment of its own, its first team made by the CLI
 def test_with_an_ops_token_the_pages_assets_and_metrics_need_it(tmp_path: Path) -> None:
     token = "t" * 40
     with embedded(tmp_path, ops_token=token) as stack:
