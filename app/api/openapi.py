@@ -7,11 +7,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.deps import api_key_bearer
+from app.api.ops import ops_bearer
 from app.api.problems import document_problems
 from app.config import Settings
 
-API_KEY_SCHEME = "ApiKey"  # app.api.deps
-OPS_TOKEN_SCHEME = "OpsToken"  # app.api.ops
+API_KEY_SCHEME = api_key_bearer.scheme_name
+OPS_TOKEN_SCHEME = ops_bearer.scheme_name
 
 
 def document_security(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
