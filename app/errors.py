@@ -49,8 +49,10 @@ class Unavailable(AppError):
     """The deployment is not set up for this (an operator must configure it)."""
 
 
+# Where a kind is listed, when not at GET /v1/{kind}s (artifacts are listed on their job).
+LISTED_AT = {"artifact": "a job's `artifacts` at GET /v1/jobs/{job_id} (jobs: GET /v1/jobs)"}
+
+
 def not_found(kind: str, object_id: str) -> NotFound:
-    return NotFound(
-        "not_found",
-        f"No {kind} with id {object_id!r} in your team. List yours with GET /v1/{kind}s.",
-    )
+    listed = LISTED_AT.get(kind, f"yours with GET /v1/{kind}s")
+    return NotFound("not_found", f"No {kind} with id {object_id!r} in your team. List {listed}.")

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from app.api import ops, problems
+from app.api import openapi, ops, problems
 from app.api.headers import SecurityHeaders
 from app.api.ratelimit import AuthFailureLimit, JsonBodyLimit, Limiter, team_limits
 from app.api.routes import artifacts, catalog, datasets, health, jobs, keys, models
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             processes,
         )
     problems.install(app)
+    openapi.install(app, settings)
     for module in (health, catalog, keys, ops):
         app.include_router(module.router)
     for module in (models, datasets, jobs, artifacts):

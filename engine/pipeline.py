@@ -490,6 +490,7 @@ def _finish(job: _Job, state: _State) -> dict[str, Any]:
         "final": final_metrics,
         "quality": verdict,
         "ratios": ratios,
+        "compression_basis": evaluation.compression_basis(final_metrics)[0],
         "artifacts": artifacts,
         "warnings": warnings,
         "accuracy_measured": "accuracy_top1" in final_metrics,

@@ -11,7 +11,7 @@ Pure: no model, no runtime; the floors are metric names of docs/metrics.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 Verdict = Literal["ok", "degraded", "rejected"]
@@ -185,3 +185,18 @@ def step_warning(quality: Mapping[str, Any]) -> str:
         f"This step's output is under the quality floor: {shortfall(quality)}. The floor "
         "applies to the final result; a later step (distill, fine_tune) may recover."
     )
+
+
+def step_warnings(steps: Iterable[tuple[int, str, Sequence[str] | None]]) -> list[str]:
+    """The steps' warnings, (index, op, warnings) each, for the job's list: labelled with
+    their step, a text several steps gave listed once with all of them."""
+    where: dict[str, list[str]] = {}
+    for index, op, warnings in steps:
+        for text in warnings or ():
+            label = f"{index} ({op})"
+            if label not in where.setdefault(str(text), []):
+                where[str(text)].append(label)
+    return [
+        f"{'step' if len(labels) == 1 else 'steps'} {', '.join(labels)}: {text}"
+        for text, labels in where.items()
+    ]

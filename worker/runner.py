@@ -541,6 +541,7 @@ def _finalize(relay: _EventRelay, result: dict[str, Any]) -> str:
             "original": result["original"],
             "final": result["final"],
             "ratios": result["ratios"],
+            "compression_basis": result.get("compression_basis", "onnx"),
             "accuracy_measured": result.get("accuracy_measured", False),
             "calibration_source": result.get("calibration_source"),
             "evaluation": result.get("evaluation"),

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -61,6 +62,13 @@ async def _storage(request: Request) -> BlobStore:
 StorageDep = Annotated[BlobStore, Depends(_storage)]
 
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="compaas"'}
+# Names the scheme in /openapi.json (Swagger's Authorize button); the route raises the 401.
+api_key_bearer = HTTPBearer(
+    scheme_name="ApiKey",
+    bearerFormat="API key",
+    description="Your team's API key (`compaas admin create-team NAME` prints the first one).",
+    auto_error=False,
+)
 
 # --- dashboard session cookie (issue #16, app/ui) -------------------------------------------
 # The browser's own requests to /v1 carry no Authorization header: its EventSource, the report
@@ -95,13 +103,18 @@ def cookie_team(request: Request, settings: Settings) -> Team | None:
 # --- end dashboard session cookie --------------------------------------------------------
 
 
-def _current_team(request: Request, settings: SettingsDep) -> Team:
+def _current_team(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_bearer)],
+) -> Team:
     """The key's team, looked up in a short session of its own (never held during a body)."""
-    header = request.headers.get("authorization", "")
-    if not header and (team := cookie_team(request, settings)) is not None:  # dashboard (#16)
+    if not request.headers.get("authorization") and (
+        team := cookie_team(request, settings)  # dashboard (#16)
+    ) is not None:
         return team
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = credentials.credentials if credentials is not None else ""
+    if not key.strip():
         raise Problem(
             401,
             "unauthorized",

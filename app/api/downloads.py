@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import unicodedata
 from typing import Protocol
 from urllib.parse import quote
 
@@ -31,8 +32,11 @@ class StoredBlob(Protocol):
 
 def content_disposition(filename: str) -> str:
     """RFC 6266 `attachment` with an ASCII fallback and the exact name per RFC 5987 (UTF-8)."""
+    letters = "".join(
+        c for c in unicodedata.normalize("NFKD", filename) if not unicodedata.combining(c)
+    )  # "Modèle" -> "Modele"
     fallback = (
-        "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in filename).strip()
+        "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in letters).strip()
         or "download"
     )
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -1,4 +1,5 @@
-"""Security headers on every response; the docs pages get a CSP naming exactly their CDN assets."""
+"""Security headers on every response; the docs pages get a CSP that allows only this origin's
+assets (app.api.ops serves them) and the hash of Swagger UI's one inline script."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import re
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CDN = "https://cdn.jsdelivr.net"
-FAVICON = "https://fastapi.tiangolo.com"
 # Everything that is not a docs page: nothing may load, nothing may frame it.
 STRICT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
@@ -25,21 +24,18 @@ BASE_HEADERS = {
 
 
 def docs_csp(page: str, html: bytes) -> str:
-    """Swagger UI: its CDN bundle plus the hash of its one inline script. ReDoc: its CDN bundle,
-    Google Fonts, blob: workers and inline styles (it injects styled-components CSS)."""
+    """Swagger UI: this origin's bundle plus the hash of its one inline script. ReDoc: this
+    origin's bundle, blob: workers and inline styles (it injects styled-components CSS)."""
     hashes = [
         "'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'"
         for s in _INLINE_SCRIPT.findall(html)
     ]
-    common = f"default-src 'none'; img-src 'self' data: {FAVICON}; connect-src 'self'"
+    common = "default-src 'none'; img-src 'self' data:; connect-src 'self'"
     tail = "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     if page == "redoc":
-        return (
-            f"{common}; script-src {CDN}; worker-src blob:; "
-            "style-src 'unsafe-inline' https://fonts.googleapis.com; "
-            f"font-src https://fonts.gstatic.com; {tail}"
-        )
-    return f"{common}; script-src {CDN} {' '.join(hashes)}; style-src {CDN}; {tail}"
+        styles = "style-src 'self' 'unsafe-inline'"
+        return f"{common}; script-src 'self'; worker-src blob:; {styles}; {tail}"
+    return f"{common}; script-src 'self' {' '.join(hashes)}; style-src 'self'; {tail}"
 
 
 class SecurityHeaders:

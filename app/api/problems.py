@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -61,18 +61,33 @@ class Problem(Exception):
         return body
 
 
+class FieldErrorRead(BaseModel):
+    """One invalid part of a request (`validation_error` lists every one)."""
+
+    field: str = Field(description="Where: `name`, `pipeline[0].sparsity`, `limit`…")
+    message: str
+
+
 class ProblemRead(BaseModel):
-    """An RFC 9457 problem: `code` is stable, `detail` says what was wrong and how to fix it."""
+    """An RFC 9457 problem: `code` is stable, `detail` says what was wrong and how to fix it.
+
+    Some codes add members of their own (e.g. `max_steps`, `limit_bytes`, `valid_ops`)."""
 
     model_config = ConfigDict(extra="allow", title="Problem")
 
-    type: str
-    title: str
-    status: int
-    code: str
-    detail: str
-    field: str | None = None
-    instance: str | None = None
+    type: str = Field(description="A URI naming the kind of problem: " + PROBLEM_BASE + "<code>")
+    title: str = Field(description="The code in words")
+    status: int = Field(ge=400, le=599, description="The HTTP status of this answer")
+    code: str = Field(description="Stable, machine-readable: branch on this")
+    detail: str = Field(description="What was wrong and how to fix it")
+    field: str | None = Field(None, description="The request part at fault, when one is")
+    instance: str | None = Field(None, description="The path the request was sent to")
+    errors: list[FieldErrorRead] | None = Field(
+        None, description="validation_error: every invalid part of the request"
+    )
+    input: str | None = Field(
+        None, description="A dataset that does not fit the model: the model input concerned"
+    )
 
 
 STATUS: dict[type[AppError], int] = {
@@ -110,34 +125,45 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _document(app: FastAPI) -> None:
-    """Every operation's errors are problem+json in /openapi.json: 422 and a `default`."""
+ERROR_DESCRIPTIONS = {
+    "401": "No API key, or one that is not valid, expired or revoked",
+    "422": "The request is invalid: `field` and `errors` say where",
+    "default": "An error (RFC 9457 problem+json; `code` says which)",
+}
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["Problem"] = ProblemRead.model_json_schema()
-            content = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
-            for item in schema.get("paths", {}).values():
-                for operation in item.values():
-                    responses = operation.setdefault("responses", {})
-                    if "422" in responses:
-                        responses["422"] = {"description": "Invalid request", "content": content}
-                    responses["default"] = {
-                        "description": "An error (RFC 9457 problem+json)",
-                        "content": content,
-                    }
-            for unused in ("HTTPValidationError", "ValidationError"):
-                components.pop(unused, None)
-        return app.openapi_schema or {}
 
-    app.openapi = openapi  # type: ignore[method-assign]
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Every operation's 4xx/5xx answers as problem+json with the `Problem` schema (instead of
+    FastAPI's HTTPValidationError), a 401 on those that take an API key, and a `default`."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    problem = ProblemRead.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(problem.pop("$defs", {}))
+    components["Problem"] = problem
+    content = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            if operation.get("security"):
+                responses.setdefault("401", {})
+            for status, response in responses.items():
+                if status == "default" or status[0] in "45":
+                    description = response.get("description") or ERROR_DESCRIPTIONS.get(
+                        status, "An error"
+                    )
+                    if status == "422" and "Validation Error" in description:
+                        description = ERROR_DESCRIPTIONS["422"]
+                    responses[status] = {"description": description, "content": content}
+            responses["default"] = {
+                "description": ERROR_DESCRIPTIONS["default"],
+                "content": content,
+            }
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    return schema
 
 
 def install(app: FastAPI) -> None:
-    """Register the problem+json handlers on the app and document them in its OpenAPI."""
-    _document(app)
+    """Register the problem+json handlers on the app (app.api.openapi documents them)."""
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:

@@ -10,6 +10,7 @@ from typing import Any
 
 from app.report import charts
 from app.report.charts import Comparison, Point, Series, finite
+from engine.quality import step_warnings
 
 # (title, metric, unit, better) of the before/after bars
 SIZE_AND_SPEED = [
@@ -188,6 +189,9 @@ def ratio_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         if value is None:
             continue
         text = f"{value * 100:+.1f} points" if fmt == "points" else fmt.format(value)
+        basis = metrics.get("compression_basis")
+        if key == "compression_ratio" and isinstance(basis, str):
+            label += f" ({basis} file)"
         rows.append((label, text))
     sqnr = finite(_dict(metrics.get("final")).get("sqnr_db_min"))
     if sqnr is not None:
@@ -356,9 +360,16 @@ def training_charts(job: dict[str, Any]) -> list[StepChart]:
 
 
 def all_warnings(job: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, text): the job's own warnings, then each step's."""
-    out = [("job", str(w)) for w in _list(job.get("warnings"))]
-    for step in _list(job.get("steps")):
+    """(where, text): the job's own warnings, then each step's (the job's list repeats the
+    steps' ones, labelled: engine.quality.step_warnings; shown once, under their step)."""
+    steps = [s for s in _list(job.get("steps")) if isinstance(s, dict)]
+    labelled = set(
+        step_warnings(
+            (s.get("index", "?"), s.get("op", "?"), _list(s.get("warnings"))) for s in steps
+        )
+    )
+    out = [("job", str(w)) for w in _list(job.get("warnings")) if str(w) not in labelled]
+    for step in steps:
         where = f"step {step.get('index', '?')} ({step.get('op', '?')})"
         out += [(where, str(w)) for w in _list(step.get("warnings"))]
     return out

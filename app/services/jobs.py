@@ -26,7 +26,7 @@ from app.services.models import MODELS
 from engine.config import OpConfig, PipelineError, parse_steps, preset_pipeline, validate_request
 from engine.io.datasets import DatasetMismatch, arrays_for_inputs
 from engine.io.formats import TensorSpec
-from engine.quality import FLOOR_KEYS, FloorError, check_floor
+from engine.quality import FLOOR_KEYS, FloorError, check_floor, step_warnings
 
 
 def _repo(session: Session, team_id: str) -> TeamJobRepository:
@@ -299,7 +299,11 @@ def to_read(job: Job, artifacts: list[Artifact]) -> JobRead:
         metrics=job.metrics,
         quality=job.quality,
         artifacts=[ArtifactRead.model_validate(a) for a in artifacts],
-        warnings=[*(job.warnings or []), *recipes.version_warnings(job)],
+        warnings=[
+            *(job.warnings or []),
+            *step_warnings((s.index, s.op, s.warnings) for s in job.steps),
+            *recipes.version_warnings(job),
+        ],
         error=job.error,  # type: ignore[arg-type]
         attempts=job.attempts,
         created_at=job.created_at,

@@ -11,17 +11,10 @@ from app.config import Settings
 from app.db.models import Artifact
 from app.db.repositories import TeamJobRepository, TeamRepository
 from app.errors import not_found
+from app.services.artifact_names import download_name
 from app.services.recipes import recipe_of
 from app.signing import signing_key
 from engine.provenance import sign_envelope, statement
-
-
-def artifact_filename(artifact: Artifact) -> str:
-    """The name an artifact is downloaded as, and its name in provenance statements."""
-    stem = f"{artifact.job_id[:8]}-{artifact.role}"
-    if artifact.step_index is not None and artifact.role == "checkpoint":
-        stem += f"-step{artifact.step_index}"
-    return f"{stem}.{artifact.format}"
 
 
 def signed_statement(
@@ -35,7 +28,7 @@ def signed_statement(
     if job is None:  # pragma: no cover - an artifact's job is deleted with it
         raise not_found("artifact", artifact_id)
     document = statement(
-        subject_name=artifact_filename(artifact),
+        subject_name=download_name(session, team_id, artifact),
         subject_sha256=artifact.sha256,
         recipe=recipe_of(session, job),
         job={

@@ -1,4 +1,5 @@
-"""Issue #10 item 6: security headers, Content-Disposition per RFC 6266/5987, no absolute paths."""
+"""Issue #10 item 6: security headers, Content-Disposition per RFC 6266/5987, no absolute paths.
+Issue #16: the docs pages allow only this origin's assets."""
 
 from __future__ import annotations
 
@@ -51,14 +52,14 @@ def _script_hashes(csp: str) -> set[str]:
     return set(re.findall(r"'sha256-([A-Za-z0-9+/=]+)'", csp))
 
 
-def test_docs_pages_allow_exactly_their_cdn_assets(stack: tuple[Embedded, dict[str, str]]) -> None:
+def test_docs_pages_allow_exactly_their_own_assets(stack: tuple[Embedded, dict[str, str]]) -> None:
     s, _ = stack
     docs = s.client.get("/docs")
     _base_headers(docs.headers)
     csp = docs.headers["content-security-policy"]
     directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
     assert directives["default-src"] == "'none'"
-    assert directives["style-src"] == "https://cdn.jsdelivr.net"
+    assert directives["style-src"] == "'self'"
     sources = set(directives["script-src"].split())
     assert "'unsafe-inline'" not in sources and "'unsafe-eval'" not in sources
     # Swagger UI's one inline script is allowed by its hash, and nothing else inline is.
@@ -66,17 +67,17 @@ def test_docs_pages_allow_exactly_their_cdn_assets(stack: tuple[Embedded, dict[s
     assert len(inline) == 1
     digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
     assert _script_hashes(csp) == {digest}
-    assert sources == {"https://cdn.jsdelivr.net", f"'sha256-{digest}'"}
-    for src in re.findall(r'(?:src|href)="(https://[^"]+)"', docs.text):
-        origin = "/".join(src.split("/")[:3])
-        assert origin in csp, f"{src} is not allowed by {csp}"
+    assert sources == {"'self'", f"'sha256-{digest}'"}
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and all(src.startswith("/docs/assets/") for src in assets)
 
     redoc = s.client.get("/redoc")
     _base_headers(redoc.headers)
     csp = redoc.headers["content-security-policy"]
-    for src in re.findall(r'(?:src|href)="(https://[^"]+)"', redoc.text):
-        assert "/".join(src.split("/")[:3]) in csp
-    assert "script-src https://cdn.jsdelivr.net;" in csp
+    assert "https:" not in csp and "http:" not in csp
+    assert "script-src 'self';" in csp
+    assets = re.findall(r'(?:src|href)="([^"]+)"', redoc.text)
+    assert assets and all(src.startswith("/docs/assets/") for src in assets)
 
 
 @pytest.mark.parametrize(

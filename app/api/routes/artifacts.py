@@ -9,6 +9,7 @@ from app.api.downloads import blob_response
 from app.schemas.jobs import ArtifactRead
 from app.services import jobs as job_service
 from app.services import provenance
+from app.services.artifact_names import download_name
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -30,7 +31,7 @@ def download_artifact(
 ) -> Response:
     """Stream the artifact (Range, ETag, Digest and X-Checksum-SHA256 headers)."""
     artifact = job_service.get_artifact_or_raise(session, team.id, artifact_id)
-    return blob_response(request, storage, artifact, provenance.artifact_filename(artifact))
+    return blob_response(request, storage, artifact, download_name(session, team.id, artifact))
 
 
 @router.get("/{artifact_id}/provenance")

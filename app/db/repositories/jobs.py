@@ -287,6 +287,21 @@ class TeamJobRepository(TeamRepository[Job]):
         ).all()
         return _by_job(job_ids, steps)
 
+    def naming(self, job_id: str) -> tuple[str | None, list[str]]:
+        """The name of the job's model (None once it is deleted) and its steps' ops, in order:
+        what its artifacts' download names are made of."""
+        model = self.session.scalar(
+            select(Model.name)
+            .join(Job, Job.model_id == Model.id)
+            .where(Job.team_id == self.team_id, Job.id == job_id)
+        )
+        ops = self.session.scalars(
+            select(JobStep.op)
+            .where(JobStep.job_id.in_(self._job_id(job_id)))
+            .order_by(JobStep.index)
+        ).all()
+        return model, list(ops)
+
     def artifacts_of(self, job_ids: list[str]) -> dict[str, list[Artifact]]:
         """The artifacts of these jobs of the team, oldest first, by job id."""
         artifacts = self.session.scalars(
