@@ -109,9 +109,13 @@ def _current_team(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_bearer)],
 ) -> Team:
     """The key's team, looked up in a short session of its own (never held during a body)."""
-    if not request.headers.get("authorization") and (
-        team := cookie_team(request, settings)  # dashboard (#16)
-    ) is not None:
+    if (
+        not request.headers.get("authorization")
+        and (
+            team := cookie_team(request, settings)  # dashboard (#16)
+        )
+        is not None
+    ):
         return team
     key = credentials.credentials if credentials is not None else ""
     if not key.strip():
