@@ -547,9 +547,12 @@ def cmd_decode(
     ] = None,
 ) -> None:
     """Rebuild the ONNX model from a weight_share archive (.cpz): numpy + onnx + zstandard."""
-    try:
+    try:  # the API image has no onnx/zstandard; decode_file imports them only when it runs
+        import onnx  # noqa: F401
+        import zstandard  # noqa: F401
+
         from engine.io.cpz import ArchiveError, decode_file
-    except ImportError as exc:  # the API image has no onnx/zstandard
+    except ImportError as exc:
         missing = exc.name or "onnx"
         print(
             f"compaas decode needs the {missing!r} package, which is not installed here. "

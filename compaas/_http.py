@@ -212,6 +212,6 @@ class HashingWriter:
         return self.path
 
 
-def poll_interval(progressed: bool, current: float) -> float:
-    """Poll quickly while a job moves, back off to 5 s while it does not."""
-    return 0.5 if progressed else min(5.0, current * 1.5)
+def poll_interval(progressed: bool, current: float, base: float) -> float:
+    """Poll every `base` seconds while a job moves, back off to 5 s while it does not."""
+    return base if progressed else min(5.0, current * 1.5)

@@ -398,7 +398,9 @@ class AsyncJobs:
                 return await self.get(job_id)
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeout(f"job {job_id} still {view.status} after {timeout} s")
-            interval = _http.poll_interval(view.progress != last_progress, interval)
+            interval = _http.poll_interval(
+                view.progress != last_progress, interval, self._client.poll_interval_s
+            )
             last_progress = view.progress
             await asyncio.sleep(interval)
 
