@@ -64,15 +64,20 @@ def _client(url: str | None, key: str | None, as_json: bool) -> Client:
 
 @handles_errors
 def login(
-    url: Annotated[
-        str, typer.Option("--url", envvar=config.URL_ENV, help="API base URL.")
-    ] = config.DEFAULT_URL,
     key: Annotated[
         str,
         typer.Option(
-            "--key", envvar=config.KEY_ENV, prompt="API key", hide_input=True, help="API key."
+            "--key",
+            envvar=config.KEY_ENV,
+            prompt="API key",
+            hide_input=True,
+            show_default=False,
+            help="API key (asked for when not given).",
         ),
-    ] = "",
+    ],
+    url: Annotated[
+        str, typer.Option("--url", envvar=config.URL_ENV, help="API base URL.")
+    ] = config.DEFAULT_URL,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the key against the API, then save URL and key as your profile (file mode 0600).

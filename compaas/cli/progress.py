@@ -34,7 +34,7 @@ class JobProgress:
             disable=not self.live,
         )
         self.job_bar = self.bars.add_task(
-            f"job {job.id[:8]}", total=100, completed=round(job.progress * 100), state=job.status
+            "overall", total=100, completed=round(job.progress * 100), state=job.status
         )
         self.step_bars: list[TaskID] = [
             self.bars.add_task(
