@@ -134,8 +134,10 @@ def cmd_up(
     concurrency: ConcurrencyOpt = 1,
 ) -> None:
     """Run API + worker on this machine (SQLite, local blobs, filesystem broker)."""
-    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it reaches `finally`
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; as SystemExit it reaches
+    # `finally` (a KeyboardInterrupt would become Click's "Aborted!", exit 1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     os.environ["COMPAAS_DATA_DIR"] = str(Path(data_dir).resolve())
     settings = _settings()
     _migrate(settings)

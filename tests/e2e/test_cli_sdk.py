@@ -4,6 +4,7 @@ uploads, `jobs create --preset tiny --wait` rendered in a pseudo-terminal, `jobs
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from compaas import Client, RetryPolicy
+from compaas import AsyncClient, Client, RetryPolicy
 
 pytestmark = pytest.mark.e2e
 
@@ -186,6 +187,7 @@ def test_login_upload_create_tiny_with_live_progress_and_download(served: Served
     argv = [COMPAAS, "jobs", "create", "--model", model["id"], "--dataset", dataset["id"]]
     argv += ["--preset", "tiny", "--overrides", QUICK_TINY, "--wait"]
     code, shown = run_in_pty(argv, served.env, served.root, timeout=900)
+    (served.root / "jobs-create.pty").write_text(shown)  # the capture, kept for a look
     lines = frames(shown)
     assert code == 0, "\n".join(lines[-60:])
     job_id = re.search(r"job (\S{36}) queued", "\n".join(lines))
@@ -323,3 +325,29 @@ def test_a_retried_create_after_a_lost_answer_makes_one_job(served: Served) -> N
     assert len(keys) == 1  # the same key both times: the server replayed the first job
     assert [j.id for j in after if j.id not in before] == [job.id]
     assert canceled.status == "canceled"
+
+
+def test_the_async_client_compresses_follows_and_downloads(served: Served, tmp_path: Path) -> None:
+    examples = served.root / "examples"
+
+    async def run() -> tuple[Any, list[Any], list[Path], list[Any]]:
+        async with AsyncClient(served.api, served.key) as client:
+            models = await client.models.list()
+            ready = [m for m in models if m.status == "ready" and m.format == "pt2"]
+            model = ready[0] if ready else examples / "digits_cnn.pt2"
+            events: list[Any] = []
+            job = await client.compress(
+                model, dataset=examples / "digits.npz", preset="fp16", on_event=events.append
+            )
+            paths = await job.download(tmp_path, roles={"final"})
+            replay = [event async for event in client.jobs.stream(job.id)]
+            return job, events, paths, replay
+
+    job, events, paths, replay = asyncio.run(run())
+    assert job.status == "succeeded", job.error
+    assert events[-1].type == "done" and events[-1].data["status"] == "succeeded"
+    assert any(e.type == "step" and e.data.get("status") == "succeeded" for e in events)
+    assert [e.id for e in replay] == [e.id for e in events]  # the history, replayed whole
+    (final,) = job.final_artifacts
+    (path,) = paths
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == final.sha256
