@@ -127,7 +127,8 @@ def give_up(exc: BaseException, url: str, policy: RetryPolicy) -> CompaasError:
     return NetworkError(f"cannot reach the compaas API at {url} after {tries}: {exc!r}")
 
 
-def open_upload(path: Path) -> Path:
+def existing_file(path: Path) -> Path:
+    """The path of a file to upload; FileNotFoundError before anything is sent."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")

@@ -211,7 +211,7 @@ class AsyncModels:
         timeout: float | None = None,
         idempotency_key: str | None = None,
     ) -> ModelRead:
-        file = _http.open_upload(Path(path))
+        file = _http.existing_file(Path(path))
         response = await self._client.request(
             "POST",
             "/v1/models",
@@ -253,7 +253,7 @@ class AsyncDatasets:
     async def upload(
         self, path: str | Path, *, name: str | None = None, idempotency_key: str | None = None
     ) -> DatasetRead:
-        file = _http.open_upload(Path(path))
+        file = _http.existing_file(Path(path))
         response = await self._client.request(
             "POST",
             "/v1/datasets",

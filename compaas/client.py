@@ -219,7 +219,7 @@ class Models:
         idempotency_key: str | None = None,
     ) -> ModelRead:
         """Upload an ONNX or .pt2 file; with `wait`, until the worker inspected it (ready)."""
-        file = _http.open_upload(Path(path))
+        file = _http.existing_file(Path(path))
         response = self._client.request(
             "POST",
             "/v1/models",
@@ -265,7 +265,7 @@ class Datasets:
         self, path: str | Path, *, name: str | None = None, idempotency_key: str | None = None
     ) -> DatasetRead:
         """Upload an .npz or .safetensors dataset (checked as it is received)."""
-        file = _http.open_upload(Path(path))
+        file = _http.existing_file(Path(path))
         response = self._client.request(
             "POST",
             "/v1/datasets",

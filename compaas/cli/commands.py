@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from compaas import config
-from compaas.cli.output import ExitCode, emit_json, err, fail, handles_errors, out, plain
+from compaas.cli.output import ExitCode, emit_json, err, fail, handles_errors, out
 from compaas.cli.progress import JobProgress
 from compaas.client import Client, Job
 
@@ -522,6 +522,3 @@ def register(app: typer.Typer) -> None:
     app.add_typer(datasets_app, name="datasets")
     app.add_typer(jobs_app, name="jobs")
     app.command("report")(report)
-
-
-__all__ = ["plain", "register"]
