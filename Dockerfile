@@ -18,6 +18,7 @@ COPY app ./app
 COPY engine ./engine
 COPY worker ./worker
 COPY migrations ./migrations
+COPY compaas ./compaas
 # Core dependencies only: no torch here, so the api image stays small.
 RUN pip install .
 

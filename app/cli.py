@@ -1,4 +1,6 @@
-"""The `compaas` command: up, api, worker, reconciler, migrate, admin, example, decode, verify."""
+"""The `compaas` command: run the service (up, api, worker, reconciler, migrate), manage teams
+(admin), tools (example, decode, verify), and use the API (login, models, datasets, jobs,
+report: `compaas.cli`, on the SDK). Exit codes: docs/sdk.md#exit-codes."""
 
 from __future__ import annotations
 
@@ -11,10 +13,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from typer.core import TyperGroup
 
 from app.config import Settings, get_settings
+from compaas.cli import register as register_team_commands
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -96,15 +103,47 @@ def stop_worker_group(worker: subprocess.Popen[bytes], grace_s: float) -> None:
     worker.wait()
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it reaches `finally`
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    os.environ["COMPAAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
+app = typer.Typer(
+    name="compaas",
+    help=__doc__,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # a traceback must never print an API key
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+admin_app = typer.Typer(
+    help="Teams and API keys, written straight into the database (run it next to the service: "
+    "same --data-dir or --database-url).",
+    no_args_is_help=True,
+)
+app.add_typer(admin_app, name="admin")
+
+HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOpt = Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)]
+ConcurrencyOpt = Annotated[
+    int, typer.Option(help="Jobs the worker runs at once (one process each).", min=1)
+]
+
+
+@app.command("up")
+def cmd_up(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    data_dir: Annotated[
+        Path, typer.Option(help="Database, blobs and broker of the embedded mode.")
+    ] = Path("./var"),
+    concurrency: ConcurrencyOpt = 1,
+) -> None:
+    """Run API + worker on this machine (SQLite, local blobs, filesystem broker)."""
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; as SystemExit it reaches
+    # `finally` (a KeyboardInterrupt would become Click's "Aborted!", exit 1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+    os.environ["COMPAAS_DATA_DIR"] = str(Path(data_dir).resolve())
     settings = _settings()
     _migrate(settings)
-    worker = start_worker_group(worker_command(settings.published_queues, args.concurrency))
+    worker = start_worker_group(worker_command(settings.published_queues, concurrency))
     try:
-        base = f"http://{args.host}:{args.port}"
+        base = f"http://{host}:{port}"
         print(f"compaas API:  {base}/v1", flush=True)
         print(f"API docs:     {base}/docs", flush=True)
         print(f"data dir:     {settings.data_dir.resolve()}  (database, blobs, broker)", flush=True)
@@ -113,48 +152,72 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         from app.main import create_app
 
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
         stop_worker_group(worker, WORKER_STOP_GRACE_S)
-    return 0
 
 
-def cmd_api(args: argparse.Namespace) -> int:
+@app.command("api")
+def cmd_api(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="API processes (default: COMPAAS_API_WORKERS, else one per usable CPU core).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the API server only."""
     import uvicorn
 
     from app.processes import TooManyProcesses, api_processes
 
-    if args.workers is not None:
-        os.environ["COMPAAS_API_WORKERS"] = str(args.workers)
+    if workers is not None:
+        os.environ["COMPAAS_API_WORKERS"] = str(workers)
     try:
-        workers = api_processes(_settings())
+        processes = api_processes(_settings())
     except TooManyProcesses as exc:
         print(f"compaas api: {exc}", file=sys.stderr)
-        return 2
+        raise typer.Exit(2) from None
     # every process reads it back in create_app, to size its share of the database pool
-    os.environ["COMPAAS_API_WORKERS"] = str(workers)
-    print(f"compaas API: {workers} process(es)", flush=True)
-    uvicorn.run(
-        "app.main:create_app", factory=True, host=args.host, port=args.port, workers=workers
-    )
-    return 0
+    os.environ["COMPAAS_API_WORKERS"] = str(processes)
+    print(f"compaas API: {processes} process(es)", flush=True)
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=processes)
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+@app.command("worker")
+def cmd_worker(
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated queues (default: COMPAAS_WORKER_QUEUES, else all of them).",
+            show_default=False,
+        ),
+    ] = None,
+    concurrency: ConcurrencyOpt = 1,
+) -> None:
+    """Run a Celery worker."""
     settings = _settings()
-    cmd = worker_command(args.queues or settings.worker_queues, args.concurrency)
+    cmd = worker_command(queues or settings.worker_queues, concurrency)
     os.execv(cmd[0], cmd)
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
+@app.command("migrate")
+def cmd_migrate() -> None:
+    """Upgrade the database schema to the latest."""
     _migrate(_settings())
     print("database is at the latest schema")
-    return 0
 
 
-def cmd_reconciler(args: argparse.Namespace) -> int:
+@app.command("reconciler")
+def cmd_reconciler(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Re-publish lost jobs, re-queue or fail expired leases (a loop)."""
     import logging
     import time
 
@@ -167,23 +230,86 @@ def cmd_reconciler(args: argparse.Namespace) -> int:
             reconcile_once(settings)
         except Exception:
             logging.exception("reconcile pass failed; will try again")
-        if args.once:
-            return 0
+        if once:
+            return
         time.sleep(settings.reconcile_interval_s)
 
 
-def _admin_settings() -> Settings:
-    settings = _settings()
+def _database_label(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database)
+
+
+def _admin_settings(data_dir: Path | None, database_url: str | None) -> Settings:
+    """The settings of the database to manage, which is named on stderr; in embedded mode a
+    database that was not there yet is made (migrated), and said so loudly."""
+    overrides: dict[str, object] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir.resolve()
+    if database_url:
+        overrides["database_url"] = database_url
+    get_settings.cache_clear()
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    sqlite = _sqlite_file(settings.database_url)
+    new = sqlite is not None and not sqlite.exists()
     if settings.mode == "embedded":
         _migrate(settings)
+    print(f"database: {_database_label(settings.database_url)}", file=sys.stderr)
+    if new:
+        print(
+            f"note: there was no database at {sqlite}; this made a new, empty one. Keys work "
+            "only against the API that uses this database: run admin commands where "
+            "`compaas up` runs, or pass its --data-dir (or --database-url).",
+            file=sys.stderr,
+        )
     return settings
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of days ≥ 1, not {text}")
+def _positive_int(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"days must be ≥ 1, not {value}")
     return value
+
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="The data directory of the `compaas up` to manage (default: COMPAAS_DATA_DIR, "
+        "else ./var).",
+        show_default=False,
+    ),
+]
+DatabaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The database to manage, e.g. postgresql+psycopg://… (default: "
+        "COMPAAS_DATABASE_URL, else the SQLite file in the data directory).",
+        show_default=False,
+    ),
+]
+ExpiresOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--expires-in-days",
+        metavar="N",
+        callback=_positive_int,
+        help="The key stops working after N days (default: never).",
+        show_default=False,
+    ),
+]
+AdminJsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON on stdout (the database is named on stderr).")
+]
 
 
 def _when(value: datetime | None) -> str | None:
@@ -233,69 +359,106 @@ def _print_key(issued: dict[str, str | None], as_json: bool) -> None:
     print(issued["api_key"])
 
 
-def cmd_create_team(args: argparse.Namespace) -> int:
+@admin_app.command("create-team")
+def cmd_create_team(
+    name: Annotated[str, typer.Argument(help="The team's name (unique, ignoring case).")],
+    expires_in_days: ExpiresOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    as_json: AdminJsonOpt = False,
+) -> None:
+    """Create a team and its first API key."""
+    from app.db.repositories import TeamAdminRepository
+    from app.db.session import session_scope
+    from app.errors import AppError
+    from app.services import teams
+
+    try:
+        teams.check_name(name)
+    except AppError as exc:
+        print(f"compaas admin create-team: {exc.detail}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    settings = _admin_settings(data_dir, database_url)
+    try:
+        with session_scope(settings.database_url) as session:
+            repo = TeamAdminRepository(session)
+            team = teams.create(session, name)
+            issued = _issue_key(settings, repo, team, expires_in_days)
+    except AppError as exc:
+        print(f"compaas admin create-team: {exc.detail}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    if not as_json:
+        print(f"team {team.name!r} created: {issued['team_id']}")
+    _print_key(issued, as_json)
+
+
+@admin_app.command("create-key")
+def cmd_create_key(
+    team: Annotated[str, typer.Argument(metavar="TEAM", help="Team id or name.")],
+    expires_in_days: ExpiresOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    as_json: AdminJsonOpt = False,
+) -> None:
+    """Add an API key to a team."""
     from app.db.repositories import TeamAdminRepository
     from app.db.session import session_scope
 
-    settings = _admin_settings()
+    settings = _admin_settings(data_dir, database_url)
     with session_scope(settings.database_url) as session:
         repo = TeamAdminRepository(session)
-        team = repo.create_team(args.name)
-        issued = _issue_key(settings, repo, team, args.expires_in_days)
-    if not args.json:
-        print(f"team {args.name!r} created: {issued['team_id']}")
-    _print_key(issued, args.json)
-    return 0
+        found = _one_team(repo, team)
+        if found is None:
+            raise typer.Exit(1)
+        issued = _issue_key(settings, repo, found, expires_in_days)
+    _print_key(issued, as_json)
 
 
-def cmd_create_key(args: argparse.Namespace) -> int:
-    from app.db.repositories import TeamAdminRepository
-    from app.db.session import session_scope
-
-    settings = _admin_settings()
-    with session_scope(settings.database_url) as session:
-        repo = TeamAdminRepository(session)
-        team = _one_team(repo, args.team)
-        if team is None:
-            return 1
-        issued = _issue_key(settings, repo, team, args.expires_in_days)
-    _print_key(issued, args.json)
-    return 0
-
-
-def cmd_list_keys(args: argparse.Namespace) -> int:
+@admin_app.command("list-keys")
+def cmd_list_keys(
+    team: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[TEAM]", help="Team id or name (default: every team).", show_default=False
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    as_json: AdminJsonOpt = False,
+) -> None:
+    """API keys: prefix, team, status, created, last used, expiry, revoked."""
     from app.db.base import utcnow
     from app.db.repositories import TeamAdminRepository
     from app.db.session import session_scope
     from app.services.auth import key_status
 
-    settings = _admin_settings()
+    settings = _admin_settings(data_dir, database_url)
     now = utcnow()
     with session_scope(settings.database_url) as session:
         repo = TeamAdminRepository(session)
         team_id = None
-        if args.team is not None:
-            team = _one_team(repo, args.team)
-            if team is None:
-                return 1
-            team_id = team.id
+        if team is not None:
+            found = _one_team(repo, team)
+            if found is None:
+                raise typer.Exit(1)
+            team_id = found.id
         rows = [
             {
                 "id": key.id,
                 "prefix": key.prefix,
-                "team_id": team.id,
-                "team": team.name,
+                "team_id": owner.id,
+                "team": owner.name,
                 "created_at": _when(key.created_at),
                 "last_used_at": _when(key.last_used_at),
                 "expires_at": _when(key.expires_at),
                 "revoked_at": _when(key.revoked_at),
                 "status": key_status(key, now),
             }
-            for key, team in repo.list_keys(team_id)
+            for key, owner in repo.list_keys(team_id)
         ]
-    if args.json:
+    if as_json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return
     columns = ["prefix", "id", "team", "status", "created_at", "last_used_at", "expires_at"]
     columns.append("revoked_at")
     table = [[c.upper().removesuffix("_AT").replace("_", " ") for c in columns]]
@@ -305,17 +468,25 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     if not rows:
         print("(no keys)")
-    return 0
 
 
-def cmd_revoke_key(args: argparse.Namespace) -> int:
+@admin_app.command("revoke-key")
+def cmd_revoke_key(
+    key: Annotated[
+        str,
+        typer.Argument(metavar="PREFIX_OR_ID", help="Key prefix or id (or the whole key)."),
+    ],
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
+    """Revoke an API key (it gets 401 from now on)."""
     from app.db.base import utcnow
     from app.db.repositories import TeamAdminRepository
     from app.db.session import session_scope
     from app.security import KEY_PREFIX, PREFIX_LENGTH, api_key_pepper, hash_api_key
 
-    settings = _admin_settings()
-    given = args.key.strip()
+    settings = _admin_settings(data_dir, database_url)
+    given = key.strip()
     whole_key = given.startswith(KEY_PREFIX) and len(given) > PREFIX_LENGTH
     with session_scope(settings.database_url) as session:
         repo = TeamAdminRepository(session)
@@ -326,200 +497,208 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
                 f"no key with id or prefix {given!r}; see `compaas admin list-keys`",
                 file=sys.stderr,
             )
-            return 1
+            raise typer.Exit(1)
         if len(keys) > 1:
             ids = ", ".join(k.id for k in keys)
             print(f"{len(keys)} keys match {given!r}; give the id: {ids}", file=sys.stderr)
-            return 1
-        key = keys[0]
-        if key.revoked_at is not None:
-            print(f"key {key.prefix}… ({key.id}) was already revoked at {_when(key.revoked_at)}")
-            return 0
-        repo.revoke_key(key, utcnow())
-        print(f"revoked key {key.prefix}… ({key.id}); requests with it now get 401")
-    return 0
+            raise typer.Exit(1)
+        row = keys[0]
+        if row.revoked_at is not None:
+            print(f"key {row.prefix}… ({row.id}) was already revoked at {_when(row.revoked_at)}")
+            return
+        repo.revoke_key(row, utcnow())
+        print(f"revoked key {row.prefix}… ({row.id}); requests with it now get 401")
 
 
-def cmd_example(args: argparse.Namespace) -> int:
+class ExampleName(StrEnum):
+    digits = "digits"
+    mlp = "mlp"
+
+
+@app.command("example")
+def cmd_example(
+    name: Annotated[
+        ExampleName, typer.Argument(help="digits: a small CNN (.pt2); mlp: an MLP (.onnx).")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory to write the model and dataset to.")] = Path(
+        "examples"
+    ),
+) -> None:
+    """Train and write an example model + dataset (scikit-learn's digits, seconds on CPU)."""
     from engine import examples
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = {"digits": examples.write_digits_example, "mlp": examples.write_digits_mlp}[args.name]
-    written = writer(out)
+    writers = {"digits": examples.write_digits_example, "mlp": examples.write_digits_mlp}
+    written = writers[name.value](out)
     for key, path in written.items():
         if isinstance(path, (str, Path)):
             print(f"{key}: {path}")
-    return 0
 
 
-def cmd_decode(args: argparse.Namespace) -> int:
-    """Rebuild the ONNX model a weight_share `cpz` archive holds (numpy + onnx + zstandard)."""
-    try:
+@app.command("decode")
+def cmd_decode(
+    archive: Annotated[Path, typer.Argument(help="The weight_share archive (.cpz).")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the ONNX model (default: ARCHIVE with .onnx).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Rebuild the ONNX model from a weight_share archive (.cpz): numpy + onnx + zstandard."""
+    try:  # the API image has no onnx/zstandard; decode_file imports them only when it runs
+        import onnx  # noqa: F401
+        import zstandard  # noqa: F401
+
         from engine.io.cpz import ArchiveError, decode_file
-    except ImportError as exc:  # the API image has no onnx/zstandard
-        print(f"compaas decode needs onnx and zstandard installed ({exc})", file=sys.stderr)
-        return 2
-    out = Path(args.output) if args.output else Path(args.archive).with_suffix(".onnx")
+    except ImportError as exc:
+        missing = exc.name or "onnx"
+        print(
+            f"compaas decode needs the {missing!r} package, which is not installed here. "
+            "Install what it needs with `pip install 'compaas[decode]'` "
+            "(or `pip install onnx zstandard`), then run it again.",
+            file=sys.stderr,
+        )
+        raise typer.Exit(2) from None
+    out = output or archive.with_suffix(".onnx")
     try:
-        model = decode_file(args.archive, out)
+        model = decode_file(archive, out)
     except (ArchiveError, OSError) as exc:
-        print(f"cannot decode {args.archive}: {exc}", file=sys.stderr)
-        return 1
+        print(f"cannot decode {archive}: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
     print(f"{out}: {out.stat().st_size} bytes, {len(model.graph.initializer)} initializers")
-    return 0
 
 
-def _trusted_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
+def _trusted_keys(key: Path | None, url: str | None) -> list[Ed25519PublicKey]:
     """The public keys from --key (a PEM, or the JSON of GET /v1/keys) or --url's /v1/keys."""
     from engine.provenance import load_public_key
 
-    if args.key:
-        raw = Path(args.key).read_bytes()
+    if key:
+        raw = Path(key).read_bytes()
         if raw.lstrip().startswith(b"-----BEGIN"):
             return [load_public_key(raw)]
         items = json.loads(raw)["items"]
     else:
         import httpx
 
-        url = f"{args.url.rstrip('/')}/v1/keys"
+        keys_url = f"{str(url).rstrip('/')}/v1/keys"
         try:
-            response = httpx.get(url, timeout=30)
+            response = httpx.get(keys_url, timeout=30)
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            raise OSError(f"cannot fetch the public keys from {url}: {exc}") from exc
+            raise OSError(f"cannot fetch the public keys from {keys_url}: {exc}") from exc
         items = response.json()["items"]
     return [load_public_key(item["public_key_pem"].encode()) for item in items]
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Check an artifact against its provenance statement: the signature, then the sha256."""
+@app.command(
+    "verify",
+    epilog="Exit 0: the signature is valid and the artifact's sha256 is the statement's "
+    "subject. 1: a check failed (the message names it: signature, digest or format). "
+    "2: an input could not be read.",
+)
+def cmd_verify(
+    artifact: Annotated[
+        Path, typer.Argument(metavar="ARTIFACT", help="The downloaded artifact file.")
+    ],
+    statement: Annotated[
+        Path,
+        typer.Argument(metavar="STATEMENT", help="GET /v1/artifacts/{id}/provenance, saved."),
+    ],
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PUBKEY.pem",
+            help="A public key PEM, or the saved JSON of GET /v1/keys.",
+            show_default=False,
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL", help="The API's base URL, to fetch GET /v1/keys.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Check an artifact against its signed provenance statement (offline with --key)."""
     from engine.provenance import ProvenanceError, verify_envelope
 
-    if not (args.key or args.url):
+    if key and url:
+        print("give --key or --url, not both", file=sys.stderr)
+        raise typer.Exit(2)
+    if not (key or url):
         print(
             "give --key PUBKEY.pem (saved from GET /v1/keys) or --url API to fetch the keys",
             file=sys.stderr,
         )
-        return 2
+        raise typer.Exit(2)
     try:
-        keys = _trusted_keys(args)
-        envelope = json.loads(Path(args.statement).read_bytes())
-        verified = verify_envelope(envelope, Path(args.artifact), keys)
+        keys = _trusted_keys(key, url)
+        envelope = json.loads(Path(statement).read_bytes())
+        verified = verify_envelope(envelope, Path(artifact), keys)
     except ProvenanceError as exc:
         print(f"FAILED {exc.check} check: {exc.detail}", file=sys.stderr)
-        return 1
+        raise typer.Exit(1) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"cannot verify: {exc}", file=sys.stderr)
-        return 2
+        raise typer.Exit(2) from None
     print(
-        f"OK {args.artifact}: sha256 {verified.sha256} is the subject {verified.subject_name!r} "
+        f"OK {artifact}: sha256 {verified.sha256} is the subject {verified.subject_name!r} "
         f"of a statement signed by key {verified.keyid} (recipe {verified.recipe_sha256})"
     )
-    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compaas", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+register_team_commands(app)
 
-    up = sub.add_parser("up", help="run API + worker on this machine (SQLite, local blobs)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--data-dir", default="./var")
-    up.add_argument("--concurrency", type=int, default=1)
-    up.set_defaults(func=cmd_up)
 
-    api = sub.add_parser("api", help="run the API server only")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="API processes (default: COMPAAS_API_WORKERS, else one per usable CPU core)",
-    )
-    api.set_defaults(func=cmd_api)
+class CommandLine:
+    """`compaas` parsed without running anything (the compose and Dockerfile checks):
+    `parse_args(argv)` is an argparse-style Namespace with `command` (and `admin_command`) and
+    every option of the command; an unknown command or option exits 2, as argparse does."""
 
-    worker = sub.add_parser("worker", help="run a Celery worker")
-    worker.add_argument("--queues", default=None)
-    worker.add_argument("--concurrency", type=int, default=1)
-    worker.set_defaults(func=cmd_worker)
+    def parse_args(self, argv: list[str]) -> argparse.Namespace:
+        command = typer.main.get_command(app)
+        ctx = typer.Context(command, info_name="compaas")
+        names: list[str] = []
+        rest = list(argv)
+        while isinstance(command, TyperGroup):
+            sub = command.get_command(ctx, rest[0]) if rest else None
+            if sub is None:
+                unknown = " ".join([*names, *rest[:1]])
+                print(f"compaas: unknown command {unknown!r}", file=sys.stderr)
+                raise SystemExit(2)
+            names.append(rest.pop(0))
+            ctx = typer.Context(sub, info_name=names[-1], parent=ctx)
+            command = sub
+        try:
+            parsed = command.make_context(names[-1], rest, parent=ctx.parent)
+        except Exception as exc:  # Click's UsageError (Typer vendors Click)
+            show = getattr(exc, "show", None)
+            if show is None:
+                raise
+            show()
+            raise SystemExit(2) from None
+        extra = {"admin_command": names[1]} if names[0] == "admin" and len(names) > 1 else {}
+        return argparse.Namespace(command=names[0], **extra, **parsed.params)
 
-    migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest")
-    migrate.set_defaults(func=cmd_migrate)
 
-    reconciler = sub.add_parser(
-        "reconciler", help="re-publish lost jobs, re-queue or fail expired leases (a loop)"
-    )
-    reconciler.add_argument("--once", action="store_true", help="one pass, then exit")
-    reconciler.set_defaults(func=cmd_reconciler)
-
-    admin = sub.add_parser("admin", help="teams and API keys")
-    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
-    expiry = argparse.ArgumentParser(add_help=False)
-    expiry.add_argument(
-        "--expires-in-days",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="the key stops working after N days (default: never)",
-    )
-    team = admin_sub.add_parser(
-        "create-team", parents=[expiry], help="create a team and its first API key"
-    )
-    team.add_argument("name")
-    team.add_argument("--json", action="store_true")
-    team.set_defaults(func=cmd_create_team)
-    key = admin_sub.add_parser("create-key", parents=[expiry], help="add an API key to a team")
-    key.add_argument("team", metavar="TEAM", help="team id or name")
-    key.add_argument("--json", action="store_true")
-    key.set_defaults(func=cmd_create_key)
-    keys = admin_sub.add_parser(
-        "list-keys", help="API keys: prefix, team, status, created, last used, expiry, revoked"
-    )
-    keys.add_argument("team", metavar="TEAM", nargs="?", default=None, help="team id or name")
-    keys.add_argument("--json", action="store_true")
-    keys.set_defaults(func=cmd_list_keys)
-    revoke = admin_sub.add_parser("revoke-key", help="revoke an API key (it gets 401 from now on)")
-    revoke.add_argument("key", metavar="PREFIX_OR_ID", help="key prefix or id (or the whole key)")
-    revoke.set_defaults(func=cmd_revoke_key)
-
-    example = sub.add_parser("example", help="train and write an example model + dataset")
-    example.add_argument("name", choices=["digits", "mlp"])
-    example.add_argument("--out", default="examples")
-    example.set_defaults(func=cmd_example)
-
-    decode = sub.add_parser(
-        "decode", help="rebuild the ONNX model from a weight_share archive (.cpz)"
-    )
-    decode.add_argument("archive")
-    decode.add_argument("-o", "--output", default=None, help="default: ARCHIVE with .onnx")
-    decode.set_defaults(func=cmd_decode)
-
-    verify = sub.add_parser(
-        "verify",
-        help="check an artifact against its signed provenance statement (offline with --key)",
-        description="Exit 0: the signature is valid and the artifact's sha256 is the statement's "
-        "subject. 1: a check failed (the message names it: signature, digest or format). "
-        "2: an input could not be read.",
-    )
-    verify.add_argument("artifact", metavar="ARTIFACT", help="the downloaded artifact file")
-    verify.add_argument(
-        "statement", metavar="STATEMENT", help="GET /v1/artifacts/{id}/provenance, saved"
-    )
-    source = verify.add_mutually_exclusive_group()
-    source.add_argument(
-        "--key", metavar="PUBKEY.pem", help="a public key PEM, or the saved JSON of GET /v1/keys"
-    )
-    source.add_argument("--url", metavar="URL", help="the API's base URL, to fetch GET /v1/keys")
-    verify.set_defaults(func=cmd_verify)
-    return parser
+def build_parser() -> CommandLine:
+    return CommandLine()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run the command; its exit code (Typer/Click exit through SystemExit)."""
+    try:
+        app(args=argv, prog_name="compaas")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

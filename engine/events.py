@@ -12,3 +12,17 @@ class EventKind(StrEnum):
     # index, metrics, quality (engine.quality.verdict), warnings, details, artifact (a checkpoint)
     STEP_FINISHED = "step_finished"
     LOG = "log"  # level, message
+
+
+# A job's progress: measuring the original takes the first 20 %, then the steps share the next
+# 75 % equally (the last 5 % is the final check). Clients map a progress event back onto the
+# running step with it.
+STEPS_START, STEPS_SHARE = 0.2, 0.75
+
+
+def step_span(index: int, steps: int) -> tuple[float, float]:
+    """The part of the job's 0..1 progress that step `index` of `steps` covers."""
+    return (
+        STEPS_START + STEPS_SHARE * index / steps,
+        STEPS_START + STEPS_SHARE * (index + 1) / steps,
+    )

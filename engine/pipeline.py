@@ -29,7 +29,7 @@ from engine.config import (
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.evaluation import Evaluation, verify_artifact
-from engine.events import EventKind
+from engine.events import EventKind, step_span
 from engine.inspect import check_onnx_runs
 from engine.io.datasets import Samples, load_dataset, match_inputs, synthetic
 from engine.io.formats import (
@@ -356,7 +356,7 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
     """Run one op on the current model, check and measure its output, report it."""
     config, handler, backend = job.configs[index], job.handlers[index], job.plan[index]
     n = len(job.configs)
-    lo, hi = 0.2 + 0.75 * index / n, 0.2 + 0.75 * (index + 1) / n
+    lo, hi = step_span(index, n)
     job.emit({"type": EventKind.STEP_STARTED, "index": index, "op": config.op})
     job.report(lo, f"step {index + 1}/{n}: {config.op}")
     scratch = job.workdir / f"step{index}.tmp"

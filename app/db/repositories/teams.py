@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import ApiKey, Team
@@ -29,6 +29,11 @@ class TeamAdminRepository:
         if team is not None:
             return [team]
         return list(self.session.scalars(select(Team).where(Team.name == id_or_name)))
+
+    def teams_named(self, name: str) -> list[Team]:
+        """Every team whose name is `name`, ignoring case."""
+        query = select(Team).where(func.lower(Team.name) == name.lower())
+        return list(self.session.scalars(query))
 
     def add_key(
         self, team_id: str, prefix: str, key_hash: str, expires_at: datetime | None = None
