@@ -113,7 +113,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         from app.main import create_app
 
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        # ops-metrics: logging is app.logs' (structlog); the app logs each request itself
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            log_config=None,
+            access_log=False,
+        )
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
@@ -135,11 +143,39 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 2
     # every process reads it back in create_app, to size its share of the database pool
     os.environ["COMPAAS_API_WORKERS"] = str(workers)
+    if workers > 1:
+        _prometheus_multiprocess_dir()
     print(f"compaas API: {workers} process(es)", flush=True)
+    from app import logs
+
+    logs.configure("api", _settings().log_format)
     uvicorn.run(
-        "app.main:create_app", factory=True, host=args.host, port=args.port, workers=workers
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=workers,
+        log_config=None,  # ops-metrics: every process logs through app.logs
+        access_log=False,
     )
     return 0
+
+
+def _prometheus_multiprocess_dir() -> None:
+    """ops-metrics: several API processes share their request metrics through files in
+    PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode); any process's /metrics
+    then reports all of them. Given one, it is emptied of a previous run's files; else a new
+    temporary directory is made."""
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.db"):
+            old.unlink(missing_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="compaas-metrics-")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -158,10 +194,11 @@ def cmd_reconciler(args: argparse.Namespace) -> int:
     import logging
     import time
 
+    from app import logs
     from app.services.reconciler import reconcile_once
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = _settings()
+    logs.configure("reconciler", settings.log_format)
     while True:
         try:
             reconcile_once(settings)

@@ -1,0 +1,30 @@
+"""sandbox kills: running totals of sandbox children stopped by a limit or a signal, by reason
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-12-01 06:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0009"
+down_revision: str | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "sandbox_kills",
+        sa.Column("reason", sa.String(32), nullable=False),
+        sa.Column("count", sa.BigInteger(), nullable=False),
+        sa.Column("last_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("reason", name=op.f("pk_sandbox_kills")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("sandbox_kills")
