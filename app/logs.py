@@ -49,6 +49,7 @@ def _shared(process: str) -> list[Processor]:
 
     def add_process(_: Any, __: str, event: structlog.typing.EventDict) -> Any:
         event.setdefault("process", process)
+        event.pop("color_message", None)  # uvicorn's copy of the message with ANSI colours
         return event
 
     return [
@@ -143,3 +144,8 @@ def bind_more(**values: Any) -> None:
 def clear() -> None:
     """Forget everything bound in this context (a worker process between two tasks)."""
     structlog.contextvars.clear_contextvars()
+
+
+def current(key: str) -> Any:
+    """A value bound in this context (e.g. the request's `request_id`), or None."""
+    return structlog.contextvars.get_contextvars().get(key)

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app import logs
+from app.api import problems
 from app.api.telemetry import REQUEST_SECONDS, RequestTelemetry
 
 
@@ -117,6 +118,7 @@ def test_requests_get_an_id_an_access_line_and_a_latency_by_route_template() -> 
     out = io.StringIO()
     logs.configure("api", "json", stream=out)
     inner = FastAPI()
+    problems.install(inner)
 
     @inner.get("/things/{thing_id}")
     def thing(thing_id: str) -> dict[str, str]:
@@ -137,7 +139,10 @@ def test_requests_get_an_id_an_access_line_and_a_latency_by_route_template() -> 
     odd = client.get("/things/c", headers={"X-Request-ID": "bad id\twith spaces"})
     assert odd.headers["x-request-id"] != "bad id\twith spaces"
     assert client.get("/nowhere/x").status_code == 404
-    assert client.get("/boom").status_code == 500
+    failed = client.get("/boom", headers={"X-Request-ID": "req-500"})
+    assert failed.status_code == 500 and failed.headers["x-request-id"] == "req-500"
+    assert failed.json()["request_id"] == "req-500", "a 500 names the id its log lines carry"
+    assert "req-500" in failed.json()["detail"]
     assert count(route, "GET", "2xx") == before[0] + 3, "one series for every /things/{id}"
     assert count("unmatched", "GET", "4xx") == before[1] + 1
     assert count("/boom", "GET", "5xx") >= 1
@@ -151,3 +156,5 @@ def test_requests_get_an_id_an_access_line_and_a_latency_by_route_template() -> 
     assert first["status"] == 200 and first["path"] == "/things/a" and first["duration_ms"] >= 0
     assert {line["route"] for line in access} == {route, "unmatched", "/boom"}
     assert next(line for line in access if line["route"] == "/boom")["level"] == "warning"
+    trace = next(line for line in found if line["event"].startswith("unhandled error"))
+    assert trace["request_id"] == "req-500" and "RuntimeError: boom" in trace["exception"]
