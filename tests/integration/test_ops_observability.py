@@ -130,3 +130,44 @@ def _full_worker_logs(stack: Stack) -> str:
     """Every worker log file of the stack in full (Stack.worker_logs keeps only their tails)."""
     folder = stack.worker_log.parent
     return "\n".join(p.read_text() for p in sorted(folder.glob("worker-*.log")))
+
+
+def test_a_canceled_job_counts_an_aborted_sandbox_kill(
+    pg_stack: Stack, digits_files: dict[str, Path]
+) -> None:
+    """The worker kills the sandbox child of a job canceled while it runs; /metrics counts it
+    under reason `aborted`, read from the database the worker wrote it to."""
+    stack = pg_stack
+    _, headers = stack.new_team("ops-cancel")
+    model = stack.upload("models", digits_files["onnx"], headers, name="digits").json()
+    assert stack.wait_model(model["id"], headers)["status"] == "ready"
+    dataset = stack.upload("datasets", digits_files["npz"], headers).json()
+
+    def aborted() -> float:
+        return value(scrape(stack)["compaas_sandbox_kills"], "_total", reason="aborted") or 0.0
+
+    before = aborted()
+    resp = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "dataset_id": dataset["id"],
+            "pipeline": [{"op": "quantize", "mode": "static", "dtype": "int8"}],
+            "evaluation": {"task": "classification"},
+            "export": ["onnx"],
+        },
+        headers=headers,
+    )
+    job_id = resp.json()["id"]
+
+    def step_running() -> bool:
+        body = stack.client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        assert body["status"] in ("queued", "running"), body
+        return body["current_step"] == 0
+
+    wait_for(step_running, timeout=60, interval=0.2)  # the sandbox child is at work
+    canceled = stack.client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    wait_for(lambda: aborted() >= before + 1, timeout=30, interval=1)
+    mine = [line for line in json_lines(_full_worker_logs(stack)) if line.get("job_id") == job_id]
+    assert any("abandoning attempt" in line["event"] for line in mine), mine
