@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metrics, multiprocess
 from prometheus_client.core import (
@@ -37,7 +37,7 @@ from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import JobStatus, ModelStatus
 from app.db.repositories.janitor import JanitorRepository
-from app.db.repositories.operations import Buckets, OperationsRepository
+from app.db.repositories.operations import Buckets, OperationsRepository, Window
 from app.db.session import session_scope
 from app.services import janitor
 
@@ -51,6 +51,10 @@ DURATION_BUCKETS: tuple[float, ...] = (
     0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200,
 )  # fmt: skip
 WORKERS_SEEN_WITHIN = timedelta(days=1)
+# Rows observed longer ago than this are settled: aggregated once, then kept by the collector
+# (well above the time between a row's finished_at and its commit).
+SETTLE_S = 600.0
+HISTOGRAMS = ("job_durations", "queue_waits", "step_durations")
 # Why a sandbox child was stopped (worker.sandbox sets SandboxError.reason).
 KILL_REASONS = ("memory", "time", "cpu_time", "file_size", "seccomp", "signal", "aborted")
 
@@ -81,16 +85,43 @@ class Reading:
     queue_depth: dict[str, int] = field(default_factory=dict)
 
 
-def read(settings: Settings) -> Reading:
-    """Everything the cluster metrics show, from the database and the broker."""
+Series = dict[tuple[str, ...], Buckets]
+
+
+@dataclass
+class Settled:
+    """The duration histograms of rows observed (finished, or claimed) before `until`, kept by
+    the collector so that a scrape reads only rows newer than that: a finished row does not
+    change, so the full table is aggregated once per process and each later scrape reads the
+    last SETTLE_S of rows (an index range) plus what settled since the previous one."""
+
+    until: datetime | None = None
+    series: dict[str, Series] = field(default_factory=lambda: {n: {} for n in HISTOGRAMS})
+
+
+def merge(a: Series, b: Series) -> Series:
+    return {key: a.get(key, Buckets()).plus(b.get(key, Buckets())) for key in a.keys() | b.keys()}
+
+
+def read(settings: Settings, settled: Settled | None = None) -> Reading:
+    """Everything the cluster metrics show, from the database and the broker. `settled`
+    (updated in place) carries the histograms of rows read before."""
+    settled = settled if settled is not None else Settled()
     reading = Reading()
     try:
         with session_scope(settings.database_url) as session:
             ops = OperationsRepository(session)
             reading.jobs, reading.models = ops.jobs_by_status(), ops.models_by_status()
-            reading.job_durations = ops.job_durations(DURATION_BUCKETS)
-            reading.queue_waits = ops.job_queue_waits(DURATION_BUCKETS)
-            reading.step_durations = ops.step_durations(DURATION_BUCKETS)
+            queries = {
+                "job_durations": ops.job_durations,
+                "queue_waits": ops.job_queue_waits,
+                "step_durations": ops.step_durations,
+            }
+            cut = utcnow() - timedelta(seconds=SETTLE_S)
+            if settled.until is not None:
+                cut = max(cut, settled.until)
+            newly = {n: q(Window(DURATION_BUCKETS, settled.until, cut)) for n, q in queries.items()}
+            recent = {n: q(Window(DURATION_BUCKETS, cut, None)) for n, q in queries.items()}
             reading.kills = ops.sandbox_kills()
             reading.workers = [
                 (host, started.timestamp(), seen.timestamp())
@@ -98,6 +129,12 @@ def read(settings: Settings) -> Reading:
             ]
             cleaned = JanitorRepository(session)
             reading.reclaimed, reading.candidates = cleaned.reclaimed(), cleaned.candidate_count()
+        for name in HISTOGRAMS:  # only once every query of this reading succeeded
+            settled.series[name] = merge(settled.series[name], newly[name])
+        settled.until = cut
+        reading.job_durations = merge(settled.series["job_durations"], recent["job_durations"])
+        reading.queue_waits = merge(settled.series["queue_waits"], recent["queue_waits"])
+        reading.step_durations = merge(settled.series["step_durations"], recent["step_durations"])
         reading.up["database"] = True
     except Exception:
         log.exception("metrics: the database did not answer")
@@ -228,11 +265,12 @@ class ClusterCollector(Collector):
         self._lock = threading.Lock()
         self._at = -float("inf")
         self._reading: Reading | None = None
+        self._settled = Settled()
 
     def reading(self) -> Reading:
         with self._lock:
             if self._reading is None or time.monotonic() - self._at >= self.cache_s:
-                self._reading = read(self.settings)
+                self._reading = read(self.settings, self._settled)
                 self._at = time.monotonic()
             return self._reading
 

@@ -1,4 +1,5 @@
-"""sandbox kills: running totals of sandbox children stopped by a limit or a signal, by reason
+"""sandbox kills: running totals of sandbox children stopped by a limit or a signal, by reason;
+indexes on when jobs were claimed and jobs and steps finished (/metrics reads recent rows)
 
 Revision ID: 0009
 Revises: 0008
@@ -24,7 +25,13 @@ def upgrade() -> None:
         sa.Column("last_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("reason", name=op.f("pk_sandbox_kills")),
     )
+    op.create_index(op.f("ix_jobs_started_at"), "jobs", ["started_at"])
+    op.create_index(op.f("ix_jobs_finished_at"), "jobs", ["finished_at"])
+    op.create_index(op.f("ix_job_steps_finished_at"), "job_steps", ["finished_at"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_job_steps_finished_at"), table_name="job_steps")
+    op.drop_index(op.f("ix_jobs_finished_at"), table_name="jobs")
+    op.drop_index(op.f("ix_jobs_started_at"), table_name="jobs")
     op.drop_table("sandbox_kills")

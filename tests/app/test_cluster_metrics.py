@@ -36,10 +36,14 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def add_job(
-    settings: Settings, status: str, seconds: float, steps: list[tuple[str, str, float]]
+    settings: Settings,
+    status: str,
+    seconds: float,
+    steps: list[tuple[str, str, float]],
+    ago: timedelta = timedelta(minutes=1),
 ) -> None:
-    """A job that ran `seconds` and its steps (op, status, seconds), finished a minute ago."""
-    end = utcnow() - timedelta(minutes=1)
+    """A job that ran `seconds` and its steps (op, status, seconds), finished `ago`."""
+    end = utcnow() - ago
     with session_scope(settings.database_url) as session:
         team = Team(name="t")
         session.add(team)
@@ -170,3 +174,22 @@ def test_the_reading_is_cached(settings: Settings) -> None:
     add_job(settings, "succeeded", 1.0, [])
     assert collector.reading() is first
     assert ClusterCollector(settings, cache_s=0).reading().jobs.get("succeeded") == 1
+
+
+def test_settled_rows_are_read_once_and_stay_counted(settings: Settings) -> None:
+    """Rows finished over SETTLE_S ago are aggregated once and kept by the collector; a scrape
+    reads only newer ones. Deleting a settled job does not lower the counts (a counter never
+    goes down), and a job finishing now adds to them."""
+    add_job(settings, "succeeded", 5.0, [("quantize", "succeeded", 4.0)], ago=timedelta(hours=2))
+    collector = ClusterCollector(settings, cache_s=0)
+    first = collector.reading()
+    assert first.job_durations[("succeeded",)].count == 1
+    with session_scope(settings.database_url) as session:
+        session.query(JobStep).delete()
+        session.query(Job).delete()
+    add_job(settings, "succeeded", 50.0, [("quantize", "succeeded", 40.0)])  # a minute ago
+    second = collector.reading()
+    durations = second.job_durations[("succeeded",)]
+    assert durations.count == 2 and durations.total == pytest.approx(55.0, abs=0.01)
+    assert second.step_durations[("quantize", "succeeded")].count == 2
+    assert ClusterCollector(settings, cache_s=0).reading().job_durations[("succeeded",)].count == 1

@@ -33,6 +33,25 @@ class Buckets:
     total: float = 0.0
     count: int = 0
 
+    def plus(self, other: Buckets) -> Buckets:
+        """Both sets of observations together (same bounds)."""
+        if not self.cumulative:
+            return other
+        if not other.cumulative:
+            return self
+        cumulative = [a + b for a, b in zip(self.cumulative, other.cumulative, strict=True)]
+        return Buckets(cumulative, self.total + other.total, self.count + other.count)
+
+
+@dataclass
+class Window:
+    """Which rows a duration histogram reads: those whose observation time (finished_at; a
+    claim's started_at) is in [since, until), None for open ends; and the buckets' bounds."""
+
+    bounds: Sequence[float]
+    since: datetime | None = None
+    until: datetime | None = None
+
 
 class OperationsRepository:
     """Counts over every team (/metrics) and a liveness query (/readyz)."""
@@ -66,47 +85,55 @@ class OperationsRepository:
         start: Any,
         end: Any,
         where: Sequence[ColumnElement[bool]],
-        bounds: Sequence[float],
+        window: Window,
     ) -> dict[tuple[str, ...], Buckets]:
-        """One aggregate query: per label values, how many durations fall at or under each
-        bound, their sum and count (rows without both timestamps are left out)."""
+        """One aggregate query over the rows whose `end` falls in the window: per label values,
+        how many durations fall at or under each bound, their sum and count (rows without both
+        timestamps are left out)."""
         seconds = cast(self._seconds(start, end), Float)
-        columns = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in bounds]
+        columns = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in window.bounds]
+        conditions = [start.is_not(None), end.is_not(None), *where]
+        if window.since is not None:
+            conditions.append(end >= window.since)
+        if window.until is not None:
+            conditions.append(end < window.until)
         query = (
             select(*labels, func.count(), func.coalesce(func.sum(seconds), 0.0), *columns)
-            .where(start.is_not(None), end.is_not(None), *where)
+            .where(*conditions)
             .group_by(*labels)
         )
         found: dict[tuple[str, ...], Buckets] = {}
+        width = len(labels)
         for row in self.session.execute(query):
-            width = len(labels)
             key = tuple(str(v) for v in row[:width])
             count, total = int(row[width]), float(row[width + 1])
             found[key] = Buckets([int(c or 0) for c in row[width + 2 :]], max(total, 0.0), count)
         return found
 
-    def job_durations(self, bounds: Sequence[float]) -> dict[tuple[str, ...], Buckets]:
-        """Finished jobs (succeeded, failed, canceled) by status: last claim to finish."""
+    def job_durations(self, window: Window) -> dict[tuple[str, ...], Buckets]:
+        """Jobs that finished (succeeded, failed, canceled) in the window, by status: last
+        claim to finish."""
         return self._histogram(
             [Job.status],
             Job.started_at,
             Job.finished_at,
             [Job.status.in_(TERMINAL_STATUSES)],
-            bounds,
+            window,
         )
 
-    def job_queue_waits(self, bounds: Sequence[float]) -> dict[tuple[str, ...], Buckets]:
-        """Jobs a worker claimed: created to (last) claim."""
-        return self._histogram([], Job.created_at, Job.started_at, [], bounds)
+    def job_queue_waits(self, window: Window) -> dict[tuple[str, ...], Buckets]:
+        """Jobs a worker claimed in the window: created to (last) claim."""
+        return self._histogram([], Job.created_at, Job.started_at, [], window)
 
-    def step_durations(self, bounds: Sequence[float]) -> dict[tuple[str, ...], Buckets]:
-        """Finished steps (succeeded, failed) by op and status: started to finished."""
+    def step_durations(self, window: Window) -> dict[tuple[str, ...], Buckets]:
+        """Steps that finished (succeeded, failed) in the window, by op and status: started
+        to finished."""
         return self._histogram(
             [JobStep.op, JobStep.status],
             JobStep.started_at,
             JobStep.finished_at,
             [JobStep.status.in_((StepStatus.succeeded, StepStatus.failed))],
-            bounds,
+            window,
         )
 
     # ------------------------------------------------------------------------- sandbox kills
