@@ -94,6 +94,8 @@ class Settings(BaseSettings):
 
     # Log lines (app.logs): json, console (human-readable) or auto (console on a terminal).
     log_format: Literal["auto", "json", "console"] = "auto"
+    # One line a request (app.api.telemetry); off, only 5xx requests are logged.
+    access_log: bool = True
 
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:

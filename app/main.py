@@ -24,6 +24,8 @@ from app.storage import get_blob_store
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logs.configure("api", settings.log_format)  # ops-metrics: structlog for every log line
+    access = logging.getLogger("compaas.access")
+    access.setLevel(logging.NOTSET if settings.access_log else logging.WARNING)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

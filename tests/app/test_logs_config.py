@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +159,22 @@ def test_requests_get_an_id_an_access_line_and_a_latency_by_route_template() -> 
     assert next(line for line in access if line["route"] == "/boom")["level"] == "warning"
     trace = next(line for line in found if line["event"].startswith("unhandled error"))
     assert trace["request_id"] == "req-500" and "RuntimeError: boom" in trace["exception"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_access_log_can_be_turned_off(tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.main import create_app
+
+    access = logging.getLogger("compaas.access")
+    for enabled, level in ((False, logging.WARNING), (True, logging.NOTSET)):
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            data_dir=tmp_path,
+            run_reconciler=False,
+            access_log=enabled,
+            log_format="json",
+        )
+        create_app(settings)
+        assert access.level == level
+    access.setLevel(logging.NOTSET)
