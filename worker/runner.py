@@ -20,7 +20,7 @@ from app.db.base import utcnow
 from app.db.models import Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository, ModelInspectionRepository
 from app.db.session import session_scope
-from app.logs import bind_more
+from app.logs import bind, bind_more
 from app.services import checkpoints, events, janitor, telemetry
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
@@ -44,6 +44,11 @@ def _worker_id() -> str:
 
 def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     """Inspect a pending model in the sandbox and mark it ready or invalid."""
+    with bind(model_id=model_id):  # ops-metrics: on the inspection's log lines
+        return _inspect_model(model_id, settings, storage)
+
+
+def _inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     with session_scope(settings.database_url) as session:
         model = ModelInspectionRepository(session).pending(model_id)
         if model is None:
@@ -260,6 +265,11 @@ def _prefix(team_id: str, job_id: str, token: int) -> str:
 
 def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     """Claim the job, run its pipeline in the sandbox, persist the results; finalize once."""
+    with bind(job_id=job_id):  # ops-metrics: its log lines; what the attempt binds ends here
+        return _run_job(job_id, settings, storage)
+
+
+def _run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     claimed = _claim(job_id, settings, storage)
     if claimed is None:
         return "skipped"
