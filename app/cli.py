@@ -152,7 +152,15 @@ def cmd_up(
 
         from app.main import create_app
 
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        # ops-metrics: logging is app.logs' (structlog); the app logs each request itself
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info",
+            log_config=None,
+            access_log=False,
+        )
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
@@ -185,8 +193,38 @@ def cmd_api(
         raise typer.Exit(2) from None
     # every process reads it back in create_app, to size its share of the database pool
     os.environ["COMPAAS_API_WORKERS"] = str(processes)
+    if processes > 1:
+        _prometheus_multiprocess_dir()
     print(f"compaas API: {processes} process(es)", flush=True)
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=processes)
+    from app import logs
+
+    logs.configure("api", _settings().log_format)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=processes,
+        log_config=None,  # ops-metrics: every process logs through app.logs
+        access_log=False,
+    )
+
+
+def _prometheus_multiprocess_dir() -> None:
+    """ops-metrics: several API processes share their request metrics through files in
+    PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode); any process's /metrics
+    then reports all of them. Given one, it is emptied of a previous run's files; else a new
+    temporary directory is made."""
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.db"):
+            old.unlink(missing_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="compaas-metrics-")
 
 
 @app.command("worker")
@@ -221,10 +259,11 @@ def cmd_reconciler(
     import logging
     import time
 
+    from app import logs
     from app.services.reconciler import reconcile_once
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = _settings()
+    logs.configure("reconciler", settings.log_format)
     while True:
         try:
             reconcile_once(settings)

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = 256 * 1024
     max_pipeline_steps: int = 32
 
+    # Log lines (app.logs): json, console (human-readable) or auto (console on a terminal).
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # One line a request (app.api.telemetry); off, only 5xx requests are logged.
+    access_log: bool = True
+
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:
         data_dir = self.data_dir.resolve()

@@ -8,12 +8,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from app import logs
 from app.api import openapi, ops, problems
 from app.api.headers import SecurityHeaders
 from app.api.ratelimit import AuthFailureLimit, JsonBodyLimit, Limiter, team_limits
 from app.api.routes import artifacts, catalog, datasets, health, jobs, keys, models
+from app.api.telemetry import RequestTelemetry
 from app.config import Settings, get_settings
 from app.db.session import configure_pool
+from app.services.telemetry import ClusterCollector
 from app.signing import signing_key
 from app.storage import get_blob_store
 from app.ui import install as install_dashboard
@@ -21,7 +24,9 @@ from app.ui import install as install_dashboard
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("api", settings.log_format)  # ops-metrics: structlog for every log line
+    access = logging.getLogger("compaas.access")
+    access.setLevel(logging.NOTSET if settings.access_log else logging.WARNING)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         signing_key(settings)  # generated on first start, so GET /v1/keys is stable from now on
     app.state.storage = get_blob_store(settings)
     app.state.limiter = Limiter(settings)
+    app.state.cluster_metrics = ClusterCollector(settings)  # ops-metrics: /metrics
     if processes > 1 and not app.state.limiter.shared:
         logging.getLogger(__name__).warning(
             "%d API processes count rate limits each on their own (no Redis): a team may send "
@@ -75,5 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outside Starlette's error middleware too, so that even a 500 carries the headers.
     docs = {ops.DOCS_URL: "swagger", ops.REDOC_URL: "redoc"}
     build_stack = app.build_middleware_stack
-    app.build_middleware_stack = lambda: SecurityHeaders(build_stack(), docs)  # type: ignore[method-assign]
+    # ops-metrics: request id, access log and latency histogram around everything but the headers
+    app.build_middleware_stack = lambda: SecurityHeaders(  # type: ignore[method-assign]
+        RequestTelemetry(build_stack()), docs
+    )
     return app

@@ -195,3 +195,32 @@ def waiting(settings: Settings) -> Waiting | None:
         return None
     with get_publisher(settings).connection_for_read() as conn:
         return _redis_waiting(conn.default_channel, queues)
+
+
+# ----------------------------------------------------------------------------- queue depth
+
+
+def depths(settings: Settings) -> dict[str, int]:
+    """How many messages wait (not yet handed to a worker) in each queue the API publishes to;
+    {} for a transport this cannot read. Raises when the broker is unreachable."""
+    queues = settings.published_queues.split(",")
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_dir / "queue"
+        counts = dict.fromkeys(queues, 0)
+        for path in folder.iterdir() if folder.is_dir() else ():
+            for queue in queues:
+                if path.name.endswith(f".{queue}.msg"):
+                    counts[queue] += 1
+        return counts
+    if not settings.broker_url.startswith("redis"):
+        return {}
+    with get_publisher(settings).connection_for_read() as conn:
+        channel = conn.default_channel
+        pipe = channel.client.pipeline()
+        keys = [(q, channel._q_for_pri(q, p)) for q in queues for p in channel.priority_steps]
+        for _, key in keys:
+            pipe.llen(key)
+        counts = dict.fromkeys(queues, 0)
+        for (queue, _), length in zip(keys, pipe.execute(), strict=True):
+            counts[queue] += int(length)
+        return counts

@@ -20,7 +20,8 @@ from app.db.base import utcnow
 from app.db.models import Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository, ModelInspectionRepository
 from app.db.session import session_scope
-from app.services import checkpoints, events, janitor
+from app.logs import bind, bind_more
+from app.services import checkpoints, events, janitor, telemetry
 from app.services.models import EXTENSIONS
 from app.storage import BlobStore
 from engine import quality
@@ -31,6 +32,8 @@ from engine.torchgraph.device import DeviceSetting
 from worker import outage, sandbox
 
 log = logging.getLogger(__name__)
+# ops-metrics: the engine's own log events, relayed from the sandbox child with the job's ids
+engine_log = logging.getLogger("engine")
 
 PROGRESS_WRITE_S = 0.5
 
@@ -41,6 +44,11 @@ def _worker_id() -> str:
 
 def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     """Inspect a pending model in the sandbox and mark it ready or invalid."""
+    with bind(model_id=model_id):  # ops-metrics: on the inspection's log lines
+        return _inspect_model(model_id, settings, storage)
+
+
+def _inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
     with session_scope(settings.database_url) as session:
         model = ModelInspectionRepository(session).pending(model_id)
         if model is None:
@@ -64,6 +72,7 @@ def inspect_model(model_id: str, settings: Settings, storage: BlobStore) -> str:
                 "error": None,
             }
         except sandbox.SandboxError as exc:
+            _count_kill(settings, exc.reason)
             values = {
                 "status": ModelStatus.invalid,
                 "error": {"code": exc.code, "detail": exc.detail, "field": exc.field},
@@ -141,6 +150,8 @@ class _EventRelay:
             self._store_checkpoint(event)
         elif kind == EventKind.STEP_STARTED:
             index = event["index"]
+            bind_more(step=index, op=event.get("op"))  # ops-metrics: on this attempt's log lines
+            log.info("step %s (%s) started", index, event.get("op"))
 
             def started(session: Session) -> None:
                 repo = JobRepository(session)
@@ -168,6 +179,7 @@ class _EventRelay:
             self.write("original metrics", lambda _: None, metrics={"original": event["metrics"]})
         elif kind == EventKind.LOG:
             level, message = event.get("level", "info"), event.get("message")
+            engine_log.log(_level(level), "%s", message)
             self.write(
                 "log",
                 lambda session: events.record(
@@ -253,10 +265,17 @@ def _prefix(team_id: str, job_id: str, token: int) -> str:
 
 def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     """Claim the job, run its pipeline in the sandbox, persist the results; finalize once."""
+    with bind(job_id=job_id):  # ops-metrics: its log lines; what the attempt binds ends here
+        return _run_job(job_id, settings, storage)
+
+
+def _run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
     claimed = _claim(job_id, settings, storage)
     if claimed is None:
         return "skipped"
     token, job = claimed
+    bind_more(attempt=job.attempt, lease_token=token)  # ops-metrics: on this attempt's log lines
+    log.info("job claimed: attempt %s, %d step(s)", job.attempt, len(job.pipeline))
     relay = _EventRelay(settings, storage, job_id, job.team_id, token)
     if job.model is None:
         _fail(relay, "model_deleted", "The job's model was deleted.")
@@ -280,15 +299,32 @@ def run_job(job_id: str, settings: Settings, storage: BlobStore) -> str:
                 require=settings.sandbox_requirements,
             )
         except sandbox.SandboxAborted:
+            _count_kill(settings, "aborted")
             log.warning("job %s: canceled or lease lost; abandoning attempt %s", job_id, token)
             _discard_unclaimed(relay)
             return "abandoned"
         except sandbox.SandboxError as exc:
+            _count_kill(settings, exc.reason)
             _fail(relay, exc.code, exc.detail, exc.field)
+            log.warning("job failed: %s: %s", exc.code, exc.detail)
             return "failed"
-        return _finalize(relay, result)
+        outcome = _finalize(relay, result)
+        log.info("job finished: %s", outcome)
+        return outcome
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _level(name: Any) -> int:
+    """A log level from an engine event's level name (info when unknown)."""
+    value = logging.getLevelName(str(name).upper())
+    return value if isinstance(value, int) else logging.INFO
+
+
+def _count_kill(settings: Settings, reason: str | None) -> None:
+    """ops-metrics: a sandbox child stopped by a limit or a signal (compaas_sandbox_kills)."""
+    if reason is not None:
+        telemetry.record_sandbox_kill(settings, reason)
 
 
 @dataclass
@@ -306,6 +342,7 @@ class _ClaimedJob:
     """What a claimed job's row says to run: the request and the blobs it needs."""
 
     team_id: str
+    attempt: int  # ops-metrics: the job's attempts count after this claim (log lines)
     model: tuple[str, str] | None  # (blob key, file extension); None once the model is deleted
     dataset: tuple[str, str] | None  # (blob key, file extension)
     dataset_id: str | None
@@ -354,6 +391,7 @@ def _claim_once(
         students = ModelInspectionRepository(session).blob_keys_of_team(team_id, wanted)
         return token, _ClaimedJob(
             team_id=team_id,
+            attempt=job.attempts,
             model=(model.blob_key, EXTENSIONS[model.format]) if model else None,
             dataset=(dataset.blob_key, dataset.format) if dataset else None,
             dataset_id=dataset.id if dataset else None,
@@ -512,6 +550,7 @@ def _finalize(relay: _EventRelay, result: dict[str, Any]) -> str:
                 job_id,
                 step["index"],
                 status=StepStatus.succeeded,
+                finished_if_open=utcnow(),  # ops-metrics: its duration (/metrics)
                 metrics=step.get("metrics"),
                 quality=step.get("quality"),
                 warnings=step.get("warnings") or None,

@@ -127,13 +127,25 @@ class Reply(StrEnum):
 
 
 class SandboxError(Exception):
-    """The child reported an error or was stopped by a limit; code/detail are user-facing."""
+    """The child reported an error or was stopped by a limit; code/detail are user-facing.
 
-    def __init__(self, code: str, detail: str, field: str | None = None) -> None:
+    `reason` (ops-metrics: /metrics compaas_sandbox_kills) says why a child was stopped: memory,
+    time (wall clock), cpu_time, file_size, seccomp (SIGSYS), signal (another signal); None when
+    the child reported an ordinary error itself."""
+
+    def __init__(
+        self, code: str, detail: str, field: str | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.field = field
+        self.reason = reason if reason is not None else MEMORY_REASON.get(code)
+
+
+# A child that caught its own allocation failure reports it as an error; it was stopped by the
+# memory limit all the same.
+MEMORY_REASON = {"memory_limit_exceeded": "memory"}
 
 
 class SandboxAborted(Exception):
@@ -283,6 +295,7 @@ def _run_in(
                     f"The work exceeded its time limit of {limits.wall_time_s:.0f} s and was "
                     "stopped. Use a smaller dataset (fewer calibration samples) or ask your "
                     "operator to raise COMPAAS_JOB_TIME_LIMIT_S.",
+                    reason="time",
                 )
             if should_continue is not None and not should_continue():
                 _kill(proc)
@@ -328,15 +341,19 @@ def _raise_crash(returncode: int | None, stderr: str, limits: Limits) -> NoRetur
                 f"The work tried to write a file larger than its limit of {limits.memory_mb} MiB "
                 "and was stopped. Use a smaller model, or ask your operator to raise "
                 "COMPAAS_JOB_MEMORY_LIMIT_MB.",
+                reason="file_size",
             )
         if name == "SIGXCPU":
             raise SandboxError(
-                "time_limit_exceeded", "The work used more CPU time than its limit allows."
+                "time_limit_exceeded",
+                "The work used more CPU time than its limit allows.",
+                reason="cpu_time",
             )
         raise SandboxError(
             "worker_crashed",
             f"The model process was killed by {name} (often a memory limit or a crash inside a "
             "native operator). The last lines it wrote: " + stderr.strip()[-600:],
+            reason="seccomp" if name == "SIGSYS" else "signal",
         )
     raise SandboxError(
         "worker_crashed",

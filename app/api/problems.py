@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import logs
 from app.errors import AppError, Conflict, Invalid, LimitReached, NotFound, Unavailable
 from app.redact import relative_paths
 
@@ -207,7 +208,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # ops-metrics: the id of the log lines that tell what happened, for the caller to quote
+        request_id = logs.current("request_id")
+        where = f" under request id {request_id} (quote it when you report this)"
         problem = Problem(
-            500, "internal_error", "An unexpected error occurred; it has been logged."
+            500,
+            "internal_error",
+            f"An unexpected error occurred; it has been logged{where if request_id else ''}.",
+            **({"request_id": request_id} if request_id else {}),
         )
         return problem_response(problem, request)

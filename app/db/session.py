@@ -8,6 +8,8 @@ waits up to POOL_TIMEOUT_S for one beyond that). The API sizes it to its process
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -20,6 +22,18 @@ from sqlalchemy.orm import Session, sessionmaker
 DEFAULT_POOL = (5, 5)
 POOL_TIMEOUT_S = 30.0
 _pool = DEFAULT_POOL
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child (a Celery pool process): drop the parent's pooled connections without
+    closing them, so parent and child never share one socket (the worker's heartbeat thread
+    keeps using the parent's pool)."""
+    for engine in list(_engines):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def configure_pool(pool_size: int, max_overflow: int) -> None:
@@ -51,6 +65,7 @@ def make_engine(url: str, pool: tuple[int, int] | None = None) -> Engine:
     else:
         kwargs["connect_args"] = {"connect_timeout": 5}
     engine = create_engine(url, **kwargs)
+    _engines.add(engine)
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")

@@ -1,4 +1,5 @@
-"""Record what sandbox protections each worker host has; summarise them for /readyz."""
+"""Record what sandbox protections each worker host has and when it was last alive; summarise
+them for /readyz."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def record(settings: Settings, hostname: str, protections: dict[str, bool]) -> N
     """Upsert the host's row with the protections its sandbox child reported at start."""
     with session_scope(settings.database_url) as session:
         WorkerHostRepository(session).upsert(hostname, dict(protections))
+
+
+def touch(settings: Settings, hostname: str) -> bool:
+    """Record that the host's worker is alive now (its heartbeat, /metrics
+    compaas_worker_last_seen_timestamp_seconds); False when the host has no row yet."""
+    with session_scope(settings.database_url) as session:
+        return WorkerHostRepository(session).touch(hostname)
 
 
 def recent(settings: Settings) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -387,3 +388,66 @@ def test_the_api_runs_one_process_per_core_unless_told(
         assert settings.run_reconciler is False, "compose runs the reconciler as its own service"
         assert api_processes(settings) == expected
         assert "reconciler" in services and services["reconciler"]["command"][-1] == "reconciler"
+
+
+# ----------------------------------------------------------------------------- ops-metrics
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name /metrics can export: the request histogram and every cluster family
+    (a histogram's _bucket/_count/_sum, a counter's _total), read from the code itself."""
+    from app.api.telemetry import REQUEST_SECONDS
+    from app.services.telemetry import Reading, families
+
+    found = [*REQUEST_SECONDS.collect(), *families(Reading(up={"database": True}))]
+    names: set[str] = set()
+    for family in found:
+        suffixes = {
+            "histogram": ("_bucket", "_count", "_sum"),
+            "counter": ("_total",),
+        }.get(family.type, ("",))
+        names |= {family.name + suffix for suffix in suffixes}
+    return names
+
+
+def test_flower_runs_under_its_own_profile_on_localhost_with_a_login(
+    services: dict[str, Any], compaas_env: dict[str, str]
+) -> None:
+    flower = services["flower"]
+    assert flower["profiles"] == ["flower"]
+    command = flower["command"]
+    assert command[0] == "celery" and "flower" in command
+    broker = next(a.split("=", 1)[1] for a in command if a.startswith("--broker="))
+    assert broker == compaas_env["COMPAAS_BROKER_URL"], "Flower watches the workers' broker"
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "FLOWER_BASIC_AUTH" in flower["environment"], "the login comes from the environment"
+    for port in flower["ports"]:
+        assert str(port).startswith("127.0.0.1:"), "Flower can stop workers: localhost only"
+    others = ("api", "worker", "reconciler", "migrate")
+    assert all("profiles" not in services[name] for name in others)
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_app_exports() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "compaas.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs, "the dashboard has no queries"
+    exported = exported_metric_names()
+    used: set[str] = set()
+    for expr in exprs:
+        names = set(re.findall(r"\b(compaas_[a-z0-9_]+)", expr))
+        assert names, f"a query that reads no compaas metric: {expr}"
+        unknown = names - exported
+        assert not unknown, f"{expr} reads {sorted(unknown)}, which /metrics never exports"
+        used |= names
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("request rate", "p50", "p95", "p99", "queue depth", "heartbeat", "sandbox"):
+        assert topic in titles, f"no panel for {topic}"
+    for family in (
+        "compaas_http_request_duration_seconds_bucket",
+        "compaas_job_step_duration_seconds_bucket",
+        "compaas_queue_depth",
+        "compaas_worker_last_seen_timestamp_seconds",
+        "compaas_sandbox_kills_total",
+    ):
+        assert family in used, f"the dashboard does not show {family}"
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

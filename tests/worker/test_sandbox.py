@@ -21,6 +21,7 @@ def test_memory_limit_stops_an_allocation_past_it() -> None:
         sandbox.run(sandbox.SelfTestSpec(what="allocate", mb=3000), sandbox.Limits(60, 1024))
     assert err.value.code == "memory_limit_exceeded"
     assert "1024 MiB" in err.value.detail
+    assert err.value.reason == "memory"  # /metrics compaas_sandbox_kills_total{reason}
 
 
 def test_allocation_under_the_limit_succeeds() -> None:
@@ -60,6 +61,7 @@ def test_wall_time_limit_kills_the_child() -> None:
     with pytest.raises(sandbox.SandboxError) as err:
         sandbox.run(sandbox.SelfTestSpec(what="sleep", seconds=30), sandbox.Limits(2, 1024))
     assert err.value.code == "time_limit_exceeded"
+    assert err.value.reason == "time"
 
 
 @pytest.mark.slow
@@ -95,6 +97,7 @@ def test_a_crash_is_reported_with_the_signal() -> None:
         sandbox.run(sandbox.SelfTestSpec(what="segfault"), sandbox.Limits(30, 1024))
     assert err.value.code == "worker_crashed"
     assert "SIGSEGV" in err.value.detail
+    assert err.value.reason == "signal"
 
 
 def test_parent_can_abort_the_child() -> None:

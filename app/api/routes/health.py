@@ -2,18 +2,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import SettingsDep
 from app.api.ops import OPS_TOKEN_RESPONSES, OpsTokenDep
 from app.config import Settings
-from app.db.models import JobStatus, ModelStatus
-from app.db.repositories.janitor import JanitorRepository
 from app.db.repositories.operations import OperationsRepository
 from app.db.session import get_sessionmaker
 from app.queue import get_publisher
-from app.services import janitor, worker_hosts
+from app.services import telemetry, worker_hosts
 
 router = APIRouter(tags=["health"])
 
@@ -26,31 +24,18 @@ def healthz() -> dict[str, str]:
 
 @router.get(
     "/metrics",
-    response_class=PlainTextResponse,
+    response_class=Response,
     dependencies=[OpsTokenDep],
     responses=OPS_TOKEN_RESPONSES,
 )
-def metrics(settings: SettingsDep) -> str:
-    """Prometheus text format: jobs and models by status, and what the janitor reclaimed (for
-    operators, across teams)."""
-    lines = ["# TYPE compaas_jobs gauge"]
-    with get_sessionmaker(settings.database_url)() as session:
-        counts = OperationsRepository(session)
-        jobs, models = counts.jobs_by_status(), counts.models_by_status()
-        cleaned = JanitorRepository(session)
-        reclaimed, (watching, watching_bytes) = cleaned.reclaimed(), cleaned.candidate_count()
-    lines += [f'compaas_jobs{{status="{s}"}} {jobs.get(s, 0)}' for s in JobStatus]
-    lines.append("# TYPE compaas_models gauge")
-    lines += [f'compaas_models{{status="{s}"}} {models.get(s, 0)}' for s in ModelStatus]
-    for index, unit in enumerate(("files", "bytes")):
-        name = f"compaas_janitor_reclaimed_{unit}_total"
-        lines.append(f"# TYPE {name} counter")
-        lines += [f'{name}{{kind="{k}"}} {reclaimed.get(k, (0, 0))[index]}' for k in janitor.KINDS]
-    lines.append("# TYPE compaas_janitor_orphan_candidates gauge")
-    lines.append(f"compaas_janitor_orphan_candidates {watching}")
-    lines.append("# TYPE compaas_janitor_orphan_candidate_bytes gauge")
-    lines.append(f"compaas_janitor_orphan_candidate_bytes {watching_bytes}")
-    return "\n".join(lines) + "\n"
+def metrics(request: Request) -> Response:
+    """Prometheus text format (prometheus-client): request latency by route, job and step
+    durations, queue depth, worker heartbeats, sandbox kills, jobs and models by status and the
+    janitor's totals, for operators, across teams ([operations](docs/operations.md#metrics))."""
+    body, content_type = telemetry.exposition(
+        request.app.state.cluster_metrics, request.headers.get("accept")
+    )
+    return Response(body, headers={"Content-Type": content_type})
 
 
 @router.get("/readyz")

@@ -7,6 +7,7 @@ from app.db.models.idempotency import IdempotencyKey
 from app.db.models.janitor import JanitorReclaimed, OrphanBlob
 from app.db.models.job import Job, JobStatus, JobStep, StepStatus
 from app.db.models.model import Model, ModelStatus
+from app.db.models.sandbox_kill import SandboxKill
 from app.db.models.team import ApiKey, Team
 from app.db.models.ui_session import UiSession
 from app.db.models.worker_host import WorkerHost
@@ -24,6 +25,7 @@ __all__ = [
     "Model",
     "ModelStatus",
     "OrphanBlob",
+    "SandboxKill",
     "StepStatus",
     "Team",
     "UiSession",

@@ -68,8 +68,9 @@ class Job(IdMixin, TimestampMixin, Base):
     # published; the reconciler publishes again only a message the broker lost.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     publish_count: Mapped[int] = mapped_column(default=0, server_default="0")
-    started_at: Mapped[datetime | None] = mapped_column(default=None)
-    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # indexed for /metrics, which reads only the recently claimed and finished (ops-metrics)
+    started_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
     steps: Mapped[list[JobStep]] = relationship(
         back_populates="job", order_by="JobStep.index", cascade="all, delete-orphan"
@@ -95,6 +96,6 @@ class JobStep(IdMixin, TimestampMixin, Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     artifact_id: Mapped[str | None] = mapped_column(String(36), default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
-    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
     job: Mapped[Job] = relationship(back_populates="steps")

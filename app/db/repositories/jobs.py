@@ -121,7 +121,12 @@ class JobRepository:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def update_step(self, job_id: str, index: int, **values: Any) -> None:
+    def update_step(
+        self, job_id: str, index: int, *, finished_if_open: datetime | None = None, **values: Any
+    ) -> None:
+        """Set `values` on the step; `finished_if_open` sets finished_at unless already set."""
+        if finished_if_open is not None:
+            values["finished_at"] = func.coalesce(JobStep.finished_at, finished_if_open)
         values.setdefault("updated_at", utcnow())
         self.session.execute(
             update(JobStep)

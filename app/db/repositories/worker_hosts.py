@@ -31,6 +31,15 @@ class WorkerHostRepository:
         self.session.flush()
         return host
 
+    def touch(self, hostname: str) -> bool:
+        """The host is alive now (its heartbeat); False when it has no row yet."""
+        host = self.session.get(WorkerHost, hostname)
+        if host is None:
+            return False
+        host.seen_at = utcnow()
+        self.session.flush()
+        return True
+
     def seen_since(self, since: datetime, limit: int = 50) -> Sequence[WorkerHost]:
         stmt = (
             select(WorkerHost)
