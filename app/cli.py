@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,7 +36,10 @@ def _migrate(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
-def worker_command(queues: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
+def worker_command(
+    queues: str, concurrency: int, loglevel: str = "INFO", name: str = "compaas"
+) -> list[str]:
+    """A Celery worker consuming `queues`; `name`@host is its node name (unique per machine)."""
     return [
         sys.executable,
         "-m",
@@ -49,7 +53,7 @@ def worker_command(queues: str, concurrency: int, loglevel: str = "INFO") -> lis
         f"--queues={queues}",
         "--without-mingle",
         "--without-gossip",
-        "--hostname=compaas@%h",
+        f"--hostname={name}@%h",
     ]
 
 
@@ -96,13 +100,43 @@ def stop_worker_group(worker: subprocess.Popen[bytes], grace_s: float) -> None:
     worker.wait()
 
 
+def worker_name(settings: Settings, queues: str) -> str:
+    """The node name of a worker on `queues`: `compaas-inspect` for one that consumes only the
+    inspection queue, so it and a job worker on one machine have names of their own."""
+    if settings.inspects_apart and queues == settings.inspection_queue:
+        return "compaas-inspect"
+    return "compaas"
+
+
+def embedded_worker_commands(settings: Settings, concurrency: int) -> list[list[str]]:
+    """The worker groups `compaas up` runs: one on the job queues (`concurrency` processes) and,
+    unless inspections share the default queue (COMPAAS_INSPECT_QUEUE=""), one process on the
+    inspection queue, so an upload is inspected while jobs run."""
+    commands = [worker_command(settings.job_queues, concurrency)]
+    if settings.inspects_apart:
+        queue = settings.inspection_queue
+        commands.append(worker_command(queue, 1, name=worker_name(settings, queue)))
+    return commands
+
+
+def stop_worker_groups(workers: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """Stop several worker groups together: SIGTERM them all, then each gets what is left of
+    the one grace period before SIGKILL."""
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for worker in workers:
+        stop_worker_group(worker, max(0.0, deadline - time.monotonic()))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it reaches `finally`
     signal.signal(signal.SIGTERM, _exit_on_signal)
     os.environ["COMPAAS_DATA_DIR"] = str(Path(args.data_dir).resolve())
     settings = _settings()
     _migrate(settings)
-    worker = start_worker_group(worker_command(settings.published_queues, args.concurrency))
+    workers = [start_worker_group(c) for c in embedded_worker_commands(settings, args.concurrency)]
     try:
         base = f"http://{args.host}:{args.port}"
         print(f"compaas API:  {base}/v1", flush=True)
@@ -117,7 +151,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
-        stop_worker_group(worker, WORKER_STOP_GRACE_S)
+        stop_worker_groups(workers, WORKER_STOP_GRACE_S)
     return 0
 
 
@@ -144,7 +178,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
-    cmd = worker_command(args.queues or settings.worker_queues, args.concurrency)
+    queues = args.queues or settings.worker_queues
+    cmd = worker_command(queues, args.concurrency, name=worker_name(settings, queues))
     os.execv(cmd[0], cmd)
 
 
@@ -423,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run API + worker on this machine (SQLite, local blobs)")
+    up = sub.add_parser(
+        "up", help="run API + job worker + inspection worker on this machine (SQLite, local blobs)"
+    )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--data-dir", default="./var")
@@ -442,8 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run a Celery worker")
-    worker.add_argument("--queues", default=None)
-    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated queues to consume (default: COMPAAS_WORKER_QUEUES, 'default'); "
+        "model inspections go to COMPAAS_INSPECT_QUEUE ('inspect'), which needs a worker of "
+        "its own: `compaas worker --queues inspect`",
+    )
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes (default: 1)")
     worker.set_defaults(func=cmd_worker)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest")

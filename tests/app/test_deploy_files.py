@@ -143,7 +143,7 @@ def stages() -> dict[str, Stage]:
 @pytest.fixture(scope="module")
 def compaas_env(services: dict[str, Any]) -> dict[str, str]:
     env = services["api"]["environment"]
-    for name in ("migrate", "worker", "reconciler"):
+    for name in ("migrate", "worker", "inspector", "reconciler"):
         if name in services:
             assert services[name]["environment"] == env, f"{name} runs with the api's settings"
     return {k: str(v) for k, v in env.items()}
@@ -193,6 +193,7 @@ def test_service_commands_are_real_cli_commands(
         "api": "api",
         "worker": "worker",
         "worker-gpu": "worker",
+        "inspector": "worker",
         "reconciler": "reconciler",
     }
     for name, subcommand in expected.items():
@@ -256,7 +257,7 @@ def test_images_copy_what_the_package_needs_and_run_unprivileged(
 def test_migrate_runs_before_api_and_worker(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"].get("restart", "no") == "no"
-    for name in ("api", "worker", "worker-gpu", "reconciler"):
+    for name in ("api", "worker", "inspector", "worker-gpu", "reconciler"):
         if name in services:
             condition = services[name]["depends_on"]["migrate"]["condition"]
             assert condition == "service_completed_successfully", name
@@ -387,3 +388,31 @@ def test_the_api_runs_one_process_per_core_unless_told(
         assert settings.run_reconciler is False, "compose runs the reconciler as its own service"
         assert api_processes(settings) == expected
         assert "reconciler" in services and services["reconciler"]["command"][-1] == "reconciler"
+
+
+def test_inspections_have_a_worker_of_their_own(
+    services: dict[str, Any], stages: dict[str, Stage], compaas_env: dict[str, str]
+) -> None:
+    """The `inspector` consumes exactly the queue the API publishes inspections to, one at a
+    time, in the worker image; `worker` consumes only the job queue, so a running job never
+    holds an upload back."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        **{k.removeprefix("COMPAAS_").lower(): v for k, v in compaas_env.items()},
+    )
+    parser = build_parser()
+    inspector = services["inspector"]
+    args = parser.parse_args(effective_command(inspector, stages)[1:])  # type: ignore[index]
+    assert (args.command, args.queues, args.concurrency) == (
+        "worker",
+        settings.inspection_queue,
+        1,
+    )
+    assert settings.inspects_apart and settings.inspection_queue == "inspect"
+    assert inspector["build"]["target"] == "worker", "inspection loads .pt2 uploads with torch"
+    assert inspector["depends_on"] == services["worker"]["depends_on"]
+    assert "profiles" not in inspector
+    worker = parser.parse_args(effective_command(services["worker"], stages)[1:])  # type: ignore[index]
+    consumed = (worker.queues or settings.worker_queues).split(",")
+    assert settings.inspection_queue not in consumed
+    assert settings.job_queues.split(",") == consumed
