@@ -111,7 +111,7 @@ def test_an_inspection_is_published_to_the_inspection_queue(tmp_path: Path) -> N
     from app.db.migrate import upgrade
     from app.db.models import Model, Team
     from app.db.session import session_scope
-    from app.services.publishing import publish_inspection
+    from app.services.publishing import inspection_lost, publish_inspection
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -138,3 +138,5 @@ def test_an_inspection_is_published_to_the_inspection_queue(tmp_path: Path) -> N
     with session_scope(settings.database_url) as session:
         row = session.get(Model, model_id)
         assert row is not None and row.publish_count == 1 and row.published_at is not None
+    # a model whose inspection is lost names the queue a worker must consume
+    assert "compaas worker --queues uploads" in inspection_lost(settings, 3)["detail"]
