@@ -45,12 +45,14 @@ def iq_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "COMPAAS_API_KEY_PEPPER": "integration-test-pepper",
         "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
     }
+    stacks = start_stack("inspect-queue", env, tmp, workers=0)
     try:
-        for stack in start_stack("inspect-queue", env, tmp, workers=0):
-            stack.start_worker(queues=stack.settings.worker_queues)
-            stack.start_worker(queues=stack.settings.inspection_queue)
-            yield stack
+        stack = next(stacks)
+        stack.start_worker(queues=stack.settings.worker_queues)  # `worker`
+        stack.start_worker(queues=stack.settings.inspection_queue)  # `inspector`
+        yield stack
     finally:
+        stacks.close()  # stops both workers
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
