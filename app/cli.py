@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -42,7 +43,10 @@ def _migrate(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
-def worker_command(queues: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
+def worker_command(
+    queues: str, concurrency: int, loglevel: str = "INFO", name: str = "compaas"
+) -> list[str]:
+    """A Celery worker consuming `queues`; `name`@host is its node name (unique per machine)."""
     return [
         sys.executable,
         "-m",
@@ -56,7 +60,7 @@ def worker_command(queues: str, concurrency: int, loglevel: str = "INFO") -> lis
         f"--queues={queues}",
         "--without-mingle",
         "--without-gossip",
-        "--hostname=compaas@%h",
+        f"--hostname={name}@%h",
     ]
 
 
@@ -103,6 +107,36 @@ def stop_worker_group(worker: subprocess.Popen[bytes], grace_s: float) -> None:
     worker.wait()
 
 
+def worker_name(settings: Settings, queues: str) -> str:
+    """The node name of a worker on `queues`: `compaas-inspect` for one that consumes only the
+    inspection queue, so it and a job worker on one machine have names of their own."""
+    if settings.inspects_apart and queues == settings.inspection_queue:
+        return "compaas-inspect"
+    return "compaas"
+
+
+def embedded_worker_commands(settings: Settings, concurrency: int) -> list[list[str]]:
+    """The worker groups `compaas up` runs: one on the job queues (`concurrency` processes) and,
+    unless inspections share the default queue (COMPAAS_INSPECT_QUEUE=""), one process on the
+    inspection queue, so an upload is inspected while jobs run."""
+    commands = [worker_command(settings.job_queues, concurrency)]
+    if settings.inspects_apart:
+        queue = settings.inspection_queue
+        commands.append(worker_command(queue, 1, name=worker_name(settings, queue)))
+    return commands
+
+
+def stop_worker_groups(workers: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """Stop several worker groups together: SIGTERM them all, then each gets what is left of
+    the one grace period before SIGKILL."""
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for worker in workers:
+        stop_worker_group(worker, max(0.0, deadline - time.monotonic()))
+
+
 app = typer.Typer(
     name="compaas",
     help=__doc__,
@@ -133,7 +167,8 @@ def cmd_up(
     ] = Path("./var"),
     concurrency: ConcurrencyOpt = 1,
 ) -> None:
-    """Run API + worker on this machine (SQLite, local blobs, filesystem broker)."""
+    """Run API + job worker + inspection worker on this machine (SQLite, local blobs,
+    filesystem broker)."""
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; as SystemExit it reaches
     # `finally` (a KeyboardInterrupt would become Click's "Aborted!", exit 1)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,7 +176,7 @@ def cmd_up(
     os.environ["COMPAAS_DATA_DIR"] = str(Path(data_dir).resolve())
     settings = _settings()
     _migrate(settings)
-    worker = start_worker_group(worker_command(settings.published_queues, concurrency))
+    workers = [start_worker_group(c) for c in embedded_worker_commands(settings, concurrency)]
     try:
         base = f"http://{host}:{port}"
         print(f"compaas API:  {base}/v1", flush=True)
@@ -164,7 +199,7 @@ def cmd_up(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
-        stop_worker_group(worker, WORKER_STOP_GRACE_S)
+        stop_worker_groups(workers, WORKER_STOP_GRACE_S)
 
 
 @app.command("api")
@@ -232,7 +267,9 @@ def cmd_worker(
     queues: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated queues (default: COMPAAS_WORKER_QUEUES, else all of them).",
+            help="Comma-separated queues (default: COMPAAS_WORKER_QUEUES, else all of them). "
+            "Model inspections go to COMPAAS_INSPECT_QUEUE ('inspect'), which wants a worker of "
+            "its own: `compaas worker --queues inspect`.",
             show_default=False,
         ),
     ] = None,
@@ -240,7 +277,8 @@ def cmd_worker(
 ) -> None:
     """Run a Celery worker."""
     settings = _settings()
-    cmd = worker_command(queues or settings.worker_queues, concurrency)
+    queues = queues or settings.worker_queues
+    cmd = worker_command(queues, concurrency, name=worker_name(settings, queues))
     os.execv(cmd[0], cmd)
 
 

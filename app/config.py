@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     # Where a worker's torch training runs: auto (a GPU when torch can use one), cpu, cuda.
     device: DeviceSetting = "auto"
     # The queue of GPU workers ("" = none): jobs that train a torch model go there
-    # (app.services.routing); every other task goes to the first of worker_queues.
+    # (app.services.routing); every other job goes to the first of worker_queues.
     gpu_queue: str = ""
+    # The queue of model inspections, consumed by a worker of its own (compose: `inspector`;
+    # `compaas up` starts one), so an upload is inspected at once however long jobs run.
+    # "" = inspections go to the default queue and wait behind the jobs there.
+    inspect_queue: str = "inspect"
 
     # Abuse limits (429/413/422 problem+json); generous enough for the test suite's bursts.
     rate_limit_storage_url: str = ""  # "" → the broker's Redis if it is one, else in-process
@@ -154,9 +158,27 @@ class Settings(BaseSettings):
         return self.worker_queues.split(",")[0]
 
     @property
-    def published_queues(self) -> str:
-        """Every queue the API publishes to (what `compaas up`'s one worker consumes)."""
+    def inspection_queue(self) -> str:
+        """Where model inspections go: inspect_queue, or the default queue when it is ""."""
+        return self.inspect_queue or self.default_queue
+
+    @property
+    def job_queues(self) -> str:
+        """Every queue the API publishes jobs to (what `compaas up`'s job worker consumes): the
+        worker queues and the GPU queue, without the inspection queue."""
         names = [*self.worker_queues.split(","), *([self.gpu_queue] if self.gpu_queue else [])]
+        jobs = [n for n in names if n != self.inspect_queue or n == self.default_queue]
+        return ",".join(dict.fromkeys(jobs))
+
+    @property
+    def inspects_apart(self) -> bool:
+        """Whether inspections have a queue no job goes to (then a worker of their own)."""
+        return self.inspection_queue not in self.job_queues.split(",")
+
+    @property
+    def published_queues(self) -> str:
+        """Every queue the API publishes to: the job queues and the inspection queue."""
+        names = [*self.job_queues.split(","), self.inspection_queue]
         return ",".join(dict.fromkeys(names))
 
     @property

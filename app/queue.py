@@ -62,6 +62,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "processed_folder": str(processed),
             "control_folder": str(control),
             "store_processed": False,
+            # how often an idle worker looks in the folder (kombu's default: 1 s); an upload's
+            # inspection waits for the inspection worker's next look
+            "polling_interval": 0.2,
         }
     elif settings.broker_url.startswith("redis"):
         # Longer than any job's hard time limit, so Redis does not redeliver a running job.

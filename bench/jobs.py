@@ -51,6 +51,7 @@ def main() -> None:
         + f"/{db}",
         "COMPAAS_BROKER_URL": REDIS_URL,
         "COMPAAS_WORKER_QUEUES": f"bench-{uuid.uuid4().hex[:6]}",
+        "COMPAAS_INSPECT_QUEUE": f"bench-inspect-{uuid.uuid4().hex[:6]}",
         "COMPAAS_RUN_RECONCILER": "false",
     }
     os.environ.update(env)
@@ -121,7 +122,9 @@ def main() -> None:
 def _worker(settings: Settings, tmp: Path, i: int) -> subprocess.Popen[bytes]:
     log = tmp / f"worker-{i}.log"
     proc = subprocess.Popen(
-        worker_command(settings.worker_queues, 1),
+        worker_command(
+            f"{settings.worker_queues},{settings.inspection_queue}", 1, name=f"bench{i}"
+        ),
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         stdout=log.open("w"),

@@ -108,6 +108,15 @@ def slow_mlp(out: Path, width: int = 1024, hidden: int = 2) -> dict[str, Path]:
     return {"onnx": files["onnx"], "npz": out / "slow.npz"}
 
 
+def own_queues(prefix: str) -> dict[str, str]:
+    """A job queue and an inspection queue no other stack on the same Redis uses."""
+    suffix = uuid.uuid4().hex[:8]
+    return {
+        "COMPAAS_WORKER_QUEUES": f"{prefix}-{suffix}",
+        "COMPAAS_INSPECT_QUEUE": f"{prefix}-inspect-{suffix}",
+    }
+
+
 def chaos_env(
     tmp: Path, database_url: str, broker_url: str, queue: str, **overrides: str
 ) -> dict[str, str]:
@@ -118,7 +127,7 @@ def chaos_env(
         "COMPAAS_DATA_DIR": str(tmp),
         "COMPAAS_DATABASE_URL": database_url,
         "COMPAAS_BROKER_URL": broker_url,
-        "COMPAAS_WORKER_QUEUES": f"{queue}-{uuid.uuid4().hex[:8]}",
+        **own_queues(queue),
         "COMPAAS_LEASE_S": "6",
         "COMPAAS_HEARTBEAT_S": "1",
         "COMPAAS_REQUEUE_AFTER_S": "4",
@@ -351,11 +360,15 @@ class Stack:
 
     def start_worker(self, queues: str | None = None, **env: str) -> subprocess.Popen[bytes]:
         """A real Celery worker process (its own process group, so tests can SIGKILL it all),
-        consuming `queues` (default: the stack's worker queues)."""
+        consuming `queues` (default: the stack's worker queues and its inspection queue, as a
+        deployment with one worker for both runs)."""
+        if queues is None:
+            both = [*self.settings.worker_queues.split(","), self.settings.inspection_queue]
+            queues = ",".join(dict.fromkeys(both))
         log_path = self.worker_log.with_name(f"worker-{len(self.workers)}.log")
         log = log_path.open("w")
         worker = subprocess.Popen(
-            worker_command(queues or self.settings.worker_queues, 1),
+            worker_command(queues, 1, name=f"compaas-{len(self.workers)}"),
             env={**self.env, **env},
             cwd=ROOT,
             stdout=log,
@@ -505,7 +518,7 @@ def pg_stack(
         "COMPAAS_DATA_DIR": str(tmp),
         "COMPAAS_DATABASE_URL": postgres_db,
         "COMPAAS_BROKER_URL": redis_url,
-        "COMPAAS_WORKER_QUEUES": f"it-{uuid.uuid4().hex[:8]}",
+        **own_queues("it"),
         "COMPAAS_API_KEY_PEPPER": "integration-test-pepper",
         "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
     }

@@ -111,8 +111,10 @@ def publish_job(session: Session, settings: Settings, job_id: str, recovered: bo
 
 
 def publish_inspection(session: Session, settings: Settings, model_id: str) -> bool:
-    """Publish the model's inspection message and record it (the caller commits)."""
-    if not publish(settings, TASK_INSPECT_MODEL, model_id, priority=PRIORITY_FIRST):
+    """Publish the model's inspection message to the inspection queue and record it (the caller
+    commits)."""
+    queue = routing.inspection_queue(settings)
+    if not publish(settings, TASK_INSPECT_MODEL, model_id, queue=queue, priority=PRIORITY_FIRST):
         return False
     ModelInspectionRepository(session).mark_published(model_id)
     return True
@@ -125,8 +127,9 @@ def inspection_lost(settings: Settings, publishes: int) -> dict[str, str | None]
         "detail": (
             f"The model was sent for inspection {publishes} times and no worker finished "
             "inspecting it (a worker died while inspecting it, or the broker lost the message). "
-            f"Check that a worker consumes the queue '{settings.default_queue}' and has the "
-            "memory to load the model, then upload it again."
+            f"Check that a worker consumes the queue '{settings.inspection_queue}' (`compaas "
+            f"worker --queues {settings.inspection_queue}`) and has the memory to load the "
+            "model, then upload it again."
         ),
         "field": None,
     }

@@ -1,6 +1,7 @@
-"""Which queue a job is published to: with GPU workers in the deployment (COMPAAS_GPU_QUEUE),
-a job that trains a torch model goes to their queue; every other job, and every other task,
-goes to the default queue, which CPU workers consume.
+"""Which queue a task is published to: a model inspection goes to the inspection queue
+(COMPAAS_INSPECT_QUEUE, consumed by a worker of its own, so uploads never wait behind jobs).
+With GPU workers in the deployment (COMPAAS_GPU_QUEUE), a job that trains a torch model goes to
+their queue; every other job goes to the default queue, which CPU workers consume.
 
 The route is recomputed from the job's row each time it is published (create, retry, the
 reconciler's re-publish), so a re-published job goes where it first went while the settings
@@ -17,6 +18,11 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.repositories import JobRepository
 from engine.config import PipelineError, parse_pipeline, plan_pipeline, trains_on_torch
+
+
+def inspection_queue(settings: Settings) -> str:
+    """The queue of model inspections: COMPAAS_INSPECT_QUEUE, or the default queue when empty."""
+    return settings.inspection_queue
 
 
 def job_queue(

@@ -144,7 +144,7 @@ def stages() -> dict[str, Stage]:
 @pytest.fixture(scope="module")
 def compaas_env(services: dict[str, Any]) -> dict[str, str]:
     env = services["api"]["environment"]
-    for name in ("migrate", "worker", "reconciler"):
+    for name in ("migrate", "worker", "inspector", "reconciler"):
         if name in services:
             assert services[name]["environment"] == env, f"{name} runs with the api's settings"
     return {k: str(v) for k, v in env.items()}
@@ -194,6 +194,7 @@ def test_service_commands_are_real_cli_commands(
         "api": "api",
         "worker": "worker",
         "worker-gpu": "worker",
+        "inspector": "worker",
         "reconciler": "reconciler",
     }
     for name, subcommand in expected.items():
@@ -257,7 +258,7 @@ def test_images_copy_what_the_package_needs_and_run_unprivileged(
 def test_migrate_runs_before_api_and_worker(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"].get("restart", "no") == "no"
-    for name in ("api", "worker", "worker-gpu", "reconciler"):
+    for name in ("api", "worker", "inspector", "worker-gpu", "reconciler"):
         if name in services:
             condition = services[name]["depends_on"]["migrate"]["condition"]
             assert condition == "service_completed_successfully", name
@@ -423,7 +424,7 @@ def test_flower_runs_under_its_own_profile_on_localhost_with_a_login(
     assert "FLOWER_BASIC_AUTH" in flower["environment"], "the login comes from the environment"
     for port in flower["ports"]:
         assert str(port).startswith("127.0.0.1:"), "Flower can stop workers: localhost only"
-    others = ("api", "worker", "reconciler", "migrate")
+    others = ("api", "worker", "inspector", "reconciler", "migrate")
     assert all("profiles" not in services[name] for name in others)
 
 
@@ -451,3 +452,29 @@ def test_the_grafana_dashboard_uses_only_metrics_the_app_exports() -> None:
     ):
         assert family in used, f"the dashboard does not show {family}"
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+def test_inspections_have_a_worker_of_their_own(
+    services: dict[str, Any], stages: dict[str, Stage], compaas_env: dict[str, str]
+) -> None:
+    """The `inspector` consumes exactly the queue the API publishes inspections to, one at a
+    time, in the worker image; `worker` consumes only the job queue, so a running job never
+    holds an upload back."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        **{k.removeprefix("COMPAAS_").lower(): v for k, v in compaas_env.items()},
+    )
+    parser = build_parser()
+    inspector = services["inspector"]
+    args = parser.parse_args(effective_command(inspector, stages)[1:])  # type: ignore[index]
+    assert (args.command, args.queues, args.concurrency) == (
+        "worker",
+        settings.inspection_queue,
+        1,
+    )
+    assert settings.inspects_apart and settings.inspection_queue == "inspect"
+    assert inspector["build"]["target"] == "worker", "inspection loads .pt2 uploads with torch"
+    assert inspector["depends_on"] == services["worker"]["depends_on"]
+    assert "profiles" not in inspector
+    worker = parser.parse_args(effective_command(services["worker"], stages)[1:])  # type: ignore[index]
+    consumed = (worker.queues or settings.worker_queues).split(",")
+    assert settings.inspection_queue not in consumed
+    assert settings.job_queues.split(",") == consumed

@@ -103,3 +103,40 @@ def test_the_filesystem_broker_shows_what_its_folder_holds(tmp_path: Path) -> No
     assert found is not None
     assert found.queued == {(TASK_RUN_JOB, "a"), (TASK_RUN_JOB, "b"), (TASK_INSPECT_MODEL, "m")}
     assert found.delivered is None  # a consumed message lives in the worker's memory
+
+
+def test_an_inspection_is_published_to_the_inspection_queue(tmp_path: Path) -> None:
+    """publish_inspection sends it to COMPAAS_INSPECT_QUEUE (not the job queue), records the
+    publish on the model's row, and the reconciler's view of the broker sees it there."""
+    from app.db.migrate import upgrade
+    from app.db.models import Model, Team
+    from app.db.session import session_scope
+    from app.services.publishing import inspection_lost, publish_inspection
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path,
+        worker_queues="cpu",
+        inspect_queue="uploads",
+    )
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        team = Team(name="inspect-queue")
+        session.add(team)
+        session.flush()
+        model = Model(
+            team_id=team.id, name="m", format="onnx", size_bytes=1, blob_key="k", sha256="0" * 64
+        )
+        session.add(model)
+        session.flush()
+        model_id = model.id
+        assert publish_inspection(session, settings, model_id)
+    names = [p.name for p in (settings.broker_dir / "queue").iterdir()]
+    assert len(names) == 1 and names[0].endswith(".uploads.msg"), names
+    found = waiting(settings)
+    assert found is not None and found.queued == {(TASK_INSPECT_MODEL, model_id)}
+    with session_scope(settings.database_url) as session:
+        row = session.get(Model, model_id)
+        assert row is not None and row.publish_count == 1 and row.published_at is not None
+    # a model whose inspection is lost names the queue a worker must consume
+    assert "compaas worker --queues uploads" in inspection_lost(settings, 3)["detail"]

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 
 SUFFIX = uuid.uuid4().hex[:8]
 CPU_QUEUE, GPU_QUEUE = f"cpu-{SUFFIX}", f"gpu-{SUFFIX}"
+INSPECT_QUEUE = f"inspect-{SUFFIX}"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def routed(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "COMPAAS_BROKER_URL": redis_url,
         "COMPAAS_WORKER_QUEUES": CPU_QUEUE,
         "COMPAAS_GPU_QUEUE": GPU_QUEUE,
+        "COMPAAS_INSPECT_QUEUE": INSPECT_QUEUE,
         "COMPAAS_RUN_RECONCILER": "false",
         "COMPAAS_API_KEY_PEPPER": "integration-test-pepper",
         "COMPAAS_JOB_MEMORY_LIMIT_MB": "6144",
@@ -74,7 +76,9 @@ def test_training_jobs_go_to_the_gpu_queue_and_the_reconciler_keeps_them_there(
 ) -> None:
     _, headers = routed.new_team("routing")
     model = routed.upload("models", digits_files["pt2"], headers, name="digits").json()
-    assert _queued(redis_server, CPU_QUEUE, "models.inspect") == [model["id"]]  # not routed
+    # an inspection goes to the inspection queue, whatever the model
+    assert _queued(redis_server, INSPECT_QUEUE, "models.inspect") == [model["id"]]
+    assert _queued(redis_server, CPU_QUEUE, "models.inspect") == []
     assert routed.inspect_here(model["id"], headers)["status"] == "ready"
     dataset = routed.upload("datasets", digits_files["npz"], headers).json()
 

@@ -57,7 +57,7 @@ def test_the_folder_is_read_and_a_lost_inspection_is_published_again(
     assert _publishes(embedded, model_id) == 1
 
     folder = embedded.settings.broker_dir / "queue"
-    for message in folder.glob("*.default.msg"):
+    for message in folder.glob(f"*.{embedded.settings.inspection_queue}.msg"):
         message.unlink()  # lost
     time.sleep(1.5)
     # The folder cannot show a message a worker took: it waits out the inspection time limit.

@@ -1,4 +1,5 @@
-"""`compaas up` takes its Celery worker down with it: a real `up` process, signalled."""
+"""`compaas up` takes its Celery workers (jobs, inspections) down with it: a real `up` process,
+signalled."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def cmdline(pid: int) -> str:
 
 @pytest.fixture
 def compaas_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[int, str], Path]]:
-    """A real `compaas up` on a free port and a temp data dir, once its worker pool is up."""
+    """A real `compaas up` on a free port and a temp data dir, once both its worker groups
+    (jobs and inspections, each with its pool) are up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPAAS_")}
     env["PYTHONPATH"] = str(ROOT)
     log_path = tmp_path / "up.log"
@@ -89,14 +91,21 @@ def compaas_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[i
         while time.monotonic() < deadline:
             assert up.poll() is None, log_path.read_text()
             started.update(tree(up.pid))  # remember every process up started, as it appears
-            workers = [p for p in started if "celery" in cmdline(p)]
-            if workers and "ready." in log_path.read_text() and _healthy(port):
+            # both worker groups (jobs, inspections) print `ready.`
+            if log_path.read_text().count("ready.") >= 2 and _healthy(port):
                 break
             time.sleep(0.5)
         else:
             raise AssertionError("compaas up did not start:\n" + log_path.read_text()[-3000:])
         started.update(tree(up.pid))
-        assert len(started) >= 2, started  # the worker and its pool process
+        queues = {
+            part.removeprefix("--queues=")
+            for pid in started
+            for part in cmdline(pid).split()
+            if part.startswith("--queues=")
+        }
+        assert queues == {"default", "inspect"}, started  # the job and the inspection worker
+        assert len(started) >= 4, started  # each with its pool process
         yield up, started, log_path
     finally:
         if up.poll() is None:
