@@ -452,6 +452,8 @@ def test_the_grafana_dashboard_uses_only_metrics_the_app_exports() -> None:
     ):
         assert family in used, f"the dashboard does not show {family}"
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
 def test_inspections_have_a_worker_of_their_own(
     services: dict[str, Any], stages: dict[str, Stage], compaas_env: dict[str, str]
 ) -> None:
