@@ -32,6 +32,7 @@ def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(logs.ENV_FORMAT, raising=False)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    structlog.contextvars.clear_contextvars()  # ids an earlier test's in-process job left bound
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
