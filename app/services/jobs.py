@@ -220,9 +220,13 @@ def _check_students(session: Session, team_id: str, configs: list[OpConfig]) -> 
 
 
 def _publish(session: Session, settings: Settings, job: Job) -> None:
-    """After commit: a failed publish leaves the job queued for the reconciler to publish."""
-    if publishing.publish_job(session, settings, job.id, recovered=False):
-        session.commit()
+    """After commit: a failed publish leaves the job queued for the reconciler to publish.
+    The row is locked first, so a reconciler pass never publishes it at the same time."""
+    if not JobRepository(session).lock_if_unpublished(job.id):
+        session.commit()  # the reconciler published it already (this request was slow)
+        return
+    publishing.publish_job(session, settings, job.id, recovered=False)
+    session.commit()
 
 
 def cancel(session: Session, team_id: str, job_id: str) -> None:

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import Model, ModelStatus
+from app.db.repositories import ModelInspectionRepository
 from app.services.publishing import publish_inspection
 from app.services.sniff import sniff_model
 from app.services.uploaded import UploadedKind
@@ -23,9 +24,11 @@ def _describe(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def _inspect(session: Session, settings: Settings, model_id: str) -> None:
-    """After the commit; a failed publish leaves the model pending for the reconciler."""
-    if publish_inspection(session, settings, model_id):
-        session.commit()
+    """After the commit; a failed publish leaves the model pending for the reconciler. The row
+    is locked first, so a reconciler pass never publishes it at the same time."""
+    if ModelInspectionRepository(session).lock_if_unpublished(model_id):
+        publish_inspection(session, settings, model_id)
+    session.commit()
 
 
 MODELS = UploadedKind(

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, Select, func, or_, select, update
+from sqlalchemy import Row, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.base import utcnow
@@ -72,19 +72,34 @@ class JobRepository:
     def lock_unpublished(
         self, published_before: datetime, limit: int
     ) -> list[tuple[str, datetime | None, int, int]]:
-        """Queued jobs never published or last published before then, locked, oldest first:
+        """Queued jobs last published before then, or never published and created before then
+        (a newer one's API request may be publishing it right now), locked, oldest first:
         (id, enqueued_at, publish_count, attempts)."""
         stmt = (
             select(Job.id, Job.enqueued_at, Job.publish_count, Job.attempts)
             .where(
                 Job.status == JobStatus.queued,
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < published_before),
+                or_(
+                    and_(Job.enqueued_at.is_(None), Job.created_at < published_before),
+                    Job.enqueued_at < published_before,
+                ),
             )
             .order_by(Job.id)
             .with_for_update(skip_locked=True)
             .limit(limit)
         )
         return [(i, at, count, attempts) for i, at, count, attempts in self.session.execute(stmt)]
+
+    def lock_if_unpublished(self, job_id: str) -> bool:
+        """Lock the job's row, waiting for a reconciler pass that holds it; True if it is still
+        queued and was never published (else someone else published it: leave it)."""
+        stmt = (
+            select(Job.enqueued_at)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .with_for_update()
+        )
+        found = self.session.execute(stmt).first()
+        return found is not None and found[0] is None
 
     def claim(self, job_id: str, owner: str, lease_until: datetime) -> int | None:
         """Take a queued job (or one whose lease expired); return the new fencing token."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -48,16 +48,31 @@ class ModelInspectionRepository:
                 .execution_options(synchronize_session=False)
             )
 
+    def lock_if_unpublished(self, model_id: str) -> bool:
+        """Lock the model's row, waiting for a reconciler pass that holds it; True if it is
+        still pending and was never published (else someone else published it: leave it)."""
+        stmt = (
+            select(Model.published_at)
+            .where(Model.id == model_id, Model.status == ModelStatus.pending)
+            .with_for_update()
+        )
+        found = self.session.execute(stmt).first()
+        return found is not None and found[0] is None
+
     def lock_unpublished(
         self, published_before: datetime, limit: int
     ) -> list[tuple[str, datetime | None, int]]:
-        """Pending models never published or last published before then, locked, oldest
-        first: (id, published_at, publish_count)."""
+        """Pending models last published before then, or never published and created before
+        then (the upload's request may be publishing it right now), locked, oldest first:
+        (id, published_at, publish_count)."""
         stmt = (
             select(Model.id, Model.published_at, Model.publish_count)
             .where(
                 Model.status == ModelStatus.pending,
-                or_(Model.published_at.is_(None), Model.published_at < published_before),
+                or_(
+                    and_(Model.published_at.is_(None), Model.created_at < published_before),
+                    Model.published_at < published_before,
+                ),
             )
             .order_by(Model.id)
             .with_for_update(skip_locked=True)
