@@ -91,6 +91,11 @@ class AutoConfig(OpConfig):
         # candidates train and refit on the dataset: measure all of them on held-out samples
         return True
 
+    def needs_dataset(self) -> str | None:
+        if self.budget.max_accuracy_drop is not None:
+            return "budget max_accuracy_drop measures accuracy on a labelled dataset"
+        return None
+
     def needs_labels(self) -> str | None:
         if self.budget.max_accuracy_drop is not None:
             return "budget max_accuracy_drop compares accuracy against the labels"
