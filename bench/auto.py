@@ -57,10 +57,15 @@ def _fid(budget: dict[str, float], m: dict[str, Any]) -> str:
 
 
 def _row(
-    label: str, budget: dict[str, float], original: dict[str, Any], final: dict[str, Any], s: float
+    label: str,
+    budget: dict[str, float],
+    result: dict[str, Any],
+    s: float,
 ) -> str:
+    original, final = result["original"], result["final"]
     m = _figures(original, final)
-    meets = "yes" if not budget_misses(budget, m, None) else "no"
+    misses = budget_misses(budget, m, result["quality"])
+    meets = "yes" if not misses else "no: " + "; ".join(misses)
     return (
         f"| {label} | {_size(m):,} | {original['size_bytes'] / _size(m):.1f}× | "
         f"{m.get('latency_ms_p50', float('nan')):.4f} | {_fid(budget, m)} | {meets} | {s:.0f} |"
@@ -101,9 +106,8 @@ def bench_model(
     )
     auto_s = time.monotonic() - started
     details = result["steps"][0]["details"]
-    original = result["original"]
     chosen = details["chosen"]["name"]
-    lines.append(_row(f"**auto** → {chosen}", budget, original, result["final"], auto_s))
+    lines.append(_row(f"**auto** → {chosen}", budget, result, auto_s))
     for preset in presets:
         started = time.monotonic()
         try:
@@ -119,7 +123,7 @@ def bench_model(
             lines.append(f"| preset {preset} | failed: {exc.code} | | | | no | |")
             continue
         spent = time.monotonic() - started
-        lines.append(_row(f"preset {preset}", budget, out["original"], out["final"], spent))
+        lines.append(_row(f"preset {preset}", budget, out, spent))
     lines += [
         "",
         f"Search: {details['search']}",
@@ -136,7 +140,8 @@ def bench_model(
         mark = " **(Pareto)**" if c["index"] in front else ""
         lines.append(
             f"| {c['index']} | {c['name']}{mark} | measured | {int(c['objective']):,} | "
-            f"{_fid(budget, c['metrics'])} | {'yes' if c['meets'] else 'no'} | "
+            f"{_fid(budget, c['metrics'])} | "
+            f"{'yes' if c['meets'] else 'no: ' + '; '.join(c['missed'])} | "
             f"{c['seconds']:.0f} |"
         )
     return [*lines, ""]
@@ -165,6 +170,7 @@ def _zoo(key: str, args: argparse.Namespace, tmp: Path) -> list[str]:
 
     spec = next(s for s in zoo.ZOO if s.key == key)
     model = zoo.model_file(spec)
+    tmp.mkdir(parents=True, exist_ok=True)
     npz = tmp / f"{key}.npz"
     np.savez(npz, **spec.inputs(max(spec.calib, 64), zoo.SEED + 1))
     budget = {"min_cosine": 0.99} if spec.task == "embedding" else {"min_sqnr_db": 20.0}

@@ -50,7 +50,30 @@ def test_auto_job_on_the_digits_cnn(api: Client, digits_files: dict[str, Path]) 
     again = api.stack.wait_job(resp.json()["id"], api.headers, timeout=600)
     assert again["status"] == "succeeded", again["error"]
     assert [s["op"] for s in again["steps"]] == [s["op"] for s in point["recipe"]["pipeline"]]
-    size_again = again["metrics"]["final"].get("archive_size_bytes") or again["metrics"][
-        "final"
-    ]["size_bytes"]
+    size_again = (
+        again["metrics"]["final"].get("archive_size_bytes")
+        or again["metrics"]["final"]["size_bytes"]
+    )
     assert size_again == point["metrics"].get("archive_size_bytes", point["metrics"]["size_bytes"])
+
+
+def test_impossible_budget_succeeds_with_the_original(
+    api: Client, digits_files: dict[str, Path]
+) -> None:
+    size = digits_files["onnx"].stat().st_size
+    job = api.run(
+        digits_files["onnx"],
+        digits_files["npz"],
+        preset="auto",
+        budget={"max_size_bytes": size // 100, "max_accuracy_drop": 0.0},
+        search={"max_candidates": 1},
+    )
+    assert job["status"] == "succeeded" and job["quality"]["verdict"] == "ok"
+    details = job["steps"][0]["details"]
+    assert details["chosen"] == {"candidate": None, "name": "original"}
+    (closest,) = [c for c in details["candidates"] if c["status"] == "measured"]
+    (warning,) = [w for w in job["warnings"] if "No candidate met the whole budget" in w]
+    assert f"candidate {closest['index']} ({closest['name']})" in warning
+    metrics = job["metrics"]
+    assert metrics["final"]["size_bytes"] == metrics["original"]["size_bytes"]
+    assert metrics["final"]["accuracy_top1"] == metrics["original"]["accuracy_top1"]
