@@ -57,9 +57,12 @@ def auto_search(config: AutoConfig, model_path: Path, ctx: StepContext) -> Path:
     if ctx.build is None or ctx.source_model is None:  # pragma: no cover - the pipeline sets both
         raise EngineError("invalid_pipeline", "auto runs only inside a job's pipeline")
     original = ctx.original_metrics
+    size = int(original.get("size_bytes") or model_path.stat().st_size)
+    # float32 weight bytes; a model whose weights are Constant nodes counts no params: all of it
+    weight_bytes = 4 * int(original.get("params") or 0)
     base = Baseline(
-        size_bytes=int(original.get("size_bytes") or model_path.stat().st_size),
-        weight_bytes=4 * int(original.get("params") or 0),
+        size_bytes=size,
+        weight_bytes=weight_bytes if 0 < weight_bytes <= size else size,
         macs=original.get("macs"),
         latency_ms=original.get("latency_ms_p50"),
         accuracy=original.get("accuracy_top1"),
