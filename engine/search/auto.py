@@ -22,6 +22,8 @@ from engine.config import PRESETS, AutoConfig, PipelineError, parse_steps, valid
 
 # Distillation-backed candidates need at least this many training samples.
 DISTILL_MIN_SAMPLES = 256
+# Built first whatever the estimates say (Search.order).
+ANCHOR = "preset fp16"
 # An estimate is trusted to within this factor when a candidate is skipped on it.
 ESTIMATE_SLACK = 0.7
 
@@ -335,11 +337,17 @@ class Search:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def order(self) -> list[Spec]:
-        """Cheap post-training builds first (they bound the rest), then by estimate."""
+        """fp16 first: the near-lossless anchor (the fallback the budget is held to when
+        nothing smaller meets it), so a feasible point bounds the rest early; then the other
+        post-training builds, then the ones that refit or train, each by estimated objective."""
         objective = self.config.objective
         return sorted(
             self.specs,
-            key=lambda s: (s.cost > 0, estimate(s, self.base, objective).get("objective", 0.0)),
+            key=lambda s: (
+                s.name != ANCHOR,
+                s.cost > 0,
+                estimate(s, self.base, objective).get("objective", 0.0),
+            ),
         )
 
     def best_feasible(self) -> dict[str, Any] | None:
