@@ -101,6 +101,7 @@ def compress(
     dataset_id: str | None = None,
     floor: dict[str, float | None] | None = None,
     allow_below_floor: bool = False,
+    search_history: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -122,6 +123,7 @@ def compress(
         device=device,
         models={k: str(v) for k, v in (models or {}).items()},
         resume=Resume.model_validate(resume) if isinstance(resume, dict) else resume,
+        search_history=list(search_history),
         time_limit_s=time_limit_s,
         memory_limit_mb=memory_limit_mb,
     )
