@@ -47,6 +47,20 @@ class StepContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     # an op-specific report stored with the step (GET /v1/jobs/{id} → steps[].details).
     details: dict[str, Any] = field(default_factory=dict)
+    # warnings for the whole job (GET /v1/jobs/{id} → warnings), besides the step's own.
+    job_warnings: list[str] = field(default_factory=list)
+    # For the auto search (engine.ops.auto): the job's raw event sink (a `candidate` event per
+    # candidate), the dataset file and what the job measures with, the candidates an earlier
+    # attempt of this job finished, and `build`, which runs a whole pipeline on the upload with
+    # the job's settings (engine.pipeline.run) in a directory of its own and returns its result.
+    emit: Callable[[dict[str, Any]], None] = lambda event: None
+    dataset_path: Path | None = None
+    holdout: float = 0.0
+    floor: dict[str, float | None] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    original_metrics: dict[str, Any] = field(default_factory=dict)
+    build: Callable[[list[dict[str, Any]], Path], dict[str, Any]] | None = None
+    time_limit_s: float | None = None
 
     def calibration(self, limit: int) -> Samples:
         """At most `limit` samples, drawn reproducibly from the job's data."""

@@ -12,6 +12,9 @@ class EventKind(StrEnum):
     # index, metrics, quality (engine.quality.verdict), warnings, details, artifact (a checkpoint)
     STEP_FINISHED = "step_finished"
     LOG = "log"  # level, message
+    # the auto search: one per candidate built, reused from an earlier attempt or skipped
+    # (engine.search.auto.Candidate.record); the worker keeps them so a retry reuses them
+    CANDIDATE = "candidate"
 
 
 # A job's progress: measuring the original takes the first 20 %, then the steps share the next

@@ -101,6 +101,7 @@ def compress(
     dataset_id: str | None = None,
     floor: dict[str, float | None] | None = None,
     allow_below_floor: bool = False,
+    search_history: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -122,6 +123,7 @@ def compress(
         device=device,
         models={k: str(v) for k, v in (models or {}).items()},
         resume=Resume.model_validate(resume) if isinstance(resume, dict) else resume,
+        search_history=list(search_history),
         time_limit_s=time_limit_s,
         memory_limit_mb=memory_limit_mb,
     )
@@ -379,6 +381,14 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         eval_reference=job.evaluation.reference,
         held_out=job.holdout > 0 and job.data.source == "dataset",
         device=job.device,
+        emit=job.emit,
+        dataset_path=Path(job.spec.dataset_path) if job.spec.dataset_path else None,
+        holdout=job.holdout,
+        floor=dict(job.floor),
+        history=list(job.spec.search_history),
+        original_metrics=state.original_metrics,
+        build=lambda pipeline, workdir: _build(job, pipeline, workdir),
+        time_limit_s=job.spec.time_limit_s,
     )
     if index in job.estimates:
         ctx.details["estimate"] = job.estimates[index]
@@ -404,6 +414,7 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         state.current_pt2 = None
         measured = out
         checkpoint = m.artifact_info(out)
+    job.warnings += ctx.job_warnings
     warnings = ctx.warnings + verify_artifact(measured, state.probe)
     job.report(lo + (hi - lo) * 0.7, f"step {index + 1}/{n}: measuring")
     values, _ = job.evaluation.measure(measured)
@@ -441,6 +452,23 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         }
     )
     state.current, state.final_metrics, state.final_artifact = measured, values, artifact
+
+
+def _build(job: _Job, pipeline: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    """Run another pipeline on the job's upload with the job's data, held-out split, floor
+    and seed, in `workdir` (the auto search's candidates): the same measurements as a job."""
+    spec = job.spec.model_copy(
+        update={
+            "pipeline": pipeline,
+            "workdir": str(workdir),
+            "holdout": job.holdout,
+            "resume": None,
+            "search_history": [],
+            "export": ["onnx"],
+            "allow_below_floor": True,
+        }
+    )
+    return run(spec)
 
 
 def _finish(job: _Job, state: _State) -> dict[str, Any]:

@@ -63,6 +63,9 @@ class CompressSpec(_Spec):
     # Other uploaded models a step names (a distillation student): model id -> file.
     models: dict[str, str] = Field(default_factory=dict)
     resume: Resume | None = None
+    # The auto search's candidates that earlier attempts of this job finished (their
+    # `candidate` events): a retry reuses them instead of building them again.
+    search_history: list[dict[str, Any]] = Field(default_factory=list)
     # The job's limits (the worker's settings); None: not limited. Torch training steps are
     # estimated in pre-flight (engine.torchgraph.estimate) and refused when they cannot fit.
     time_limit_s: float | None = None

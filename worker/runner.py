@@ -19,6 +19,7 @@ from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import Dataset, Job, JobStatus, Model, ModelStatus, StepStatus
 from app.db.repositories import JobRepository, ModelInspectionRepository
+from app.db.repositories.events import JobEventRepository
 from app.db.session import session_scope
 from app.logs import bind, bind_more
 from app.services import checkpoints, events, janitor, telemetry
@@ -174,6 +175,12 @@ class _EventRelay:
                     session, self.job_id, "progress", progress=progress, message=message
                 ),
                 progress=progress,
+            )
+        elif kind == EventKind.CANDIDATE:
+            data = {k: v for k, v in event.items() if k != "type"}
+            self.write(
+                "candidate",
+                lambda session: events.record(session, self.job_id, "candidate", **data),
             )
         elif kind == EventKind.ORIGINAL_MEASURED:
             self.write("original metrics", lambda _: None, metrics={"original": event["metrics"]})
@@ -355,6 +362,8 @@ class _ClaimedJob:
     allow_below_floor: bool
     export: list[str]
     seed: int
+    # the auto search's candidates that earlier attempts finished (engine.ops.auto reuses them)
+    search_history: list[dict[str, Any]]
 
 
 def _claim(job_id: str, settings: Settings, storage: BlobStore) -> tuple[int, _ClaimedJob] | None:
@@ -389,6 +398,11 @@ def _claim_once(
             str(s.config["student_model_id"]) for s in job.steps if s.config.get("student_model_id")
         }
         students = ModelInspectionRepository(session).blob_keys_of_team(team_id, wanted)
+        history = (
+            JobEventRepository(session).of_type(job_id, "candidate")
+            if any(step.op == "auto" for step in job.steps)
+            else []
+        )
         return token, _ClaimedJob(
             team_id=team_id,
             attempt=job.attempts,
@@ -404,6 +418,7 @@ def _claim_once(
             allow_below_floor=bool(job.evaluation.get("allow_below_floor", False)),
             export=list(job.export),
             seed=job.seed,
+            search_history=history,
         )
 
 
@@ -452,6 +467,7 @@ def _download(
         latency_threads=settings.latency_threads,
         device=device,
         resume=resume,
+        search_history=job.search_history,
         time_limit_s=settings.job_time_limit_s,
         memory_limit_mb=settings.job_memory_limit_mb,
     )

@@ -72,6 +72,22 @@ class JobCreate(BaseModel):
         description="With a preset: config fields to change, by op name or step index, e.g. "
         '{"prune": {"sparsity": 0.6}, "2": {"per_channel": false}}.',
     )
+    budget: dict[str, Any] | None = Field(
+        default=None,
+        description='With preset "auto": what the chosen model must meet, any of '
+        "max_accuracy_drop, min_cosine, min_sqnr_db (worst slice), max_size_bytes, "
+        'max_latency_ms, e.g. {"max_accuracy_drop": 0.01} (docs/auto.md).',
+    )
+    objective: str | None = Field(
+        default=None,
+        description='With preset "auto": what the search minimises within the budget: '
+        "size (default), latency, or balanced (size ratio × latency ratio).",
+    )
+    search: dict[str, Any] | None = Field(
+        default=None,
+        description='With preset "auto": limits, {"max_minutes": 15, "max_candidates": 12} '
+        "by default.",
+    )
     evaluation: Evaluation = Evaluation()
     export: list[Literal["onnx", "pt2"]] = Field(
         default=["onnx"],

@@ -23,7 +23,14 @@ from app.services.common import page_or_422
 from app.services.datasets import DATASETS
 from app.services.idempotency import IdempotentRequest
 from app.services.models import MODELS
-from engine.config import OpConfig, PipelineError, parse_steps, preset_pipeline, validate_request
+from engine.config import (
+    OpConfig,
+    PipelineError,
+    auto_step,
+    parse_steps,
+    preset_pipeline,
+    validate_request,
+)
 from engine.io.datasets import DatasetMismatch, arrays_for_inputs
 from engine.io.formats import TensorSpec
 from engine.quality import FLOOR_KEYS, FloorError, check_floor, step_warnings
@@ -45,6 +52,9 @@ def _problem(exc: PipelineError | DatasetMismatch) -> Invalid:
     return Invalid(code, exc.detail, field=exc.field, **exc.extra)
 
 
+AUTO_FIELDS = ("budget", "objective", "search")
+
+
 def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
     if (body.preset is None) == (body.pipeline is None):
         raise Invalid(
@@ -60,12 +70,30 @@ def _resolve_pipeline(body: JobCreate, max_steps: int) -> list[OpConfig]:
             "values in the steps themselves.",
             field="overrides",
         )
-    try:
-        steps = (
-            preset_pipeline(body.preset, body.overrides)
-            if body.preset is not None
-            else body.pipeline or []
+    auto_fields = [n for n in AUTO_FIELDS if getattr(body, n) is not None]
+    if body.preset == "auto" and body.overrides:
+        raise Invalid(
+            "validation_error",
+            "preset 'auto' takes 'budget', 'objective' and 'search', not 'overrides': it "
+            "chooses every op's settings itself.",
+            field="overrides",
         )
+    if auto_fields and body.preset != "auto":
+        raise Invalid(
+            "validation_error",
+            f"'{auto_fields[0]}' goes with preset 'auto' (a search for the best model within "
+            'a budget); add "preset": "auto", or leave it out.',
+            field=auto_fields[0],
+        )
+    try:
+        if body.preset == "auto":
+            steps = [auto_step(body.budget, body.objective, body.search)]
+        else:
+            steps = (
+                preset_pipeline(body.preset, body.overrides)
+                if body.preset is not None
+                else body.pipeline or []
+            )
         if not steps:
             raise Invalid("invalid_pipeline", "The pipeline has no ops.", field="pipeline")
         if len(steps) > max_steps:

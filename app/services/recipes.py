@@ -27,7 +27,17 @@ from engine.recipe import (
 )
 
 # Fields of POST /v1/jobs that a recipe already holds.
-RECIPE_HOLDS = ("preset", "pipeline", "overrides", "evaluation", "export", "seed")
+RECIPE_HOLDS = (
+    "preset",
+    "pipeline",
+    "overrides",
+    "budget",
+    "objective",
+    "search",
+    "evaluation",
+    "export",
+    "seed",
+)
 
 
 def materials(model: Model, dataset: Dataset | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ steps · presets: named pipelines · plan: where each step runs and `validate_re
 check of a request that the API and the worker share.
 """
 
+from engine.config.auto import BUDGET_KEYS, OBJECTIVES, AutoConfig, Budget, SearchLimits, auto_step
 from engine.config.base import Backend, OpConfig, PipelineError
 from engine.config.catalog import OPS, op_schemas, parse_op, parse_pipeline, parse_steps
 from engine.config.low_rank import LowRankConfig
@@ -33,6 +34,12 @@ from engine.config.training import DistillConfig, FineTuneConfig
 from engine.config.weight_share import WeightShareConfig
 
 __all__ = [
+    "BUDGET_KEYS",
+    "OBJECTIVES",
+    "AutoConfig",
+    "Budget",
+    "SearchLimits",
+    "auto_step",
     "DEFAULT_HOLDOUT",
     "DEFAULT_MODE",
     "EXPORTS",

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from engine.config.auto import AutoConfig
 from engine.config.base import OpConfig, PipelineError
 from engine.config.low_rank import LowRankConfig
 from engine.config.prune import PruneConfig
@@ -21,6 +22,7 @@ OPS: dict[str, type[OpConfig]] = {
     "distill": DistillConfig,
     "weight_share": WeightShareConfig,
     "low_rank": LowRankConfig,
+    "auto": AutoConfig,
 }
 
 

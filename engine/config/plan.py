@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from engine.config.auto import AutoConfig
 from engine.config.base import Backend, OpConfig, PipelineError
 from engine.config.prune import PruneConfig
 from engine.config.quantize import QuantizeConfig
@@ -98,6 +99,14 @@ def plan_pipeline(
     lost_at: int | None = None
     for index, config in enumerate(configs):
         where = f"pipeline[{index}]"
+        if isinstance(config, AutoConfig) and len(configs) > 1:
+            raise PipelineError(
+                "invalid_pipeline",
+                f"{where} (auto) searches over every op itself and must be the only step: "
+                'send {"preset": "auto", "budget": {...}} without other steps, or an '
+                "explicit pipeline without auto.",
+                where,
+            )
         earlier = [i for i, c in enumerate(configs[:index]) if isinstance(c, QuantizeConfig)]
         if earlier:
             prev = configs[earlier[0]]

@@ -67,6 +67,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# `preset: "auto"` is not a fixed pipeline: a search within a budget (engine.config.auto).
+AUTO_PRESET: dict[str, Any] = {
+    "description": (
+        "Pareto search over the catalog for the best model within a budget: give 'budget' "
+        "(max_accuracy_drop, min_cosine, min_sqnr_db, max_size_bytes, max_latency_ms), "
+        "'objective' (size | latency | balanced) and optionally 'search' "
+        "(max_minutes, max_candidates)."
+    ),
+    "pipeline": None,
+    "example": {
+        "preset": "auto",
+        "budget": {"max_accuracy_drop": 0.01},
+        "objective": "size",
+        "search": {"max_minutes": 15, "max_candidates": 12},
+    },
+}
+
+
 def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in change.items():
@@ -85,7 +103,8 @@ def preset_pipeline(
     if name not in PRESETS:
         raise PipelineError(
             "unknown_preset",
-            f"Unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}.",
+            f"Unknown preset {name!r}; valid presets: {', '.join(sorted([*PRESETS, 'auto']))} "
+            "(auto takes a 'budget' instead of steps).",
             "preset",
         )
     steps = [dict(step) for step in PRESETS[name]["pipeline"]]

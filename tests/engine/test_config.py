@@ -159,7 +159,9 @@ def test_int8_defaults_to_static_and_fp16_takes_no_mode() -> None:
 
 
 def test_unknown_op_names_valid_ops() -> None:
-    with pytest.raises(ValueError, match="valid ops: distill, fine_tune, low_rank, prune, quant"):
+    with pytest.raises(
+        ValueError, match="valid ops: auto, distill, fine_tune, low_rank, prune, quant"
+    ):
         parse_op({"op": "shrink"})
 
 

@@ -5,6 +5,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from engine.config import OPS, PRESETS
+from engine.config.presets import AUTO_PRESET
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -28,4 +29,5 @@ def list_methods() -> dict[str, Any]:
 @router.get("/presets")
 def list_presets() -> dict[str, Any]:
     """Named pipelines that can be given as `preset` in POST /v1/jobs."""
-    return {"items": [{"name": name, **preset} for name, preset in sorted(PRESETS.items())]}
+    presets = {**PRESETS, "auto": AUTO_PRESET}
+    return {"items": [{"name": name, **preset} for name, preset in sorted(presets.items())]}

@@ -31,3 +31,13 @@ class JobEventRepository:
             .limit(limit)
         )
         return self.session.scalars(stmt).all()
+
+    def of_type(self, job_id: str, type_: str) -> list[dict[str, Any]]:
+        """The data of a job's events of one type, oldest first (the worker reads back the
+        auto search's `candidate` events of earlier attempts of the job it claimed)."""
+        stmt = (
+            select(JobEvent.data)
+            .where(JobEvent.job_id == job_id, JobEvent.type == type_)
+            .order_by(JobEvent.id)
+        )
+        return [dict(data) for data in self.session.scalars(stmt).all()]

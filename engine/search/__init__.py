@@ -1,0 +1,1 @@
+"""Searches over the compression catalog (auto: the best model within a budget)."""

@@ -1,0 +1,225 @@
+"""The auto search (issue #17) in the engine: the request's checks, the catalog, dominance and
+the Pareto front without a model; then real searches on the digits CNN (ONNX upload, so the
+candidates are the post-training ones and the tests stay short): a budget met by a model at
+least as small as every preset meeting it, an impossible budget answered with the original and
+a warning, and a search interrupted mid-way that resumes without building its finished
+candidates again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import AutoConfig, PipelineError, auto_step
+from engine.onnxgraph.metrics import sha256_file
+from engine.pipeline import compress, run
+from engine.search.auto import Baseline, Search, candidates, pareto, pipeline_key
+from engine.spec import CompressSpec
+
+
+def test_request_checks_name_the_field_and_the_valid_keys() -> None:
+    with pytest.raises(PipelineError) as err:
+        auto_step({"max_acc_drop": 0.01})
+    assert (err.value.code, err.value.field) == ("invalid_budget", "budget.max_acc_drop")
+    assert "max_accuracy_drop" in err.value.extra["valid_keys"]
+    with pytest.raises(PipelineError) as err:
+        auto_step({})
+    assert err.value.field == "budget"
+    with pytest.raises(PipelineError) as err:
+        auto_step({"min_cosine": 0.99}, "smallest")
+    assert (err.value.code, err.value.field) == ("invalid_objective", "objective")
+    with pytest.raises(PipelineError) as err:
+        auto_step({"min_cosine": 0.99}, "size", {"max_candidates": 0})
+    assert (err.value.code, err.value.field) == ("invalid_search", "search.max_candidates")
+    with pytest.raises(PipelineError) as err:
+        auto_step({"max_size_bytes": -5})
+    assert err.value.field == "budget.max_size_bytes"
+    step = auto_step({"min_cosine": 0.99})
+    assert step["objective"] == "size"
+    assert step["search"] == {"max_minutes": 15.0, "max_candidates": 12}
+
+
+def test_catalog_follows_the_upload_and_the_data() -> None:
+    config = AutoConfig.model_validate({"op": "auto", "budget": {"max_accuracy_drop": 0.01}})
+    onnx = candidates(
+        config, "onnx", task="classification", has_dataset=True, has_labels=True, train_samples=999
+    )
+    pt2 = candidates(
+        config, "pt2", task="classification", has_dataset=True, has_labels=True, train_samples=999
+    )
+    small = candidates(
+        config, "pt2", task="classification", has_dataset=True, has_labels=True, train_samples=50
+    )
+    names = {s.name for s in onnx}
+    assert {"preset fp16", "preset edge-int8", "preset int4-weights"} <= names
+    assert "int8 static, target = budget" in names  # the quantizer's repairs aim at the budget
+    assert not any("distill" in s.name or "low_rank" in s.name for s in onnx)  # need a .pt2
+    pt2_names = {s.name for s in pt2}
+    assert {"preset tiny", "preset deep-compression", "low_rank + int8 static"} <= pt2_names
+    assert not any("distill" in s.name or "tiny" in s.name for s in small)  # too few samples
+    assert len({s.key for s in pt2}) == len(pt2)
+
+
+def test_dominated_candidates_are_skipped_before_they_are_built() -> None:
+    config = AutoConfig.model_validate(
+        {"op": "auto", "budget": {"max_accuracy_drop": 0.01}, "objective": "size"}
+    )
+    base = Baseline(size_bytes=1_000_000, weight_bytes=1_000_000, macs=None, latency_ms=1.0,
+                    accuracy=0.9)  # fmt: skip
+    specs = candidates(
+        config, "pt2", task="classification", has_dataset=True, has_labels=True, train_samples=999
+    )
+    search = Search(config, base, specs)
+    order = search.order()
+    assert order[0].name == "preset fp16"  # the near-lossless anchor first
+    assert all(s.cost == 0 for s in order[:5])  # post-training builds bound the rest first
+    fp16 = next(s for s in specs if s.name == "preset fp16")
+    assert search.skip_reason(fp16) is None
+    search.records.append(
+        {"index": 9, "name": "x", "status": "measured", "meets": True, "objective": 100_000}
+    )
+    reason = search.skip_reason(fp16)
+    assert reason is not None and "cannot beat candidate 9" in reason
+    composed = next(s for s in specs if s.name == "low_rank + int8 static")
+    search.records[:] = [
+        {"index": 1, "name": "low_rank", "status": "measured", "meets": False,
+         "objective": 600_000, "missed": ["accuracy_drop 0.05 > max_accuracy_drop 0.01"]},
+    ]  # fmt: skip
+    reason = search.skip_reason(composed)
+    assert reason is not None and "prefix 'low_rank' already misses" in reason
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    points = [
+        {"candidate": 1, "objective": 10.0, "fidelity": -0.02},
+        {"candidate": 2, "objective": 20.0, "fidelity": 0.0},
+        {"candidate": 3, "objective": 25.0, "fidelity": -0.01},  # worse than 2 on both
+        {"candidate": 4, "objective": 5.0, "fidelity": -0.2},
+    ]
+    assert [p["candidate"] for p in pareto(points)] == [4, 1, 2]
+
+
+def _delivered(metrics: dict[str, Any]) -> int:
+    return int(metrics.get("archive_size_bytes") or metrics["size_bytes"])
+
+
+def _auto(budget: dict[str, Any], candidates: int) -> dict[str, Any]:
+    return {"op": "auto", "budget": budget, "objective": "size",
+            "search": {"max_candidates": candidates}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_budget_met_by_a_model_as_small_as_the_best_preset(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    budget = {"max_accuracy_drop": 0.01}
+    events: list[dict[str, Any]] = []
+    result = compress(
+        digits_files["onnx"],
+        [_auto(budget, 3)],
+        dataset_path=digits_files["npz"],
+        workdir=tmp_path / "auto",
+        progress=events.append,
+    )
+    details = result["steps"][0]["details"]
+    chosen = details["chosen"]
+    assert chosen["candidate"] is not None, result["warnings"]
+    assert result["quality"]["verdict"] == "ok"
+    drop = result["original"]["accuracy_top1"] - result["final"]["accuracy_top1"]
+    assert drop <= 0.01
+    measured = [c for c in details["candidates"] if c["status"] == "measured"]
+    assert 1 <= len(measured) <= 3
+    assert all(c["seconds"] > 0 and c["recipe"]["pipeline"] for c in measured)
+    assert details["pareto"] and all(p["recipe"]["content_sha256"] for p in details["pareto"])
+    assert sum(e["type"] == "candidate" for e in events) == len(details["candidates"])
+    # Every preset that applies to an ONNX upload, run on its own with the same held-out split.
+    best_preset = None
+    for name in ("fp16", "edge-int8", "int4-weights"):
+        from engine.config import preset_pipeline
+
+        preset = compress(
+            digits_files["onnx"],
+            preset_pipeline(name),
+            dataset_path=digits_files["npz"],
+            workdir=tmp_path / name,
+            holdout=result["evaluation"]["holdout"],
+        )
+        preset_drop = preset["original"]["accuracy_top1"] - preset["final"]["accuracy_top1"]
+        if preset_drop <= 0.01:
+            size = _delivered(preset["final"])
+            best_preset = size if best_preset is None else min(best_preset, size)
+    assert best_preset is not None
+    assert _delivered(result["final"]) <= best_preset
+
+
+@pytest.mark.slow
+def test_impossible_budget_returns_the_original_with_a_warning(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    original_size = digits_files["onnx"].stat().st_size
+    budget = {"max_size_bytes": original_size // 100, "max_accuracy_drop": 0.0}
+    result = compress(
+        digits_files["onnx"],
+        [_auto(budget, 2)],
+        dataset_path=digits_files["npz"],
+        workdir=tmp_path,
+    )
+    assert result["quality"]["verdict"] == "ok"
+    details = result["steps"][0]["details"]
+    assert details["chosen"]["candidate"] is None
+    final = Path(result["artifacts"][0]["path"])
+    assert sha256_file(final) == sha256_file(tmp_path / "original.onnx")
+    (warning,) = [w for w in result["warnings"] if "No candidate met the whole budget" in w]
+    closest = min(
+        (c for c in details["candidates"] if c["status"] == "measured"),
+        key=lambda c: c["shortfall"],
+    )
+    assert f"candidate {closest['index']} ({closest['name']})" in warning
+    assert "max_size_bytes" in warning
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_rebuilding_finished_candidates(
+    digits_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # min_sqnr_db 60 dB: no cheap build meets it, so nothing is skipped as dominated and every
+    # candidate up to the limit is built (the test is about what a retry does).
+    step = _auto({"min_sqnr_db": 60.0}, 4)
+    spec = CompressSpec(
+        model_path=str(digits_files["onnx"]),
+        dataset_path=str(digits_files["npz"]),
+        pipeline=[step],
+        workdir=str(tmp_path / "first"),
+    )
+    kept: list[dict[str, Any]] = []
+
+    def killed_after_two(event: dict[str, Any]) -> None:
+        if event["type"] == "candidate":
+            kept.append({k: v for k, v in event.items() if k != "type"})
+            if sum(e["status"] == "measured" for e in kept) == 2:
+                raise _Killed  # the worker dies after its second candidate was recorded
+
+    with pytest.raises(_Killed):
+        run(spec, killed_after_two)
+    finished = {e["key"] for e in kept if e["status"] == "measured"}
+    assert len(finished) == 2
+
+    events: list[dict[str, Any]] = []
+    retry = spec.model_copy(update={"workdir": str(tmp_path / "retry"), "search_history": kept})
+    result = run(retry, events.append)
+    candidates_seen = [e for e in events if e["type"] == "candidate"]
+    reused = [e for e in candidates_seen if e["reused"]]
+    assert {e["key"] for e in reused} == finished
+    assert all(e["message"].startswith(f"candidate {e['index']} reused") for e in reused)
+    built_again = [e for e in candidates_seen if not e["reused"] and e["key"] in finished]
+    assert built_again == []
+    details = result["steps"][0]["details"]
+    assert details["search"]["reused"] == 2
+    assert len([c for c in details["candidates"] if c["status"] != "skipped"]) == 4
+    assert {pipeline_key(c["pipeline"]) for c in details["candidates"]} >= finished
