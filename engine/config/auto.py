@@ -80,7 +80,8 @@ class AutoConfig(OpConfig):
     """
 
     op: Literal["auto"] = "auto"
-    budget: Budget
+    # no default: the team's constraint; the example is what a form starts from
+    budget: Budget = Field(examples=[{"max_accuracy_drop": 0.01}])
     objective: Objective = "size"
     search: SearchLimits = SearchLimits()
 

@@ -110,7 +110,8 @@ def test_compare_plots_size_or_latency_against_fidelity() -> None:
 
 def test_the_builders_defaults_are_valid_steps() -> None:
     """The pipeline builder (ui.js `defaultsOf`) fills a new step with every property's default
-    from GET /v1/methods' schema, except `op` and `version`: each such step parses as is."""
+    from GET /v1/methods' schema (a required one without a default: its first example, such as
+    auto's budget), except `op` and `version`: each such step parses as is."""
     import json
 
     from app.api.routes.catalog import list_methods
@@ -121,6 +122,9 @@ def test_the_builders_defaults_are_valid_steps() -> None:
     for item in items:
         props = item["schema"]["properties"]
         step = {k: p["default"] for k, p in props.items() if "default" in p}
+        step |= {
+            k: p["examples"][0] for k, p in props.items() if "default" not in p and "examples" in p
+        }
         step.pop("version", None)
         step["op"] = item["op"]
         OPS[item["op"]].model_validate(json.loads(json.dumps(step)))

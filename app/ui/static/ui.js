@@ -23,6 +23,7 @@ function defaultsOf(schema) {
   for (const [name, prop] of Object.entries(schema.properties || {})) {
     if (name === "op" || name === "version") continue;
     if (Object.prototype.hasOwnProperty.call(prop, "default")) params[name] = prop.default;
+    else if (Array.isArray(prop.examples) && prop.examples.length) params[name] = prop.examples[0];
   }
   return params;
 }
