@@ -146,9 +146,11 @@ def free_port() -> int:
 
 
 def create_team(env: dict[str, str], name: str) -> tuple[str, dict[str, str]]:
-    """A team made by the real CLI against the settings in `env`: its id and auth header."""
+    """A team made by the real CLI against the settings in `env`: its id and auth header. The
+    name gets a random suffix: team names are unique, and parametrized tests share a stack."""
+    unique = f"{name}-{uuid.uuid4().hex[:8]}"
     out = subprocess.run(
-        [sys.executable, "-m", "app.cli", "admin", "create-team", name, "--json"],
+        [sys.executable, "-m", "app.cli", "admin", "create-team", unique, "--json"],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -11,6 +11,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -96,7 +97,12 @@ def test_training_jobs_go_to_the_gpu_queue_and_the_reconciler_keeps_them_there(
     # Redis lost nothing, but the reconciler thinks the messages are stale: it publishes both
     # again, each to the queue it was routed to.
     with session_scope(routed.settings.database_url) as session:
-        session.execute(update(Job).where(Job.id.in_([train, plain])).values(enqueued_at=None))
+        long_ago = datetime.now(UTC) - timedelta(hours=1)  # never published, not just created
+        session.execute(
+            update(Job)
+            .where(Job.id.in_([train, plain]))
+            .values(enqueued_at=None, created_at=long_ago)
+        )
     assert reconcile_once(routed.settings)["published"] == 2
     assert _queued(redis_server, GPU_QUEUE) == [train, train]
     assert _queued(redis_server, CPU_QUEUE) == [plain, plain]
