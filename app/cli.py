@@ -167,8 +167,7 @@ def cmd_up(
     ] = Path("./var"),
     concurrency: ConcurrencyOpt = 1,
 ) -> None:
-    """Run API + job worker + inspection worker on this machine (SQLite, local blobs,
-    filesystem broker)."""
+    """Run API, job worker and inspection worker here (SQLite, local blobs, file broker)."""
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; as SystemExit it reaches
     # `finally` (a KeyboardInterrupt would become Click's "Aborted!", exit 1)
     for sig in (signal.SIGTERM, signal.SIGINT):
