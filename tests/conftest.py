@@ -86,6 +86,60 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 120, interval: float
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+@dataclass
+class Up:
+    """A running `compaas up`: its process (own session), base URL and log file."""
+
+    process: subprocess.Popen[bytes]
+    api: str
+    log: Path
+
+
+@contextlib.contextmanager
+def running_up(
+    command: list[str], cwd: Path, env: dict[str, str], *args: str, stop_within_s: float = 30
+) -> Iterator[Up]:
+    """`command up --port P *args` (command: the `compaas` script, or python -m app.cli) in its
+    own session, logging to cwd/up.log; yields once /readyz answers 200 (within 90 s, else the
+    log is the failure). On leaving: SIGTERM to the group, SIGKILL if it outlives
+    `stop_within_s`."""
+    import httpx
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    log_path = cwd / "up.log"
+    with log_path.open("w") as log:
+        up = subprocess.Popen(
+            [*command, "up", "--port", str(port), *args],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+
+            def ready() -> bool:
+                assert up.poll() is None, log_path.read_text()
+                try:
+                    return httpx.get(f"{api}/readyz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            try:
+                wait_for(ready, timeout=90, interval=0.3)
+            except AssertionError:
+                raise AssertionError(log_path.read_text()) from None
+            yield Up(up, api, log_path)
+        finally:
+            os.killpg(up.pid, signal.SIGTERM)
+            try:
+                up.wait(timeout=stop_within_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+
+
 def slow_mlp(out: Path, width: int = 1024, hidden: int = 2) -> dict[str, Path]:
     """An MLP 64 → `hidden` × `width` → 10 (ReLU) as ONNX plus 2000 random samples with labels
     (`onnx`, `npz` under `out`): a job on it runs long enough (static int8 over 2000 samples:

@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from compaas import AsyncClient, Client, RetryPolicy
+from tests.conftest import running_up
 
 pytestmark = pytest.mark.e2e
 
@@ -69,14 +70,6 @@ class Served:
         return body
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(
     tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
@@ -88,27 +81,7 @@ def served(
     shutil.copy(digits_files["npz"], examples / "digits.npz")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPAAS_")}
     env.update(PATH=f"{BIN}:{env['PATH']}", XDG_CONFIG_HOME=str(root / "config"))
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}"
-    log = (root / "up.log").open("w")
-    up = subprocess.Popen(
-        [COMPAAS, "up", "--port", str(port), "--data-dir", str(root / "var")],
-        cwd=root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert up.poll() is None and time.monotonic() < deadline, (root / "up.log").read_text()
-            time.sleep(0.5)
+    with running_up([COMPAAS], root, env, "--data-dir", str(root / "var")) as up:
         made = subprocess.run(
             [COMPAAS, "admin", "create-team", "cli", "--data-dir", str(root / "var"), "--json"],
             cwd=ROOT,  # another directory: --data-dir finds the served database
@@ -118,14 +91,7 @@ def served(
             check=True,
         )
         assert f"database: sqlite:///{root / 'var' / 'compaas.db'}" in made.stderr
-        yield Served(root, api, json.loads(made.stdout)["api_key"], env)
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
+        yield Served(root, up.api, json.loads(made.stdout)["api_key"], env)
 
 
 def run_in_pty(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str]:

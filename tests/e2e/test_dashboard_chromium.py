@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, running_up
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -40,28 +39,7 @@ def compaas_up(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
     """`compaas up` on a free port in a fresh directory; its URL, a team's API key, its dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPAAS_")}
     env["PYTHONPATH"] = str(ROOT)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "up.log"
-    log = log_path.open("w")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert up.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.3)
+    with running_up([sys.executable, "-m", "app.cli"], tmp_path, env) as up:
         made = subprocess.run(
             [sys.executable, "-m", "app.cli", "admin", "create-team", "dashboard", "--json"],
             cwd=tmp_path,
@@ -70,15 +48,7 @@ def compaas_up(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
             text=True,
             check=True,
         )
-        yield api, json.loads(made.stdout)["api_key"], log_path
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
-        log.close()
+        yield up.api, json.loads(made.stdout)["api_key"], up.log
 
 
 def test_the_dashboard_in_chromium(

@@ -6,15 +6,14 @@ import hashlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.conftest import running_up
 
 pytestmark = pytest.mark.e2e
 
@@ -29,62 +28,27 @@ def _quickstart() -> str:
     return match.group(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_readme_first_command_and_quickstart(tmp_path: Path) -> None:
     first = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
     assert first.split("#")[0].strip() == "bash .ci/setup && .venv/bin/compaas up"
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPAAS_")}
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "up.log").open("w")
-    up = subprocess.Popen(
-        [str(bin_dir / "compaas"), "up", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            time.sleep(0.5)
-        else:
-            raise AssertionError((tmp_path / "up.log").read_text())
-        printed = (tmp_path / "up.log").read_text()
-        assert f"{api}/v1" in printed and f"{api}/docs" in printed
+    with running_up([str(bin_dir / "compaas")], tmp_path, env) as up:
+        printed = up.log.read_text()
+        assert f"{up.api}/v1" in printed and f"{up.api}/docs" in printed
 
         started = time.monotonic()
         run = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", _quickstart()],
             cwd=tmp_path,
-            env={**env, "API": api},
+            env={**env, "API": up.api},
             capture_output=True,
             text=True,
             timeout=600,
         )
         wall = time.monotonic() - started
-        assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "up.log").read_text()
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
+        assert run.returncode == 0, run.stdout + run.stderr + up.log.read_text()
 
     job = json.loads((tmp_path / "job.json").read_text())
     assert job["status"] == "succeeded", job["error"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import export_onnx, free_port, slow_mlp, wait_for
+from tests.conftest import export_onnx, running_up, slow_mlp, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.exclusive]
 
@@ -60,32 +59,15 @@ def test_compaas_up_inspects_uploads_while_a_long_job_runs(tmp_path: Path) -> No
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     env["PYTHONPATH"] = str(ROOT)
     data_dir = tmp_path / "var"
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
     files = slow_mlp(tmp_path / "slow")
-    log = (tmp_path / "up.log").open("w")
-    up = subprocess.Popen(
-        [str(bin_dir / "compaas"), "up", "--port", str(port), "--data-dir", str(data_dir)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     workers: dict[int, list[str]] = {}
-    try:
-
-        def ready() -> bool:
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            try:
-                return httpx.get(f"{api}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=90, interval=0.5)
+    compaas = [str(bin_dir / "compaas")]
+    with running_up(compaas, tmp_path, env, "--data-dir", str(data_dir), stop_within_s=60) as up:
+        api = up.api
 
         # two worker groups: the jobs' and the inspections', each consuming its own queue
-        workers = {pid: cmd for pid, cmd in children(up.pid).items() if "celery" in " ".join(cmd)}
+        found = children(up.process.pid).items()
+        workers = {pid: cmd for pid, cmd in found if "celery" in " ".join(cmd)}
         queues = sorted((flag(c, "--queues"), flag(c, "--concurrency")) for c in workers.values())
         assert queues == [("default", "1"), ("inspect", "1")], workers
         names = sorted(flag(c, "--hostname") for c in workers.values())
@@ -144,14 +126,7 @@ def test_compaas_up_inspects_uploads_while_a_long_job_runs(tmp_path: Path) -> No
         assert resp.status_code == 202, resp.text
         for job_id in (resp.json()["id"], long_id):
             client.post(f"/v1/jobs/{job_id}/cancel")
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
-    assert up.returncode is not None
+    assert up.process.returncode is not None
     # `compaas up` stopped both worker groups before it exited
     left = [pid for pid in workers if alive(pid)]
-    assert not left, (tmp_path / "up.log").read_text()[-3000:]
+    assert not left, up.log.read_text()[-3000:]
