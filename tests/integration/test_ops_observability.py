@@ -67,13 +67,16 @@ def test_metrics_and_logs_after_a_real_job(pg_stack: Stack, digits_files: dict[s
     job = stack.wait_job(job_id, headers)
     assert job["status"] == "succeeded", job["error"]
 
-    # The cluster figures are cached for a few seconds: scrape until the job shows.
+    # The cluster figures are cached for a few seconds: scrape until the job shows, and the
+    # worker's host row (written once its start-up sandbox probe ends, which on a loaded
+    # machine can be after a short job finished).
     def job_counted() -> dict[str, Any] | None:
         families = scrape(stack)
         done = value(families["compaas_job_duration_seconds"], "_count", status="succeeded")
-        return families if done else None
+        seen = families["compaas_worker_last_seen_timestamp_seconds"].samples
+        return families if done and seen else None
 
-    families = wait_for(job_counted, timeout=20, interval=1)
+    families = wait_for(job_counted, timeout=60, interval=1)
 
     requests = families["compaas_http_request_duration_seconds"]
     assert requests.type == "histogram"
