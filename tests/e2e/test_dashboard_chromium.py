@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, running_up
-
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.e2e.browser import CHROMIUM, watch
 
 pytestmark = [
     pytest.mark.e2e,
@@ -72,17 +71,7 @@ def test_the_dashboard_in_chromium(
             )
             page = context.new_page()
             page.set_default_timeout(60_000)
-            page.on(
-                "console",
-                lambda m: (
-                    problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None
-                ),
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.on("request", lambda r: requests.append(r.url))
+            watch(page, requests, problems)
 
             def shot(name: str) -> None:
                 page.screenshot(path=str(shots / f"{name}.png"), full_page=True)

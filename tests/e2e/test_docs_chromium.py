@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.browser import CHROMIUM, watch
 from tests.security.limits_support import Embedded, embedded, served
 
-CHROMIUM = Path("/usr/bin/chromium")
 LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 pytestmark = [
@@ -50,17 +50,7 @@ def _browse(url: str, shot: Path, act: Any) -> tuple[list[str], list[str], Any]:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on(
-                "console",
-                lambda m: (
-                    problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None
-                ),
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.on("request", lambda r: requests.append(r.url))
+            watch(page, requests, problems)
             response = page.goto(url, wait_until="load")
             assert response is not None and response.ok
             result = act(page)

@@ -17,9 +17,9 @@ import pytest
 
 from engine.quality import step_warnings
 from tests.conftest import Stack
+from tests.e2e.browser import CHROMIUM, watch
 from tests.integration.methods import Client
 
-CHROMIUM = Path("/usr/bin/chromium")
 # the page is served from a potentially trustworthy origin, as `compaas up` (127.0.0.1) or an
 # https deployment serves it: on any other, Chromium logs that it ignored the COOP header
 PAGE_URL = "http://localhost/v1/jobs/report"
@@ -64,17 +64,7 @@ def _open(html: str, headers: dict[str, str], shot: Path) -> dict[str, Any]:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.on(
-                "console",
-                lambda m: (
-                    problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None
-                ),
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.on("request", lambda r: requests.append(r.url))
+            watch(page, requests, problems)
 
             def serve(route: Route) -> None:
                 if route.request.url == PAGE_URL:
