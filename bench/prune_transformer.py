@@ -56,7 +56,44 @@ def prose(n: int, held_out: bool, seed: int, skip: int = 0) -> list[str]:
     return [pool[i] for i in rng.permutation(len(pool))[skip : skip + n]]
 
 
-def prose_inputs(n: int, held_out: bool, seed: int, skip: int = 0) -> dict[str, np.ndarray]:
+def docstrings() -> list[str]:
+    """English sentences (6-30 words, mostly letters) of the docstrings of the standard
+    library's modules, classes and functions, read with `ast` (nothing is imported), tests and
+    IDLE left out; in file order, each once."""
+    import ast
+    import re
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: dict[str, None] = {}
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for path in sorted(root.rglob("*.py")):
+        if {"test", "tests", "idlelib", "lib2to3", "site-packages"} & set(path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
+            for s in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
+                letters = sum(c.isalpha() or c == " " for c in s)
+                if 6 <= len(s.split()) <= 30 and letters > 0.85 * len(s):
+                    found[s] = None
+    return list(found)
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    """n training sentences: the help topics' training share (`prose`) and the standard
+    library's docstrings, shuffled; none is a held-out help-topic sentence."""
+    held = set(prose(100_000, True, 0))
+    pool = [s for s in dict.fromkeys(prose(100_000, False, 0) + docstrings()) if s not in held]
+    rng = np.random.default_rng(seed)
+    return [pool[i] for i in rng.permutation(len(pool))[:n]]
+
+
+def tokenize(sentences: list[str]) -> dict[str, np.ndarray]:
+    """The zoo tokenizer's inputs for these sentences (padded / truncated to MINILM_SEQ)."""
     from tokenizers import Tokenizer
 
     from bench.zoo import MINILM_SEQ, MINILM_TOKENIZER
@@ -64,12 +101,16 @@ def prose_inputs(n: int, held_out: bool, seed: int, skip: int = 0) -> dict[str, 
     tok = Tokenizer.from_file(str(fetch(MINILM_TOKENIZER).parent / "tokenizer.json"))
     tok.enable_padding(length=MINILM_SEQ, pad_id=0, pad_token="[PAD]")
     tok.enable_truncation(MINILM_SEQ)
-    enc = tok.encode_batch(prose(n, held_out, seed, skip))
+    enc = tok.encode_batch(sentences)
     return {
         "input_ids": np.array([e.ids for e in enc], np.int64),
         "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
         "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
     }
+
+
+def prose_inputs(n: int, held_out: bool, seed: int, skip: int = 0) -> dict[str, np.ndarray]:
+    return tokenize(prose(n, held_out, seed, skip))
 
 
 def export_minilm_pt2(out: Path) -> Path:
@@ -191,6 +232,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="distill learning rate")
     parser.add_argument("--train", type=int, default=48, help="sentences the job gets")
     parser.add_argument("--held", type=int, default=32, help="held-out sentences (bench only)")
+    parser.add_argument("--samples", type=int, default=None, help="prune samples scored")
     parser.add_argument("--batch", type=int, default=16, help="distill batch size")
     parser.add_argument("--augment", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--hidden-weight", type=float, default=None, help="distill hidden_weight")
@@ -205,9 +247,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--text",
-        choices=("words", "prose"),
+        choices=("words", "prose", "corpus"),
         default="words",
-        help="words: the zoo's word-list sentences; prose: the Python docs' help topics",
+        help="words: the zoo's word-list sentences; prose: the Python docs' help topics; "
+        "corpus: help topics and the standard library's docstrings (held out: help topics)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -216,7 +259,10 @@ def main() -> None:
         t0 = time.perf_counter()
         pt2 = export_minilm_pt2(work / "minilm.pt2")
         exported = time.perf_counter() - t0
-        if args.text == "prose":
+        if args.text == "corpus":
+            job_set, held = tokenize(corpus(args.train, 1)), prose_inputs(args.held, True, 2)
+            same = None
+        elif args.text == "prose":
             job_set, held = prose_inputs(args.train, False, 1), prose_inputs(args.held, True, 2)
             same = prose_inputs(args.held, False, 1, skip=args.train)
         else:
@@ -231,6 +277,8 @@ def main() -> None:
             "head_sparsity": args.head_sparsity,
             "scope": args.scope,
         }
+        if args.samples is not None:
+            prune["samples"] = args.samples
         if args.rounds > 1:
             prune["schedule"] = {"kind": "gradual", "steps": args.rounds, "epochs_per_step": 0}
         if args.reconstruct != "auto":

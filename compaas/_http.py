@@ -146,6 +146,9 @@ def job_body(
     export: list[str] | None = None,
     seed: int | None = None,
     recipe: dict[str, Any] | None = None,
+    budget: dict[str, float] | None = None,
+    objective: str | None = None,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The POST /v1/jobs body, checked here against the API's own schema before it is sent."""
     given = {
@@ -158,6 +161,9 @@ def job_body(
         "export": export,
         "seed": seed,
         "recipe": recipe,
+        "budget": budget,
+        "objective": objective,
+        "search": search,
     }
     body = {k: v for k, v in given.items() if v is not None}
     return JobCreate.model_validate(body).model_dump(mode="json", exclude_unset=True)

@@ -167,6 +167,9 @@ class AsyncClient:
         evaluation: dict[str, Any] | None = None,
         export: list[str] | None = None,
         seed: int | None = None,
+        budget: dict[str, float] | None = None,
+        objective: str | None = None,
+        search: dict[str, Any] | None = None,
         name: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
@@ -192,6 +195,9 @@ class AsyncClient:
             evaluation=evaluation,
             export=export,
             seed=seed,
+            budget=budget,
+            objective=objective,
+            search=search,
         )
         if not wait:
             return job
@@ -293,6 +299,9 @@ class AsyncJobs:
         export: list[str] | None = None,
         seed: int | None = None,
         recipe: dict[str, Any] | None = None,
+        budget: dict[str, float] | None = None,
+        objective: str | None = None,
+        search: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> AsyncJob:
         body = _http.job_body(
@@ -305,6 +314,9 @@ class AsyncJobs:
             export=export,
             seed=seed,
             recipe=recipe,
+            budget=budget,
+            objective=objective,
+            search=search,
         )
         response = await self._client.request(
             "POST", "/v1/jobs", json=body, idempotency_key=idempotency_key

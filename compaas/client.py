@@ -172,6 +172,9 @@ class Client:
         evaluation: dict[str, Any] | None = None,
         export: list[str] | None = None,
         seed: int | None = None,
+        budget: dict[str, float] | None = None,
+        objective: str | None = None,
+        search: dict[str, Any] | None = None,
         name: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
@@ -199,6 +202,9 @@ class Client:
             evaluation=evaluation,
             export=export,
             seed=seed,
+            budget=budget,
+            objective=objective,
+            search=search,
         )
         return self.jobs.wait(job.id, timeout=timeout, on_event=on_event) if wait else job
 
@@ -306,9 +312,15 @@ class Jobs:
         export: list[str] | None = None,
         seed: int | None = None,
         recipe: dict[str, Any] | None = None,
+        budget: dict[str, float] | None = None,
+        objective: str | None = None,
+        search: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
-        """Queue a job: a preset (with overrides), an explicit pipeline, or a recipe."""
+        """Queue a job: a preset (with overrides), an explicit pipeline, or a recipe. With
+        `preset="auto"`, `budget` ({"max_accuracy_drop": 0.01}, {"min_cosine": 0.99},
+        {"max_size_bytes": …}, …), `objective` (size, latency, balanced) and `search`
+        ({"max_minutes": …, "max_candidates": …}) steer the search (docs/auto.md)."""
         body = _http.job_body(
             model_id,
             dataset_id=dataset_id,
@@ -319,6 +331,9 @@ class Jobs:
             export=export,
             seed=seed,
             recipe=recipe,
+            budget=budget,
+            objective=objective,
+            search=search,
         )
         return self._job(
             self._client.request("POST", "/v1/jobs", json=body, idempotency_key=idempotency_key)

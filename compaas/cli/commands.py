@@ -200,6 +200,26 @@ def _json_file(path: Path, what: str) -> Any:
         raise ValueError(f"the {what} file {path} is not JSON: {exc}") from exc
 
 
+def _budget(pairs: list[str] | None, as_json: bool) -> dict[str, float] | None:
+    """--budget KEY=VALUE options as the request's budget object (the API checks the keys)."""
+    if not pairs:
+        return None
+    budget: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            budget[name.strip()] = float(value)
+        except ValueError:
+            raise fail(
+                ExitCode.USAGE,
+                f"--budget {pair!r} is not KEY=NUMBER (e.g. --budget max_accuracy_drop=0.01)",
+                as_json,
+            ) from None
+    return budget
+
+
 @jobs_app.command("create")
 @handles_errors
 def jobs_create(
@@ -221,6 +241,24 @@ def jobs_create(
         str | None,
         typer.Option(help="The evaluation task: classification, embedding or generic."),
     ] = None,
+    budget: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="With --preset auto, repeatable: max_accuracy_drop, min_cosine, min_sqnr_db, "
+            "max_size_bytes or max_latency_ms, e.g. --budget max_accuracy_drop=0.01.",
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="With --preset auto: size (default), latency or balanced."),
+    ] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="With --preset auto: the search's time limit.")
+    ] = None,
+    max_candidates: Annotated[
+        int | None, typer.Option(help="With --preset auto: how many candidates at most.")
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Follow the job with live progress until it finishes.")
     ] = False,
@@ -237,6 +275,8 @@ def jobs_create(
     if isinstance(steps, dict) and "pipeline" in steps:
         steps = steps["pipeline"]
     changes = json.loads(overrides) if overrides else None
+    limits = {"max_minutes": max_minutes, "max_candidates": max_candidates}
+    search = {k: v for k, v in limits.items() if v is not None} or None
     with _client(url, key, as_json) as client:
         job = client.jobs.create(
             model,
@@ -245,6 +285,9 @@ def jobs_create(
             pipeline=steps,
             overrides=changes,
             evaluation={"task": task} if task else None,
+            budget=_budget(budget, as_json),
+            objective=objective,
+            search=search,
         )
         if not wait:
             if as_json:

@@ -149,5 +149,12 @@ def test_team_commands_refuse_bad_usage_with_exit_2(
         "cmp_x",
     )
     assert code == ExitCode.USAGE and "exactly one of --preset" in err
+    for bad in ("max_accuracy_drop", "max_accuracy_drop=one", "=0.1"):
+        code, _, err = run(
+            capsys,
+            *("jobs", "create", "--model", "m", "--preset", "auto", "--budget", bad),
+            *("--key", "cmp_x", "--url", "http://127.0.0.1:9"),
+        )
+        assert code == ExitCode.USAGE and "is not KEY=NUMBER" in err, err
     code, _, err = run(capsys, "models", "upload", str(tmp_path / "missing.onnx"), "--key", "k")
     assert code == ExitCode.USAGE and "no such file" in err

@@ -262,3 +262,26 @@ def test_the_async_client_retries_the_same_way() -> None:
     assert asyncio.run(run()) == ("succeeded", "succeeded")
     posts = [r for r in seen if r.method == "POST"]
     assert len(posts) == 3 and len({r.headers["Idempotency-Key"] for r in posts}) == 1
+
+
+def test_auto_budget_objective_and_search_reach_the_request_body() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(202, json=job_json(preset="auto"))
+
+    with client(handler) as sdk:
+        job = sdk.jobs.create(
+            "model-1",
+            dataset_id="data-1",
+            preset="auto",
+            budget={"max_accuracy_drop": 0.01, "max_size_bytes": 2_000_000},
+            objective="balanced",
+            search={"max_minutes": 5, "max_candidates": 4},
+        )
+    assert job.read.preset == "auto"
+    (body,) = sent
+    assert body["budget"] == {"max_accuracy_drop": 0.01, "max_size_bytes": 2_000_000}
+    assert body["objective"] == "balanced"
+    assert body["search"] == {"max_minutes": 5, "max_candidates": 4}
