@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.repositories import JobRepository
-from engine.config import PipelineError, parse_pipeline, plan_pipeline, trains_on_torch
+from engine.config import PipelineError, parse_pipeline, plan_pipeline, wants_gpu
 
 
 def inspection_queue(settings: Settings) -> str:
@@ -29,12 +29,13 @@ def job_queue(
     settings: Settings, model_format: str | None, pipeline: Sequence[dict[str, Any]]
 ) -> str:
     """The GPU queue for a .pt2 whose pipeline trains on torch (fine_tune, distill, prune with
-    training, QAT) when the deployment has one; the default queue otherwise."""
+    training, QAT, or an auto search, whose distillation-backed candidates train) when the
+    deployment has one; the default queue otherwise."""
     if not settings.gpu_queue or model_format != "pt2":
         return settings.default_queue
     try:
         configs = parse_pipeline(list(pipeline))
-        trains = trains_on_torch(configs, plan_pipeline(configs, model_format))
+        trains = wants_gpu(configs, plan_pipeline(configs, model_format), model_format)
     except (PipelineError, ValueError):  # the worker refuses it, wherever it runs
         trains = False
     return settings.gpu_queue if trains else settings.default_queue

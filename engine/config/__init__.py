@@ -18,6 +18,7 @@ from engine.config.plan import (
     resolve_holdout,
     trains_on_torch,
     validate_request,
+    wants_gpu,
 )
 from engine.config.presets import PRESETS, preset_pipeline
 from engine.config.prune import PruneConfig, Schedule
@@ -70,5 +71,6 @@ __all__ = [
     "preset_pipeline",
     "resolve_holdout",
     "trains_on_torch",
+    "wants_gpu",
     "validate_request",
 ]

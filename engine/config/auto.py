@@ -92,6 +92,10 @@ class AutoConfig(OpConfig):
         # candidates train and refit on the dataset: measure all of them on held-out samples
         return True
 
+    def may_train_torch(self, model_format: str) -> bool:
+        # a .pt2 upload's catalog holds distillation-backed candidates (engine.search.auto)
+        return model_format == "pt2"
+
     def needs_dataset(self) -> str | None:
         if self.budget.max_accuracy_drop is not None:
             return "budget max_accuracy_drop measures accuracy on a labelled dataset"

@@ -63,6 +63,11 @@ class OpConfig(BaseModel):
         """Whether the op trains on the job's dataset."""
         return False
 
+    def may_train_torch(self, model_format: str) -> bool:
+        """Whether the op builds models that train on torch beyond its own step (the auto
+        search's distillation-backed candidates): routed like a training step."""
+        return False
+
     def fits_data(self) -> bool:
         """Whether the op fits weights to the job's dataset — training, or a least-squares
         refit — so that measuring on the same samples would flatter it: then part of the

@@ -184,6 +184,12 @@ def trains_on_torch(configs: Sequence[OpConfig], plan: Sequence[Backend]) -> boo
     return any(b == "torch" and c.trains() for c, b in zip(configs, plan, strict=True))
 
 
+def wants_gpu(configs: Sequence[OpConfig], plan: Sequence[Backend], model_format: str) -> bool:
+    """Whether a GPU worker should take the job: a step trains on torch, or an op builds
+    candidates that do (the auto search on a .pt2)."""
+    return trains_on_torch(configs, plan) or any(c.may_train_torch(model_format) for c in configs)
+
+
 def keeps_torch_model(
     configs: Sequence[OpConfig], plan: Sequence[Backend], model_format: str
 ) -> bool:

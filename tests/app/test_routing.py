@@ -22,6 +22,7 @@ GRADUAL = [
 ONE_SHOT = [{"op": "prune", "granularity": "unstructured", "sparsity": 0.5}]
 LOW_RANK = [{"op": "low_rank", "energy": 0.9}]
 DYNAMIC = [{"op": "quantize", "mode": "dynamic", "dtype": "int8"}]
+AUTO = [{"op": "auto", "budget": {"max_accuracy_drop": 0.01}}]
 
 
 def _settings(gpu_queue: str) -> Settings:
@@ -43,6 +44,13 @@ def test_a_pipeline_that_trains_nothing_stays_on_the_cpu_queue(
 def test_onnx_models_and_deleted_models_stay_on_the_cpu_queue() -> None:
     assert job_queue(_settings("gpu"), "onnx", ONE_SHOT) == "cpu"
     assert job_queue(_settings("gpu"), None, FINE_TUNE) == "cpu"
+
+
+def test_an_auto_search_goes_where_its_distillation_candidates_train() -> None:
+    # on a .pt2 its catalog holds prune + distill candidates; an ONNX upload's never trains
+    assert job_queue(_settings("gpu"), "pt2", AUTO) == "gpu"
+    assert job_queue(_settings("gpu"), "onnx", AUTO) == "cpu"
+    assert job_queue(_settings(""), "pt2", AUTO) == "cpu"
 
 
 def test_without_gpu_workers_everything_goes_to_the_default_queue() -> None:
