@@ -1,17 +1,21 @@
-"""preset auto next to every preset, per model, at the engine level (compress(), no API).
+"""preset auto next to every preset, per model, through the REST API of `compaas up`.
 
-    .venv/bin/python -m bench.auto [--models cnn,mlp] [--zoo ocr-cls,wakeword-emb,yolov8n]
+    .venv/bin/python -m bench.auto [--models cnn,mlp] [--zoo ocr-cls,wakeword-emb,orientation]
         [--minutes 6] [--candidates 12] [--out table.md]
 
-Digits CNN and MLP (.pt2 uploads of engine.examples, labelled): budget max_accuracy_drop 0.01.
-Zoo models (bench/zoo.py: real pretrained ONNX files from pip wheels, unlabelled inputs built
-offline): min_cosine 0.99 for embeddings, else min_sqnr_db 20 on the worst slice (the zoo's own
-floor). Objective size. For each model: the auto search within `--minutes` / `--candidates`,
-then every preset that applies (tiny and deep-compression need a .pt2) on its own with the same
-held-out split (holdout 0.3, seed 0). Size is what is delivered: the cpz archive of a
-weight_share step, else the ONNX file. Prints, per model, the chosen point and the presets side
-by side, then every candidate (Pareto points marked, skipped ones with why), as Markdown. Not
-a test; latency figures are single runs on whatever machine runs it.
+Starts the service the README's first command starts (`compaas up`, embedded default: one
+worker process, jobs one at a time) in a scratch directory and drives it with the SDK
+(`compaas.Client`), as a team would: upload the model and its dataset, POST one
+`{"preset": "auto", "budget": …, "objective": "size", "search": …}` job, then one job per
+preset that applies (tiny and deep-compression need a .pt2), all on the same held-out split
+(holdout 0.3, seed 0, which is what the auto job resolves to). Digits CNN and MLP (.pt2 uploads
+of engine.examples, labelled): budget max_accuracy_drop 0.01. Zoo models (bench/zoo.py: real
+pretrained ONNX files from pip wheels, unlabelled inputs built offline): min_cosine 0.99 for
+embeddings, else min_sqnr_db 20 on the worst slice (the zoo's own floor). Size is what is
+delivered: the cpz archive of a weight_share step, else the ONNX file. Prints, per model, the
+chosen point and the presets side by side, then every candidate (Pareto points marked, skipped
+ones with why), as Markdown. Not a test; latency figures are single runs on whatever machine
+runs it, and seconds are each job's time in the worker.
 """
 
 from __future__ import annotations
@@ -19,16 +23,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import preset_pipeline  # noqa: E402
-from engine.errors import EngineError  # noqa: E402
-from engine.pipeline import compress  # noqa: E402
+from compaas import Client, Job  # noqa: E402
 from engine.search.auto import budget_misses  # noqa: E402
 
 HOLDOUT = 0.3
@@ -56,76 +58,32 @@ def _fid(budget: dict[str, float], m: dict[str, Any]) -> str:
     return "exact" if value is None else f"SQNR min {value:.1f} dB"
 
 
-def _row(
-    label: str,
-    budget: dict[str, float],
-    result: dict[str, Any],
-    s: float,
-) -> str:
-    original, final = result["original"], result["final"]
+def _seconds(job: Job) -> float:
+    read = job.read
+    if read.started_at is None or read.finished_at is None:
+        return float("nan")
+    return (read.finished_at - read.started_at).total_seconds()
+
+
+def _row(label: str, budget: dict[str, float], job: Job) -> str:
+    if job.status != "succeeded":
+        error = job.error.code if job.error else job.status
+        return f"| {label} | {job.status}: {error} | | | | no | {_seconds(job):.0f} |"
+    metrics = job.metrics or {}
+    original, final = metrics["original"], metrics["final"]
     m = _figures(original, final)
-    misses = budget_misses(budget, m, result["quality"])
+    quality = job.read.quality
+    misses = budget_misses(budget, m, quality)
     meets = "yes" if not misses else "no: " + "; ".join(misses)
     return (
         f"| {label} | {_size(m):,} | {original['size_bytes'] / _size(m):.1f}× | "
-        f"{m.get('latency_ms_p50', float('nan')):.4f} | {_fid(budget, m)} | {meets} | {s:.0f} |"
+        f"{m.get('latency_ms_p50', float('nan')):.4f} | {_fid(budget, m)} | {meets} | "
+        f"{_seconds(job):.0f} |"
     )
 
 
-def bench_model(
-    title: str,
-    model: Path,
-    npz: Path,
-    task: str,
-    budget: dict[str, float],
-    presets: tuple[str, ...],
-    args: argparse.Namespace,
-    tmp: Path,
-) -> list[str]:
-    wanted = ", ".join(f"{k} {v:g}" for k, v in budget.items())
+def _candidates(budget: dict[str, float], details: dict[str, Any]) -> list[str]:
     lines = [
-        f"### {title}: budget {wanted}, objective size",
-        "",
-        "| pipeline | delivered bytes | smaller | latency ms p50 | fidelity | meets | seconds |",
-        "|---|---:|---:|---:|---|---|---:|",
-    ]
-    started = time.monotonic()
-    result = compress(
-        model,
-        [
-            {
-                "op": "auto",
-                "budget": budget,
-                "objective": "size",
-                "search": {"max_minutes": args.minutes, "max_candidates": args.candidates},
-            }
-        ],
-        dataset_path=npz,
-        evaluation_task=task,
-        workdir=tmp / "auto",
-    )
-    auto_s = time.monotonic() - started
-    details = result["steps"][0]["details"]
-    chosen = details["chosen"]["name"]
-    lines.append(_row(f"**auto** → {chosen}", budget, result, auto_s))
-    for preset in presets:
-        started = time.monotonic()
-        try:
-            out = compress(
-                model,
-                preset_pipeline(preset),
-                dataset_path=npz,
-                evaluation_task=task,
-                workdir=tmp / preset,
-                holdout=HOLDOUT,
-            )
-        except EngineError as exc:
-            lines.append(f"| preset {preset} | failed: {exc.code} | | | | no | |")
-            continue
-        spent = time.monotonic() - started
-        lines.append(_row(f"preset {preset}", budget, out, spent))
-    lines += [
-        "",
         f"Search: {details['search']}",
         "",
         "| # | candidate | status | delivered bytes | fidelity | meets | seconds |",
@@ -138,32 +96,86 @@ def bench_model(
             lines.append(f"| {c['index']} | {c['name']} | {c['status']}: {why[:100]} | | | | |")
             continue
         mark = " **(Pareto)**" if c["index"] in front else ""
+        reused = " (reused)" if c.get("reused") else ""
         lines.append(
-            f"| {c['index']} | {c['name']}{mark} | measured | {int(c['objective']):,} | "
+            f"| {c['index']} | {c['name']}{mark} | measured{reused} | {int(c['objective']):,} | "
             f"{_fid(budget, c['metrics'])} | "
             f"{'yes' if c['meets'] else 'no: ' + '; '.join(c['missed'])} | "
             f"{c['seconds']:.0f} |"
         )
-    return [*lines, ""]
+    return lines
 
 
-def _digits(name: str, args: argparse.Namespace, tmp: Path) -> list[str]:
+class Bench:
+    """One model's jobs: the auto search and the presets, queued together, read when done."""
+
+    def __init__(
+        self,
+        client: Client,
+        title: str,
+        model: Path,
+        npz: Path,
+        task: str,
+        budget: dict[str, float],
+        presets: tuple[str, ...],
+        args: argparse.Namespace,
+    ) -> None:
+        self.client, self.title, self.task, self.budget = client, title, task, budget
+        uploaded = client.models.upload(model, name=model.stem, wait=True, timeout=600)
+        dataset = client.datasets.upload(npz)
+        self.auto = client.jobs.create(
+            uploaded.id,
+            dataset_id=dataset.id,
+            preset="auto",
+            budget=budget,
+            objective="size",
+            search={"max_minutes": args.minutes, "max_candidates": args.candidates},
+            evaluation={"task": task},
+        )
+        self.presets = {
+            preset: client.jobs.create(
+                uploaded.id,
+                dataset_id=dataset.id,
+                preset=preset,
+                # the auto job's split; measured (and shown) even under the quality floor
+                evaluation={"task": task, "holdout": HOLDOUT, "allow_below_floor": True},
+            )
+            for preset in presets
+        }
+
+    def table(self, timeout_s: float) -> list[str]:
+        wanted = ", ".join(f"{k} {v:g}" for k, v in self.budget.items())
+        auto = self.client.jobs.wait(self.auto.id, timeout=timeout_s)
+        details = auto.steps[0].details if auto.steps else {}
+        chosen = details.get("chosen", {}).get("name", "-")
+        lines = [
+            f"### {self.title}: budget {wanted}, objective size",
+            "",
+            f"auto job `{auto.id}`: {auto.status}; warnings: {auto.warnings or 'none'}",
+            "",
+            "| pipeline | delivered bytes | smaller | latency ms p50 | fidelity | meets | seconds |",
+            "|---|---:|---:|---:|---|---|---:|",
+            _row(f"**auto** → {chosen}", self.budget, auto),
+        ]
+        for preset, job in self.presets.items():
+            done = self.client.jobs.wait(job.id, timeout=timeout_s)
+            lines.append(_row(f"preset {preset}", self.budget, done))
+        if details.get("candidates"):
+            lines += ["", *_candidates(self.budget, details)]
+        return [*lines, ""]
+
+
+def _digits(client: Client, name: str, args: argparse.Namespace, tmp: Path) -> Bench:
     from engine.examples import write_digits_example, write_digits_mlp
 
     files = (write_digits_example if name == "cnn" else write_digits_mlp)(tmp / "files")
-    return bench_model(
-        f"digits {name.upper()} (.pt2)",
-        files["pt2"],
-        files["npz"],
-        "classification",
-        {"max_accuracy_drop": 0.01},
-        PT2_PRESETS,
-        args,
-        tmp,
-    )
+    model = files["pt2"].rename(files["pt2"].with_name(f"digits_{name}.pt2"))
+    title = f"digits {name.upper()} (.pt2)"
+    budget = {"max_accuracy_drop": 0.01}
+    return Bench(client, title, model, files["npz"], "classification", budget, PT2_PRESETS, args)
 
 
-def _zoo(key: str, args: argparse.Namespace, tmp: Path) -> list[str]:
+def _zoo(client: Client, key: str, args: argparse.Namespace, tmp: Path) -> Bench:
     import numpy as np
 
     from bench import zoo
@@ -175,10 +187,12 @@ def _zoo(key: str, args: argparse.Namespace, tmp: Path) -> list[str]:
     np.savez(npz, **spec.inputs(max(spec.calib, 64), zoo.SEED + 1))
     budget = {"min_cosine": 0.99} if spec.task == "embedding" else {"min_sqnr_db": 20.0}
     title = f"{spec.title} (zoo `{key}`, {model.stat().st_size / 2**20:.1f} MiB ONNX)"
-    return bench_model(title, model, npz, spec.task, budget, ONNX_PRESETS, args, tmp)
+    return Bench(client, title, model, npz, spec.task, budget, ONNX_PRESETS, args)
 
 
 def main() -> None:
+    from bench.zoo import Service
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", default="cnn,mlp")
     parser.add_argument("--zoo", default="")
@@ -186,14 +200,22 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=12)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    started = datetime.now()
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [n for n in args.models.split(",") if n]:
-            lines += _digits(name, args, Path(tmp) / name)
-            print("\n".join(lines), flush=True)
-        for key in [k for k in args.zoo.split(",") if k]:
-            lines += _zoo(key, args, Path(tmp) / key)
-            print("\n".join(lines), flush=True)
+        service = Service(Path(tmp))
+        try:
+            with Client(service.api, service.key, timeout=300) as client:
+                benches = [
+                    _digits(client, n, args, Path(tmp) / n) for n in args.models.split(",") if n
+                ] + [_zoo(client, k, args, Path(tmp) / k) for k in args.zoo.split(",") if k]
+                for bench in benches:  # every job is queued; the worker runs them in order
+                    lines += bench.table(timeout_s=4 * 3600)
+                    print("\n".join(lines), flush=True)
+        finally:
+            service.close()
+    lines.append(f"Started {started:%Y-%m-%d %H:%M}, took {datetime.now() - started}.")
+    print(lines[-1])
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

@@ -884,6 +884,7 @@ class Service:
             check=True,
         )
         key = json.loads(team.stdout)["api_key"]
+        self.key = key
         self.http = httpx.Client(
             base_url=self.api, headers={"Authorization": f"Bearer {key}"}, timeout=300
         )
