@@ -36,6 +36,7 @@ from engine.search.auto import budget_misses  # noqa: E402
 HOLDOUT = 0.3
 PT2_PRESETS = ("fp16", "edge-int8", "int4-weights", "tiny", "deep-compression")
 ONNX_PRESETS = ("fp16", "edge-int8", "int4-weights")
+HEADER = "| pipeline | delivered bytes | smaller | latency ms p50 | fidelity | meets | seconds |"
 
 
 def _size(metrics: dict[str, Any]) -> int:
@@ -153,7 +154,7 @@ class Bench:
             "",
             f"auto job `{auto.id}`: {auto.status}; warnings: {auto.warnings or 'none'}",
             "",
-            "| pipeline | delivered bytes | smaller | latency ms p50 | fidelity | meets | seconds |",
+            HEADER,
             "|---|---:|---:|---:|---|---|---:|",
             _row(f"**auto** → {chosen}", self.budget, auto),
         ]
