@@ -68,7 +68,7 @@ def _seconds(job: Job) -> float:
 
 def _row(label: str, budget: dict[str, float], job: Job) -> str:
     if job.status != "succeeded":
-        error = job.error.code if job.error else job.status
+        error = job.error.get("code") if job.error else job.status
         return f"| {label} | {job.status}: {error} | | | | no | {_seconds(job):.0f} |"
     metrics = job.metrics or {}
     original, final = metrics["original"], metrics["final"]
@@ -147,7 +147,7 @@ class Bench:
     def table(self, timeout_s: float) -> list[str]:
         wanted = ", ".join(f"{k} {v:g}" for k, v in self.budget.items())
         auto = self.client.jobs.wait(self.auto.id, timeout=timeout_s)
-        details = auto.steps[0].details if auto.steps else {}
+        details = (auto.steps[0].details if auto.steps else None) or {}
         chosen = details.get("chosen", {}).get("name", "-")
         lines = [
             f"### {self.title}: budget {wanted}, objective size",
