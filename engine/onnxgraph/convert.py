@@ -18,7 +18,7 @@ from engine.io.formats import (
     load_onnx,
     pt2_dim_names,
 )
-from engine.onnxgraph.graph import strip_debug_metadata
+from engine.onnxgraph.graph import lift_constants, strip_debug_metadata
 
 if TYPE_CHECKING:
     import onnx
@@ -70,10 +70,17 @@ def pt2_to_onnx(path: str | Path, out: Path) -> Path:
 
 
 def to_onnx(path: str | Path, fmt: ModelFormat, out: Path) -> Path:
-    """The model as a checked single-file ONNX at `out` (an ONNX upload is copied byte for byte)."""
+    """The model as a checked single-file ONNX at `out`: an ONNX upload is copied byte for byte,
+    unless its weights are `Constant` nodes (paddle2onnx), which become initializers
+    (graph.lift_constants: the same outputs, weights where the ops look for them)."""
     if fmt == "onnx":
-        load_onnx(path)
-        shutil.copyfile(path, out)
+        model = load_onnx(path)
+        if lift_constants(model):
+            import onnx
+
+            onnx.save(model, str(out))
+        else:
+            shutil.copyfile(path, out)
     else:
         pt2_to_onnx(path, out)
     load_onnx(out)

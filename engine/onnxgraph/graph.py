@@ -62,6 +62,31 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def lift_constants(model: onnx.ModelProto) -> int:
+    """Turn the main graph's float `Constant` nodes into initializers of the same name, as
+    exporters such as paddle2onnx write layer weights (every weight an initializer is what the
+    quantizers, weight sharing and pruning look for). The outputs are unchanged: a Constant's
+    output and an initializer are read the same way. Returns how many were lifted."""
+    from onnx import TensorProto, numpy_helper
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    graph = model.graph
+    kept, lifted = [], []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            if value.data_type in floats and len(node.output) == 1:
+                tensor = numpy_helper.from_array(numpy_helper.to_array(value), node.output[0])
+                lifted.append(tensor)
+                continue
+        kept.append(node)
+    if lifted:
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(lifted)
+    return len(lifted)
+
+
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """Remove the initializers no node reads (after a rewrite replaced them)."""
     used = {i for n in graph.node for i in n.input}
