@@ -74,12 +74,11 @@ def lift_constants(model: onnx.ModelProto) -> int:
     kept, lifted = [], []
     for node in graph.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
-            if value.data_type in floats and len(node.output) == 1:
-                tensor = numpy_helper.from_array(numpy_helper.to_array(value), node.output[0])
-                lifted.append(tensor)
-                continue
-        kept.append(node)
+        is_constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+        if is_constant and value is not None and value.data_type in floats:
+            lifted.append(numpy_helper.from_array(numpy_helper.to_array(value), node.output[0]))
+        else:
+            kept.append(node)
     if lifted:
         del graph.node[:]
         graph.node.extend(kept)
