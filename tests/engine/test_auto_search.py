@@ -360,3 +360,72 @@ def test_refine_bisects_between_a_met_and_a_missed_setting() -> None:
     # two bisections on the sparsity line: no third
     assert all(s.sweep != "bisect" for s in search.refine())
     assert search.next() is not None  # the catalog's other points are still to try
+
+
+def test_probe_cuts_training_and_its_verdict_follows_the_rules() -> None:
+    from engine.config import PRESETS
+    from engine.search.auto import probe_pipeline
+
+    deep = probe_pipeline(PRESETS["deep-compression"]["pipeline"])
+    assert deep[0]["schedule"]["epochs_per_step"] == 1 and deep[0]["fine_tune_epochs"] == 0
+    assert deep[0]["sparsity"] == 0.94 and deep[1] == {"op": "weight_share", "bits": 5}
+    tiny = probe_pipeline(PRESETS["tiny"]["pipeline"])
+    assert tiny[1]["epochs"] == 1 and tiny[0]["sparsity"] == 0.5
+    assert PRESETS["tiny"]["pipeline"][1]["epochs"] == 10  # the preset itself is untouched
+
+    config = AutoConfig.model_validate(
+        _auto({"max_accuracy_drop": 0.01, "max_size_bytes": 50_000}, 12)
+    )
+    base = Baseline(size_bytes=1_000_000, weight_bytes=1_000_000, macs=None, latency_ms=None,
+                    accuracy=0.9)  # fmt: skip
+    search = Search(config, base, [])
+
+    def probe(size: int, drop: float) -> dict[str, Any]:
+        return {"metrics": {"size_bytes": size, "accuracy_drop": drop}, "objective": float(size)}
+
+    assert search.probe_reason({"error": "x"}) is None  # a failed probe: build it
+    reason = search.probe_reason(probe(60_000, 0.0))
+    assert reason is not None and "misses max_size_bytes" in reason
+    assert search.probe_reason(probe(20_000, 0.5)) is None  # nothing feasible yet: build it
+    search.records.append(
+        {"index": 3, "name": "x", "status": "measured", "meets": True, "objective": 10_000}
+    )
+    reason = search.probe_reason(probe(20_000, 0.0))  # cannot beat 10,000 B, whatever training
+    assert reason is not None and "cannot beat candidate 3" in reason
+    assert search.probe_reason(probe(8_000, 0.02)) is None  # a near miss: training may recover
+    reason = search.probe_reason(probe(8_000, 0.2))  # far below, for a 20 % gain
+    assert reason is not None and "far below" in reason
+    assert search.probe_reason(probe(2_000, 0.2)) is None  # far below, but 5x smaller: build
+
+
+@pytest.mark.slow
+def test_a_probe_skips_a_training_candidate_whose_size_cannot_fit(
+    mlp_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # The digits MLP as a .pt2 (training candidates apply), at most 5,500 bytes. Deep
+    # compression (94 %) is probed, then built: 4.6 kB, but under the agreement floor. Its
+    # measured size corrects the 90 % gradual prune's estimate (same family) to within the
+    # limit, so that one is probed too; the probe's real size (training changes values, not
+    # their number) misses the limit, and its full training is skipped.
+    budget = {"max_accuracy_drop": 0.01, "max_size_bytes": 5_500}
+    events: list[dict[str, Any]] = []
+    result = compress(mlp_files["pt2"], [_auto(budget, 4)], dataset_path=mlp_files["npz"],
+                      workdir=tmp_path, progress=events.append)  # fmt: skip
+    details = result["steps"][0]["details"]
+    by_name = _by_name(details)
+    deep = by_name["preset deep-compression"]
+    assert deep["status"] == "measured" and deep["probe"]["seconds"] > 0
+    assert deep["probe"]["max_train_samples"] == 256
+    assert 0 < deep["probe"]["train_samples"] <= 256
+    assert deep["probe"]["pipeline"][0]["fine_tune_epochs"] == 0
+    p90 = by_name["prune 90% gradual + weight_share 5 bits"]
+    assert p90["corrected_by"]["candidate"] == deep["index"], p90
+    assert p90["estimate"]["size_bytes"] * 0.7 > 5_500  # analytic: it would not have been tried
+    assert p90["status"] == "skipped", p90
+    assert p90["reason"].startswith("probe: its delivered size"), p90["reason"]
+    assert _delivered(p90["probe"]["metrics"]) * 0.9 > 5_500
+    assert "seconds" not in p90  # never built
+    search = details["search"]
+    assert search["probed"] == 2 and search["measured"] == 2  # probes are not candidates
+    assert search["seconds"] >= deep["seconds"] + deep["probe"]["seconds"] + p90["probe"]["seconds"]
+    assert any("probed (prune 90% gradual" in e.get("message", "") for e in events)
