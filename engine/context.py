@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from engine.io.datasets import Samples
 from engine.io.formats import TensorSpec
+
+
+class Build(Protocol):
+    """Runs a whole pipeline on the job's upload in `workdir` and returns its result; with
+    `train_samples`, its training uses at most that many samples (the auto search's probes)."""
+
+    def __call__(
+        self, pipeline: list[dict[str, Any]], workdir: Path, train_samples: int | None = None
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -52,14 +61,15 @@ class StepContext:
     # For the auto search (engine.ops.auto): the job's raw event sink (a `candidate` event per
     # candidate), the dataset file and what the job measures with, the candidates an earlier
     # attempt of this job finished, and `build`, which runs a whole pipeline on the upload with
-    # the job's settings (engine.pipeline.run) in a directory of its own and returns its result.
+    # the job's settings (engine.pipeline.run) in a directory of its own and returns its result
+    # (`Build`).
     emit: Callable[[dict[str, Any]], None] = lambda event: None
     dataset_path: Path | None = None
     holdout: float = 0.0
     floor: dict[str, float | None] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     original_metrics: dict[str, Any] = field(default_factory=dict)
-    build: Callable[[list[dict[str, Any]], Path], dict[str, Any]] | None = None
+    build: Build | None = None
     time_limit_s: float | None = None
 
     def calibration(self, limit: int) -> Samples:

@@ -224,6 +224,8 @@ def _prepare(spec: CompressSpec, emit: Progress) -> _Job:
     trains = any(c.trains() for c in configs)
     holdout = resolve_holdout(spec.holdout, configs, has_dataset=data.source == "dataset")
     data, eval_data = _hold_out(data, holdout, spec.seed)
+    if spec.train_samples is not None:
+        data = data.subset(spec.train_samples, spec.seed)
     ev = Evaluation.from_samples(eval_data, task, batch, spec.latency_threads, spec.seed)
     ev.measured_on = measured_on.describe(
         dataset_id=spec.dataset_id,
@@ -387,7 +389,9 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         floor=dict(job.floor),
         history=list(job.spec.search_history),
         original_metrics=state.original_metrics,
-        build=lambda pipeline, workdir: _build(job, pipeline, workdir),
+        build=lambda pipeline, workdir, train_samples=None: _build(
+            job, pipeline, workdir, train_samples
+        ),
         time_limit_s=job.spec.time_limit_s,
     )
     if index in job.estimates:
@@ -454,9 +458,13 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
     state.current, state.final_metrics, state.final_artifact = measured, values, artifact
 
 
-def _build(job: _Job, pipeline: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+def _build(
+    job: _Job, pipeline: list[dict[str, Any]], workdir: Path, train_samples: int | None = None
+) -> dict[str, Any]:
     """Run another pipeline on the job's upload with the job's data, held-out split, floor
-    and seed, in `workdir` (the auto search's candidates): the same measurements as a job."""
+    and seed, in `workdir` (the auto search's candidates): the same measurements as a job;
+    with `train_samples`, training on at most that many of the job's training samples (a
+    probe), still measured on the job's held-out samples."""
     spec = job.spec.model_copy(
         update={
             "pipeline": pipeline,
@@ -464,6 +472,7 @@ def _build(job: _Job, pipeline: list[dict[str, Any]], workdir: Path) -> dict[str
             "holdout": job.holdout,
             "resume": None,
             "search_history": [],
+            "train_samples": train_samples,
             "export": ["onnx"],
             "allow_below_floor": True,
         }

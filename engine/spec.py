@@ -66,6 +66,9 @@ class CompressSpec(_Spec):
     # The auto search's candidates that earlier attempts of this job finished (their
     # `candidate` events): a retry reuses them instead of building them again.
     search_history: list[dict[str, Any]] = Field(default_factory=list)
+    # At most this many training samples (drawn after the held-out split, which stays the
+    # job's): the auto search's probes train a candidate briefly on a subset.
+    train_samples: int | None = Field(None, ge=1)
     # The job's limits (the worker's settings); None: not limited. Torch training steps are
     # estimated in pre-flight (engine.torchgraph.estimate) and refused when they cannot fit.
     time_limit_s: float | None = None

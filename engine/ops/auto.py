@@ -2,9 +2,11 @@
 
 Each candidate is a whole pipeline run on the upload by `ctx.build` (engine.pipeline.run with
 the job's data, held-out split, floor and seed), so its metrics are the ones a job with that
-pipeline reports. One `candidate` event per candidate (built, reused or skipped) carries its
-record; the worker keeps them, and a retried job gets them back in `ctx.history`: a finished
-candidate is reused, not built again ("candidate N reused").
+pipeline reports. A candidate that trains is first probed (its pipeline with the training cut
+to a minimum, on a few samples) and its full build skipped when the probe shows it cannot pay.
+One `candidate` event per candidate (built, reused or skipped) carries its record; the worker
+keeps them, and a retried job gets them back in `ctx.history`: a finished candidate is reused,
+not built again ("candidate N reused"), and a probe is not run again.
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from engine.onnxgraph import metrics as m
 from engine.ops.registry import register
 from engine.recipe import build_recipe, library_versions
 from engine.search.auto import (
+    PROBE_MIN_COST,
+    PROBE_SAMPLES,
     Baseline,
     Search,
     Spec,
     budget_misses,
     candidates,
     estimate,
+    family,
     fidelity,
     objective_value,
+    probe_pipeline,
     shortfall,
 )
 
@@ -83,15 +89,17 @@ def auto_search(config: AutoConfig, model_path: Path, ctx: StepContext) -> Path:
     history = {
         r["key"]: r for r in ctx.history if r.get("status") in ("measured", "failed") and "key" in r
     }
+    probes = {r["key"]: r["probe"] for r in ctx.history if r.get("probe") and "key" in r}
     deadline = time.monotonic() + config.search.max_minutes * 60
     if ctx.time_limit_s:
         deadline = min(deadline, time.monotonic() + 0.8 * ctx.time_limit_s)
-    index_of = {spec.key: i + 1 for i, spec in enumerate(specs)}
     built: dict[int, dict[str, Any]] = {}  # candidate index -> its pipeline result (this attempt)
     stopped = "every candidate was tried or skipped"
     counted = 0
-    for spec in search.order():
-        index = index_of[spec.key]
+    # The next candidate by the corrected estimates (re-sorted after each measurement); after
+    # the catalog, the sweeps around what met the budget.
+    while (spec := search.next()) is not None:
+        index = search.index_of(spec)
         if counted >= config.search.max_candidates:
             stopped = f"search.max_candidates ({config.search.max_candidates}) reached"
             break
@@ -110,13 +118,27 @@ def auto_search(config: AutoConfig, model_path: Path, ctx: StepContext) -> Path:
                 "attempt of this job finished it",
             )
             continue
+        fields = _estimates(search, spec)
         reason = search.skip_reason(spec)
         if reason is not None:
-            record = _record(spec, index, base, config, status="skipped", reason=reason)
+            record = _record(spec, index, fields, status="skipped", reason=reason)
             _note(ctx, search, record, f"candidate {index} skipped ({spec.name}): {reason}")
             continue
+        probe = None
+        if spec.cost >= PROBE_MIN_COST:
+            # probes count against max_minutes (the deadline), not max_candidates
+            probe = probes.get(spec.key) or _probe(ctx, spec, index, base, config, budget)
+            reason = search.probe_reason(probe)
+            if reason is None and time.monotonic() >= deadline:
+                reason = "search.max_minutes (or the job's time limit) reached after its probe"
+            if reason is not None:
+                record = _record(spec, index, fields, status="skipped", reason=reason, probe=probe)
+                _note(ctx, search, record, f"candidate {index} skipped ({spec.name}): {reason}")
+                continue
         counted += 1
-        record, result = _build(ctx, spec, index, base, config, budget, recipes)
+        record, result = _build(ctx, spec, index, base, config, budget, recipes, fields)
+        if probe is not None:
+            record["probe"] = probe
         if result is not None:
             built[index] = result
         _note(ctx, search, record, f"candidate {index} {record['status']} ({spec.name})")
@@ -160,20 +182,84 @@ class _Recipes:
         )
 
 
-def _record(
-    spec: Spec, index: int, base: Baseline, config: AutoConfig, **values: Any
-) -> dict[str, Any]:
+def _estimates(search: Search, spec: Spec) -> dict[str, Any]:
+    """A candidate's estimates as recorded: the analytic one, the one the search acted on
+    (corrected by the latest measured member of its family) and which candidate corrected it."""
+    correction = search.correction(spec)
+    analytic = estimate(spec, search.base, search.config.objective)
+    corrected = estimate(spec, search.base, search.config.objective, correction)
+    return {
+        "family": family(spec.pipeline),
+        "estimate": {k: v for k, v in analytic.items() if k != "objective"},
+        "estimate_corrected": {k: v for k, v in corrected.items() if k != "objective"},
+        "corrected_by": correction.to_dict() if correction is not None else None,
+    }
+
+
+def _record(spec: Spec, index: int, fields: dict[str, Any], **values: Any) -> dict[str, Any]:
     return {
         "index": index,
         "key": spec.key,
         "name": spec.name,
         "pipeline": spec.pipeline,
-        "estimate": {
-            k: v for k, v in estimate(spec, base, config.objective).items() if k != "objective"
-        },
+        **fields,
+        "sweep": spec.sweep,
         "reused": False,
         **values,
     }
+
+
+def _measure(
+    ctx: StepContext, result: dict[str, Any], base: Baseline, budget: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """A built pipeline's kept metrics (with its accuracy drop), quality verdict and what it
+    misses of the budget."""
+    final = result["final"]
+    metrics = {k: final[k] for k in KEPT if k in final}
+    if "accuracy_top1" in final and base.accuracy is not None:
+        metrics["accuracy_drop"] = round(base.accuracy - final["accuracy_top1"], 6)
+    verdict = result["quality"]
+    return metrics, verdict, budget_misses(budget, metrics, verdict)
+
+
+def _probe(
+    ctx: StepContext,
+    spec: Spec,
+    index: int,
+    base: Baseline,
+    config: AutoConfig,
+    budget: dict[str, float],
+) -> dict[str, Any]:
+    """Build and measure a training candidate's probe: `probe_pipeline` on at most
+    PROBE_SAMPLES training samples, measured on the job's held-out samples. A probe that
+    fails is recorded with its error (the full build then decides)."""
+    assert ctx.build is not None
+    started = time.monotonic()
+    pipeline = probe_pipeline(spec.pipeline)
+    workdir = ctx.workdir / f"probe{index}"
+    out: dict[str, Any] = {"pipeline": pipeline, "max_train_samples": PROBE_SAMPLES}
+    try:
+        result = ctx.build(pipeline, workdir, train_samples=PROBE_SAMPLES)
+    except Exception as exc:  # the probe's failure is the full build's to confirm
+        code = exc.code if isinstance(exc, EngineError) else type(exc).__name__
+        out["error"] = f"{code}: {exc}"
+    else:
+        metrics, _, missed = _measure(ctx, result, base, budget)
+        out.update(
+            # what it trained on (the job's training samples, at most PROBE_SAMPLES)
+            train_samples=result["evaluation"].get("train_samples"),
+            metrics=metrics,
+            objective=objective_value(config.objective, metrics, base),
+            missed=missed,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out["seconds"] = round(time.monotonic() - started, 2)
+    message = f"candidate {index} probed ({spec.name}): " + (
+        f"failed: {out['error']}" if "error" in out else "; ".join(out["missed"]) or "meets"
+    )
+    ctx.emit({"type": EventKind.LOG, "level": "info", "message": message})
+    return out
 
 
 def _build(
@@ -184,6 +270,7 @@ def _build(
     config: AutoConfig,
     budget: dict[str, float],
     recipes: _Recipes,
+    fields: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Build and measure one candidate; a candidate that fails is recorded, not fatal."""
     assert ctx.build is not None
@@ -197,25 +284,18 @@ def _build(
         record = _record(
             spec,
             index,
-            base,
-            config,
+            fields,
             status="failed",
             error=f"{code}: {exc}",
             seconds=round(time.monotonic() - started, 2),
         )
         return record, None
-    final = result["final"]
-    metrics = {k: final[k] for k in KEPT if k in final}
-    if "accuracy_top1" in final and base.accuracy is not None:
-        metrics["accuracy_drop"] = round(base.accuracy - final["accuracy_top1"], 6)
-    verdict = result["quality"]
-    missed = budget_misses(budget, metrics, verdict)
+    metrics, verdict, missed = _measure(ctx, result, base, budget)
     fid_name, fid = fidelity(ctx.task, metrics)
     record = _record(
         spec,
         index,
-        base,
-        config,
+        fields,
         status="measured",
         seconds=round(time.monotonic() - started, 2),
         metrics=metrics,
@@ -311,13 +391,22 @@ def _deliver(
                 for r in search.front()
             ],
             "search": {
-                "catalog": len(search.specs),
+                "catalog": sum(1 for s in search.specs if s.sweep is None),
+                "sweeps": sum(1 for s in search.specs if s.sweep is not None),
                 "measured": len(measured),
+                "probed": sum(1 for r in search.records if r.get("probe")),
                 "reused": sum(1 for r in search.records if r.get("reused")),
                 "skipped": sum(1 for r in search.records if r["status"] == "skipped"),
                 "failed": sum(1 for r in search.records if r["status"] == "failed"),
                 "stopped": stopped,
-                "seconds": round(sum(r.get("seconds") or 0 for r in search.records), 2),
+                # building and probing (probes are not candidates: max_minutes only)
+                "seconds": round(
+                    sum(
+                        (r.get("seconds") or 0) + ((r.get("probe") or {}).get("seconds") or 0)
+                        for r in search.records
+                    ),
+                    2,
+                ),
             },
         }
     )
