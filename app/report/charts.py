@@ -56,18 +56,47 @@ def tick_label(value: float, step: float | None = None) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def spans_decades(values: Sequence[float]) -> bool:
+    """Whether `values` want a log axis: all positive, the largest at least ten times the
+    smallest (on a linear axis the small ones would sit in one corner)."""
+    return bool(values) and min(values) > 0 and max(values) >= 10 * min(values)
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Round ticks for a log axis covering [lo, hi] (both > 0): 1, 2 and 5 × 10^k over up to
+    three decades, powers of ten beyond (every n-th one past seven decades); the first tick is
+    the last at or below `lo` and the last the first at or above `hi`, so no decade is padded
+    out when the data fill only part of it."""
+    if hi < lo:
+        lo, hi = hi, lo
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    if k1 - k0 <= 3:
+        ticks = sorted(float(f"{m}e{k}") for k in range(k0, k1 + 1) for m in (1, 2, 5))
+    else:
+        every = max(1, math.ceil((k1 - k0) / 7))
+        ticks = [float(f"1e{k}") for k in range(k0, k1 + every, every)]
+    first = max(t for t in ticks if t <= lo * (1 + 1e-9))
+    last = min(t for t in ticks if t >= hi * (1 - 1e-9))
+    return [t for t in ticks if first <= t <= last]
+
+
 @dataclass(frozen=True)
 class Scale:
-    """Linear map of the domain [lo, hi] onto the range [start, end] (end < start for y)."""
+    """Map of the domain [lo, hi] onto the range [start, end] (end < start for y), linear or
+    logarithmic (`log`: equal ratios are equal distances; the domain is then positive)."""
 
     lo: float
     hi: float
     start: float
     end: float
+    log: bool = False
 
     def __call__(self, value: float) -> float:
-        span = self.hi - self.lo
-        fraction = (value - self.lo) / span if span else 0.5
+        lo, hi = self.lo, self.hi
+        if self.log:
+            lo, hi, value = math.log10(lo), math.log10(hi), math.log10(value)
+        span = hi - lo
+        fraction = (value - lo) / span if span else 0.5
         return round(self.start + fraction * (self.end - self.start), 2)
 
 
@@ -219,6 +248,8 @@ class Point:
     x: float
     y: float
     chosen: bool = False
+    meets: bool = True  # within the budget (the auto search's chart draws misses hollow)
+    front: bool = False  # on the Pareto front
 
 
 @dataclass(frozen=True)
@@ -229,6 +260,8 @@ class PlacedPoint:
     cx: float
     cy: float
     chosen: bool
+    meets: bool = True
+    front: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,14 +287,24 @@ class ScatterChart:
 
 
 def _plot(
-    xs: Sequence[float], ys: Sequence[float], x_title: str, y_title: str, height: float = 280.0
+    xs: Sequence[float],
+    ys: Sequence[float],
+    x_title: str,
+    y_title: str,
+    height: float = 280.0,
+    *,
+    log_x: bool = False,
+    y_down: bool = False,
 ) -> tuple[Plot, Scale, Scale]:
+    """The plot area and its scales; `log_x` for a logarithmic x axis (positive xs), `y_down`
+    for a y axis whose larger values are lower (a figure where lower is better, drawn so that
+    better is still up)."""
     left, right = MARGIN_LEFT, WIDTH - MARGIN_RIGHT
     top, bottom = MARGIN_TOP, height - MARGIN_BOTTOM
-    xt = nice_ticks(min(xs), max(xs), 6)
+    xt = log_ticks(min(xs), max(xs)) if log_x else nice_ticks(min(xs), max(xs), 6)
     yt = nice_ticks(min(ys), max(ys), 5)
-    sx = Scale(xt[0], xt[-1], left, right)
-    sy = Scale(yt[0], yt[-1], bottom, top)
+    sx = Scale(xt[0], xt[-1], left, right, log=log_x)
+    sy = Scale(yt[0], yt[-1], top, bottom) if y_down else Scale(yt[0], yt[-1], bottom, top)
     plot = Plot(
         WIDTH,
         height,
@@ -283,6 +326,86 @@ def scatter_chart(points: Sequence[Point], x_title: str, y_title: str) -> Scatte
     plot, sx, sy = _plot([p.x for p in points], [p.y for p in points], x_title, y_title)
     placed = [PlacedPoint(p.label, p.x, p.y, sx(p.x), sy(p.y), p.chosen) for p in points]
     return ScatterChart(plot, placed)
+
+
+# ----------------------------------------------------------------------------- Pareto front
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A limit drawn across the plot: x = value (a vertical line) or y = value."""
+
+    label: str
+    value: float
+
+
+@dataclass(frozen=True)
+class BoundLine:
+    label: str
+    value: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True)
+class ParetoChart:
+    plot: Plot
+    points: list[PlacedPoint]
+    front: str  # the SVG `points` of the front's step line; "" without a front point
+    x_bounds: list[BoundLine]
+    y_bounds: list[BoundLine]
+    x_scale: Scale
+    y_scale: Scale
+
+
+def pareto_chart(
+    points: Sequence[Point],
+    x_title: str,
+    y_title: str,
+    *,
+    x_bounds: Sequence[Bound] = (),
+    y_bounds: Sequence[Bound] = (),
+    lower_y_better: bool = False,
+) -> ParetoChart:
+    """Cost (x, lower is better) against quality (y) of every point, with the front drawn as a
+    step line through the points flagged `front` and the bounds as lines across the plot.
+    The axes take in the bounds too, so a budget far from every point is still on the chart;
+    x is logarithmic where it spans a decade or more; better quality is always up (a y where
+    lower is better runs downwards)."""
+    xs = [p.x for p in points] + [b.value for b in x_bounds]
+    ys = [p.y for p in points] + [b.value for b in y_bounds]
+    log_x = spans_decades(xs)
+    plot, sx, sy = _plot(
+        xs,
+        ys,
+        f"{x_title}, log scale" if log_x else x_title,
+        y_title,
+        300.0,
+        log_x=log_x,
+        y_down=lower_y_better,
+    )
+    placed = [
+        PlacedPoint(p.label, p.x, p.y, sx(p.x), sy(p.y), p.chosen, p.meets, p.front) for p in points
+    ]
+    # the front as a staircase: from each point right to the next one's x, then up to it
+    # (sorted by cost, a front's quality rises; below and right of the stairs is dominated)
+    stairs: list[tuple[float, float]] = []
+    for p in sorted((p for p in placed if p.front), key=lambda p: (p.x, -p.cy)):
+        if stairs:
+            stairs.append((p.cx, stairs[-1][1]))
+        stairs.append((p.cx, p.cy))
+    x_lines = [
+        BoundLine(b.label, b.value, sx(b.value), plot.top, sx(b.value), plot.bottom)
+        for b in x_bounds
+    ]
+    y_lines = [
+        BoundLine(b.label, b.value, plot.left, sy(b.value), plot.right, sy(b.value))
+        for b in y_bounds
+    ]
+    front = " ".join(f"{x},{y}" for x, y in stairs)
+    return ParetoChart(plot, placed, front, x_lines, y_lines, sx, sy)
 
 
 # ----------------------------------------------------------------------------- lines

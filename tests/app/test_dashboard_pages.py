@@ -83,6 +83,18 @@ def test_a_running_job_page_follows_the_stream_and_can_be_canceled() -> None:
     assert 'id="downloads"' not in html
 
 
+def test_an_auto_job_page_shows_the_search(auto_jobs: dict[str, dict[str, Any]]) -> None:
+    """The job page includes the report's sections (report_sections.html.j2 with the report's
+    view model), so a real auto search shows there as in the report: chart, table, summary."""
+    job = copy.deepcopy(auto_jobs["met"])
+    details = job["steps"][0]["details"]
+    html = _page(job)
+    _no_inline_code(html)  # the chart's look comes from /ui/static/report.css, not inline
+    assert html.count('<svg class="chart pareto"') == 1 and 'id="auto"' in html
+    assert html.count('<tr class="candidate ') == len(details["candidates"])
+    assert f"{details['chosen']['name']} (delivered)" in html
+
+
 def test_compare_plots_size_or_latency_against_fidelity() -> None:
     done = _job()
     other = _job(id="job-2", preset="fp16")

@@ -1,13 +1,15 @@
-"""The job report's chart geometry (app/report/charts.py), without a template or a browser."""
+"""The job report's chart geometry (app/report/charts.py), without a template or a browser;
+the auto search's chart from the details of real searches (tests/app/conftest.py)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
-from app.report import charts
-from app.report.charts import Comparison, Point, Series
+from app.report import charts, view
+from app.report.charts import Bound, Comparison, Point, Series
 
 
 def test_finite_keeps_only_measured_numbers() -> None:
@@ -95,3 +97,101 @@ def test_line_chart_polylines_follow_the_epochs() -> None:
     ys = [y for _, y in placed.markers]
     assert xs == sorted(xs) and ys == sorted(ys)  # loss falls: y (downwards) grows
     assert placed.polyline == " ".join(f"{x},{y}" for x, y in placed.markers)
+
+
+def test_log_ticks_are_round_and_cover_the_data_without_padding_a_decade() -> None:
+    assert charts.log_ticks(9207.0, 458620.0) == [5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5]
+    assert charts.log_ticks(0.02, 0.3) == [0.02, 0.05, 0.1, 0.2, 0.5]
+    wide = charts.log_ticks(3.0, 4e9)  # ten decades: powers of ten only, every other one
+    assert wide[0] <= 3.0 and wide[-1] >= 4e9 and len(wide) <= 8
+    assert all(math.log10(t) == round(math.log10(t)) for t in wide)
+    assert charts.spans_decades([9207.0, 458620.0]) and not charts.spans_decades([8e4, 4.6e5])
+    assert not charts.spans_decades([0.0, 100.0])  # zero has no place on a log axis
+    log = charts.Scale(1.0, 100.0, 0.0, 100.0, log=True)
+    assert (log(1.0), log(10.0), log(100.0)) == (0.0, 50.0, 100.0)
+
+
+def test_pareto_front_is_a_staircase_and_bounds_span_the_plot() -> None:
+    points = [
+        Point("a", 100.0, 0.90, front=True),
+        Point("b", 300.0, 0.99, chosen=True, front=True),
+        Point("c", 400.0, 0.95, meets=False),  # dominated by b
+    ]
+    chart = charts.pareto_chart(
+        points, "size", "cosine", x_bounds=[Bound("max", 350.0)], y_bounds=[Bound("min", 0.97)]
+    )
+    a, b, c = chart.points
+    # from a right to b's x at a's height, then up to b
+    assert chart.front == f"{a.cx},{a.cy} {b.cx},{a.cy} {b.cx},{b.cy}"
+    assert b.cy < a.cy  # more faithful is up
+    (x_line,) = chart.x_bounds
+    (y_line,) = chart.y_bounds
+    assert b.cx < x_line.x1 < c.cx and (x_line.y1, x_line.y2) == (chart.plot.top, chart.plot.bottom)
+    assert b.cy < y_line.y1 < c.cy < a.cy and (y_line.x1, y_line.x2) == (
+        chart.plot.left,
+        chart.plot.right,
+    )
+    # a figure where lower is better runs downwards: better is still up
+    drop = charts.pareto_chart([Point("x", 1.0, 0.0), Point("y", 2.0, 1.5)], "s", "drop",
+                               lower_y_better=True)  # fmt: skip
+    assert drop.points[0].cy < drop.points[1].cy
+
+
+def _section(job: dict[str, Any]) -> tuple[view.AutoSearch, dict[str, Any]]:
+    (section,) = view.auto_searches(job)
+    return section, job["steps"][0]["details"]
+
+
+def _expected(value: float, scale: charts.Scale) -> float:
+    """Where `value` belongs on `scale`, computed here from its domain and range."""
+    lo, hi, v = scale.lo, scale.hi, value
+    if scale.log:
+        lo, hi, v = math.log10(lo), math.log10(hi), math.log10(v)
+    return scale.start + (v - lo) / (hi - lo) * (scale.end - scale.start)
+
+
+def test_auto_chart_of_a_real_search_met(auto_jobs: dict[str, dict[str, Any]]) -> None:
+    section, details = _section(auto_jobs["met"])
+    chart = section.chart
+    assert chart is not None
+    measured = [c for c in details["candidates"] if c["status"] == "measured"]
+    assert len(chart.points) == len(measured) >= 2  # one point per measured candidate
+    chosen = [p for p in chart.points if p.chosen]
+    assert len(chosen) == 1 and chosen[0].label.endswith(details["chosen"]["name"])
+    assert {p.label.split(":")[0] for p in chart.points if p.front} == {
+        str(p["candidate"]) for p in details["pareto"]
+    }
+    by_label = {f"{c['index']}: {c['name']}": c for c in measured}
+    for p in chart.points:
+        c = by_label[p.label]
+        assert p.x == c["objective"] and p.meets is c["meets"]
+        assert p.y == pytest.approx(-100 * c["fidelity"])  # drop in points, stored negated
+    # objective size with only a fidelity bound: one horizontal line at 1 point of drop
+    assert chart.x_bounds == []
+    (line,) = chart.y_bounds
+    assert line.value == pytest.approx(100 * details["budget"]["max_accuracy_drop"])
+    assert line.y1 == line.y2 == pytest.approx(_expected(line.value, chart.y_scale), abs=0.01)
+    assert chart.y_scale.start < chart.y_scale.end  # drop runs downwards: lower drop is up
+    for p in chart.points:  # meeting the budget's drop means being on or above the line
+        c = by_label[p.label]
+        assert (p.cy <= line.y1) is (-c["fidelity"] <= details["budget"]["max_accuracy_drop"])
+    assert not chart.x_scale.log  # 8e4 … 4.6e5 B: less than a decade
+
+
+def test_auto_chart_of_a_real_search_impossible(auto_jobs: dict[str, dict[str, Any]]) -> None:
+    section, details = _section(auto_jobs["impossible"])
+    chart = section.chart
+    assert chart is not None and section.original_delivered
+    measured = [c for c in details["candidates"] if c["status"] == "measured"]
+    assert len(chart.points) == len(measured) >= 1
+    assert not any(p.chosen or p.meets for p in chart.points)  # the original was delivered
+    # max_size_bytes is 1 % of the original: the x axis takes it in and turns logarithmic
+    (x_line,) = chart.x_bounds
+    assert x_line.value == details["budget"]["max_size_bytes"] and chart.x_scale.log
+    assert x_line.x1 == x_line.x2 == pytest.approx(_expected(x_line.value, chart.x_scale), abs=0.01)
+    assert all(x_line.x1 < p.cx for p in chart.points)
+    (y_line,) = chart.y_bounds  # max_accuracy_drop 0: the line at no drop
+    assert y_line.value == 0.0
+    assert y_line.y1 == pytest.approx(_expected(0.0, chart.y_scale), abs=0.01)
+    for p in chart.points:
+        assert (p.y == 0.0) is (p.cy == y_line.y1)

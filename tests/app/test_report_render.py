@@ -1,7 +1,7 @@
 """The job report's page (app/report): a realistic finished job (the shape a prune → distill →
-static INT8 job on the digits CNN returns, with the quality and measured_on blocks of issue #14)
-and a job with nothing yet, rendered without a browser. Every string from the job is escaped;
-every section says when it has no data."""
+static INT8 job on the digits CNN returns, with the quality and measured_on blocks of issue #14),
+real auto searches (tests/app/conftest.py) and a job with nothing yet, rendered without a
+browser. Every string from the job is escaped; every section says when it has no data."""
 
 from __future__ import annotations
 
@@ -229,6 +229,7 @@ def test_a_job_without_results_says_so_in_every_section(status: str) -> None:
         "No per-layer data in this job",
         "No variants in this job",
         "No training in this job",
+        "No auto search in this job",
         "No warnings.",
         "No artifacts stored for this job.",
         "no `measured_on` block",
@@ -282,3 +283,128 @@ def test_the_templates_ship_in_the_package() -> None:
     assert "report.html.j2" in shipped and "report.css" in shipped
     for name in shipped:
         assert any(fnmatch.fnmatch(f"templates/{name}", pat) for pat in patterns), name
+
+
+def _text(tags: Tags) -> str:
+    return " ".join(" ".join(tags.text).split())
+
+
+def _chart(html: str) -> Tags:
+    """The tags of the auto search's chart alone (the legend's keys use the same classes)."""
+    start = html.index('<svg class="chart pareto"')
+    return Tags(html[start : html.index("</svg>", start)])
+
+
+def _marks(chart: Tags) -> int:
+    """Candidate marks in the auto chart: a filled circle (meets) or a hollow square (misses)."""
+    return chart.tags["circle.cand"] + chart.tags["rect.cand"]
+
+
+def test_an_auto_job_shows_its_search(auto_jobs: dict[str, dict[str, Any]]) -> None:
+    job = auto_jobs["met"]
+    details = job["steps"][0]["details"]
+    html = render_report(job)
+    tags, text, chart = Tags(html), _text(Tags(html)), _chart(html)
+    candidates = details["candidates"]
+    measured = [c for c in candidates if c["status"] == "measured"]
+    assert tags.tags["svg.pareto"] == 1 and _marks(chart) == len(measured)
+    assert chart.tags["circle.meets"] == sum(c["meets"] for c in measured)
+    assert chart.tags["rect.misses"] == sum(not c["meets"] for c in measured)
+    # the delivered point: marked, ringed, labelled; its row marked too
+    chosen = details["chosen"]
+    assert chart.tags["circle.chosen"] + chart.tags["rect.chosen"] == 1
+    assert chart.tags["circle.cand-ring"] == 1
+    assert f"{chosen['candidate']}: {chosen['name']} (delivered)" in _text(chart)
+    assert f"Delivered: candidate {chosen['candidate']} ({chosen['name']})" in text
+    assert tags.tags["tr.chosen"] == 1 and "← delivered" in text
+    assert chart.tags["polyline.front"] == 1  # the front's step line
+    assert chart.tags["line.bound"] == 1  # max_accuracy_drop, on y
+    # the legend tells the marks apart by shape and fill, not colour alone
+    assert "meets the budget" in text and "misses it (hollow square)" in text
+    assert "max_accuracy_drop 0.01" in text
+    # every candidate has a row; a skipped one says why, a measured one its figures
+    assert tags.tags["tr.candidate"] == len(candidates)
+    assert tags.tags["tr.skipped"] == sum(c["status"] == "skipped" for c in candidates) >= 1
+    for c in candidates:
+        assert c["name"] in text
+        if c["status"] == "skipped":
+            assert c["reason"] in text
+        elif not c["meets"]:
+            assert "missed: " + "; ".join(c["missed"]) in text
+    assert "drop 0.00 points" in text and "meets the budget" in text
+    search = details["search"]
+    assert f"stopped {search['stopped']}" in text and f"catalog {search['catalog']}" in text
+    assert "The original model was delivered unchanged" not in text
+    assert "No auto search in this job" not in text
+
+
+def test_an_auto_job_that_delivered_the_original_says_so(
+    auto_jobs: dict[str, dict[str, Any]],
+) -> None:
+    job = auto_jobs["impossible"]
+    details = job["steps"][0]["details"]
+    html = render_report(job)
+    tags, text, chart = Tags(html), _text(Tags(html)), _chart(html)
+    assert details["chosen"] == {"candidate": None, "name": "original"}
+    assert tags.tags["p.warning"] == 1
+    assert "The original model was delivered unchanged: no measured candidate met" in text
+    assert "(preset fp16), which missed size " in text  # the closest, and what it missed
+    assert chart.tags["circle.chosen"] + chart.tags["rect.chosen"] == 0
+    assert chart.tags["circle.cand-ring"] == 0
+    assert "(delivered)" not in text and tags.tags["tr.chosen"] == 0
+    measured = [c for c in details["candidates"] if c["status"] == "measured"]
+    assert _marks(chart) == chart.tags["rect.misses"] == len(measured)
+    assert chart.tags["line.bound"] == 2  # max_size_bytes on x, max_accuracy_drop on y
+    assert "log scale" in text
+    skipped = [c for c in details["candidates"] if c["status"] == "skipped"]
+    assert skipped and all(c["reason"] in text for c in skipped)
+    # the engine's warning, under the step it came from
+    assert "No candidate met the whole budget" in text
+
+
+def test_an_auto_search_without_measurements_says_so(
+    auto_jobs: dict[str, dict[str, Any]],
+) -> None:
+    partial = copy.deepcopy(auto_jobs["met"])
+    measured = [
+        c for c in partial["steps"][0]["details"]["candidates"] if c["status"] == "measured"
+    ]
+    measured[0]["fidelity"] = None  # e.g. an SQNR of identical outputs: infinite, not drawn
+    html = render_report(partial)
+    assert _marks(_chart(html)) == len(measured) - 1
+    assert f"Not drawn: {measured[0]['name']} (accuracy_drop not finite: —)." in _text(Tags(html))
+    job = copy.deepcopy(auto_jobs["impossible"])
+    details = job["steps"][0]["details"]
+    for c in details["candidates"]:
+        if c["status"] == "measured":
+            c.update(status="failed", error="nothing_to_share: no weights", meets=None)
+    details["search"].update(measured=0, failed=1)
+    tags = Tags(render_report(job))
+    text = _text(tags)
+    assert tags.tags["svg.pareto"] == 0
+    assert "No candidate was measured (8 skipped, 1 failed: see the table)" in text
+    assert "nothing_to_share: no weights" in text
+    assert tags.tags["tr.candidate"] == len(details["candidates"])
+    job["steps"][0]["details"] = None  # an auto step that never finished
+    text = _text(Tags(render_report(job)))
+    assert "The auto step recorded no candidates" in text
+    assert "records no delivered model" in text
+
+
+def test_an_auto_search_escapes_what_it_shows(auto_jobs: dict[str, dict[str, Any]]) -> None:
+    job = copy.deepcopy(auto_jobs["met"])
+    details = job["steps"][0]["details"]
+    measured = next(c for c in details["candidates"] if c["status"] == "measured")
+    skipped = next(c for c in details["candidates"] if c["status"] == "skipped")
+    measured["name"] = EVIL
+    skipped["reason"] = EVIL
+    details["chosen"] = {"candidate": measured["index"], "name": EVIL}
+    details["search"]["stopped"] = EVIL
+    details["budget"] = {**details["budget"], EVIL: 1.0}
+    html = render_report(job)
+    assert "<script" not in html
+    escaped = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;"
+    # the point's label and tooltip, the delivered line, the row, the reason, the summary …
+    assert html.count(escaped) >= 6
+    text = _text(Tags(html))
+    assert f"{measured['index']}: {EVIL} (delivered)" in text
