@@ -27,6 +27,10 @@ from engine.config import PRESETS, AutoConfig, PipelineError, parse_steps, valid
 
 # Distillation-backed candidates need at least this many training samples.
 DISTILL_MIN_SAMPLES = 256
+# Failure codes that say an op has nothing to work on in this model, whatever its settings:
+# every later candidate with that op is skipped (prune and quantize are not here: what they
+# find depends on granularity and dtype).
+NOT_APPLICABLE = {"nothing_to_share": "weight_share", "nothing_to_factorize": "low_rank"}
 # Built first whatever the estimates say (Search.order).
 ANCHOR = "preset fp16"
 # An estimate is trusted to within this factor when a candidate is skipped on it.
@@ -659,8 +663,17 @@ class Search:
 
     def skip_reason(self, spec: Spec) -> str | None:
         """Why building `spec` cannot pay (dominance, before it is built, on its corrected
-        estimate), or None."""
+        estimate) or cannot work (an op an earlier candidate found nothing to apply to), or
+        None."""
         by_name = {r["name"]: r for r in self.records}
+        ops = {str(step.get("op")) for step in spec.pipeline}
+        for prior in self.records:
+            code = str(prior.get("error") or "").split(":", 1)[0]
+            if prior["status"] == "failed" and NOT_APPLICABLE.get(code) in ops:
+                return (
+                    f"{NOT_APPLICABLE[code]} does not apply to this model: candidate "
+                    f"{prior['index']} ({prior['name']}) failed with {code}"
+                )
         if spec.prefix and (prior := by_name.get(spec.prefix)) is not None:
             if prior["status"] == "failed":
                 return f"its prefix {spec.prefix!r} failed"

@@ -91,6 +91,31 @@ def test_dominated_candidates_are_skipped_before_they_are_built() -> None:
     assert reason is not None and "prefix 'low_rank' already misses" in reason
 
 
+def test_an_op_with_nothing_to_work_on_is_not_tried_again() -> None:
+    config = AutoConfig.model_validate({"op": "auto", "budget": {"min_sqnr_db": 20}})
+    base = Baseline(size_bytes=1_000_000, weight_bytes=1_000_000, macs=None, latency_ms=1.0,
+                    accuracy=None)  # fmt: skip
+    specs = candidates(
+        config, "onnx", task="generic", has_dataset=True, has_labels=False, train_samples=64
+    )
+    search = Search(config, base, specs)
+    search.records.append(
+        {"index": 4, "name": "weight_share 4 bits", "status": "failed",
+         "error": "nothing_to_share: The model has no Conv/Gemm/MatMul float32 weights"}
+    )  # fmt: skip
+    shared = [s for s in specs if any(step["op"] == "weight_share" for step in s.pipeline)]
+    assert {s.name for s in shared} >= {"weight_share 6 bits", "prune 50% + weight_share 5 bits"}
+    for spec in shared:
+        reason = search.skip_reason(spec)
+        assert reason is not None and "weight_share does not apply to this model" in reason
+        assert "candidate 4 (weight_share 4 bits) failed with nothing_to_share" in reason
+    edge = next(s for s in specs if s.name == "preset edge-int8")
+    assert search.skip_reason(edge) is None
+    # another failure (a crash, a timeout) says nothing about the op's other settings
+    search.records[0]["error"] = "training_failed: loss was NaN"
+    assert all(search.skip_reason(s) is None for s in shared)
+
+
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [
         {"candidate": 1, "objective": 10.0, "fidelity": -0.02},
