@@ -481,6 +481,23 @@ def _swept(spec: Spec, i: int, knob: _Knob, old: float, new: float, kind: str) -
     )
 
 
+def at_least_as_aggressive(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> bool:
+    """Whether pipeline `a` is `b` with every sweepable knob (`_knobs`) set at least as
+    aggressively and everything else equal: it can only lose more fidelity than `b`."""
+    knobs = _knobs(b)
+    if len(a) != len(b) or [(i, k.field) for i, k in _knobs(a)] != [(i, k.field) for i, k in knobs]:
+        return False
+    fields = {i: k.field for i, k in knobs}
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if {k: v for k, v in x.items() if k != fields.get(i)} != {
+            k: v for k, v in y.items() if k != fields.get(i)
+        }:
+            return False
+    return all(
+        k.aggression(float(a[i][k.field])) >= k.aggression(float(b[i][k.field])) for i, k in knobs
+    )
+
+
 def shortfall(budget: dict[str, float], metrics: dict[str, Any]) -> float:
     """How far a candidate is from the budget, summed relative misses (0: meets it)."""
     total = 0.0
@@ -667,12 +684,12 @@ class Search:
         None."""
         by_name = {r["name"]: r for r in self.records}
         ops = {str(step.get("op")) for step in spec.pipeline}
-        for prior in self.records:
-            code = str(prior.get("error") or "").split(":", 1)[0]
-            if prior["status"] == "failed" and NOT_APPLICABLE.get(code) in ops:
+        for failed in self.records:
+            code = str(failed.get("error") or "").split(":", 1)[0]
+            if failed["status"] == "failed" and NOT_APPLICABLE.get(code) in ops:
                 return (
                     f"{NOT_APPLICABLE[code]} does not apply to this model: candidate "
-                    f"{prior['index']} ({prior['name']}) failed with {code}"
+                    f"{failed['index']} ({failed['name']}) failed with {code}"
                 )
         if spec.prefix and (prior := by_name.get(spec.prefix)) is not None:
             if prior["status"] == "failed":
@@ -684,6 +701,23 @@ class Search:
                 return (
                     f"dominated: its prefix {spec.prefix!r} already misses the fidelity budget "
                     f"({'; '.join(fidelity_misses)}), and this composition adds loss to it"
+                )
+        for missed in self.records:
+            lost = [
+                m for m in missed.get("missed", []) if not m.startswith(("size", "latency_ms_p50"))
+            ]
+            missed_spec = self.spec_of(missed.get("key", ""))
+            if (
+                spec.sweep is not None
+                and missed["status"] == "measured"
+                and lost
+                and missed_spec is not None
+                and at_least_as_aggressive(spec.pipeline, missed_spec.pipeline)
+            ):
+                return (
+                    f"dominated: at least as aggressive on every setting as candidate "
+                    f"{missed['index']} ({missed['name']}), which already misses the fidelity "
+                    f"budget ({'; '.join(lost)})"
                 )
         correction = self.correction(spec)
         est = estimate(spec, self.base, self.config.objective, correction)

@@ -381,6 +381,10 @@ def test_refine_bisects_between_a_met_and_a_missed_setting() -> None:
         "prune 65% + weight_share 5 bits (sweep, bisect)",
         "prune 60% + weight_share 4 bits (sweep)",  # 60 % meets: its bits go on
     }
+    # 60 % + 4 bits is at least as aggressive on both knobs as 50 % + 4 bits, which missed
+    reason = search.skip_reason(made["prune 60% + weight_share 4 bits (sweep)"])
+    assert reason is not None and "at least as aggressive on every setting as candidate" in reason
+    assert "(prune 50% + weight_share 4 bits (sweep)), which already misses" in reason
     search.records.append(measured(made["prune 65% + weight_share 5 bits (sweep, bisect)"], True))
     # two bisections on the sparsity line: no third
     assert all(s.sweep != "bisect" for s in search.refine())
