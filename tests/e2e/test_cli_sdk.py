@@ -317,3 +317,33 @@ def test_the_async_client_compresses_follows_and_downloads(served: Served, tmp_p
     (final,) = job.final_artifacts
     (path,) = paths
     assert hashlib.sha256(path.read_bytes()).hexdigest() == final.sha256
+
+
+def test_the_cli_runs_an_auto_search_with_a_budget(served: Served) -> None:
+    env = {**served.env, "COMPAAS_URL": served.api, "COMPAAS_API_KEY": served.key}
+    examples = served.root / "examples"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [COMPAAS, *args], cwd=served.root, env=env, capture_output=True, text=True
+        )
+
+    model = json.loads(cli("models", "upload", str(examples / "digits_cnn.pt2"), "--json").stdout)
+    data = json.loads(cli("datasets", "upload", str(examples / "digits.npz"), "--json").stdout)
+    base = ("jobs", "create", "--model", model["id"], "--dataset", data["id"], "--preset", "auto")
+    refused = cli(*base, "--budget", "max_drop=0.01", "--json")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    problem = json.loads(refused.stdout)["error"]["problem"]
+    assert problem["code"] == "invalid_budget" and "max_accuracy_drop" in problem["valid_keys"]
+    done = cli(
+        *base,
+        *("--budget", "max_accuracy_drop=0.01", "--budget", "max_size_bytes=1000000"),
+        *("--objective", "size", "--max-candidates", "1", "--wait", "--json"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = json.loads(done.stdout)
+    assert job["status"] == "succeeded" and job["preset"] == "auto"
+    details = job["steps"][0]["details"]
+    assert details["budget"] == {"max_accuracy_drop": 0.01, "max_size_bytes": 1000000}
+    assert details["objective"] == "size" and details["search"]["measured"] == 1
+    assert details["chosen"]["candidate"] is not None, job["warnings"]
