@@ -10,8 +10,10 @@ worker process, jobs one at a time) in a scratch directory and drives it with th
 preset that applies (tiny and deep-compression need a .pt2), all on the same held-out split
 (holdout 0.3, seed 0, which is what the auto job resolves to). Digits CNN and MLP (.pt2 uploads
 of engine.examples, labelled): budget max_accuracy_drop 0.01. Zoo models (bench/zoo.py: real
-pretrained ONNX files from pip wheels, unlabelled inputs built offline): min_cosine 0.99 for
-embeddings, else min_sqnr_db 20 on the worst slice (the zoo's own floor). Size is what is
+pretrained ONNX files from pip wheels, inputs built offline): max_accuracy_drop 0.01 where the
+inputs carry their true class (the orientation and text-line direction classifiers:
+zoo.true_labels), min_cosine 0.99 for embeddings, else min_sqnr_db 20 on the worst slice (the
+zoo's own floor). Size is what is
 delivered: the cpz archive of a weight_share step, else the ONNX file. Prints, per model, the
 chosen point and the presets side by side, then every candidate (Pareto points marked, skipped
 ones with why), as Markdown. Not a test; latency figures are single runs on whatever machine
@@ -185,10 +187,18 @@ def _zoo(client: Client, key: str, args: argparse.Namespace, tmp: Path) -> Bench
     model = zoo.model_file(spec)
     tmp.mkdir(parents=True, exist_ok=True)
     npz = tmp / f"{key}.npz"
-    np.savez(npz, **spec.inputs(max(spec.calib, 64), zoo.SEED + 1))
-    budget = {"min_cosine": 0.99} if spec.task == "embedding" else {"min_sqnr_db": 20.0}
+    n = max(spec.calib, 64)
+    feeds = spec.inputs(n, zoo.SEED + 1)
+    labels = zoo.true_labels(key, n, zoo.SEED + 1)
+    task = spec.task
+    if labels is not None:  # inputs built with a known answer: accuracy can be measured
+        feeds["labels"] = labels
+        budget = {"max_accuracy_drop": 0.01}
+    else:
+        budget = {"min_cosine": 0.99} if spec.task == "embedding" else {"min_sqnr_db": 20.0}
+    np.savez(npz, **feeds)
     title = f"{spec.title} (zoo `{key}`, {model.stat().st_size / 2**20:.1f} MiB ONNX)"
-    return Bench(client, title, model, npz, spec.task, budget, ONNX_PRESETS, args)
+    return Bench(client, title, model, npz, task, budget, ONNX_PRESETS, args)
 
 
 def main() -> None:

@@ -40,8 +40,9 @@ Feeds = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- models
 
 
-# No zoo dataset has labels, so `max_accuracy_drop` is refused; every model gets a fidelity
-# floor instead, measured by the service against the float model on its dataset.
+# The zoo bench's datasets carry no labels (two classifiers' inputs have a known answer, which
+# bench/auto.py uses: true_labels), so every model gets a fidelity floor here, measured by the
+# service against the float model on its dataset.
 SQNR_TARGET = {"min_sqnr_db": 20.0}
 SQNR_WHY = (
     "min_sqnr_db 20 on the worst output slice: no labels, so a fidelity floor; 20 dB is the "
@@ -222,16 +223,34 @@ def _chw(images: list[np.ndarray], mean: Any, std: Any) -> np.ndarray:
     return np.ascontiguousarray(((arr - mean) / std).transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def orientation_inputs(n: int, seed: int) -> Feeds:
-    """Photo crops and text pages, each rotated by 0/90/180/270 degrees (the model's classes)."""
+def orientation_inputs(n: int, seed: int, turns: list[int] | None = None) -> Feeds:
+    """Photo crops and text pages, each rotated by 0/90/180/270 degrees (the model's classes);
+    `turns` receives each image's quarter turns (numpy's rot90 k, counter-clockwise)."""
     rng = np.random.default_rng(seed)
     photos = _photos()
     images = []
     for i in range(n):
         photo = photos[int(rng.integers(len(photos)))]
         img = _page(rng, photos, 224, 224) if i % 2 else _crop(rng, photo, 224, 224)
-        images.append(np.ascontiguousarray(np.rot90(img, k=int(rng.integers(4)))))
+        k = int(rng.integers(4))
+        if turns is not None:
+            turns.append(k)
+        images.append(np.ascontiguousarray(np.rot90(img, k=k)))
     return {"x": _chw(images, IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def true_labels(key: str, n: int, seed: int) -> np.ndarray | None:
+    """The true classes of `n` samples of the zoo's inputs for `key` (seed as given), where the
+    inputs are built with a known answer: the orientation classifier's quarter turns (its
+    classes are clockwise degrees, 0/90/180/270: class (4 - k) % 4 for numpy's k), the text-line
+    classifier's upside-down half (class 1, every odd line). None for the others."""
+    if key == "ocr-cls":
+        return np.arange(n, dtype=np.int64) % 2
+    if key == "orientation":
+        turns: list[int] = []
+        orientation_inputs(n, seed, turns)
+        return (4 - np.array(turns, dtype=np.int64)) % 4
+    return None
 
 
 def yolo_inputs(n: int, seed: int) -> Feeds:
