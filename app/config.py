@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # worker/confine.py); a job fails with sandbox_unavailable when one can't be applied.
     sandbox_require: str = "network"
     latency_threads: int = 1
+    # CPU threads a job's torch training uses; 0: the worker's OMP_NUM_THREADS when set, else
+    # every CPU the worker may run on (worker.runner.train_threads). With several job processes
+    # per machine (--concurrency > 1), set it to CPUs / processes.
+    train_threads: int = Field(default=0, ge=0, le=256)
     max_attempts: int = 3
     lease_s: int = 30
     heartbeat_s: float = 2.0

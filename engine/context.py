@@ -49,6 +49,8 @@ class StepContext:
     held_out: bool = False
     # Where the training ops train ("cpu" or "cuda"; the pipeline resolved the job's setting).
     device: str = "cpu"
+    # CPU threads torch trains with (CompressSpec.train_threads).
+    train_threads: int = 1
     # What a handler adds besides its model file:
     # extra files delivered with the step's model, as (path, format) — e.g. a packed archive;
     extras: list[tuple[Path, str]] = field(default_factory=list)

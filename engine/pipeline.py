@@ -92,6 +92,7 @@ def compress(
     progress: Progress | None = None,
     seed: int = 0,
     latency_threads: int = 1,
+    train_threads: int = 1,
     resume: Resume | dict[str, Any] | None = None,
     holdout: float | None = None,
     models: dict[str, str | Path] | None = None,
@@ -120,6 +121,7 @@ def compress(
         export=list(export or ()),
         seed=seed,
         latency_threads=latency_threads,
+        train_threads=train_threads,
         device=device,
         models={k: str(v) for k, v in (models or {}).items()},
         resume=Resume.model_validate(resume) if isinstance(resume, dict) else resume,
@@ -291,6 +293,7 @@ def _estimate(job: _Job, convert_s: float, elapsed_s: float) -> dict[int, dict[s
             convert_s=convert_s,
             elapsed_s=elapsed_s,
             limits=estimate.Limits(spec.time_limit_s, spec.memory_limit_mb),
+            threads=spec.train_threads,
         )
     except EngineError:
         raise
@@ -383,6 +386,7 @@ def _run_step(job: _Job, state: _State, index: int) -> None:
         eval_reference=job.evaluation.reference,
         held_out=job.holdout > 0 and job.data.source == "dataset",
         device=job.device,
+        train_threads=job.spec.train_threads,
         emit=job.emit,
         dataset_path=Path(job.spec.dataset_path) if job.spec.dataset_path else None,
         holdout=job.holdout,

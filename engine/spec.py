@@ -57,6 +57,9 @@ class CompressSpec(_Spec):
     export: list[str] = Field(default_factory=lambda: ["onnx"])
     seed: int = 0
     latency_threads: int = 1
+    # CPU threads torch trains (and the pre-flight estimate times) with; a rerun with the same
+    # count gives the same model.
+    train_threads: int = Field(1, ge=1, le=256)
     # Where torch training runs: "cpu", "cuda", or "auto" (cuda when torch can use a GPU);
     # engine.torchgraph.device.resolve_device.
     device: DeviceSetting = "cpu"

@@ -39,6 +39,19 @@ engine_log = logging.getLogger("engine")
 PROGRESS_WRITE_S = 0.5
 
 
+def train_threads(settings: Settings) -> int:
+    """The CPU threads a job's torch training gets: COMPAAS_TRAIN_THREADS when set (> 0), else
+    the worker's OMP_NUM_THREADS when set, else every CPU this process may run on. The job's
+    sandbox child runs with OMP_NUM_THREADS = latency_threads (for onnxruntime's measurements);
+    training sets its own count, and a rerun with the same count gives the same model."""
+    if settings.train_threads > 0:
+        return settings.train_threads
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -465,6 +478,7 @@ def _download(
         seed=job.seed,
         workdir=str(workdir / "out"),
         latency_threads=settings.latency_threads,
+        train_threads=train_threads(settings),
         device=device,
         resume=resume,
         search_history=job.search_history,

@@ -96,6 +96,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         holdout=holdout,
         schedule=config.lr_schedule,
         device=ctx.device,
+        threads=ctx.train_threads,
     )
     ctx.details.update(
         {"before": before, "loss": "cross_entropy", "lr": lr, **history_details(history, holdout)}
@@ -312,6 +313,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             schedule=config.schedule(),
             augment=augment,
             device=ctx.device,
+            threads=ctx.train_threads,
         )
     finally:
         for x in (features, hidden):

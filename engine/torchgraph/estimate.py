@@ -217,8 +217,9 @@ def _timed(run: Callable[[], None], cap_s: float = 2.0) -> float:
     return min(first, time.perf_counter() - start)
 
 
-def measure(model_path: Path, xs: list[torch.Tensor]) -> Timing:
-    """Time forward+backward+Adam and forward alone on one batch; count the saved activations."""
+def measure(model_path: Path, xs: list[torch.Tensor], threads: int = 1) -> Timing:
+    """Time forward+backward+Adam and forward alone on one batch, on `threads` CPU threads as
+    train.fit trains; count the saved activations."""
     import torch
 
     start = time.perf_counter()
@@ -252,7 +253,7 @@ def measure(model_path: Path, xs: list[torch.Tensor]) -> Timing:
             gm(*xs)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as train.fit trains
+    torch.set_num_threads(threads)
     try:
         train_s = _timed(train_batch)
         activations = sum(saved.values())
@@ -293,6 +294,7 @@ def estimate(
     convert_s: float,
     elapsed_s: float,
     limits: Limits,
+    threads: int = 1,
 ) -> dict[int, dict[str, Any]]:
     """Each training step's estimate by pipeline index; raises when the job cannot fit."""
     works = [
@@ -316,7 +318,7 @@ def estimate(
         key = (student, size)
         if key not in timings:
             path = model_path if student is None else models.get(student, model_path)
-            timings[key] = measure(path, _first_batch(data, inputs, size))
+            timings[key] = measure(path, _first_batch(data, inputs, size), threads)
         return timings[key]
 
     estimates: dict[int, dict[str, Any]] = {}

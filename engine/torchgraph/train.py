@@ -214,6 +214,7 @@ def fit(
     schedule: str = "constant",
     augment: Plan | None = None,
     device: str = "cpu",
+    threads: int = 1,
 ) -> History:
     """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval.
 
@@ -239,7 +240,7 @@ def fit(
     named = dict(model.named_parameters())
     masked = {name: named[name] for name in (masks or {})}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)  # a fixed count: a rerun gives the same model
     torch.manual_seed(seed)
     teacher = loss.teacher.module if isinstance(loss.teacher, Frozen) else None
     back_to_cpu = place(device, [model, teacher], params)

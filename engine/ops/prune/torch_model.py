@@ -145,6 +145,7 @@ class _Run:
             masks=masks,
             report=epoch_progress(self.ctx.report, "training", epochs, lo, hi),
             device=self.ctx.device,
+            threads=self.ctx.train_threads,
         )
         return history.epochs
 

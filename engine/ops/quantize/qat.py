@@ -406,6 +406,7 @@ def qat(config: QuantizeConfig, model_path: Path, ctx: StepContext) -> Path:
         holdout=holdout,
         schedule="cosine",
         device=ctx.device,
+        threads=ctx.train_threads,
     )
     _bake(targets, hooks)
     report: dict[str, Any] = {
