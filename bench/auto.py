@@ -225,7 +225,7 @@ def main() -> None:
                     print("\n".join(lines), flush=True)
         finally:
             service.close()
-    lines.append(f"Started {started:%Y-%m-%d %H:%M}, took {datetime.now() - started}.")
+    lines.append(f"Started {started:%Y-%m-%d %H:%M}, took {str(datetime.now() - started)[:-7]}.")
     print(lines[-1])
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
