@@ -103,6 +103,7 @@ def compress(
     floor: dict[str, float | None] | None = None,
     allow_below_floor: bool = False,
     search_history: Sequence[dict[str, Any]] = (),
+    train_samples: int | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on the model and measure the original, every step and the final file.
 
@@ -126,6 +127,7 @@ def compress(
         models={k: str(v) for k, v in (models or {}).items()},
         resume=Resume.model_validate(resume) if isinstance(resume, dict) else resume,
         search_history=list(search_history),
+        train_samples=train_samples,
         time_limit_s=time_limit_s,
         memory_limit_mb=memory_limit_mb,
     )
