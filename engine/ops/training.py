@@ -42,7 +42,6 @@ from engine.torchgraph.train import (
     load_lifted,
     lr_for,
     teacher_module,
-    warmup_for,
 )
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
     data = job_data(ctx)
     holdout = holdout_check(ctx)
     before = evaluate(gm, data, task=ctx.task)
-    lr, warmup = lr_for(config.lr, gm), warmup_for(gm)
+    lr = lr_for(config.lr, gm)
     history = fit(
         gm,
         data,
@@ -98,16 +97,9 @@ def fine_tune(config: FineTuneConfig, model_path: Path, ctx: StepContext) -> Pat
         schedule=config.lr_schedule,
         device=ctx.device,
         threads=ctx.train_threads,
-        warmup=warmup,
     )
     ctx.details.update(
-        {
-            "before": before,
-            "loss": "cross_entropy",
-            "lr": lr,
-            "warmup": warmup,
-            **history_details(history, holdout),
-        }
+        {"before": before, "loss": "cross_entropy", "lr": lr, **history_details(history, holdout)}
     )
     return _deliver(gm, history, holdout, model_path, ctx, op="fine_tune", what="fine-tuned model")
 
@@ -300,7 +292,7 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     holdout = holdout_check(ctx)
     teacher_scores = evaluate(teacher, data, task=ctx.task)
     before = evaluate(student, data, teacher, task=ctx.task)
-    lr, warmup = lr_for(config.lr, student), warmup_for(student)
+    lr = lr_for(config.lr, student)
     augment = _augmentation(config, data, ctx)
     ctx.report(0.03, f"distillation: {describe_loss(name, loss)}, lr {lr:g}")
     try:
@@ -322,7 +314,6 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             augment=augment,
             device=ctx.device,
             threads=ctx.train_threads,
-            warmup=warmup,
         )
     finally:
         for x in (features, hidden):
@@ -334,7 +325,6 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             "student_before": before,
             "loss": name,
             "lr": lr,
-            "warmup": warmup,
             "hidden_states": (
                 {"pairs": hidden.pairs, "weight": config.hidden_weight, "at": "LayerNorm outputs"}
                 if hidden is not None

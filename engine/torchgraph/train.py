@@ -158,27 +158,16 @@ class _Best:
             self.model.load_state_dict(self.state)
 
 
-def lr_factor(kind: str, step: int, steps: int, warmup: float = 0.0) -> float:
-    """The learning rate at batch `step` of `steps`, as a fraction of `lr`: constant (1), or
-    cosine decay to zero; with `warmup` (a fraction of the steps) it first rises linearly from
-    1/warmup-steps to 1, as pretrained transformers are fine-tuned (a cold Adam at full rate
-    undoes part of what a pruned-and-refitted model keeps)."""
-    ramp = int(warmup * steps)
-    if step < ramp:
-        return (step + 1) / ramp
-    if kind == "constant":
-        return 1.0
-    total = max(steps - ramp, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(step - ramp, total) / total))
-
-
-def _schedule(opt: Any, kind: str, steps: int, warmup: float) -> Any:
-    """The learning-rate schedule over `steps` batches (lr_factor)."""
+def _schedule(opt: Any, kind: str, steps: int) -> Any:
+    """The learning-rate schedule: constant, or cosine decay to zero over `steps` batches."""
     import torch
 
-    if kind == "constant" and warmup <= 0:
+    if kind == "constant":
         return None
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(kind, step, steps, warmup))
+    total = max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
 
 
 # Adam's step when a training op's `lr` is left unset: 1e-3 for the CNNs and MLPs trained
@@ -188,8 +177,6 @@ def _schedule(opt: Any, kind: str, steps: int, warmup: float) -> Any:
 # (docs/pipelines.md).
 DEFAULT_LR = 1e-3
 TRANSFORMER_LR = 2e-4
-# ... and the share of the batches a transformer's learning rate warms up over (BERT's 6 %).
-TRANSFORMER_WARMUP = 0.06
 
 
 def lr_for(given: float | None, gm: torch.fx.GraphModule) -> float:
@@ -200,24 +187,13 @@ def lr_for(given: float | None, gm: torch.fx.GraphModule) -> float:
 def default_lr(gm: torch.fx.GraphModule) -> float:
     """The learning rate for `gm` when none is given: TRANSFORMER_LR where
     engine.torchgraph.blocks finds attention, DEFAULT_LR otherwise."""
-    return TRANSFORMER_LR if is_transformer(gm) else DEFAULT_LR
-
-
-def warmup_for(gm: torch.fx.GraphModule) -> float:
-    """The share of the batches the learning rate warms up over: TRANSFORMER_WARMUP on a
-    model with attention, none otherwise."""
-    return TRANSFORMER_WARMUP if is_transformer(gm) else 0.0
-
-
-def is_transformer(gm: torch.fx.GraphModule) -> bool:
-    """Whether engine.torchgraph.blocks finds attention in `gm`."""
     from engine.torchgraph.blocks import find_blocks, has_attention, meta_shapes
 
     try:
         blocks, skipped = find_blocks(gm, meta_shapes(gm))
     except Exception:  # a graph the block finder cannot follow is not taken for attention
-        return False
-    return has_attention(blocks, skipped)
+        return DEFAULT_LR
+    return TRANSFORMER_LR if has_attention(blocks, skipped) else DEFAULT_LR
 
 
 def fit(
@@ -239,7 +215,6 @@ def fit(
     augment: Plan | None = None,
     device: str = "cpu",
     threads: int = 1,
-    warmup: float = 0.0,
 ) -> History:
     """Adam for `epochs` over the data; masked weights stay zero. Leaves the model in eval.
 
@@ -247,8 +222,7 @@ def fit(
     (epoch 0, unless `start_counts` is False: a student with fresh weights) and after every
     epoch, the model ends in its best state, and a non-finite loss ends training (the best
     state is kept, `History.stopped` says why) instead of failing it. `schedule`: "constant"
-    or "cosine" (decay to zero over the run), after a linear `warmup` over that share of the
-    batches (lr_factor). `augment` varies the training batches
+    or "cosine" (decay to zero over the run). `augment` varies the training batches
     (engine.torchgraph.augment; distillation only: the teacher labels each variant). `device`:
     where the model, the teacher (a `frozen` one) and the batches are for the run; the model is
     back on the CPU after it.
@@ -280,7 +254,7 @@ def fit(
         varied = torch.Generator().manual_seed(seed + 1)
         opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
         per_epoch = sum(1 for _ in data.batches(batch_size, None))
-        scheduler = _schedule(opt, schedule, epochs * per_epoch, warmup)
+        scheduler = _schedule(opt, schedule, epochs * per_epoch)
         for epoch in range(epochs):
             model.train()
             total, count = 0.0, 0

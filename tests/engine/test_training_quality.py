@@ -217,18 +217,3 @@ def test_batch_norm_is_folded_into_its_conv_before_qat(tmp_path: Path) -> None:
     assert sorted(weight_layers(gm)) == ["0", "3"]
     with torch.no_grad():
         torch.testing.assert_close(gm(x)[0], model(x), atol=1e-5, rtol=1e-4)
-
-
-def test_the_learning_rate_warms_up_then_follows_its_schedule() -> None:
-    from engine.torchgraph.train import lr_factor
-
-    steps = 100
-    cosine = [lr_factor("cosine", s, steps, 0.06) for s in range(steps)]
-    assert cosine[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
-    assert cosine[6] == 1.0 and all(a >= b for a, b in zip(cosine[6:], cosine[7:], strict=False))
-    assert cosine[-1] < 0.001
-    assert [lr_factor("constant", s, steps, 0.06) for s in (0, 5, 6, 99)] == pytest.approx(
-        [1 / 6, 1.0, 1.0, 1.0]
-    )
-    # without warmup: as before
-    assert lr_factor("cosine", 0, steps) == 1.0 and lr_factor("constant", 50, steps) == 1.0
