@@ -222,6 +222,13 @@ def _measure(
     return metrics, verdict, budget_misses(budget, metrics, verdict)
 
 
+def _failure(exc: Exception) -> str:
+    """A failed build as a record's `error`: its code (an EngineError's, else the exception's
+    type) and message; Search.skip_reason reads the code before the colon."""
+    code = exc.code if isinstance(exc, EngineError) else type(exc).__name__
+    return f"{code}: {exc}"
+
+
 def _probe(
     ctx: StepContext,
     spec: Spec,
@@ -241,8 +248,7 @@ def _probe(
     try:
         result = ctx.build(pipeline, workdir, train_samples=PROBE_SAMPLES)
     except Exception as exc:  # the probe's failure is the full build's to confirm
-        code = exc.code if isinstance(exc, EngineError) else type(exc).__name__
-        out["error"] = f"{code}: {exc}"
+        out["error"] = _failure(exc)
     else:
         metrics, _, missed = _measure(ctx, result, base, budget)
         out.update(
@@ -280,13 +286,12 @@ def _build(
         result = ctx.build(spec.pipeline, workdir)
     except Exception as exc:  # one candidate's failure (its error recorded) ends no search
         shutil.rmtree(workdir, ignore_errors=True)
-        code = exc.code if isinstance(exc, EngineError) else type(exc).__name__
         record = _record(
             spec,
             index,
             fields,
             status="failed",
-            error=f"{code}: {exc}",
+            error=_failure(exc),
             seconds=round(time.monotonic() - started, 2),
         )
         return record, None
