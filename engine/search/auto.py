@@ -315,28 +315,44 @@ def estimate(
     return out
 
 
+# What each budget key bounds: the figure's name and whether the bound is its max or its min.
+BUDGET_FIGURES: dict[str, tuple[str, str]] = {
+    "max_accuracy_drop": ("accuracy_drop", "max"),
+    "min_cosine": ("cosine_similarity", "min"),
+    "min_sqnr_db": ("sqnr_db_min", "min"),
+    "max_size_bytes": ("size", "max"),
+    "max_latency_ms": ("latency_ms_p50", "max"),
+}
+
+
+def budget_value(key: str, metrics: dict[str, Any]) -> float | None:
+    """The measured figure a budget key bounds (BUDGET_FIGURES): the worst slice's SQNR where
+    there is one, else the whole output's; the delivered size (delivered_size)."""
+    if key == "min_sqnr_db":
+        return metrics.get("sqnr_db_min", metrics.get("sqnr_db"))
+    if key == "max_size_bytes":
+        return delivered_size(metrics)
+    return metrics.get(BUDGET_FIGURES[key][0])
+
+
+def budget_excess(key: str, bound: float, value: float) -> float:
+    """How far `value` is past the key's bound, in the figure's units (≤ 0: within it)."""
+    return value - bound if BUDGET_FIGURES[key][1] == "max" else bound - value
+
+
 def budget_misses(
     budget: dict[str, float], metrics: dict[str, Any], verdict: dict[str, Any] | None
 ) -> list[str]:
     """What a measured candidate misses of the budget (and of the job's quality floor)."""
     misses = []
     for key, bound in budget.items():
-        if key == "max_accuracy_drop":
-            value, name, ok = metrics.get("accuracy_drop"), "accuracy_drop", "max"
-        elif key == "min_cosine":
-            value, name, ok = metrics.get("cosine_similarity"), "cosine_similarity", "min"
-        elif key == "min_sqnr_db":
-            name, ok = "sqnr_db_min", "min"
-            value = metrics.get("sqnr_db_min", metrics.get("sqnr_db"))
-            if value is None and "sqnr_db" in metrics:  # outputs equal the original's
-                continue
-        elif key == "max_size_bytes":
-            value, name, ok = delivered_size(metrics), "size", "max"
-        else:
-            value, name, ok = metrics.get("latency_ms_p50"), "latency_ms_p50", "max"
+        name, ok = BUDGET_FIGURES[key]
+        value = budget_value(key, metrics)
+        if key == "min_sqnr_db" and value is None and "sqnr_db" in metrics:
+            continue  # outputs equal the original's
         if value is None:
             misses.append(f"{name} not measured (budget {key} {bound:g})")
-        elif (ok == "max" and value > bound + 1e-9) or (ok == "min" and value < bound - 1e-9):
+        elif budget_excess(key, bound, value) > 1e-9:
             sign = ">" if ok == "max" else "<"
             misses.append(f"{name} {value:g} {sign} {key} {bound:g}")
     for key in (verdict or {}).get("below_floor", []):
@@ -351,18 +367,10 @@ def far_below(budget: dict[str, float], metrics: dict[str, Any]) -> list[str]:
     out = []
     for key, margin in FAR_BELOW.items():
         bound = budget.get(key)
-        if bound is None:
+        value = budget_value(key, metrics)
+        if bound is None or value is None:
             continue
-        if key == "max_accuracy_drop":
-            value = metrics.get("accuracy_drop")
-            far = value is not None and value > bound + margin
-        elif key == "min_cosine":
-            value = metrics.get("cosine_similarity")
-            far = value is not None and value < bound - margin
-        else:
-            value = metrics.get("sqnr_db_min", metrics.get("sqnr_db"))
-            far = value is not None and value < bound - margin
-        if far:
+        if budget_excess(key, bound, value) > margin:
             out.append(f"{key} {bound:g} (probe {value:g}, margin {margin:g})")
     return out
 
@@ -498,26 +506,26 @@ def at_least_as_aggressive(a: Sequence[dict[str, Any]], b: Sequence[dict[str, An
     )
 
 
+def _fidelity_misses(record: dict[str, Any]) -> list[str]:
+    """What a record missed of the budget other than its size and latency bounds."""
+    limits = (BUDGET_FIGURES["max_size_bytes"][0], BUDGET_FIGURES["max_latency_ms"][0])
+    return [m for m in record.get("missed", []) if not m.startswith(limits)]
+
+
 def shortfall(budget: dict[str, float], metrics: dict[str, Any]) -> float:
     """How far a candidate is from the budget, summed relative misses (0: meets it)."""
     total = 0.0
     for key, bound in budget.items():
-        if key == "max_accuracy_drop":
-            value = metrics.get("accuracy_drop")
-            miss = None if value is None else max(value - bound, 0.0) / max(abs(bound), 0.01)
-        elif key == "min_cosine":
-            value = metrics.get("cosine_similarity")
-            miss = None if value is None else max(bound - value, 0.0) / 0.01
-        elif key == "min_sqnr_db":
-            value = metrics.get("sqnr_db_min", metrics.get("sqnr_db"))
-            miss = 0.0 if value is None else max(bound - value, 0.0) / max(abs(bound), 1.0)
-        elif key == "max_size_bytes":
-            value = delivered_size(metrics)
-            miss = None if value is None else max(value - bound, 0.0) / bound
-        else:
-            value = metrics.get("latency_ms_p50")
-            miss = None if value is None else max(value - bound, 0.0) / bound
-        total += 1e6 if miss is None else miss
+        value = budget_value(key, metrics)
+        if value is None:  # not measured: far; an SQNR that is absent: outputs exact
+            total += 0.0 if key == "min_sqnr_db" else 1e6
+            continue
+        scale = {
+            "max_accuracy_drop": max(abs(bound), 0.01),
+            "min_cosine": 0.01,
+            "min_sqnr_db": max(abs(bound), 1.0),
+        }.get(key, bound)
+        total += max(budget_excess(key, bound, value), 0.0) / scale
     return total
 
 
@@ -694,18 +702,14 @@ class Search:
         if spec.prefix and (prior := by_name.get(spec.prefix)) is not None:
             if prior["status"] == "failed":
                 return f"its prefix {spec.prefix!r} failed"
-            fidelity_misses = [
-                m for m in prior.get("missed", []) if not m.startswith(("size", "latency_ms_p50"))
-            ]
+            fidelity_misses = _fidelity_misses(prior)
             if prior["status"] == "measured" and fidelity_misses:
                 return (
                     f"dominated: its prefix {spec.prefix!r} already misses the fidelity budget "
                     f"({'; '.join(fidelity_misses)}), and this composition adds loss to it"
                 )
         for missed in self.records:
-            lost = [
-                m for m in missed.get("missed", []) if not m.startswith(("size", "latency_ms_p50"))
-            ]
+            lost = _fidelity_misses(missed)
             missed_spec = self.spec_of(missed.get("key", ""))
             if (
                 spec.sweep is not None
