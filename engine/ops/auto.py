@@ -210,7 +210,7 @@ def _record(spec: Spec, index: int, fields: dict[str, Any], **values: Any) -> di
 
 
 def _measure(
-    ctx: StepContext, result: dict[str, Any], base: Baseline, budget: dict[str, float]
+    result: dict[str, Any], base: Baseline, budget: dict[str, float]
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """A built pipeline's kept metrics (with its accuracy drop), quality verdict and what it
     misses of the budget."""
@@ -250,7 +250,7 @@ def _probe(
     except Exception as exc:  # the probe's failure is the full build's to confirm
         out["error"] = _failure(exc)
     else:
-        metrics, _, missed = _measure(ctx, result, base, budget)
+        metrics, _, missed = _measure(result, base, budget)
         out.update(
             # what it trained on (the job's training samples, at most PROBE_SAMPLES)
             train_samples=result["evaluation"].get("train_samples"),
@@ -295,7 +295,7 @@ def _build(
             seconds=round(time.monotonic() - started, 2),
         )
         return record, None
-    metrics, verdict, missed = _measure(ctx, result, base, budget)
+    metrics, verdict, missed = _measure(result, base, budget)
     fid_name, fid = fidelity(ctx.task, metrics)
     record = _record(
         spec,

@@ -252,7 +252,7 @@ def measure(model_path: Path, xs: list[torch.Tensor], threads: int = 1) -> Timin
         with torch.no_grad():
             gm(*xs)
 
-    threads = torch.get_num_threads()
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         train_s = _timed(train_batch)
@@ -269,7 +269,7 @@ def measure(model_path: Path, xs: list[torch.Tensor], threads: int = 1) -> Timin
             field="pipeline",
         ) from exc
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     return Timing(
         params=sum(p.numel() for p in gm.parameters()),
         batch=len(xs[0]),

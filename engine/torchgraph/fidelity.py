@@ -45,6 +45,7 @@ class History:
     best_epoch: int | None = None  # 0: no epoch beat the input, which is what the model holds
     best_trained: float | None = None  # the best held-out fidelity after a training epoch
     stopped: str | None = None  # why training ended early (a non-finite loss)
+    threads: int | None = None  # the CPU threads torch trained on (train.fit sets them)
 
 
 def fidelity_metric(task: str, reference: Sequence[np.ndarray], labels: np.ndarray | None) -> str:
@@ -183,7 +184,7 @@ def holdout_check(ctx: StepContext) -> Holdout | None:
 def history_details(history: History, holdout: Holdout | None) -> dict[str, Any]:
     """What a training op's details say about its run: per-epoch rows (epoch 0: the input's
     held-out fidelity), the best epoch and the held-out figures it was chosen by."""
-    details: dict[str, Any] = {"epochs": history.epochs}
+    details: dict[str, Any] = {"epochs": history.epochs, "threads": history.threads}
     if holdout is not None and history.metric is not None:
         details["best_epoch"] = history.best_epoch
         details["held_out"] = {

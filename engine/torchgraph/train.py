@@ -239,8 +239,9 @@ def fit(
         )
     named = dict(model.named_parameters())
     masked = {name: named[name] for name in (masks or {})}
-    threads = torch.get_num_threads()
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # a fixed count: a rerun gives the same model
+    history.threads = torch.get_num_threads()
     torch.manual_seed(seed)
     teacher = loss.teacher.module if isinstance(loss.teacher, Frozen) else None
     back_to_cpu = place(device, [model, teacher], params)
@@ -303,7 +304,7 @@ def fit(
         if best is not None:
             best.restore()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
         back_to_cpu()
         model.eval()
     return history

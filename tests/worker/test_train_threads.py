@@ -44,6 +44,7 @@ def test_training_on_two_threads_gives_the_same_model_twice(tmp_path: Path) -> N
         )
         (step,) = result["steps"]
         assert step["details"]["epochs"], step["details"]
+        assert step["details"]["threads"] == 2  # what torch trained on, read inside fit
         pt2 = next(a for a in result["artifacts"] if a["format"] == "pt2")
         digests.append(hashlib.sha256(Path(pt2["path"]).read_bytes()).hexdigest())
     assert digests[0] == digests[1]
