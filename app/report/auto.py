@@ -175,7 +175,9 @@ def _summary_rows(search: dict[str, Any]) -> list[tuple[str, str]]:
         (label, cell(search.get(key), "count"))
         for label, key in (
             ("catalog", "catalog"),
+            ("sweeps made past the catalog", "sweeps"),
             ("measured", "measured"),
+            ("probed before training", "probed"),
             ("reused from an earlier attempt", "reused"),
             ("skipped", "skipped"),
             ("failed", "failed"),
@@ -186,7 +188,7 @@ def _summary_rows(search: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("stopped", str(search["stopped"])))
     seconds = finite(search.get("seconds"))
     if seconds is not None:
-        rows.append(("building and measuring", f"{seconds:.1f} s"))
+        rows.append(("building, probing and measuring", f"{seconds:.1f} s"))
     return rows
 
 
