@@ -17,7 +17,13 @@ from torch import nn
 
 from engine.errors import EngineError
 from engine.ops.prune.allocate import allocate, probe_counts, sensitivities
-from engine.ops.prune.reconstruct import _assign, downstream_norm, fit_kept, sink_grams
+from engine.ops.prune.reconstruct import (
+    _assign,
+    correct_in_order,
+    downstream_norm,
+    fit_kept,
+    sink_grams,
+)
 from engine.ops.prune.transformer import _contribution
 from engine.pipeline import compress
 from engine.torchgraph.blocks import find_blocks, remove_units, traced_shapes, unit_index
@@ -448,6 +454,28 @@ def test_refitting_the_sink_moves_a_removed_channel_onto_its_twin(tmp_path: Path
     gap = (1 - F.cosine_similarity(refitted, reference)).mean()
     lost = (1 - F.cosine_similarity(sliced, reference)).mean()
     assert gap < 0.1 * lost  # what channel 5 added now comes through channel 3
+
+
+def test_reconstruction_stops_each_pass_at_the_layer_norm_it_fits(tmp_path: Path) -> None:
+    """A block's fit reads the residual sum at the LayerNorm after it: the layers after that
+    never run, for the pruned model or the original, and the fit still closes the gap."""
+    gm, xs, data, blocks = _gm_and_data(tmp_path)
+    reference = copy.deepcopy(gm)
+    first = [b for b in blocks if b.name.startswith("layers.0")]
+    for block in first:
+        remove_units(gm, block, list(range(block.units // 2)))
+    ran: list[str] = []
+    for model, side in ((gm, "pruned"), (reference, "original")):
+        model.get_submodule("layers.1.attention.query").register_forward_hook(
+            lambda *_a, side=side: ran.append(side)
+        )
+    fits = correct_in_order(gm, reference, first, data, 16, None)
+    assert [f["sink"] for f in fits] == ["layers.0.attention.out", "layers.0.output"]
+    assert all(f["refitted"] and f["error_after"] < f["error_before"] for f in fits)
+    assert ran == []  # layer 1 ran for neither model
+    with torch.no_grad():  # and the model still runs whole afterwards
+        assert gm(*xs)[0].shape == reference(*xs)[0].shape
+    assert ran == ["pruned", "original"]
 
 
 @pytest.mark.slow  # kept out of the fast set (< 2 min on 2 cores)

@@ -17,7 +17,9 @@ which the pooling drops, is left out when the inputs carry an attention mask):
    residual stream, which a fit to its own old output cannot see. Where no LayerNorm follows
    through adds only, the target is the projection's original output. A fit that does not
    lower the gap (a block nothing upstream of it changed: the ridge only shrinks it) is not
-   applied.
+   applied. Each forward pass stops at the LayerNorm (or the projection) the fit reads: the
+   layers after it are not run (all-MiniLM-L6-v2, 1024 sentences: the whole prune step
+   115 → 90 s, the same weights).
 
 Ridge damping: 1 % of the mean diagonal of the Gram matrix, towards zero. (Damping towards the
 weights the projection had instead — a prior that keeps a fit near the layer it refits — measured
@@ -27,6 +29,7 @@ topics, so the plain ridge stays.)
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from engine.torchgraph.blocks import Block
@@ -51,6 +54,17 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+
+
+class _Enough(Exception):
+    """Raised by a hook once a forward pass has produced what a fit reads: the layers after
+    it are not run."""
+
+
+def _run_until(model: Any, xs: list[Any]) -> None:
+    """A forward pass that stops where a hook raises _Enough."""
+    with contextlib.suppress(_Enough):
+        model(*xs)
 
 
 def _batches(data: Data, batch_size: int, mask: int | None) -> Any:
@@ -176,9 +190,11 @@ def correct_in_order(
     out = []
     grabbed: dict[str, torch.Tensor] = {}
 
-    def grab(key: str) -> Any:
+    def grab(key: str, last: bool = False) -> Any:
         def save(_m: Any, args: Any, output: Any = None) -> None:
             grabbed[key] = (args[0] if output is None else output).detach()
+            if last:  # the rest of the model cannot change what this fit reads
+                raise _Enough
 
         return save
 
@@ -191,13 +207,13 @@ def correct_in_order(
         ref_sink: Any = reference.get_submodule(block.sink)
         hooks = [
             sink.register_forward_pre_hook(grab("x")),
-            sink.register_forward_hook(grab("s")),
+            sink.register_forward_hook(grab("s", last=norm is None)),
         ]
         if norm is not None:
-            hooks.append(gm.get_submodule(norm).register_forward_pre_hook(grab("l")))
-            hooks.append(reference.get_submodule(norm).register_forward_pre_hook(grab("lr")))
+            hooks.append(gm.get_submodule(norm).register_forward_pre_hook(grab("l", True)))
+            hooks.append(reference.get_submodule(norm).register_forward_pre_hook(grab("lr", True)))
         else:
-            hooks.append(ref_sink.register_forward_hook(grab("sr")))
+            hooks.append(ref_sink.register_forward_hook(grab("sr", True)))
         gram: torch.Tensor | Any = 0
         cross: torch.Tensor | Any = 0
         base = energy = 0.0
@@ -206,8 +222,8 @@ def correct_in_order(
             reference.eval()
             with torch.no_grad():
                 for xs, real in _batches(data, batch_size, mask):
-                    gm(*xs)
-                    reference(*xs)
+                    _run_until(gm, xs)
+                    _run_until(reference, xs)
                     x = _rows(grabbed["x"], real)
                     s = _rows(grabbed["s"], real)
                     if norm is not None:
