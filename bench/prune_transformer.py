@@ -1,9 +1,10 @@
 """Heads and FFN channels pruned from the real all-MiniLM-L6-v2 sentence encoder (.pt2 upload),
-at the engine level (compress(), temp dirs, no API), optionally distilled after.
+at the engine level (compress(), temp dirs) or through the REST API (`--rest`: `compaas up`
+and the SDK), optionally distilled after.
 
     .venv/bin/python -m bench.prune_transformer [--sparsity 0.3] [--criterion entropy]
         [--low-rank JSON] [--distill EPOCHS] [--lr LR] [--text words|prose] [--train N]
-        [--held N] [--out F]
+        [--held N] [--rest] [--out F]
 
 The encoder is exported as a team would: `transformers` BertModel + mean pooling + L2 norm
 inside, torch.export with a dynamic batch (sequence 32, the zoo's tokenizer settings), weights
@@ -213,6 +214,50 @@ def _low_rank_rows(details: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _through_rest(
+    pt2: Path, npz: Path, pipeline: list[dict[str, Any]], work: Path
+) -> tuple[Path, Path, dict[str, Any]]:
+    """The job through the REST API of `compaas up` (bench.zoo.Service, the SDK): upload, one
+    job, wait, download the final ONNX. The original ONNX for the side-by-side measurements is
+    converted here, as the job converts it. Returns (original, final, the compress()-shaped
+    result the tables read)."""
+    from bench.zoo import Service
+    from compaas import Client
+    from engine.onnxgraph.convert import to_onnx
+
+    original = to_onnx(pt2, "pt2", work / "original.onnx")
+    service = Service(work)
+    try:
+        with Client(service.api, service.key, timeout=600) as client:
+            model = client.models.upload(pt2, name="all-MiniLM-L6-v2", wait=True, timeout=900)
+            dataset = client.datasets.upload(npz)
+            job = client.jobs.create(
+                model.id,
+                dataset_id=dataset.id,
+                pipeline=pipeline,
+                evaluation={"task": "embedding"},
+            )
+            done = client.jobs.wait(job.id, timeout=3 * 3600)
+            if done.status != "succeeded":
+                raise RuntimeError(f"job {done.id} {done.status}: {done.error} {done.warnings}")
+            paths = client.jobs.download(done, work / "out", roles={"final"})
+    finally:
+        service.close()
+    final = next(p for p in paths if p.suffix == ".onnx")
+    metrics = done.metrics or {}
+    steps = [
+        {
+            "op": s.op,
+            "metrics": s.metrics or {},
+            "details": s.details or {},
+            "warnings": s.warnings or [],
+        }
+        for s in done.steps
+    ]
+    print(f"job {done.id}: {done.status}, quality {done.read.quality}", flush=True)
+    return original, final, {**metrics, "steps": steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sparsity", type=float, default=0.3)
@@ -252,6 +297,9 @@ def main() -> None:
         help="words: the zoo's word-list sentences; prose: the Python docs' help topics; "
         "corpus: help topics and the standard library's docstrings (held out: help topics)",
     )
+    parser.add_argument(
+        "--rest", action="store_true", help="through the REST API of `compaas up` (the SDK)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,8 +308,9 @@ def main() -> None:
         pt2 = export_minilm_pt2(work / "minilm.pt2")
         exported = time.perf_counter() - t0
         if args.text == "corpus":
-            job_set, held = tokenize(corpus(args.train, 1)), prose_inputs(args.held, True, 2)
-            same = None
+            pool = corpus(args.train + args.held, 1)  # the job's first, then unseen ones
+            job_set, held = tokenize(pool[: args.train]), prose_inputs(args.held, True, 2)
+            same = tokenize(pool[args.train :])
         elif args.text == "prose":
             job_set, held = prose_inputs(args.train, False, 1), prose_inputs(args.held, True, 2)
             same = prose_inputs(args.held, False, 1, skip=args.train)
@@ -306,17 +355,20 @@ def main() -> None:
                 qat_step["lr"] = args.qat_lr
             pipeline.append(qat_step)
         t0 = time.perf_counter()
-        result = compress(
-            pt2,
-            pipeline,
-            dataset_path=work / "sentences.npz",
-            evaluation_task="embedding",
-            workdir=work / "job",
-        )
+        if args.rest:
+            original, final, result = _through_rest(pt2, work / "sentences.npz", pipeline, work)
+        else:
+            result = compress(
+                pt2,
+                pipeline,
+                dataset_path=work / "sentences.npz",
+                evaluation_task="embedding",
+                workdir=work / "job",
+            )
+            original, final = work / "job" / "original.onnx", Path(result["artifacts"][0]["path"])
         took = time.perf_counter() - t0
-        final = Path(result["artifacts"][0]["path"])
-        measured = held_out(work / "job" / "original.onnx", final, held)
-        same_topics = held_out(work / "job" / "original.onnx", final, same) if same else None
+        measured = held_out(original, final, held)
+        same_topics = held_out(original, final, same) if same else None
     before, after = result["original"], result["final"]
     macs = measured["macs"]
     rows = [
@@ -341,7 +393,7 @@ def main() -> None:
     if same_topics:
         rows.append(
             (
-                "cosine on unseen sentences of the job's topics, mean / min",
+                "cosine on unseen sentences of the job's kind (its topics / corpus), mean / min",
                 f"{same_topics['cosine_mean']:.4f} / {same_topics['cosine_min']:.4f}",
             )
         )

@@ -16,7 +16,7 @@ from engine.config import DistillConfig, FineTuneConfig
 from engine.context import StepContext
 from engine.errors import EngineError
 from engine.ops.registry import register
-from engine.torchgraph.augment import SMALL_DATASET, Plan
+from engine.torchgraph.augment import SMALL_DATASET, Plan, token_mask
 from engine.torchgraph.augment import plan as augment_plan
 from engine.torchgraph.fidelity import (
     History,
@@ -250,7 +250,9 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
     teacher = frozen(teacher_gm)
     student = _student(config, model_path, ctx)
     example = example_args(ctx)
-    taps = HiddenStates(student, teacher_gm, config.hidden_weight)
+    data: Data = job_data(ctx)
+    mask = token_mask(data.inputs, [spec.name for spec in ctx.inputs])
+    taps = HiddenStates(student, teacher_gm, config.hidden_weight, mask)
     with torch.no_grad():
         t_out, s_out = teacher(*example), student(*example)
     hidden = taps if config.hidden_weight > 0 and taps.shapes_match() else None
@@ -265,7 +267,6 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             "must produce the teacher's output shapes.",
             field=f"pipeline[{ctx.index}].student",
         )
-    data: Data = job_data(ctx)
     alpha = config.alpha if data.labels is not None else 1.0
     loss = Loss(
         teacher=teacher,
@@ -326,7 +327,12 @@ def distill(config: DistillConfig, model_path: Path, ctx: StepContext) -> Path:
             "loss": name,
             "lr": lr,
             "hidden_states": (
-                {"pairs": hidden.pairs, "weight": config.hidden_weight, "at": "LayerNorm outputs"}
+                {
+                    "pairs": hidden.pairs,
+                    "weight": config.hidden_weight,
+                    "at": "LayerNorm outputs",
+                    "tokens": "real (attention mask)" if mask is not None else "all",
+                }
                 if hidden is not None
                 else None
             ),

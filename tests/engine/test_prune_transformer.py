@@ -309,6 +309,7 @@ def test_prune_then_distill_end_to_end_on_an_embedding_task(tmp_path: Path) -> N
         "pairs": 1 + 2 * LAYERS,
         "weight": 1.0,
         "at": "LayerNorm outputs",
+        "tokens": "real (attention mask)",
     }
     assert result["final"]["macs"] / result["original"]["macs"] <= 0.75
     for step in result["steps"]:
@@ -388,6 +389,37 @@ def test_hidden_states_pair_layer_norms_and_vanish_for_identical_models(tmp_path
     hidden.close()
     student(*xs)
     assert not hidden.captured  # hooks gone
+
+
+def test_hidden_states_count_only_the_real_tokens(tmp_path: Path) -> None:
+    """With the attention mask's position, a padding position's hidden state (never attended
+    to, left out of the pooling) does not count; a real token's does."""
+    from engine.torchgraph.hidden import HiddenStates
+
+    _, pt2, _ = _export(tmp_path)
+    student, teacher = load_lifted(pt2)[0], load_lifted(pt2)[0]
+    data = _sentences(6, 3)
+    xs = [torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask")]
+    pad = xs[1] == 0
+    assert pad.any() and (~pad).any()
+    hidden = HiddenStates(student, teacher, weight=1.0, mask=1)
+    with torch.no_grad():
+        teacher(*xs)
+        student(*xs)
+    assert float(hidden.loss()) == pytest.approx(0.0, abs=1e-9)
+    for k in range(hidden.pairs):  # move every padding position far away
+        hidden.captured[("s", k)] = hidden.captured[("s", k)] + 10.0 * pad[..., None]
+    assert float(hidden.loss()) == pytest.approx(0.0, abs=1e-9)
+    hidden.captured[("s", 0)] = hidden.captured[("s", 0)] + 0.1 * (~pad)[..., None]
+    assert float(hidden.loss()) > 1e-4
+    unmasked = HiddenStates(student, teacher, weight=1.0)  # without it, padding counts
+    with torch.no_grad():
+        teacher(*xs)
+        student(*xs)
+    unmasked.captured[("s", 0)] = unmasked.captured[("s", 0)] + 10.0 * pad[..., None]
+    assert float(unmasked.loss()) > 1.0
+    hidden.close()
+    unmasked.close()
 
 
 def _gm_and_data(tmp_path: Path) -> tuple[Any, tuple[torch.Tensor, ...], Data, list[Any]]:
