@@ -235,7 +235,8 @@ def _through_rest(
                 model.id,
                 dataset_id=dataset.id,
                 pipeline=pipeline,
-                evaluation={"task": "embedding"},
+                # measured and delivered (marked) even under the floor: the bench reports it
+                evaluation={"task": "embedding", "allow_below_floor": True},
             )
             done = client.jobs.wait(job.id, timeout=3 * 3600)
             if done.status != "succeeded":

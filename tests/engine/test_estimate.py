@@ -4,6 +4,7 @@ cannot fit its time or memory limit fails before the original is measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from engine.torchgraph.estimate import (
     Limits,
     Timing,
     check,
+    kept_after,
     step_estimate,
     step_work,
 )
@@ -179,3 +181,37 @@ def test_the_time_is_batches_times_epochs_at_the_measured_batch_and_the_limit_is
     with pytest.raises(EngineError) as err:
         check({0: entry}, 100.0, Limits(memory_mb=120))
     assert err.value.code == "estimated_memory_exceeds_limit"
+
+
+def test_a_step_after_a_channel_prune_is_timed_on_the_share_it_keeps() -> None:
+    """The pruned model trains after a channel prune: its own batches scale by the channels
+    kept (the smaller of the FFN and head fractions), the teacher's forward does not."""
+    configs = [
+        parse_op({"op": "prune", "granularity": "channels", "sparsity": 0.3}),
+        parse_op({"op": "distill", "epochs": 10, "batch_size": 50}),
+        parse_op({"op": "prune", "sparsity": 0.9}),  # unstructured: the model keeps its size
+        parse_op({"op": "prune", "granularity": "channels", "sparsity": 0.5, "head_sparsity": 0.2}),
+        parse_op({"op": "distill", "epochs": 10, "batch_size": 50}),
+    ]
+    assert kept_after(configs, 0) == 1.0  # the prune's own training is timed unscaled
+    assert kept_after(configs, 1) == pytest.approx(0.7)
+    assert kept_after(configs, 3) == pytest.approx(0.7)
+    assert kept_after(configs, 4) == pytest.approx(0.7 * 0.8)  # heads keep the most: 80 %
+    work = step_work(1, configs[1], True, 1000)
+    assert work is not None
+    job = Job(
+        train_samples=1000,
+        eval_samples=0,
+        classification=False,
+        fixed_batch=None,
+        convert_s=0.0,
+        baseline_mb=100.0,
+    )
+    timing = Timing(
+        params=1_000_000, batch=50, load_s=0.0, train_s=0.2, forward_s=0.05, saved_bytes=0
+    )
+    whole = step_estimate(work, job, timing, timing)
+    pruned = step_estimate(dataclasses.replace(work, kept=0.5), job, timing, timing)
+    assert pruned["per_batch_s"] == pytest.approx(0.2 * 0.5 + 0.05)  # + the teacher, whole
+    assert pruned["work_kept"] == 0.5 and whole["work_kept"] == 1.0
+    assert pruned["seconds"] < whole["seconds"]
