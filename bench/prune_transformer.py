@@ -3,7 +3,7 @@ at the engine level (compress(), temp dirs) or through the REST API (`--rest`: `
 and the SDK), optionally distilled after.
 
     .venv/bin/python -m bench.prune_transformer [--sparsity 0.3] [--criterion entropy]
-        [--low-rank JSON] [--distill EPOCHS] [--lr LR] [--text words|prose] [--train N]
+        [--low-rank JSON] [--distill EPOCHS] [--lr LR] [--text words|prose|corpus] [--train N]
         [--held N] [--rest] [--out F]
 
 The encoder is exported as a team would: `transformers` BertModel + mean pooling + L2 norm
@@ -11,7 +11,9 @@ inside, torch.export with a dynamic batch (sequence 32, the zoo's tokenizer sett
 from the zoo cache (bench/zoo.py). The job gets `--train` sentences (it holds out its own share
 when a step trains); the bench measures the delivered ONNX against the original on `--held`
 other sentences the job never saw (`--text prose`: sentences of the Python documentation's
-help topics, the held-out ones from other topics; `words`: the zoo's word-list sentences).
+help topics, the held-out ones from other topics, plus unseen ones of the job's topics;
+`corpus`: the help topics and the standard library's docstrings, held out as for prose, plus
+unseen sentences of the same pool; `words`: the zoo's word-list sentences).
 Prints MACs of one sentence (from one onnxruntime run), parameters, latency side by side
 (onnxruntime CPU, batch 1, 1 thread) and the cosine to the original. Not a test.
 """

@@ -153,9 +153,9 @@ def test_the_work_of_each_training_op() -> None:
     assert distill is not None and distill.teacher and distill.epochs == 7
 
 
-def test_the_time_is_batches_times_epochs_at_the_measured_batch_and_the_limit_is_kept() -> None:
-    work = step_work(0, parse_op({"op": "distill", "epochs": 10, "batch_size": 50}), True, 1000)
-    assert work is not None
+def _job_and_timing() -> tuple[Job, Timing]:
+    """1000 training samples, no evaluation; a 1 M-parameter model timed at batch 50: 0.2 s
+    per training batch, 0.05 s per forward pass."""
     job = Job(
         train_samples=1000,
         eval_samples=0,
@@ -167,6 +167,13 @@ def test_the_time_is_batches_times_epochs_at_the_measured_batch_and_the_limit_is
     timing = Timing(
         params=1_000_000, batch=50, load_s=0.0, train_s=0.2, forward_s=0.05, saved_bytes=0
     )
+    return job, timing
+
+
+def test_the_time_is_batches_times_epochs_at_the_measured_batch_and_the_limit_is_kept() -> None:
+    work = step_work(0, parse_op({"op": "distill", "epochs": 10, "batch_size": 50}), True, 1000)
+    assert work is not None
+    job, timing = _job_and_timing()
     entry = step_estimate(work, job, timing, timing)
     assert entry["per_batch_s"] == pytest.approx(0.25)  # student step + teacher forward
     assert entry["batches"] == 20
@@ -199,17 +206,7 @@ def test_a_step_after_a_channel_prune_is_timed_on_the_share_it_keeps() -> None:
     assert kept_after(configs, 4) == pytest.approx(0.7 * 0.8)  # heads keep the most: 80 %
     work = step_work(1, configs[1], True, 1000)
     assert work is not None
-    job = Job(
-        train_samples=1000,
-        eval_samples=0,
-        classification=False,
-        fixed_batch=None,
-        convert_s=0.0,
-        baseline_mb=100.0,
-    )
-    timing = Timing(
-        params=1_000_000, batch=50, load_s=0.0, train_s=0.2, forward_s=0.05, saved_bytes=0
-    )
+    job, timing = _job_and_timing()
     whole = step_estimate(work, job, timing, timing)
     pruned = step_estimate(dataclasses.replace(work, kept=0.5), job, timing, timing)
     assert pruned["per_batch_s"] == pytest.approx(0.2 * 0.5 + 0.05)  # + the teacher, whole
