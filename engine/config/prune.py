@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config.base import Backend, OpConfig, training_lr
 
+# job samples a `scope: measured` probe measures the output error on (engine.ops.prune.allocate;
+# the pre-flight estimate counts them)
+MEASURED_PROBE_SAMPLES = 64
+
 
 class Schedule(BaseModel):
     """One-shot pruning, or `steps` rounds to the target sparsity with training in between."""

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.config import DistillConfig, FineTuneConfig, OpConfig, PruneConfig, QuantizeConfig
+from engine.config.prune import MEASURED_PROBE_SAMPLES
 from engine.errors import EngineError
 from engine.io.datasets import Samples
 from engine.io.formats import TensorSpec
@@ -46,6 +47,9 @@ from engine.torchgraph.train import EVAL_LIMIT, load_lifted
 if TYPE_CHECKING:
     import torch
 
+# keep counts a `scope: measured` probe tries per block, at most (engine.ops.prune.allocate:
+# every head count down to 20 % kept, LEVELS widths of an FFN)
+PROBES_PER_BLOCK = 16
 MARGIN = 1.25  # on every measured figure: batches vary, the process is not alone
 # A model's latency measurement (engine.onnxgraph.metrics: warm-up, then up to 3 s of runs).
 LATENCY_S = 5.0
@@ -102,8 +106,36 @@ class Work:
     kept: float = 1.0  # the student's share of the measured model's work (after a prune)
 
 
-def step_work(index: int, config: OpConfig, has_labels: bool, samples: int) -> Work | None:
-    """What a step trains (None: it trains nothing and scores nothing on torch)."""
+def refit_passes(config: PruneConfig, blocks: int, samples: int, dataset: bool) -> int:
+    """Samples run forward (one sample = one count) by a channel prune of a transformer with
+    `blocks` attention and FFN blocks, per the whole step: per round, the activation scores'
+    pass, `scope: measured`'s probes (at most PROBES_PER_BLOCK keep counts per block on
+    MEASURED_PROBE_SAMPLES samples) and `reconstruct`'s two passes (pruned and original) per
+    block — counted whole, though each stops at its block's LayerNorm."""
+    if blocks <= 0 or config.granularity != "channels":
+        return 0
+    resolved = config.resolved(transformer=True, dataset=dataset)
+    refit = resolved.reconstruct if resolved.reconstruct is not None else dataset
+    rounds = resolved.schedule.steps if resolved.schedule.kind == "gradual" else 1
+    n = min(resolved.samples, samples)
+    per_round = n if resolved.criterion == "activation" or resolved.scope == "measured" else 0
+    if resolved.scope == "measured" and dataset:
+        per_round += blocks * PROBES_PER_BLOCK * MEASURED_PROBE_SAMPLES
+    if refit:
+        per_round += 2 * blocks * n
+    return rounds * per_round
+
+
+def step_work(
+    index: int,
+    config: OpConfig,
+    has_labels: bool,
+    samples: int,
+    blocks: int = 0,
+    dataset: bool = True,
+) -> Work | None:
+    """What a step trains (None: it trains nothing and scores nothing on torch). `blocks`: the
+    model's attention and FFN blocks (0: not a transformer), for a channel prune's refits."""
     if isinstance(config, FineTuneConfig):
         return Work(index, config.op, config.epochs, config.batch_size, teacher=False)
     if isinstance(config, DistillConfig):
@@ -117,16 +149,17 @@ def step_work(index: int, config: OpConfig, has_labels: bool, samples: int) -> W
         epochs = (config.schedule.epochs_per_step if gradual else 0) * rounds
         epochs += config.fine_tune_epochs
         scored = rounds * min(config.samples, samples)
-        if not epochs and config.criterion not in ("gradient", "entropy"):
+        refits = refit_passes(config, blocks, samples, dataset)
+        if not epochs and not refits and config.criterion not in ("gradient", "entropy"):
             return None  # a one-shot magnitude/random prune: no batch worth timing
         return Work(
             index,
             config.op,
             epochs,
             config.batch_size,
-            teacher=not has_labels,  # recovery by distillation from the original
+            teacher=not has_labels or refits > 0,  # distillation, or reconstruct's reference
             scored=scored if config.criterion == "gradient" else 0,
-            score_forward=scored if config.criterion == "entropy" else 0,
+            score_forward=(scored if config.criterion == "entropy" else 0) + refits,
         )
     return None
 
@@ -303,6 +336,21 @@ def measure(model_path: Path, xs: list[torch.Tensor], threads: int = 1) -> Timin
     )
 
 
+def transformer_blocks(model_path: Path, configs: Sequence[OpConfig]) -> int:
+    """How many attention and FFN blocks a channel prune would find in the model (0 when no
+    step prunes channels or the model has no attention)."""
+    if not any(isinstance(c, PruneConfig) and c.granularity == "channels" for c in configs):
+        return 0
+    from engine.torchgraph.blocks import find_blocks, has_attention, meta_shapes
+
+    gm, _ = load_lifted(model_path)
+    try:
+        found, skipped = find_blocks(gm, meta_shapes(gm))
+    except Exception:  # a graph the block finder cannot follow: the prune step says why
+        return 0
+    return len(found) if has_attention(found, skipped) else 0
+
+
 def estimate(
     model_path: Path,
     configs: Sequence[OpConfig],
@@ -320,10 +368,13 @@ def estimate(
     threads: int = 1,
 ) -> dict[int, dict[str, Any]]:
     """Each training step's estimate by pipeline index; raises when the job cannot fit."""
+    blocks = transformer_blocks(model_path, configs)
+    dataset = data.source == "dataset"
     works = [
         dataclasses.replace(w, kept=kept_after(configs, i) if w.student is None else 1.0)
         for i, c in enumerate(configs)
-        if i >= start and (w := step_work(i, c, data.labels is not None, len(data))) is not None
+        if i >= start
+        and (w := step_work(i, c, data.labels is not None, len(data), blocks, dataset)) is not None
     ]
     if not works:
         return {}

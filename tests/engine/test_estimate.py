@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from engine.config import parse_op
+from engine.config.prune import MEASURED_PROBE_SAMPLES
 from engine.errors import EngineError
 from engine.examples import export_model
 from engine.pipeline import compress
 from engine.torchgraph.estimate import (
+    PROBES_PER_BLOCK,
     Job,
     Limits,
     Timing,
@@ -212,3 +214,37 @@ def test_a_step_after_a_channel_prune_is_timed_on_the_share_it_keeps() -> None:
     assert pruned["per_batch_s"] == pytest.approx(0.2 * 0.5 + 0.05)  # + the teacher, whole
     assert pruned["work_kept"] == 0.5 and whole["work_kept"] == 1.0
     assert pruned["seconds"] < whole["seconds"]
+
+
+def test_a_transformer_channel_prune_counts_its_refits_and_probes() -> None:
+    """Scoring, `scope: measured` probes and `reconstruct`'s two passes per block are forward
+    passes the prune step runs without training: they are estimated, not left out."""
+    prune = parse_op({"op": "prune", "granularity": "channels", "sparsity": 0.3})
+    assert step_work(0, prune, False, 500) is None  # not a transformer: nothing is refitted
+    work = step_work(0, prune, False, 500, blocks=12, dataset=True)
+    assert work is not None and work.epochs == 0 and work.teacher  # the reference copy
+    n = 500  # min(samples 1024, the 500 training samples)
+    assert work.score_forward == n + 12 * PROBES_PER_BLOCK * MEASURED_PROBE_SAMPLES + 2 * 12 * n
+    plain = parse_op(
+        {
+            "op": "prune",
+            "granularity": "channels",
+            "criterion": "magnitude",
+            "scope": "layer",
+            "reconstruct": False,
+        }
+    )
+    assert step_work(0, plain, False, 500, blocks=12, dataset=True) is None
+    gradual = parse_op(
+        {
+            "op": "prune",
+            "granularity": "channels",
+            "samples": 100,
+            "schedule": {"kind": "gradual", "steps": 3, "epochs_per_step": 0},
+        }
+    )
+    three = step_work(0, gradual, False, 500, blocks=4, dataset=True)
+    assert three is not None
+    assert three.score_forward == 3 * (100 + 4 * PROBES_PER_BLOCK * 64 + 2 * 4 * 100)
+    synthetic = step_work(0, prune, False, 500, blocks=12, dataset=False)
+    assert synthetic is None  # without a dataset: magnitude, layer scope, no refit

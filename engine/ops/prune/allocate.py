@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from engine.config.prune import MEASURED_PROBE_SAMPLES
 from engine.ops.prune.reconstruct import fit_kept
 from engine.torchgraph.blocks import Block, unit_index
 from engine.torchgraph.program import flatten
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from torch import fx
 
-PROBE_SAMPLES = 64  # job samples the output error is measured on
+PROBE_SAMPLES = MEASURED_PROBE_SAMPLES  # job samples the output error is measured on
 MAX_CUT = 0.8  # the most of a block's units a probe removes
 LEVELS = 8  # keep counts probed per FFN block (every count for attention heads, up to MAX_CUT)
 BINS = 400
