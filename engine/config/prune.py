@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config.base import Backend, OpConfig, training_lr
 
-# job samples a `scope: measured` probe measures the output error on (engine.ops.prune.allocate;
-# the pre-flight estimate counts them)
+# `scope: measured` (engine.ops.prune.allocate) cuts each block alone to the keep counts of
+# measured_probe_counts and measures the output error on MEASURED_PROBE_SAMPLES job samples; the
+# pre-flight estimate (engine.torchgraph.estimate) counts the same probes.
 MEASURED_PROBE_SAMPLES = 64
+MEASURED_MAX_CUT = 0.8  # the most of a block's units a probe removes
+MEASURED_LEVELS = 8  # keep counts probed per FFN block (every count for attention heads)
+
+
+def measured_probe_counts(kind: str, units: int, round_to: int | None) -> list[int]:
+    """Keep counts probed for a block of `units` heads (kind "attention": every count) or FFN
+    channels (every 1/16 of the width, in multiples of round_to), from all units down to
+    (1 − MEASURED_MAX_CUT) of them."""
+    least = max(1, math.ceil(units * (1 - MEASURED_MAX_CUT)))
+    if kind == "attention":
+        return list(range(units, least - 1, -1))
+    step = max(1, units // (MEASURED_LEVELS * 2))
+    if round_to:
+        step = max(round_to, step // round_to * round_to)
+    return sorted({units, *range(units - step, least - 1, -step)}, reverse=True)
 
 
 class Schedule(BaseModel):

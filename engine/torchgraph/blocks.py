@@ -399,6 +399,16 @@ def find_blocks(gm: fx.GraphModule, shapes: Shapes) -> tuple[list[Block], list[s
     return blocks, skipped
 
 
+def attention_blocks(gm: fx.GraphModule) -> list[Block] | None:
+    """find_blocks on the export's shapes (meta_shapes) when it sees attention, else None (no
+    attention, or a graph it cannot follow: the op that prunes says why)."""
+    try:
+        found, skipped = find_blocks(gm, meta_shapes(gm))
+    except Exception:
+        return None
+    return found if has_attention(found, skipped) else None
+
+
 def has_attention(blocks: list[Block], skipped: list[str]) -> bool:
     """Whether find_blocks saw attention (taken or not): then channel removal prunes heads and
     FFN channels only, never the residual width."""

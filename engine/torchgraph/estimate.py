@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.config import DistillConfig, FineTuneConfig, OpConfig, PruneConfig, QuantizeConfig
-from engine.config.prune import MEASURED_PROBE_SAMPLES
+from engine.config.prune import MEASURED_PROBE_SAMPLES, measured_probe_counts
 from engine.errors import EngineError
 from engine.io.datasets import Samples
 from engine.io.formats import TensorSpec
@@ -47,9 +47,6 @@ from engine.torchgraph.train import EVAL_LIMIT, load_lifted
 if TYPE_CHECKING:
     import torch
 
-# keep counts a `scope: measured` probe tries per block, at most (engine.ops.prune.allocate:
-# every head count down to 20 % kept, LEVELS widths of an FFN)
-PROBES_PER_BLOCK = 16
 MARGIN = 1.25  # on every measured figure: batches vary, the process is not alone
 # A model's latency measurement (engine.onnxgraph.metrics: warm-up, then up to 3 s of runs).
 LATENCY_S = 5.0
@@ -106,13 +103,15 @@ class Work:
     kept: float = 1.0  # the student's share of the measured model's work (after a prune)
 
 
-def refit_passes(config: PruneConfig, blocks: int, samples: int, dataset: bool) -> int:
-    """Samples run forward (one sample = one count) by a channel prune of a transformer with
-    `blocks` attention and FFN blocks, per the whole step: per round, the activation scores'
-    pass, `scope: measured`'s probes (at most PROBES_PER_BLOCK keep counts per block on
+def refit_passes(
+    config: PruneConfig, blocks: Sequence[tuple[str, int]], samples: int, dataset: bool
+) -> int:
+    """Samples run forward (one sample = one count) by a channel prune of a transformer whose
+    attention and FFN blocks are `blocks` ((kind, units) each), per the whole step: per round,
+    the activation scores' pass, `scope: measured`'s probes (measured_probe_counts on
     MEASURED_PROBE_SAMPLES samples) and `reconstruct`'s two passes (pruned and original) per
     block — counted whole, though each stops at its block's LayerNorm."""
-    if blocks <= 0 or config.granularity != "channels":
+    if not blocks or config.granularity != "channels":
         return 0
     resolved = config.resolved(transformer=True, dataset=dataset)
     refit = resolved.reconstruct if resolved.reconstruct is not None else dataset
@@ -120,9 +119,11 @@ def refit_passes(config: PruneConfig, blocks: int, samples: int, dataset: bool) 
     n = min(resolved.samples, samples)
     per_round = n if resolved.criterion == "activation" or resolved.scope == "measured" else 0
     if resolved.scope == "measured" and dataset:
-        per_round += blocks * PROBES_PER_BLOCK * MEASURED_PROBE_SAMPLES
+        round_to = resolved.kept_multiple()
+        probes = sum(len(measured_probe_counts(k, u, round_to)) - 1 for k, u in blocks)
+        per_round += probes * MEASURED_PROBE_SAMPLES
     if refit:
-        per_round += 2 * blocks * n
+        per_round += 2 * len(blocks) * n
     return rounds * per_round
 
 
@@ -131,11 +132,12 @@ def step_work(
     config: OpConfig,
     has_labels: bool,
     samples: int,
-    blocks: int = 0,
+    blocks: Sequence[tuple[str, int]] = (),
     dataset: bool = True,
 ) -> Work | None:
     """What a step trains (None: it trains nothing and scores nothing on torch). `blocks`: the
-    model's attention and FFN blocks (0: not a transformer), for a channel prune's refits."""
+    model's attention and FFN blocks as (kind, units) (none: not a transformer), for a channel
+    prune's refits."""
     if isinstance(config, FineTuneConfig):
         return Work(index, config.op, config.epochs, config.batch_size, teacher=False)
     if isinstance(config, DistillConfig):
@@ -336,19 +338,15 @@ def measure(model_path: Path, xs: list[torch.Tensor], threads: int = 1) -> Timin
     )
 
 
-def transformer_blocks(model_path: Path, configs: Sequence[OpConfig]) -> int:
-    """How many attention and FFN blocks a channel prune would find in the model (0 when no
-    step prunes channels or the model has no attention)."""
+def transformer_blocks(model_path: Path, configs: Sequence[OpConfig]) -> list[tuple[str, int]]:
+    """(kind, units) of each attention and FFN block a channel prune would find in the model
+    (none when no step prunes channels or the model has no attention)."""
     if not any(isinstance(c, PruneConfig) and c.granularity == "channels" for c in configs):
-        return 0
-    from engine.torchgraph.blocks import find_blocks, has_attention, meta_shapes
+        return []
+    from engine.torchgraph.blocks import attention_blocks
 
-    gm, _ = load_lifted(model_path)
-    try:
-        found, skipped = find_blocks(gm, meta_shapes(gm))
-    except Exception:  # a graph the block finder cannot follow: the prune step says why
-        return 0
-    return len(found) if has_attention(found, skipped) else 0
+    found = attention_blocks(load_lifted(model_path)[0])
+    return [(b.kind, b.units) for b in found or []]
 
 
 def estimate(

@@ -187,13 +187,10 @@ def lr_for(given: float | None, gm: torch.fx.GraphModule) -> float:
 def default_lr(gm: torch.fx.GraphModule) -> float:
     """The learning rate for `gm` when none is given: TRANSFORMER_LR where
     engine.torchgraph.blocks finds attention, DEFAULT_LR otherwise."""
-    from engine.torchgraph.blocks import find_blocks, has_attention, meta_shapes
+    from engine.torchgraph.blocks import attention_blocks
 
-    try:
-        blocks, skipped = find_blocks(gm, meta_shapes(gm))
-    except Exception:  # a graph the block finder cannot follow is not taken for attention
-        return DEFAULT_LR
-    return TRANSFORMER_LR if has_attention(blocks, skipped) else DEFAULT_LR
+    # a graph the block finder cannot follow is not taken for attention
+    return TRANSFORMER_LR if attention_blocks(gm) is not None else DEFAULT_LR
 
 
 def fit(

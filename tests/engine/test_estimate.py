@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from engine.config import parse_op
-from engine.config.prune import MEASURED_PROBE_SAMPLES
+from engine.config.prune import MEASURED_PROBE_SAMPLES, measured_probe_counts
 from engine.errors import EngineError
 from engine.examples import export_model
 from engine.pipeline import compress
 from engine.torchgraph.estimate import (
-    PROBES_PER_BLOCK,
     Job,
     Limits,
     Timing,
@@ -219,12 +218,17 @@ def test_a_step_after_a_channel_prune_is_timed_on_the_share_it_keeps() -> None:
 def test_a_transformer_channel_prune_counts_its_refits_and_probes() -> None:
     """Scoring, `scope: measured` probes and `reconstruct`'s two passes per block are forward
     passes the prune step runs without training: they are estimated, not left out."""
+    minilm = [("attention", 12), ("ffn", 1536)] * 6  # (kind, units) of each block
+    # every head count from 12 down to 3, and 13 FFN widths (every 96 channels, multiples of 8)
+    assert len(measured_probe_counts("attention", 12, 8)) == 10
+    assert len(measured_probe_counts("ffn", 1536, 8)) == 13
+    probes = 6 * (10 - 1) + 6 * (13 - 1)  # the full width is not probed
     prune = parse_op({"op": "prune", "granularity": "channels", "sparsity": 0.3})
     assert step_work(0, prune, False, 500) is None  # not a transformer: nothing is refitted
-    work = step_work(0, prune, False, 500, blocks=12, dataset=True)
+    work = step_work(0, prune, False, 500, blocks=minilm, dataset=True)
     assert work is not None and work.epochs == 0 and work.teacher  # the reference copy
     n = 500  # min(samples 1024, the 500 training samples)
-    assert work.score_forward == n + 12 * PROBES_PER_BLOCK * MEASURED_PROBE_SAMPLES + 2 * 12 * n
+    assert work.score_forward == n + probes * MEASURED_PROBE_SAMPLES + 2 * 12 * n
     plain = parse_op(
         {
             "op": "prune",
@@ -234,7 +238,7 @@ def test_a_transformer_channel_prune_counts_its_refits_and_probes() -> None:
             "reconstruct": False,
         }
     )
-    assert step_work(0, plain, False, 500, blocks=12, dataset=True) is None
+    assert step_work(0, plain, False, 500, blocks=minilm, dataset=True) is None
     gradual = parse_op(
         {
             "op": "prune",
@@ -243,8 +247,11 @@ def test_a_transformer_channel_prune_counts_its_refits_and_probes() -> None:
             "schedule": {"kind": "gradual", "steps": 3, "epochs_per_step": 0},
         }
     )
-    three = step_work(0, gradual, False, 500, blocks=4, dataset=True)
+    two = [("attention", 4), ("ffn", 64)]
+    per_block = [len(measured_probe_counts(k, u, 8)) - 1 for k, u in two]
+    assert per_block == [3, 6]  # heads 3, 2, 1 (not 4); widths 56, 48, …, 16 (not 64; ≥ 13)
+    three = step_work(0, gradual, False, 500, blocks=two, dataset=True)
     assert three is not None
-    assert three.score_forward == 3 * (100 + 4 * PROBES_PER_BLOCK * 64 + 2 * 4 * 100)
-    synthetic = step_work(0, prune, False, 500, blocks=12, dataset=False)
+    assert three.score_forward == 3 * (100 + 9 * 64 + 2 * 2 * 100)
+    synthetic = step_work(0, prune, False, 500, blocks=minilm, dataset=False)
     assert synthetic is None  # without a dataset: magnitude, layer scope, no refit

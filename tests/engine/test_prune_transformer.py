@@ -618,7 +618,7 @@ def test_probing_a_block_measures_what_removing_its_units_does(tmp_path: Path) -
     with torch.no_grad():
         cut = gm(*xs)[0]
     real = float((cut.double() - reference.double()).pow(2).sum() / reference.double().pow(2).sum())
-    # the probe measured on the first PROBE_SAMPLES sentences, which are all 48 here
+    # the probe measured on the first MEASURED_PROBE_SAMPLES sentences, which are all 48 here
     assert errors[ffn][count] == pytest.approx(real, rel=1e-3)
 
 

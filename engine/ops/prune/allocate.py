@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from engine.config.prune import MEASURED_PROBE_SAMPLES
+from engine.config.prune import MEASURED_PROBE_SAMPLES, measured_probe_counts
 from engine.ops.prune.reconstruct import fit_kept
 from engine.torchgraph.blocks import Block, unit_index
 from engine.torchgraph.program import flatten
@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     import torch
     from torch import fx
 
-PROBE_SAMPLES = MEASURED_PROBE_SAMPLES  # job samples the output error is measured on
-MAX_CUT = 0.8  # the most of a block's units a probe removes
-LEVELS = 8  # keep counts probed per FFN block (every count for attention heads, up to MAX_CUT)
 BINS = 400
 
 
@@ -50,14 +47,8 @@ def unit_cost(gm: fx.GraphModule, block: Block) -> int:
 
 
 def probe_counts(block: Block, round_to: int | None) -> list[int]:
-    """Keep counts probed for a block, from all units down to (1 − MAX_CUT) of them."""
-    least = max(1, math.ceil(block.units * (1 - MAX_CUT)))
-    if block.kind == "attention":
-        return list(range(block.units, least - 1, -1))
-    step = max(1, block.units // (LEVELS * 2))  # every 1/16 of the width up to MAX_CUT
-    if round_to:
-        step = max(round_to, step // round_to * round_to)
-    return sorted({block.units, *range(block.units - step, least - 1, -step)}, reverse=True)
+    """Keep counts probed for a block (engine.config.prune.measured_probe_counts)."""
+    return measured_probe_counts(block.kind, block.units, round_to)
 
 
 def _error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -93,7 +84,7 @@ def sensitivities(
     import torch
 
     gm.eval()
-    probe = Data([x[:PROBE_SAMPLES] for x in data.inputs], None, data.batch)
+    probe = Data([x[:MEASURED_PROBE_SAMPLES] for x in data.inputs], None, data.batch)
     reference = _outputs(gm, probe, batch_size)
     found: list[dict[int, float]] = []
     for k, (block, score) in enumerate(zip(blocks, scores, strict=True)):
