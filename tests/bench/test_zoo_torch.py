@@ -50,3 +50,10 @@ def test_verdict_reads_each_criterions_direction() -> None:
         "agreement_top1": False,
         "latency_ratio": True,
     }
+
+
+def test_the_minilm_rows_held_out_sentences_are_new_to_the_job() -> None:
+    job, held = zoo_torch.minilm_corpus_split()
+    assert len(job) == zoo_torch.MINILM_CORPUS_SENTENCES
+    assert len(held) == zoo_torch.MINILM_HELD
+    assert not set(job) & set(held)
