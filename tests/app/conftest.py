@@ -71,12 +71,14 @@ def auto_jobs(
     digits_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, dict[str, Any]]:
     """Two auto jobs on the digits CNN, as tests/engine/test_auto_search.py runs them:
-    `met` (max_accuracy_drop 0.01, objective size, at most 3 candidates: one is delivered,
+    `met` (max_accuracy_drop 0.02, objective size, at most 3 candidates: one is delivered,
     the rest skipped as dominated) and `impossible` (max_size_bytes 1 % of the original and no
     accuracy drop: the original is delivered, with a warning)."""
     onnx, npz = digits_files["onnx"], digits_files["npz"]
     budgets = {
-        "met": ({"max_accuracy_drop": 0.01}, 3),
+        # 0.02, not 0.01: the 4-bit candidate's drop is about 0.01 (0.011 on one CPU, under 0.01
+        # on another), and whether it meets decides whether the rest are skipped as dominated
+        "met": ({"max_accuracy_drop": 0.02}, 3),
         "impossible": ({"max_size_bytes": onnx.stat().st_size // 100, "max_accuracy_drop": 0.0}, 2),
     }
     jobs = {}

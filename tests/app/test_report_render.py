@@ -321,7 +321,7 @@ def test_an_auto_job_shows_its_search(auto_jobs: dict[str, dict[str, Any]]) -> N
     assert chart.tags["line.bound"] == 1  # max_accuracy_drop, on y
     # the legend tells the marks apart by shape and fill, not colour alone
     assert "meets the budget" in text and "misses it (hollow square)" in text
-    assert "max_accuracy_drop 0.01" in text
+    assert "max_accuracy_drop 0.02" in text
     # every candidate has a row; a skipped one says why, a measured one its figures
     assert tags.tags["tr.candidate"] == len(candidates)
     assert tags.tags["tr.skipped"] == sum(c["status"] == "skipped" for c in candidates) >= 1
