@@ -255,14 +255,21 @@ def test_energy_keeps_any_saving_unless_min_saving_is_given(
         return result["steps"][0]["details"]["layers"]
 
     before = ranks()  # as energy always did: any saving at all
-    assert [before[n].get("rank") for n in ("0", "2", "5", "9")] == [7, 39, 82, 146]
+    assert all(before[n].get("rank") for n in ("0", "2", "5", "9"))
     strict = ranks(min_saving=0.2)
-    # rank 146 of the 512→256 Linear keeps 85 % of its parameters; rank 7 of the first conv
-    # (9 inputs, 32 filters) 90 %: both stay whole, the others are as before
-    for name in ("0", "9"):
-        assert strict[name]["skipped"].startswith("saves too little")
-        assert strict[name]["params_after"] == strict[name]["params_before"]
-    assert [strict[n].get("rank") for n in ("2", "5")] == [39, 82]
+    # the 512→256 Linear's rank (about 146) keeps about 85 % of its parameters and the first
+    # conv's rank 7 (9 inputs, 32 filters) 90 %: both stay whole; the others are as before.
+    # (The exact ranks move by one with the digits CNN's training on another CPU.)
+    for name in ("0", "2", "5", "9"):
+        layer = before[name]
+        saving = 1 - layer["params_after"] / layer["params_before"]
+        if name in ("0", "9"):
+            assert saving < 0.2
+            assert strict[name]["skipped"].startswith("saves too little")
+            assert strict[name]["params_after"] == strict[name]["params_before"]
+        else:
+            assert saving >= 0.2
+            assert strict[name]["rank"] == layer["rank"]
 
 
 @pytest.fixture(scope="module")
