@@ -145,6 +145,17 @@ class PruneConfig(OpConfig):
             update["scope"] = "measured" if heads else "layer"
         return self.model_copy(update=update) if update else self
 
+    def rounds(self) -> tuple[int, int]:
+        """(rounds of cutting, training epochs after each): `steps` and `epochs_per_step` for a
+        gradual schedule, one round without training for one-shot."""
+        if self.schedule.kind == "gradual":
+            return self.schedule.steps, self.schedule.epochs_per_step
+        return 1, 0
+
+    def reconstructs(self, dataset: bool) -> bool:
+        """`reconstruct` as given, else on when the job has a dataset (not synthetic samples)."""
+        return self.reconstruct if self.reconstruct is not None else dataset
+
     def kept_multiple(self) -> int | None:
         """`round_to` when it asks for rounding (above 1), else None."""
         return self.round_to if self.round_to and self.round_to > 1 else None

@@ -114,15 +114,14 @@ def refit_passes(
     if not blocks or config.granularity != "channels":
         return 0
     resolved = config.resolved(transformer=True, dataset=dataset)
-    refit = resolved.reconstruct if resolved.reconstruct is not None else dataset
-    rounds = resolved.schedule.steps if resolved.schedule.kind == "gradual" else 1
+    rounds, _ = resolved.rounds()
     n = min(resolved.samples, samples)
     per_round = n if resolved.criterion == "activation" or resolved.scope == "measured" else 0
     if resolved.scope == "measured" and dataset:
         round_to = resolved.kept_multiple()
         probes = sum(len(measured_probe_counts(k, u, round_to)) - 1 for k, u in blocks)
         per_round += probes * MEASURED_PROBE_SAMPLES
-    if refit:
+    if resolved.reconstructs(dataset):
         per_round += 2 * len(blocks) * n
     return rounds * per_round
 
@@ -146,10 +145,8 @@ def step_work(
     if isinstance(config, QuantizeConfig) and config.mode == "qat":
         return Work(index, config.op, config.epochs, config.batch_size, True, fake_quant=True)
     if isinstance(config, PruneConfig) and "onnx" not in config.backends():
-        gradual = config.schedule.kind == "gradual"
-        rounds = config.schedule.steps if gradual else 1
-        epochs = (config.schedule.epochs_per_step if gradual else 0) * rounds
-        epochs += config.fine_tune_epochs
+        rounds, per_round = config.rounds()
+        epochs = per_round * rounds + config.fine_tune_epochs
         scored = rounds * min(config.samples, samples)
         refits = refit_passes(config, blocks, samples, dataset)
         if not epochs and not refits and config.criterion not in ("gradient", "entropy"):

@@ -100,12 +100,6 @@ def _ramp(final: float, steps: int) -> list[float]:
     return [final * (1 - (1 - t / steps) ** 3) for t in range(1, steps + 1)]
 
 
-def _rounds(config: PruneConfig) -> tuple[int, int]:
-    if config.schedule.kind == "gradual":
-        return config.schedule.steps, config.schedule.epochs_per_step
-    return 1, 0
-
-
 # ----------------------------------------------------------------------------- handler
 
 
@@ -172,7 +166,7 @@ def prune_torch(config: PruneConfig, model_path: Path, ctx: StepContext) -> Path
     )
     train_data = job_data(ctx) if config.trains() else None
     loss, how = recovery_loss(ctx, train_data) if train_data is not None else (None, "")
-    rounds, epochs = _rounds(config)
+    rounds, epochs = config.rounds()
     run = _Run(
         gm=gm,
         layers=_targets(gm, outputs, config),

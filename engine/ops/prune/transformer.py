@@ -121,8 +121,8 @@ def _contribution(block: Block, weight: torch.Tensor, gram: torch.Tensor) -> tor
 
 
 def reconstructs(config: PruneConfig, ctx: StepContext) -> bool:
-    """`reconstruct` as given, else on when the job has a dataset (not synthetic samples)."""
-    return config.reconstruct if config.reconstruct is not None else ctx.samples.source == "dataset"
+    """PruneConfig.reconstructs for this step's samples."""
+    return config.reconstructs(ctx.samples.source == "dataset")
 
 
 def _keep_count(units: int, target: float, kind: str, round_to: int | None) -> int:
